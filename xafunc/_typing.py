@@ -1,0 +1,11 @@
+"""Type aliases shared by the xafunc modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Union
+
+Argnums = Union[int, tuple[int, ...]]
+Mode = Literal["auto", "forward", "reverse", "reference"]
+MODES: tuple[str, ...] = ("auto", "forward", "reverse", "reference")
+Func = Callable[..., Any]
