@@ -1,0 +1,37 @@
+"""Shared fixtures: the ``device`` parameter list, deterministic seeding, hypothesis profile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+#: Every device a numeric test runs on: "cpu" always, "cuda" only where it is available
+#: (elsewhere it shows up as a cleanly skipped parameter).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda",
+                 marks=pytest.mark.skipif(not CUDA, reason="CUDA is not available")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a test's tensors live on."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same RNG state, so inputs (and failures) are reproducible."""
+    torch.manual_seed(0)
+
+
+try:  # hypothesis is a test dependency, but keep collection working without it
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+    settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
