@@ -29,3 +29,102 @@ def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | N
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
     return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+
+
+# --------------------------------------------------------------------------------- tracing
+# NOTE [Capture]
+# ``make_fx`` in fake mode records the aten operators ``func`` runs for these shapes without
+# computing anything; data-dependent Python control flow (``if x.sum() > 0``) cannot be traced
+# that way and raises, which sends the request to the nested torch.func fallback instead of
+# silently baking in one branch. A second ``make_fx`` pass under ``functionalize`` removes the
+# in-place operators that decompositions introduce. Composite operators are decomposed into a
+# small core set with PyTorch's own decomposition tables, so rules exist for a small set.
+
+
+def _decompositions() -> dict[Any, Any]:
+    from torch._decomp import core_aten_decompositions, get_decompositions
+
+    aten = torch.ops.aten
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions([
+        aten._softmax, aten._log_softmax, aten.gelu, aten.silu, aten.softplus, aten.elu,
+        aten.native_layer_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
+        aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
+        aten.nll_loss_forward, aten.mse_loss, aten.logsumexp, aten.mish, aten.hardswish,
+        aten.hardsigmoid, aten.celu, aten.selu, aten.glu, aten.huber_loss, aten.smooth_l1_loss,
+        aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.std,
+        aten.linalg_vector_norm, aten.addcmul, aten.addcdiv, aten.lerp, aten.xlogy,
+        aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
+        aten.native_group_norm, aten.rrelu_with_noise, aten.frac,
+    ]))
+    # our rules are simpler than these decompositions (which reach for prims)
+    for op in (aten.var.correction, aten.var_mean.correction, aten.prod.dim_int,
+               aten.prod.default, aten.mean.dim, aten.mean.default, aten.sum.default):
+        table.pop(op, None)
+    return table
+
+
+_DECOMP: dict[Any, Any] | None = None
+
+
+def decomposition_table() -> dict[Any, Any]:
+    global _DECOMP
+    if _DECOMP is None:
+        _DECOMP = _decompositions()
+    return _DECOMP
+
+
+class CaptureError(Exception):
+    """The function could not be traced into an aten graph; the message says why."""
+
+
+def trace(fn: Any, examples: list[Any]) -> torch.fx.GraphModule:
+    """Trace ``fn(*examples)`` (tensors or other values) into a functional aten graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fakes = [
+        torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
+        if isinstance(e, torch.Tensor) else e
+        for e in examples
+    ]
+    try:
+        g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
+                     _allow_non_fake_inputs=True)(*fakes)
+        g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
+                     _allow_non_fake_inputs=True)(*fakes)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(f"{type(e).__name__}: {msg[:200]}") from None
+    return g2
+
+
+def graph_problems(gm: torch.fx.GraphModule, series_inputs: int = 1) -> list[str]:
+    """Reasons the engine cannot run this graph: operators without rules on the path of the
+    first ``series_inputs`` placeholders (the ones carrying Taylor series), wrapped constants."""
+    from ._rules import has_rule
+
+    problems = []
+    tainted: set[Any] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and len(tainted) < series_inputs:
+            tainted.add(node)
+            continue
+        if node.op == "call_function" and any(a in tainted for a in node.all_input_nodes):
+            tainted.add(node)
+        if node in tainted and node.op == "call_function" and not has_rule(node.target):
+            problems.append(f"no Taylor rule for {node.target}")
+        elif node.op == "get_attr":
+            value = getattr(gm, node.target)
+            if isinstance(value, torch.Tensor) and _is_wrapped(value):
+                problems.append(
+                    "the function closes over a tensor that an enclosing torch.func transform "
+                    "is transforming; pass it as an argument instead"
+                )
+    return sorted(set(problems))
+
+
+def _is_wrapped(t: torch.Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+    except AttributeError:  # pragma: no cover - older torch
+        return False

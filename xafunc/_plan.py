@@ -7,7 +7,6 @@ any fallback reason, and it runs the computation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,12 +29,15 @@ class Plan:
         order: The derivative order.
         argnums: The differentiated positional arguments (normalised, non-negative).
         strategy: ``"engine"`` or ``"reference"`` (nested torch.func).
-        schedule: For the reference, the nesting levels innermost first (``"rev"``/``"fwd"``).
-        in_numel: Number of scalar inputs differentiated.
-        out_numel: Number of scalar outputs.
-        result_numel: Number of scalar entries in the result.
+        schedule: The levels innermost first: ``"rev"`` for a reverse level, ``"fwd"`` for a
+            forward (engine: Taylor) level.
+        in_numel: Number of scalar inputs differentiated (``n``).
+        out_numel: Number of scalar outputs (``m``).
+        result_numel: Number of scalar entries in the result (``m * n^order``).
+        est_flops: Estimated floating-point operations (engine only).
+        est_peak_bytes: Estimated peak memory of the derivative computation (engine only).
         fallback: Why the engine was not used, or ``None``.
-        details: Free-form lines (segments, contraction paths, cost estimates).
+        details: Further lines: the candidate schedules and their estimated costs.
     """
 
     transform: str
@@ -46,27 +48,42 @@ class Plan:
     in_numel: int
     out_numel: int
     result_numel: int
+    est_flops: float | None = None
+    est_peak_bytes: float | None = None
     fallback: str | None = None
     details: list[str] = field(default_factory=list)
     cacheable: bool = True
-    runner: Callable[..., Any] | None = field(default=None, repr=False)
+    runner: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = field(
+        default=None, repr=False
+    )
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.runner is not None
-        return self.runner(*args, **kwargs)
+        return self.runner(args, kwargs)
 
     def __str__(self) -> str:
+        sched = " -> ".join(self.schedule)
         lines = [
             f"xafunc plan: {self.transform} order {self.order}, argnums {self.argnums}",
-            f"  inputs differentiated: {self.in_numel} scalars; outputs: {self.out_numel} "
-            f"scalars; result: {self.result_numel} scalars",
-            f"  strategy: {self.strategy}"
-            + (f" ({' -> '.join(self.schedule)}, innermost first)" if self.schedule else ""),
+            f"  n = {self.in_numel} inputs, m = {self.out_numel} outputs, result "
+            f"{self.result_numel} entries",
+            f"  strategy: {self.strategy} [{sched}] (innermost level first)",
         ]
+        if self.est_flops is not None:
+            lines.append(f"  estimated: {self.est_flops:.3g} FLOPs, peak "
+                         f"{_fmt_bytes(self.est_peak_bytes or 0)}")
         if self.fallback:
-            lines.append(f"  fallback: {self.fallback}")
+            lines.append(f"  fallback to nested torch.func: {self.fallback}")
         lines += [f"  {d}" for d in self.details]
         return "\n".join(lines)
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if b < 1024 or unit == "TiB":
+            return f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TiB"  # pragma: no cover
 
 
 def _numel(tree: Any) -> int:
@@ -80,27 +97,38 @@ def build_plan(
     out = V.check_output(t.name, t.func(*args, **kwargs), t.has_aux)
     in_numel = sum(_numel(args[a]) for a in argnums)
     out_numel = _numel(out)
-    result_numel = out_numel * sum(in_numel**k for k in range(1, t.order + 1)) if t.all_orders \
-        else out_numel * in_numel**t.order
-    reason = "the derivative engine is not available for this request"
+    result_numel = out_numel * in_numel**t.order
+    common = dict(transform=t.name, order=t.order, argnums=argnums, in_numel=in_numel,
+                  out_numel=out_numel, result_numel=result_numel)
+    reason = "mode='reference' was requested"
+    if t.mode != "reference":
+        from ._engine import compile_program
+
+        program, reason, schedules = compile_program(
+            t.func, args, kwargs, argnums, isinstance(t.argnums, int), t.order, t.has_aux,
+            t.mode, t.chunk_size, t.all_orders,
+        )
+        if program is not None:
+            best = schedules[0]
+            details = [
+                f"candidate r={s.reverse_levels} reverse + degree {s.forward_degree} Taylor "
+                f"along {s.directions} directions: {s.est_flops:.3g} FLOPs, peak "
+                f"{_fmt_bytes(s.est_peak_bytes)}"
+                for s in schedules
+            ]
+            return Plan(
+                strategy="engine",
+                schedule=("rev",) * best.reverse_levels + ("fwd",) * best.forward_degree,
+                est_flops=best.est_flops, est_peak_bytes=best.est_peak_bytes,
+                details=details, runner=program, **common,  # type: ignore[arg-type]
+            )
     levels = choose_levels(t.order, "auto" if t.mode == "reference" else t.mode, out_numel,
                            in_numel)
-    argnums_arg = t.argnums if isinstance(t.argnums, int) else argnums
-    runner = nested_derivative(
-        t.func, levels, argnums_arg, has_aux=t.has_aux, chunk_size=t.chunk_size,
-        all_orders=t.all_orders,
+    nested = nested_derivative(
+        t.func, levels, t.argnums if isinstance(t.argnums, int) else argnums,
+        has_aux=t.has_aux, chunk_size=t.chunk_size, all_orders=t.all_orders,
     )
-    details = [f"estimated result size: {result_numel * _itemsize(out)} bytes"]
     return Plan(
-        transform=t.name, order=t.order, argnums=argnums, strategy="reference",
-        schedule=levels, in_numel=in_numel, out_numel=out_numel, result_numel=result_numel,
-        fallback=None if t.mode == "reference" else reason, details=details, runner=runner,
+        strategy="reference", schedule=levels, fallback=reason,
+        runner=lambda a, k: nested(*a, **k), **common,  # type: ignore[arg-type]
     )
-
-
-def _itemsize(tree: Any) -> int:
-    leaves = pytree.tree_leaves(tree)
-    return max((leaf.element_size() for leaf in leaves), default=4)
-
-
-_ = math

@@ -1,0 +1,328 @@
+"""The derivative engine: capture once, propagate Taylor series, assemble torch.func pytrees.
+
+NOTE [Schedules]
+All differentiated leaves are concatenated into one vector ``z`` of ``n`` entries and all
+outputs into ``y`` of ``m`` entries, so the request is the dense tensor ``D^K y (m, n^K)``.
+A schedule with ``r`` reverse levels captures ``g_r = jacrev^r(y)`` (an aten graph: reverse mode
+is traced once, not re-run through functorch's interpreter) and pushes univariate Taylor series
+of degree ``d = K - r`` through it along the ``C(n + d - 1, d)`` integer directions of
+:mod:`._interpolate`, which turns the ``d``-th coefficients into the symmetric tensor.
+``r = 0`` is pure forward (Taylor) mode, ``r = K`` pure reverse mode. The planner picks ``r``
+from a cost model over the captured graph (:func:`estimate`). The result is split back into
+the nesting of ``K`` ``jacrev`` calls: output structure, then ``K`` times the argnums structure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._capture import CaptureError, graph_problems, trace
+from ._interpolate import directions, num_directions, symmetric_tensor
+from ._series import Series
+from ._taylor import Propagator
+
+
+@dataclass
+class Layout:
+    """Where the differentiated leaves and outputs sit in ``z`` and ``y``."""
+
+    in_shapes: list[tuple[int, ...]]
+    in_spec: Any  # pytree spec of the argnums structure (one level of a jacrev result)
+    out_shapes: list[tuple[int, ...]]
+    out_spec: Any
+    aux_spec: Any
+
+    @property
+    def n(self) -> int:
+        return sum(math.prod(s) for s in self.in_shapes)
+
+    @property
+    def m(self) -> int:
+        return sum(math.prod(s) for s in self.out_shapes)
+
+
+class Request:
+    """One call signature's inputs, split into the differentiated leaves and the rest."""
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 argnums: tuple[int, ...], int_argnums: bool, has_aux: bool) -> None:
+        self.func, self.has_aux = func, has_aux
+        self.argnums, self.int_argnums = argnums, int_argnums
+        leaves, self.spec = pytree.tree_flatten((args, kwargs))
+        # positions of differentiated leaves in the flat list
+        self.diff_pos: list[int] = []
+        starts = []
+        offset = 0
+        for a in args:
+            starts.append(offset)
+            offset += len(pytree.tree_leaves(a))
+        for a in argnums:
+            k = len(pytree.tree_leaves(args[a]))
+            self.diff_pos.extend(range(starts[a], starts[a] + k))
+        diff = set(self.diff_pos)
+        self.other_pos = [i for i, leaf in enumerate(leaves)
+                          if i not in diff and isinstance(leaf, Tensor)]
+        self.const_leaves = [None if (i in diff or isinstance(leaf, Tensor)) else leaf
+                             for i, leaf in enumerate(leaves)]
+        diff_struct = args[argnums[0]] if int_argnums else tuple(args[a] for a in argnums)
+        self.in_spec = pytree.tree_structure(diff_struct)
+        self.in_shapes = [tuple(leaves[i].shape) for i in self.diff_pos]
+
+    def split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
+        leaves = pytree.tree_leaves((args, kwargs))
+        z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos]) \
+            if len(self.diff_pos) > 1 else leaves[self.diff_pos[0]].reshape(-1)
+        return z, [leaves[i] for i in self.other_pos]
+
+    def flat_function(self, layout_out: dict[str, Any]) -> Callable[..., Any]:
+        """``(z, *others) -> (y, aux_leaves)`` with the call's structure rebuilt inside."""
+        sizes = [math.prod(s) for s in self.in_shapes]
+        shapes = self.in_shapes
+
+        def flat(z: Tensor, *others: Tensor) -> Any:
+            leaves = list(self.const_leaves)
+            for pos, part, shape in zip(self.diff_pos, torch.split(z, sizes), shapes):
+                leaves[pos] = part.reshape(shape)
+            for pos, t in zip(self.other_pos, others):
+                leaves[pos] = t
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            out = self.func(*args, **kwargs)
+            y, aux = out if self.has_aux else (out, ())
+            ys, out_spec = pytree.tree_flatten(y)
+            aux_leaves, aux_spec = pytree.tree_flatten(aux)
+            layout_out["out_shapes"] = [tuple(t.shape) for t in ys]
+            layout_out["out_spec"] = out_spec
+            layout_out["aux_spec"] = aux_spec
+            flat_y = torch.cat([t.reshape(-1) for t in ys]) if len(ys) != 1 else ys[0].reshape(-1)
+            return flat_y, aux_leaves
+
+        return flat
+
+
+def _jacrev_levels(flat: Callable[..., Any], r: int) -> Callable[..., Any]:
+    g = flat
+    for _ in range(r):
+        g = torch.func.jacrev(g, argnums=0, has_aux=True)
+    return g
+
+
+@dataclass
+class Schedule:
+    reverse_levels: int
+    forward_degree: int
+    directions: int
+    est_flops: float
+    est_peak_bytes: float
+
+
+class Program:
+    """A captured, planned derivative computation for one call signature."""
+
+    def __init__(self, request: Request, layout: Layout, order: int, schedules: list[Schedule],
+                 graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
+                 all_orders: bool) -> None:
+        self.request, self.layout, self.order = request, layout, order
+        self.schedules = schedules
+        self.props = {r: Propagator(g) for r, g in graphs.items()}
+        self.chunk_size = chunk_size
+        self.all_orders = all_orders
+
+    # ------------------------------------------------------------------ propagation
+    def _coefficients(self, r: int, d: int, z: Tensor, others: list[Tensor]
+                      ) -> tuple[Tensor, Tensor | None, Any]:
+        """Primal output of ``g_r``, its ``d``-th coefficients ``(N, M)``, and aux."""
+        prop = self.props[r]
+        if d == 0:
+            out, aux = prop(z, *others)
+            return out, None, aux
+        n = z.shape[0]
+        total = num_directions(n, d)
+        chunk = self.chunk_size or total
+        coeffs, primal_out, aux = [], None, None
+        for start in range(0, total, chunk):
+            stop = min(start + chunk, total)
+            if d == 1:
+                seed = torch.eye(n, dtype=z.dtype, device=z.device)[start:stop]
+            else:
+                seed = directions(n, d, start, stop, dtype=z.dtype, device=z.device)
+            x = Series(z, [seed] + [None] * (d - 1), unit_offset=start if d == 1 else None)
+            out, aux = prop(x, *others)
+            if isinstance(out, Series):
+                primal_out = out.primal
+                c = out.coeffs[d - 1]
+            else:
+                primal_out, c = out, None
+            if c is None:
+                c = primal_out.new_zeros((stop - start,) + tuple(primal_out.shape))
+            coeffs.append(c.reshape(stop - start, -1))
+        F = torch.cat(coeffs, 0) if len(coeffs) > 1 else coeffs[0]
+        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        return primal_out, F, aux  # type: ignore[return-value]
+
+    def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
+        """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux."""
+        n, m = z.shape[0], self.layout.m
+        out, F, aux = self._coefficients(r, d, z, others)
+        if F is None:
+            return out.reshape((m,) + (n,) * r), aux
+        T = symmetric_tensor(F, n, d)  # (m * n^r, n^d)
+        return T.reshape((m,) + (n,) * (r + d)), aux
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        z, others = self.request.split(args, kwargs)
+        if self.all_orders:
+            results = []
+            aux = None
+            for k in range(0, self.order + 1):
+                if k == 0:
+                    y, _, aux = self._coefficients(0, 0, z, others)
+                    results.append(self.assemble(y.reshape(-1), 0))
+                    continue
+                D, aux = self.dense(0, k, z, others)
+                results.append(self.assemble(D, k))
+            value: Any = tuple(results)
+        else:
+            s = self.schedules[0]
+            D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
+            value = self.assemble(D, self.order)
+        if self.request.has_aux:
+            return value, pytree.tree_unflatten(list(aux), self.layout.aux_spec)
+        return value
+
+    # ------------------------------------------------------------------- assembly
+    def assemble(self, D: Tensor, k: int) -> Any:
+        """Split ``D (m, n^k)`` into the pytree ``k`` nested ``jacrev`` calls return."""
+        lay = self.layout
+        in_sizes = [math.prod(s) for s in lay.in_shapes]
+
+        def nest(block: Tensor, prefix: tuple[int, ...], level: int) -> Any:
+            if level == k:
+                return block.reshape(prefix)
+            parts = []
+            for piece, shape in zip(torch.split(block, in_sizes, dim=1), lay.in_shapes):
+                rest = piece.shape[2:]
+                parts.append(nest(piece.reshape((-1,) + tuple(rest)), prefix + shape, level + 1))
+            return pytree.tree_unflatten(parts, lay.in_spec)
+
+        outs = []
+        offset = 0
+        for shape in lay.out_shapes:
+            size = math.prod(shape)
+            block = D[offset:offset + size]
+            offset += size
+            outs.append(nest(block, shape, 0))
+        return pytree.tree_unflatten(outs, lay.out_spec)
+
+
+# ---------------------------------------------------------------------------- cost model
+_LINEAR_FREE = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand",
+                "unsqueeze", "squeeze", "alias", "slice", "select", "split_with_sizes",
+                "clone", "detach", "getitem"}
+
+
+def graph_flops(gm: torch.fx.GraphModule) -> tuple[float, float]:
+    """Rough FLOPs of one evaluation of ``gm`` and of its matrix products whose left operand
+    is a view of the first input (free in first-order forward mode: see ``_unit_product``)."""
+    total, seed_free = 0.0, 0.0
+    seed_views: set[Any] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and not seed_views:
+            seed_views.add(node)
+            continue
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        val = node.meta.get("val")
+        numel = val.numel() if isinstance(val, Tensor) else 0
+        if name in ("mm", "addmm", "bmm"):
+            a = node.args[1] if name == "addmm" else node.args[0]
+            av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+            kdim = av.shape[-1] if isinstance(av, Tensor) else 1
+            f = 2.0 * numel * kdim
+            total += f
+            if a in seed_views:
+                seed_free += f
+        elif name == "convolution":
+            w = node.args[1].meta.get("val")
+            total += 2.0 * numel * (math.prod(w.shape[1:]) if isinstance(w, Tensor) else 1)
+        elif name in _LINEAR_FREE:
+            if name in ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "alias") \
+                    and node.args and node.args[0] in seed_views:
+                seed_views.add(node)
+        else:
+            total += float(numel)
+    return total, seed_free
+
+
+def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float,
+             itemsize: int, max_numel: int) -> Schedule:
+    """Cost of ``r`` reverse levels followed by degree ``K - r`` Taylor propagation.
+
+    A reverse level multiplies the graph cost by about 3 per cotangent (``m`` cotangents for
+    the first level, ``n`` for later ones); Taylor propagation of degree ``d`` along
+    ``C(n + d - 1, d)`` directions costs about ``d`` graph evaluations per direction.
+    """
+    d = order - r
+    graph = flops0 if r == 0 else 3.0 * flops0 * m * (3.0 * n) ** (r - 1)
+    if r == 0 and d == 1:
+        graph = max(flops0 - seed_free, flops0 * 0.05)
+    dirs = num_directions(n, d) if d > 0 else 1
+    flops = graph * dirs * max(d, 1)
+    width = max_numel * (1 if r == 0 else m * n ** (r - 1))
+    peak = itemsize * (dirs * max(d, 1) * width * 3 + m * n**order)
+    return Schedule(r, d, dirs, flops, float(peak))
+
+
+def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    argnums: tuple[int, ...], int_argnums: bool, order: int, has_aux: bool,
+                    mode: str, chunk_size: int | None, all_orders: bool
+                    ) -> tuple[Program | None, str | None, list[Schedule]]:
+    """Capture and plan; returns ``(program, None, schedules)`` or ``(None, reason, [])``."""
+    req = Request(func, args, kwargs, argnums, int_argnums, has_aux)
+    z, others = req.split(args, kwargs)
+    meta: dict[str, Any] = {}
+    flat = req.flat_function(meta)
+    try:
+        g0 = trace(flat, [z, *others])
+    except CaptureError as e:
+        return None, f"capture failed ({e})", []
+    problems = graph_problems(g0)
+    if problems:
+        return None, "; ".join(problems), []
+    layout = Layout(req.in_shapes, req.in_spec, meta["out_shapes"], meta["out_spec"],
+                    meta["aux_spec"])
+    n, m = layout.n, layout.m
+    flops0, seed_free = graph_flops(g0)
+    max_numel = max((nd.meta["val"].numel() for nd in g0.graph.nodes
+                     if isinstance(nd.meta.get("val"), Tensor)), default=1)
+    itemsize = z.element_size()
+    if all_orders or mode == "forward":
+        candidates = [0]
+    elif mode == "reverse":
+        candidates = [order]
+    else:
+        candidates = list(range(0, min(order, 2) + 1))
+    schedules = sorted(
+        (estimate(order, r, n, m, flops0, seed_free, itemsize, max_numel) for r in candidates),
+        key=lambda s: s.est_flops,
+    )
+    graphs = {0: g0}
+    for s in schedules[:1]:
+        r = s.reverse_levels
+        if r and r not in graphs:
+            try:
+                graphs[r] = trace(_jacrev_levels(flat, r), [z, *others])
+            except CaptureError as e:
+                return None, f"capture of the reverse levels failed ({e})", []
+            problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
+            if problems:
+                return None, "; ".join(problems), []
+    program = Program(req, layout, order, schedules, graphs, chunk_size, all_orders)
+    return program, None, schedules

@@ -1,0 +1,253 @@
+"""Rules for unary elementwise functions ``y = g(x)``.
+
+Each rule supplies the scaled derivatives ``g^(j)(x_0) / j!`` for ``j = 1..K`` and
+:func:`~xafunc._series.compose_unary` combines them with the powers of ``x(t) - x_0`` (Faà di
+Bruno's formula for univariate series). The Jacobian of an elementwise op is diagonal, so this
+is a broadcast multiply per term; no ``n x n`` matrix is ever built.
+
+Closed forms: tanh and sigmoid derivatives are polynomials in the output
+(``tanh' = 1 - y^2``, ``sigmoid' = y - y^2``, and ``p_{j+1}(y) = p_j'(y) p_1(y)``); ``erf``
+derivatives are Hermite polynomials times a Gaussian; ``log``, powers and the trigonometric
+functions have the textbook formulas. Any other smooth elementwise operator gets its
+derivatives from nested ``torch.func.jvp`` on the operator alone (no direction dimension, so
+this is cheap), see :func:`generic_unary`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._series import Series, compose_unary
+from . import register
+
+aten = torch.ops.aten
+
+DerivFn = Callable[[Tensor, Tensor, int], "list[Tensor]"]
+
+
+def unary(op: Any, derivs: DerivFn) -> Callable[..., Series]:
+    """Rule for ``op(x, *consts)`` from ``derivs(x0, y0, K) -> [g^(j)(x0) for j in 1..K]``."""
+
+    def rule(x: Series, *args: Any, **kwargs: Any) -> Series:
+        y0 = op(x.primal, *args, **kwargs)
+        ds = derivs(x.primal, y0, x.order)
+        scaled = [None if d is None else d / math.factorial(j) for j, d in enumerate(ds, start=1)]
+        return compose_unary(x, scaled, y0)
+
+    return rule
+
+
+def _poly_derivatives(p1: tuple[float, ...], K: int) -> list[tuple[float, ...]]:
+    """Polynomials ``p_1..p_K`` (coefficients, lowest degree first) with
+    ``p_{j+1} = p_j' * p_1``: the derivatives of functions with ``g' = p_1(g)``."""
+    polys = [p1]
+    for _ in range(K - 1):
+        p = polys[-1]
+        dp = tuple(i * p[i] for i in range(1, len(p))) or (0.0,)
+        prod = [0.0] * (len(dp) + len(p1) - 1)
+        for i, a in enumerate(dp):
+            for j, b in enumerate(p1):
+                prod[i + j] += a * b
+        polys.append(tuple(prod))
+    return polys
+
+
+@functools.lru_cache(maxsize=None)
+def _polys(kind: str, K: int) -> list[tuple[float, ...]]:
+    p1 = {"tanh": (1.0, 0.0, -1.0), "sigmoid": (0.0, 1.0, -1.0)}[kind]
+    return _poly_derivatives(p1, K)
+
+
+def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor:
+    out = torch.full_like(y, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        out = out * y + c
+    return out
+
+
+def _poly_rule(kind: str) -> DerivFn:
+    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+        return [_horner(p, y0) for p in _polys(kind, K)]
+
+    return derivs
+
+
+register(aten.tanh)(unary(aten.tanh, _poly_rule("tanh")))
+register(aten.sigmoid)(unary(aten.sigmoid, _poly_rule("sigmoid")))
+register(aten.exp)(unary(aten.exp, lambda x, y, K: [y] * K))
+register(aten.expm1)(unary(aten.expm1, lambda x, y, K: [y + 1] * K))
+
+
+def _log_derivs(shift: float) -> DerivFn:
+    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+        r = torch.reciprocal(x0 + shift) if shift else torch.reciprocal(x0)
+        out, p = [], r
+        for j in range(1, K + 1):
+            out.append(p * ((-1) ** (j - 1) * math.factorial(j - 1)))
+            p = p * r
+        return out
+
+    return derivs
+
+
+register(aten.log)(unary(aten.log, _log_derivs(0.0)))
+register(aten.log1p)(unary(aten.log1p, _log_derivs(1.0)))
+
+
+def _trig(first: str) -> DerivFn:
+    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+        s, c = torch.sin(x0), torch.cos(x0)
+        cycle = [c, -s, -c, s] if first == "sin" else [-s, -c, s, c]
+        return [cycle[(j - 1) % 4] for j in range(1, K + 1)]
+
+    return derivs
+
+
+register(aten.sin)(unary(aten.sin, _trig("sin")))
+register(aten.cos)(unary(aten.cos, _trig("cos")))
+
+
+def _power_derivs(p: float, x0: Tensor, K: int) -> list[Tensor]:
+    out = []
+    coef = 1.0
+    for j in range(1, K + 1):
+        coef *= p - (j - 1)
+        if coef == 0.0:
+            out.append(torch.zeros_like(x0))
+        elif float(p - j).is_integer() and p - j >= 0:
+            out.append(coef * x0 ** int(p - j))
+        else:
+            out.append(coef * x0 ** (p - j))
+    return out
+
+
+def _pow_scalar(x: Series, exponent: Any) -> Series:
+    y0 = aten.pow(x.primal, exponent)
+    p = float(exponent)
+    ds = _power_derivs(p, x.primal, x.order)
+    return compose_unary(x, [d / math.factorial(j) for j, d in enumerate(ds, 1)], y0)
+
+
+register(aten.pow.Tensor_Scalar)(_pow_scalar)
+register(aten.sqrt)(lambda x: _rename(_pow_scalar(x, 0.5), aten.sqrt(x.primal)))
+register(aten.rsqrt)(lambda x: _rename(_pow_scalar(x, -0.5), aten.rsqrt(x.primal)))
+
+
+def _rename(s: Series, y0: Tensor) -> Series:
+    return Series(y0, s.coeffs)
+
+
+@register(aten.pow.Tensor_Tensor)
+def _pow_tensor(a: Any, b: Any) -> Any:
+    from .bilinear import mul_series
+
+    base = a.primal if isinstance(a, Series) else a
+    y0 = torch.pow(base, b.primal if isinstance(b, Series) else b)
+    if not isinstance(b, Series):  # tensor exponent held constant: elementwise power rule
+        ds = _power_derivs_tensor(b, a.primal, a.order)
+        return compose_unary(a, [d / math.factorial(j) for j, d in enumerate(ds, 1)], y0)
+    log_a = RULE_LOG(a) if isinstance(a, Series) else torch.log(a)
+    e = mul_series(b, log_a)
+    return Series(y0, RULE_EXP(e).coeffs)
+
+
+def _power_derivs_tensor(p: Tensor, x0: Tensor, K: int) -> list[Tensor]:
+    out, coef = [], torch.ones_like(p)
+    for j in range(1, K + 1):
+        coef = coef * (p - (j - 1))
+        out.append(coef * torch.pow(x0, p - j))
+    return out
+
+
+@register(aten.pow.Scalar)
+def _pow_scalar_base(base: Any, x: Series) -> Series:
+    y0 = torch.pow(base, x.primal)
+    lb = math.log(base)
+    return compose_unary(
+        x, [y0 * (lb**j / math.factorial(j)) for j in range(1, x.order + 1)], y0
+    )
+
+
+def _erf_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+    g = (2.0 / math.sqrt(math.pi)) * torch.exp(-x0 * x0)
+    out, h_prev, h = [], torch.zeros_like(x0), torch.ones_like(x0)  # H_{-1}, H_0
+    for n in range(K):  # erf^(n+1) = (-1)^n H_n(x) * g
+        out.append(((-1) ** n) * h * g)
+        h_prev, h = h, 2 * x0 * h - 2 * n * h_prev
+    return out
+
+
+register(aten.erf)(unary(aten.erf, _erf_derivs))
+
+
+def _piecewise_linear(slope: Callable[[Tensor], Tensor]) -> DerivFn:
+    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+        s = slope(x0)
+        return [s] + [None] * (K - 1)  # type: ignore[list-item]
+
+    return derivs
+
+
+register(aten.relu)(unary(aten.relu, _piecewise_linear(lambda x: (x > 0).to(x.dtype))))
+register(aten.abs)(unary(aten.abs, _piecewise_linear(torch.sign)))
+
+
+@register(aten.leaky_relu)
+def _leaky_relu(x: Series, negative_slope: float = 0.01) -> Series:
+    y0 = aten.leaky_relu(x.primal, negative_slope)
+    s = torch.where(x.primal > 0, 1.0, negative_slope).to(x.primal.dtype)
+    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+
+
+@register(aten.hardtanh)
+def _hardtanh(x: Series, min_val: float = -1.0, max_val: float = 1.0) -> Series:
+    y0 = aten.hardtanh(x.primal, min_val, max_val)
+    s = ((x.primal > min_val) & (x.primal < max_val)).to(x.primal.dtype)
+    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+
+
+@register(aten.clamp)
+def _clamp(x: Series, min: Any = None, max: Any = None) -> Series:
+    y0 = aten.clamp(x.primal, min, max)
+    inside = torch.ones_like(x.primal, dtype=torch.bool)
+    if min is not None:
+        inside = inside & (x.primal > min)
+    if max is not None:
+        inside = inside & (x.primal < max)
+    s = inside.to(x.primal.dtype)
+    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+
+
+def generic_unary(op: Any) -> Callable[..., Series]:
+    """Rule for any smooth elementwise ``op`` from nested ``torch.func.jvp`` on ``op`` alone."""
+
+    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+        ones = torch.ones_like(x0)
+        out = []
+        g: Callable[[Tensor], Tensor] = op
+        for _ in range(K):
+            g = _jvp_of(g, ones)
+            out.append(g(x0))
+        return out
+
+    return unary(op, derivs)
+
+
+def _jvp_of(g: Callable[[Tensor], Tensor], ones: Tensor) -> Callable[[Tensor], Tensor]:
+    return lambda x: torch.func.jvp(g, (x,), (ones,))[1]
+
+
+for _op in (aten.sinh, aten.cosh, aten.tan, aten.atan, aten.asin, aten.acos, aten.asinh,
+            aten.acosh, aten.atanh, aten.erfc, aten.erfinv, aten.lgamma, aten.digamma,
+            aten.log2, aten.log10, aten.exp2, aten.sgn):
+    register(_op)(generic_unary(_op))
+
+
+RULE_LOG = unary(aten.log, _log_derivs(0.0))
+RULE_EXP = unary(aten.exp, lambda x, y, K: [y] * K)

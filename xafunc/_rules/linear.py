@@ -1,0 +1,383 @@
+"""Rules for operators linear in their differentiated inputs.
+
+A linear map ``L`` sends a series to the series of its images: ``(L x)_k = L x_k``; zero
+coefficients stay zero. Shape-only ops keep the direction dimension leading by reshaping to
+``(B, *output.shape)``; ops with a ``dim`` argument shift it by one; the remaining ops are
+batched over the direction dimension with ``torch.vmap``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._series import Coeff, Series, batch_size, lift, map_coeffs, primal
+from . import NONDIFF, register
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def _pmap(args: Any) -> Any:
+    """Replace every Series in a (nested) argument structure by its primal."""
+    if isinstance(args, Series):
+        return args.primal
+    if isinstance(args, (list, tuple)):
+        return type(args)(_pmap(a) for a in args)
+    return args
+
+
+def _shift(dim: int, ndim: int) -> int:
+    return dim % max(ndim, 1) + 1
+
+
+# --------------------------------------------------------------------------- shape-only ops
+def _make_reshape_rule(op: Any) -> Callable[..., Any]:
+    def rule(x: Any, *args: Any, **kwargs: Any) -> Series:
+        y0 = op(x.primal, *args, **kwargs)
+        shape = tuple(y0.shape)
+        coeffs = [None if c is None else c.reshape((c.shape[0],) + shape) for c in x.coeffs]
+        return Series(y0, coeffs, x.unit_offset)
+
+    return rule
+
+
+for _op in (
+    aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.alias,
+    aten.clone, aten.contiguous, aten.view_copy, aten.squeeze_copy, aten.unsqueeze_copy,
+    aten.alias_copy, aten.lift_fresh_copy, aten._reshape_alias, aten.flatten,
+):
+    register(_op)(_make_reshape_rule(_op))
+
+
+@register(aten.permute, aten.permute_copy)
+def _permute(x: Series, dims: Sequence[int]) -> Series:
+    nd = x.primal.dim()
+    cdims = [0] + [_shift(d, nd) for d in dims]
+    return Series(x.primal.permute(dims), map_coeffs(x, lambda c: c.permute(cdims)))
+
+
+@register(aten.transpose, aten.transpose_copy)
+def _transpose(x: Series, d0: int, d1: int) -> Series:
+    nd = x.primal.dim()
+    a, b = _shift(d0, nd), _shift(d1, nd)
+    return Series(x.primal.transpose(d0, d1), map_coeffs(x, lambda c: c.transpose(a, b)))
+
+
+@register(aten.t, aten.t_copy)
+def _t(x: Series) -> Series:
+    if x.primal.dim() < 2:
+        return Series(x.primal, x.coeffs, x.unit_offset)
+    return Series(x.primal.t(), map_coeffs(x, lambda c: c.transpose(1, 2)))
+
+
+@register(aten.expand, aten.expand_copy)
+def _expand(x: Series, size: Sequence[int], *, implicit: bool = False) -> Series:
+    y0 = x.primal.expand(size)
+    nd = y0.dim()
+    return Series(y0, map_coeffs(x, lambda c: lift(c, nd).expand((c.shape[0],) + y0.shape)))
+
+
+@register(prims.broadcast_in_dim)
+def _broadcast_in_dim(x: Series, shape: Sequence[int], bdims: Sequence[int]) -> Series:
+    y0 = prims.broadcast_in_dim(x.primal, shape, bdims)
+    cb = [0] + [d + 1 for d in bdims]
+    return Series(
+        y0, map_coeffs(x, lambda c: prims.broadcast_in_dim(c, (c.shape[0],) + tuple(shape), cb))
+    )
+
+
+@register(aten.select, aten.select_copy)
+def _select(x: Series, dim: int, index: int) -> Series:
+    d = _shift(dim, x.primal.dim())
+    return Series(aten.select(x.primal, dim, index), map_coeffs(x, lambda c: c.select(d, index)))
+
+
+@register(aten.slice, aten.slice_copy)
+def _slice(x: Series, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> Series:
+    d = _shift(dim, x.primal.dim())
+    return Series(
+        aten.slice(x.primal, dim, start, end, step),
+        map_coeffs(x, lambda c: aten.slice(c, d, start, end, step)),
+    )
+
+
+@register(aten.index)
+def _index(x: Any, indices: Sequence[Any]) -> Series:
+    if not isinstance(x, Series) or any(isinstance(i, Series) for i in indices):
+        raise NotImplementedError("index: only the indexed tensor may carry derivatives")
+    cidx = [None, *indices]
+    return Series(aten.index(x.primal, indices), map_coeffs(x, lambda c: aten.index(c, cidx)))
+
+
+@register(aten.split_with_sizes, aten.split, aten.split_with_sizes_copy, aten.split_copy)
+def _split(x: Series, sizes: Any, dim: int = 0) -> list[Series]:
+    outs = torch.split(x.primal, sizes, dim)
+    d = _shift(dim, x.primal.dim())
+    parts = [None if c is None else torch.split(c, sizes, d) for c in x.coeffs]
+    return [
+        Series(o, [None if p is None else p[i] for p in parts]) for i, o in enumerate(outs)
+    ]
+
+
+@register(aten.unbind)
+def _unbind(x: Series, dim: int = 0) -> list[Series]:
+    d = _shift(dim, x.primal.dim())
+    parts = [None if c is None else c.unbind(d) for c in x.coeffs]
+    return [
+        Series(o, [None if p is None else p[i] for p in parts])
+        for i, o in enumerate(x.primal.unbind(dim))
+    ]
+
+
+@register(aten.cat)
+def _cat(tensors: Sequence[Any], dim: int = 0) -> Series:
+    y0 = torch.cat([primal(t) for t in tensors], dim)
+    d = _shift(dim, y0.dim())
+    B = batch_size(tensors)
+    assert B is not None
+    K = max(t.order for t in tensors if isinstance(t, Series))
+    coeffs: list[Coeff] = []
+    for k in range(1, K + 1):
+        parts = [t.coeff(k) if isinstance(t, Series) else None for t in tensors]
+        if all(p is None for p in parts):
+            coeffs.append(None)
+            continue
+        full = [
+            p if p is not None else primal(t).new_zeros((B,) + tuple(primal(t).shape))
+            for p, t in zip(parts, tensors)
+        ]
+        coeffs.append(torch.cat(full, d))
+    return Series(y0, coeffs)
+
+
+def _reduce_dims(dims: Any, nd: int) -> list[int]:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(1, nd + 1))
+    if isinstance(dims, int):
+        dims = [dims]
+    return [_shift(d, nd) for d in dims]
+
+
+@register(aten.sum)
+def _sum(x: Series, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Series:
+    y0 = aten.sum(x.primal, dtype=dtype) if dim is None and not keepdim else torch.sum(
+        x.primal, dim if dim is not None else [], keepdim=keepdim, dtype=dtype
+    )
+    dims = _reduce_dims(dim, x.primal.dim())
+    if x.primal.dim() == 0:
+        return Series(y0, x.coeffs)
+    return Series(y0, map_coeffs(x, lambda c: torch.sum(c, dims, keepdim=keepdim, dtype=dtype)))
+
+
+@register(prims.sum)
+def _prims_sum(x: Series, dims: Any, *, output_dtype: Any = None) -> Series:
+    y0 = prims.sum(x.primal, dims, output_dtype=output_dtype)
+    cd = _reduce_dims(dims, x.primal.dim())
+    if x.primal.dim() == 0:
+        return Series(y0, x.coeffs)
+    return Series(y0, map_coeffs(x, lambda c: torch.sum(c, cd)))
+
+
+@register(aten.mean)
+def _mean(x: Series, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Series:
+    y0 = torch.mean(x.primal, dim if dim is not None else [], keepdim=keepdim, dtype=dtype)
+    if x.primal.dim() == 0:
+        return Series(y0, x.coeffs)
+    dims = _reduce_dims(dim, x.primal.dim())
+    return Series(y0, map_coeffs(x, lambda c: torch.mean(c, dims, keepdim=keepdim, dtype=dtype)))
+
+
+@register(aten.neg)
+def _neg(x: Series) -> Series:
+    return Series(-x.primal, map_coeffs(x, torch.neg))
+
+
+@register(aten._to_copy)
+def _to_copy(x: Series, **kwargs: Any) -> Series:
+    kw = {k: v for k, v in kwargs.items() if k in ("dtype", "device")}
+    y0 = aten._to_copy(x.primal, **kwargs)
+    if not y0.dtype.is_floating_point:
+        return Series(y0, [None] * x.order)
+    return Series(y0, map_coeffs(x, lambda c: c.to(**kw)))
+
+
+@register(aten.detach, aten.detach_copy)
+def _detach(x: Series) -> Tensor:
+    # ``detach`` cuts derivatives, as under torch.func: the result is a constant.
+    return x.primal.detach()
+
+
+def _expand_to(c: Tensor, shape: Sequence[int]) -> Tensor:
+    return lift(c, len(shape)).expand((c.shape[0],) + tuple(shape))
+
+
+def _make_add(op: Any, sign: int) -> Callable[..., Any]:
+    def rule(a: Any, b: Any, *, alpha: Any = 1) -> Series:
+        y0 = op(primal(a), primal(b), alpha=alpha)
+        shape = y0.shape
+        K = max(s.order for s in (a, b) if isinstance(s, Series))
+        coeffs: list[Coeff] = []
+        scale = sign * alpha
+        for k in range(1, K + 1):
+            ca = a.coeff(k) if isinstance(a, Series) else None
+            cb = b.coeff(k) if isinstance(b, Series) else None
+            if cb is not None and scale != 1:
+                cb = cb * scale
+            if ca is None and cb is None:
+                coeffs.append(None)
+            elif cb is None:
+                coeffs.append(_expand_to(ca, shape))  # type: ignore[arg-type]
+            elif ca is None:
+                coeffs.append(_expand_to(cb, shape))
+            else:
+                coeffs.append(_expand_to(lift(ca, len(shape)) + lift(cb, len(shape)), shape))
+        return Series(y0, coeffs)
+
+    return rule
+
+
+register(aten.add)(_make_add(aten.add, 1))
+register(aten.sub)(_make_add(aten.sub, -1))
+
+
+@register(aten.rsub)
+def _rsub(a: Any, b: Any, *, alpha: Any = 1) -> Series:
+    # rsub(a, b, alpha) = b - alpha * a
+    y0 = aten.rsub(primal(a), primal(b), alpha=alpha)
+    neg_a = Series(-alpha * a.primal, map_coeffs(a, lambda c: -alpha * c)) \
+        if isinstance(a, Series) else -alpha * a
+    out = _make_add(aten.add, 1)(b, neg_a)
+    return Series(y0, out.coeffs)
+
+
+@register(aten.where)
+def _where(cond: Tensor, a: Any, b: Any) -> Series:
+    if isinstance(cond, Series):
+        cond = cond.primal
+    y0 = torch.where(cond, primal(a), primal(b))
+    shape = y0.shape
+    K = max(s.order for s in (a, b) if isinstance(s, Series))
+    coeffs: list[Coeff] = []
+    for k in range(1, K + 1):
+        ca = a.coeff(k) if isinstance(a, Series) else None
+        cb = b.coeff(k) if isinstance(b, Series) else None
+        if ca is None and cb is None:
+            coeffs.append(None)
+            continue
+        zero = y0.new_zeros(())
+        ta = lift(ca, len(shape)) if ca is not None else zero
+        tb = lift(cb, len(shape)) if cb is not None else zero
+        coeffs.append(_expand_to(torch.where(cond, ta, tb), shape))
+    return Series(y0, coeffs)
+
+
+# ------------------------------------------------------------------- generic vmap-batched ops
+def vmap_linear(op: Any, positions: Sequence[int] = (0,)) -> Callable[..., Any]:
+    """Rule for ``op`` jointly linear in the tensor arguments at ``positions``.
+
+    Coefficient ``k`` is ``op`` applied, under ``torch.vmap`` over the direction dim, to the
+    ``k``-th coefficients of those arguments (zero for constants there); other arguments must
+    be constants.
+    """
+
+    def rule(*args: Any, **kwargs: Any) -> Series:
+        for i, a in enumerate(args):
+            if isinstance(a, Series) and i not in positions:
+                raise NotImplementedError(f"{op}: argument {i} may not carry derivatives")
+        pargs = list(_pmap(args))
+        y0 = op(*pargs, **kwargs)
+        K = max(a.order for a in args if isinstance(a, Series))
+        coeffs: list[Coeff] = []
+        for k in range(1, K + 1):
+            cs = [args[p].coeff(k) if isinstance(args[p], Series) else None for p in positions]
+            if all(c is None for c in cs):
+                coeffs.append(None)
+                continue
+            call = list(pargs)
+            in_dims: list[Any] = [None] * len(call)
+            for p, c in zip(positions, cs):
+                if c is None:
+                    call[p] = torch.zeros_like(pargs[p])
+                else:
+                    call[p] = c
+                    in_dims[p] = 0
+
+            def f(*a: Any) -> Tensor:
+                return op(*a, **kwargs)
+
+            coeffs.append(torch.vmap(f, in_dims=tuple(in_dims))(*call))
+        return Series(y0, coeffs)
+
+    return rule
+
+
+for _op, _pos in (
+    (aten.gather, (0,)),
+    (aten.embedding, (0,)),
+    (aten.constant_pad_nd, (0,)),
+    (aten.flip, (0,)),
+    (aten.roll, (0,)),
+    (aten.repeat, (0,)),
+    (aten.avg_pool1d, (0,)),
+    (aten.avg_pool2d, (0,)),
+    (aten.avg_pool3d, (0,)),
+    (aten._adaptive_avg_pool2d, (0,)),
+    (aten.adaptive_avg_pool1d, (0,)),
+    (aten.upsample_nearest1d, (0,)),
+    (aten.upsample_nearest2d, (0,)),
+    (aten.upsample_bilinear2d, (0,)),
+    (aten.upsample_linear1d, (0,)),
+    (aten.slice_scatter, (0, 1)),
+    (aten.select_scatter, (0, 1)),
+    (aten.diagonal, (0,)),
+    (aten.diagonal_scatter, (0, 1)),
+    (aten.diagonal_copy, (0,)),
+    (aten.diag_embed, (0,)),
+    (aten.tril, (0,)),
+    (aten.triu, (0,)),
+    (aten.cumsum, (0,)),
+    (aten.index_select, (0,)),
+    (aten.narrow, (0,)),
+    (aten.unfold, (0,)),
+    (aten.im2col, (0,)),
+    (aten.col2im, (0,)),
+    (aten.trace, (0,)),
+    (aten.movedim, (0,)),
+    (aten.index_put, (0, 2)),
+    (aten.scatter_add, (0, 3)),
+    (aten.index_add, (0, 3)),
+    (aten.masked_fill, (0,)),
+):
+    register(_op)(vmap_linear(_op, _pos))
+
+
+@register(aten.copy)
+def _copy(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+    """Functional ``copy``: the values of ``src`` broadcast into ``dst``'s shape and dtype."""
+    y0 = aten.copy(primal(dst), primal(src), non_blocking)
+    if not isinstance(src, Series):
+        return y0
+    shape = tuple(y0.shape)
+    return Series(y0, map_coeffs(src, lambda c: _expand_to(c, shape).to(y0.dtype)))
+
+
+@register(operator.getitem)
+def _getitem(x: Any, i: Any) -> Any:
+    return x[i]
+
+
+NONDIFF.update({
+    aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.logical_not, aten.logical_and,
+    aten.logical_or, aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc, aten.argmax,
+    aten.argmin, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like,
+    aten.scalar_tensor, aten.arange, aten.full, aten.zeros, aten.ones, aten.empty,
+    aten.isnan, aten.isinf, aten.sym_size, aten.sym_numel, aten.sym_stride,
+    aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty,
+    aten.eye, aten.lift_fresh, aten.floor_divide, aten.remainder, aten.bitwise_and,
+    aten.bitwise_or, aten.bitwise_not, aten.empty_strided,
+})

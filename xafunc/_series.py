@@ -1,0 +1,166 @@
+"""Truncated Taylor series along a batch of directions: the value every rule works on.
+
+NOTE [Taylor mode along directions]
+For a function ``f`` and a direction ``v`` the curve ``t -> f(x + t v)`` has the Taylor series
+``sum_k c_k t^k`` with ``c_k = D^k f(x)[v, ..., v] / k!`` (coefficients are *not*
+factorial-scaled in the sense of JAX's jet: ``c_k`` is the plain Taylor coefficient, so that
+products of series are Cauchy products). A :class:`Series` holds ``c_0`` (the primal, shape
+``S``) and ``c_1 .. c_K``, each of shape ``(B, *S)`` for ``B`` directions propagated at once,
+or ``None`` where the coefficient is known to be zero (e.g. ``c_2`` of a linear layer's output
+when the input moves along a straight line). Rules map series to series, one aten operator at a
+time; every coefficient is an ordinary tensor, so the whole propagation is plain torch code that
+``vmap``, ``grad`` and the other torch.func transforms can transform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+Coeff = Optional[Tensor]
+
+
+class Series:
+    """``primal`` plus Taylor coefficients ``coeffs[k - 1] = c_k`` of shape ``(B, *primal.shape)``.
+
+    ``unit_offset`` marks a first-order seed made of unit vectors: ``coeffs[0].reshape(B, -1)[b]``
+    is ``e_{unit_offset + b}``. Matrix-product rules use it to skip multiplying by an identity.
+    """
+
+    __slots__ = ("primal", "coeffs", "unit_offset")
+
+    def __init__(self, primal: Tensor, coeffs: Sequence[Coeff], unit_offset: int | None = None):
+        self.primal = primal
+        self.coeffs = list(coeffs)
+        self.unit_offset = unit_offset
+
+    @property
+    def order(self) -> int:
+        return len(self.coeffs)
+
+    def coeff(self, k: int) -> Coeff:
+        """``c_k`` (``k >= 1``), or ``None`` when zero."""
+        return self.coeffs[k - 1]
+
+    def nonzero(self) -> bool:
+        return any(c is not None for c in self.coeffs)
+
+    def __repr__(self) -> str:
+        cs = ", ".join("0" if c is None else "x".join(map(str, c.shape)) for c in self.coeffs)
+        return f"Series(primal={tuple(self.primal.shape)}, coeffs=[{cs}])"
+
+
+def is_series(x: Any) -> bool:
+    return isinstance(x, Series)
+
+
+def primal(x: Any) -> Any:
+    return x.primal if isinstance(x, Series) else x
+
+
+def term(x: Any, k: int) -> Any:
+    """Coefficient ``k`` of ``x`` (``k = 0`` is the primal); constants have zero coefficients."""
+    if k == 0:
+        return primal(x)
+    return x.coeffs[k - 1] if isinstance(x, Series) else None
+
+
+def lift(c: Tensor, ndim: int) -> Tensor:
+    """View a coefficient ``(B, *S)`` as ``(B, 1, ..., 1, *S)`` with ``ndim`` trailing dims.
+
+    Needed wherever a coefficient broadcasts against a tensor of higher rank: the direction
+    dimension must stay leading.
+    """
+    extra = ndim - (c.dim() - 1)
+    if extra <= 0:
+        return c
+    return c.reshape(c.shape[:1] + (1,) * extra + c.shape[1:])
+
+
+def add(a: Coeff, b: Coeff) -> Coeff:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def cauchy(
+    a: Any, b: Any, k: int, mul: Callable[[Tensor, Tensor], Tensor]
+) -> Coeff:
+    """``sum_{i+j=k} mul(a_i, b_j)``: coefficient ``k`` of a bilinear op applied to two series.
+
+    ``mul`` must broadcast a leading direction dimension; ``a_0``/``b_0`` have none.
+    """
+    out: Coeff = None
+    for i in range(k + 1):
+        ai, bj = term(a, i), term(b, k - i)
+        if ai is None or bj is None or (i == 0 and k == 0):
+            continue
+        out = add(out, mul(ai, bj))
+    return out
+
+
+def map_coeffs(x: Series, fn: Callable[[Tensor], Tensor]) -> list[Coeff]:
+    """Apply a linear map (with the direction dim leading) to every coefficient at once.
+
+    Non-zero coefficients are concatenated along the direction dim so that ``fn`` runs once.
+    """
+    present = [c for c in x.coeffs if c is not None]
+    if not present:
+        return [None] * x.order
+    if len(present) == 1:
+        mapped = [fn(present[0])]
+    else:
+        sizes = [c.shape[0] for c in present]
+        mapped = list(fn(torch.cat(present, 0)).split(sizes, 0))
+    it = iter(mapped)
+    return [None if c is None else next(it) for c in x.coeffs]
+
+
+def zeros_like_coeff(p: Tensor, batch: int) -> Tensor:
+    return p.new_zeros((batch,) + tuple(p.shape))
+
+
+def batch_size(values: Sequence[Any]) -> int | None:
+    for v in values:
+        if isinstance(v, Series):
+            for c in v.coeffs:
+                if c is not None:
+                    return int(c.shape[0])
+    return None
+
+
+def compose_unary(x: Series, scaled_derivs: Sequence[Coeff], y0: Tensor) -> Series:
+    """Faà di Bruno for univariate series: ``y = g(x)`` from ``g^(j)(x_0) / j!``, ``j = 1..K``.
+
+    ``y_k = sum_j g^(j)(x_0) / j! * [t^k] (x(t) - x_0)^j``; the powers of ``x(t) - x_0`` are
+    built by repeated truncated Cauchy products, so the cost is ``O(K^3)`` elementwise products
+    per node, independent of the input dimension.
+    """
+    K = x.order
+    ndim = y0.dim()
+    dx: list[Coeff] = [None] + [None if c is None else lift(c, ndim) for c in x.coeffs]
+    out: list[Coeff] = [None] * (K + 1)
+    power = list(dx)  # power[k] = [t^k] (x - x0)^j, currently j = 1
+    for j in range(1, K + 1):
+        if j > 1:
+            new: list[Coeff] = [None] * (K + 1)
+            for k in range(j, K + 1):
+                acc: Coeff = None
+                for i in range(j - 1, k):
+                    p, q = power[i], dx[k - i]
+                    if p is not None and q is not None:
+                        acc = add(acc, p * q)
+                new[k] = acc
+            power = new
+        g = scaled_derivs[j - 1]
+        if g is None:  # g^(j) vanishes identically (piecewise-linear functions)
+            continue
+        for k in range(j, K + 1):
+            if power[k] is not None:
+                out[k] = add(out[k], g * power[k])
+    return Series(y0, out[1:])
