@@ -239,8 +239,7 @@ def graph_flops(gm: torch.fx.GraphModule) -> tuple[float, float]:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        val = node.meta.get("val")
-        numel = val.numel() if isinstance(val, Tensor) else 0
+        numel = _numel(node.meta.get("val"))
         if name in ("mm", "addmm", "bmm"):
             a = node.args[1] if name == "addmm" else node.args[0]
             av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
@@ -259,6 +258,16 @@ def graph_flops(gm: torch.fx.GraphModule) -> tuple[float, float]:
         else:
             total += float(numel)
     return total, seed_free
+
+
+def _numel(val: Any) -> int:
+    """Static element count of a traced value (0 when unknown or data-dependent)."""
+    if not isinstance(val, Tensor):
+        return 0
+    try:
+        return int(val.numel())
+    except Exception:  # noqa: BLE001 - unbacked symbolic sizes (boolean-mask indexing)
+        return 0
 
 
 def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float,
@@ -300,8 +309,7 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
                     meta["aux_spec"])
     n, m = layout.n, layout.m
     flops0, seed_free = graph_flops(g0)
-    max_numel = max((nd.meta["val"].numel() for nd in g0.graph.nodes
-                     if isinstance(nd.meta.get("val"), Tensor)), default=1)
+    max_numel = max((_numel(nd.meta.get("val")) for nd in g0.graph.nodes), default=1)
     itemsize = z.element_size()
     if all_orders or mode == "forward":
         candidates = [0]
