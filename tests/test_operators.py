@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from tests._bugs import FWD_OVER_NORM, Bug, expect_bug
 from tests._compare import assert_tree_close, assert_tree_equal, clone_tree, reference_deriv
 from tests.conftest import DEVICES
 from xafunc import xderiv
@@ -86,17 +87,18 @@ class Case:
     build: Builder
     argnums: int | tuple[int, ...] = 0
     orders: tuple[int, ...] = ORDERS
+    bugs: tuple[Bug, ...] = ()  # known xafunc bugs this case may hit (see tests/_bugs.py)
 
 
 CASES: list[Case] = []
 
 
 def case(name: str, argnums: int | tuple[int, ...] = 0, orders: tuple[int, ...] = ORDERS,
-         ) -> Callable[[Builder], Builder]:
+         bugs: tuple[Bug, ...] = ()) -> Callable[[Builder], Builder]:
     def register(build: Builder) -> Builder:
         if any(c.name == name for c in CASES):
             raise ValueError(f"duplicate case name {name}")
-        CASES.append(Case(name, build, argnums, orders))
+        CASES.append(Case(name, build, argnums, orders, bugs))
         return build
 
     return register
@@ -524,7 +526,7 @@ def _(t: Inputs):
     return (lambda x: (pre(x) * mask / (1 - p)).tanh() * x.cos()), (t.randn(6),)
 
 
-@case("layer_norm")
+@case("layer_norm", bugs=(FWD_OVER_NORM,))
 def _(t: Inputs):
     w, b = t.randn(4), t.randn(4)
     return (lambda x: F.layer_norm(pre(x), (4,), w, b).tanh()), (t.randn(2, 4),)
@@ -556,14 +558,14 @@ def _(t: Inputs):
     return (lambda x: m(x.sin()).tanh()), (t.randn(4, 3),)
 
 
-@case("batch_norm_train")
+@case("batch_norm_train", bugs=(FWD_OVER_NORM,))
 def _(t: Inputs):
     w, b = t.randn(3), t.randn(3)
     return (lambda x: F.batch_norm(x.sin(), None, None, w, b, training=True).tanh()), (
         t.randn(4, 3),)
 
 
-@case("batch_norm_train_2d")
+@case("batch_norm_train_2d", bugs=(FWD_OVER_NORM,))
 def _(t: Inputs):
     w, b = t.randn(2), t.randn(2)
 
@@ -828,30 +830,12 @@ def _expected(name: str, order: int, device: str) -> Any:
     return reference_deriv(f, order, c.argnums)(*args)
 
 
-_FWD_OVER_FWD_NORM = (
-    "xafunc bug: mode='forward' (and 'auto' at order >= 3, rev -> fwd -> fwd) nest "
-    "torch.func.jacfwd, and in torch 2.13 forward-over-forward AD of native_layer_norm / "
-    "native_batch_norm(training=True) is wrong (the saved mean/rstd get no second-level "
-    "tangent); nested jacrev is right. Repro: jacfwd(jacfwd(lambda x: F.layer_norm(x, (4,))))"
-)
-
-#: Cases that fail because of a known bug in xafunc: (case, order, mode) -> reason.
-KNOWN_BUGS: dict[tuple[str, int, str], str] = {
-    (name, order, mode): _FWD_OVER_FWD_NORM
-    for name in ("layer_norm", "batch_norm_train", "batch_norm_train_2d")
-    for order, mode in ((2, "forward"), (3, "forward"), (3, "auto"))
-}
-
-
 def _params() -> list[Any]:
     out = []
     for c in CASES:
         for k in c.orders:
             for mode in MODES:
-                reason = KNOWN_BUGS.get((c.name, k, mode))
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-                out.append(pytest.param(c.name, k, mode, id=f"{c.name}-order{k}-{mode}",
-                                        marks=marks))
+                out.append(pytest.param(c.name, k, mode, id=f"{c.name}-order{k}-{mode}"))
     return out
 
 
@@ -860,9 +844,11 @@ def test_operator(name: str, order: int, mode: str, device: str) -> None:
     c = CASE_BY_NAME[name]
     f, args = c.build(Inputs(name, device))
     before = clone_tree(args)
-    actual = xderiv(f, order, c.argnums, mode=mode)(*args)
-    assert_tree_close(actual, _expected(name, order, device),
-                      msg=f"xderiv({name}, order={order}, argnums={c.argnums}, mode={mode!r})")
+    with expect_bug(list(c.bugs), f, order, c.argnums, args, mode=mode):
+        actual = xderiv(f, order, c.argnums, mode=mode)(*args)
+        assert_tree_close(actual, _expected(name, order, device),
+                          msg=f"xderiv({name}, order={order}, argnums={c.argnums}, "
+                              f"mode={mode!r})")
     assert_tree_equal(args, before, msg="inputs were mutated")
 
 
