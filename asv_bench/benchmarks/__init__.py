@@ -1,0 +1,1 @@
+"""asv benchmarks for xafunc: every xafunc benchmark sits beside its torch.func baseline."""
