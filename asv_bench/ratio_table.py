@@ -34,8 +34,9 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the cases, and the xafunc of this checkout
 
-import xafunc  # noqa: E402
 from benchmarks.cases import CASES, DTYPES, Case, get_case  # noqa: E402
+
+import xafunc  # noqa: E402
 
 
 class _Timeout(Exception):
