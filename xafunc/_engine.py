@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, trace
 from ._interpolate import directions, num_directions, symmetric_tensor
-from ._series import Series
+from ._series import Series, UnitSeed
 from ._taylor import Propagator
 
 
@@ -88,7 +88,8 @@ class Request:
 
         def flat(z: Tensor, *others: Tensor) -> Any:
             leaves = list(self.const_leaves)
-            for pos, part, shape in zip(self.diff_pos, torch.split(z, sizes), shapes):
+            parts = torch.split(z, sizes) if len(sizes) > 1 else (z,)
+            for pos, part, shape in zip(self.diff_pos, parts, shapes):
                 leaves[pos] = part.reshape(shape)
             for pos, t in zip(self.other_pos, others):
                 leaves[pos] = t
@@ -139,8 +140,8 @@ class Program:
                       ) -> tuple[Tensor, Tensor | None, Any]:
         """Primal output of ``g_r``, its ``d``-th coefficients ``(N, M)``, and aux."""
         prop = self.props[r]
-        if d == 0:
-            out, aux = prop(z, *others)
+        if d == 0:  # plain evaluation: the graph's generated code, no interpreter
+            out, aux = prop.gm(z, *others)
             return out, None, aux
         n = z.shape[0]
         total = num_directions(n, d)
@@ -148,11 +149,9 @@ class Program:
         coeffs, primal_out, aux = [], None, None
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
-            if d == 1:
-                seed = torch.eye(n, dtype=z.dtype, device=z.device)[start:stop]
-            else:
-                seed = directions(n, d, start, stop, dtype=z.dtype, device=z.device)
-            x = Series(z, [seed] + [None] * (d - 1), unit_offset=start if d == 1 else None)
+            seed: Any = UnitSeed(start, stop - start) if d == 1 else \
+                directions(n, d, start, stop, dtype=z.dtype, device=z.device)
+            x = Series(z, [seed] + [None] * (d - 1))
             out, aux = prop(x, *others)
             if isinstance(out, Series):
                 primal_out = out.primal
@@ -202,13 +201,15 @@ class Program:
         lay = self.layout
         in_sizes = [math.prod(s) for s in lay.in_shapes]
 
-        def nest(block: Tensor, prefix: tuple[int, ...], level: int) -> Any:
+        def nest(block: Tensor, lead: int, level: int) -> Any:
+            # block: (*prefix, n, ..., n) with ``lead`` prefix dims; splitting one dim into a
+            # leaf's shape is always a view, so no data is copied here.
             if level == k:
-                return block.reshape(prefix)
+                return block
             parts = []
-            for piece, shape in zip(torch.split(block, in_sizes, dim=1), lay.in_shapes):
-                rest = piece.shape[2:]
-                parts.append(nest(piece.reshape((-1,) + tuple(rest)), prefix + shape, level + 1))
+            for piece, shape in zip(torch.split(block, in_sizes, dim=lead), lay.in_shapes):
+                piece = piece.reshape(piece.shape[:lead] + shape + piece.shape[lead + 1:])
+                parts.append(nest(piece, lead + len(shape), level + 1))
             return pytree.tree_unflatten(parts, lay.in_spec)
 
         outs = []
@@ -217,7 +218,7 @@ class Program:
             size = math.prod(shape)
             block = D[offset:offset + size]
             offset += size
-            outs.append(nest(block, shape, 0))
+            outs.append(nest(block.reshape(shape + block.shape[1:]), len(shape), 0))
         return pytree.tree_unflatten(outs, lay.out_spec)
 
 

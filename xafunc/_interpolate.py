@@ -131,10 +131,34 @@ def partials(F: Tensor, n: int, d: int) -> Tensor:
     return torch.cat(parts, 0)[inverse.to(F.device)]
 
 
+_DENSE_LIMIT = 1 << 20  # entries of the dense (n^d, N) reconstruction matrix
+
+
+@functools.lru_cache(maxsize=32)
+def _dense(n: int, d: int) -> Tensor:
+    """``R (n^d, N)`` with ``R @ F`` the flattened full tensor: gamma gathered per entry."""
+    groups, inverse = _gamma(n, d)
+    N = len(inverse)
+    G = torch.zeros(N, N, dtype=torch.float64)
+    offset = 0
+    for rows, cols, vals in groups:
+        g = len(rows)
+        G[rows.repeat_interleave(cols.shape[1]), cols.reshape(-1)] = vals.repeat(g)
+        offset += g
+    return G[full_index(n, d)]
+
+
 def symmetric_tensor(F: Tensor, n: int, d: int) -> Tensor:
-    """The full derivative tensor ``(M, n, ..., n)`` from ``d``-th coefficients ``F (N, M)``."""
-    P = partials(F, n, d)
+    """The full derivative tensor ``(M, n, ..., n)`` from ``d``-th coefficients ``F (N, M)``.
+
+    Small requests use one matrix product with a cached dense reconstruction matrix (one
+    GEMM, batched well under ``vmap``); large ones gather the few non-zeros per row.
+    """
     if d == 1:
-        return P.t()
-    full = P[full_index(n, d).to(F.device)]  # (n^d, M)
+        return F.t()
+    if n**d * F.shape[0] <= _DENSE_LIMIT:
+        R = _dense(n, d).to(dtype=F.dtype, device=F.device)
+        full = R @ F
+    else:
+        full = partials(F, n, d)[full_index(n, d).to(F.device)]  # (n^d, M)
     return full.t().reshape((F.shape[1],) + (n,) * d)

@@ -23,19 +23,43 @@ from torch import Tensor
 Coeff = Optional[Tensor]
 
 
+class UnitSeed:
+    """A first coefficient made of unit vectors, not yet materialised.
+
+    Stands for ``c_1[b] = e_{offset + b}`` (``b < count``) reshaped to the primal's shape: the
+    seed of a first-order (Jacobian) propagation. Shape-only rules pass it through and
+    matrix-product rules turn ``e_j @ W`` into row ``j`` of ``W`` (see ``_unit_product``), so
+    a function that starts with a linear layer never multiplies by an identity matrix. Every
+    other rule sees it materialised (:func:`materialize`).
+    """
+
+    __slots__ = ("offset", "count")
+
+    def __init__(self, offset: int, count: int) -> None:
+        self.offset, self.count = offset, count
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.count,)
+
+
 class Series:
     """``primal`` plus Taylor coefficients ``coeffs[k - 1] = c_k`` of shape ``(B, *primal.shape)``.
 
-    ``unit_offset`` marks a first-order seed made of unit vectors: ``coeffs[0].reshape(B, -1)[b]``
-    is ``e_{unit_offset + b}``. Matrix-product rules use it to skip multiplying by an identity.
+    ``coeffs[0]`` may be a :class:`UnitSeed`; rules marked ``unit_aware`` handle it, all others
+    receive it materialised.
     """
 
-    __slots__ = ("primal", "coeffs", "unit_offset")
+    __slots__ = ("primal", "coeffs")
 
-    def __init__(self, primal: Tensor, coeffs: Sequence[Coeff], unit_offset: int | None = None):
+    def __init__(self, primal: Tensor, coeffs: Sequence[Any]):
         self.primal = primal
         self.coeffs = list(coeffs)
-        self.unit_offset = unit_offset
+
+    @property
+    def unit(self) -> UnitSeed | None:
+        c = self.coeffs[0] if self.coeffs else None
+        return c if isinstance(c, UnitSeed) else None
 
     @property
     def order(self) -> int:
@@ -51,6 +75,27 @@ class Series:
     def __repr__(self) -> str:
         cs = ", ".join("0" if c is None else "x".join(map(str, c.shape)) for c in self.coeffs)
         return f"Series(primal={tuple(self.primal.shape)}, coeffs=[{cs}])"
+
+
+def materialize(x: Any) -> Any:
+    """``x`` with any :class:`UnitSeed` (also inside lists/tuples) replaced by real tensors."""
+    if isinstance(x, Series):
+        seed = x.unit
+        if seed is None:
+            return x
+        p = x.primal
+        eye = p.new_zeros((seed.count, p.numel()))
+        eye.diagonal(seed.offset).fill_(1)
+        return Series(p, [eye.reshape((seed.count,) + tuple(p.shape))] + x.coeffs[1:])
+    if isinstance(x, (list, tuple)):
+        return type(x)(materialize(v) for v in x)
+    return x
+
+
+def unit_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a rule as handling :class:`UnitSeed` coefficients itself."""
+    fn.unit_aware = True  # type: ignore[attr-defined]
+    return fn
 
 
 def is_series(x: Any) -> bool:

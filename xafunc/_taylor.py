@@ -9,7 +9,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._rules import is_nondiff, lookup
-from ._series import Series
+from ._series import Series, materialize
 
 
 def _has_series(x: Any) -> bool:
@@ -72,10 +72,14 @@ class Propagator:
                     rule = lookup(target)
                     if rule is None:  # checked at plan time; kept as a safety net
                         raise NotImplementedError(f"no Taylor rule for {target}")
+                    if not getattr(rule, "unit_aware", False):
+                        args, kwargs = materialize(args), {k: materialize(v)
+                                                           for k, v in kwargs.items()}
                     env[node] = rule(*args, **kwargs)
             elif op == "output":
-                return pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
-                                       node.args[0])
+                return pytree.tree_map(
+                    lambda a: materialize(env[a]) if isinstance(a, torch.fx.Node) else a,
+                    node.args[0])
             for n in free:
                 env.pop(n, None)
         raise RuntimeError("graph has no output node")  # pragma: no cover

@@ -32,6 +32,25 @@ from torch.utils import _pytree as pytree
 from ._capture import CaptureError, graph_problems, signature_key, trace
 from ._series import Series
 
+try:  # newer engines keep unit-vector seeds symbolic (``UnitSeed`` inside ``coeffs``)
+    from ._series import UnitSeed as _UnitSeed
+    from ._series import materialize as _materialize
+except ImportError:  # pragma: no cover - engines that mark seeds with ``unit_offset``
+    _UnitSeed = None  # type: ignore[assignment,misc]
+
+    def _materialize(x: Any) -> Any:
+        return x
+
+
+def _make_series(primal: Tensor, coeffs: list[Any], unit_offset: int | None) -> Series:
+    if _UnitSeed is None and unit_offset is not None:
+        return Series(primal, coeffs, unit_offset)  # type: ignore[call-arg]
+    return Series(primal, coeffs)
+
+
+def _unit_offset(x: Series) -> int | None:
+    return getattr(x, "unit_offset", None)
+
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 
 
@@ -267,14 +286,14 @@ def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
 # ============================================================ collapsed Taylor propagation
 class _Col:
     """A value in collapsed propagation: ``primal``, ``coeffs = [c_1 .. c_{K-1}]`` along the
-    directions (``None`` = zero) and, when ``rows``, the collapsed sum ``s`` stored as row
-    ``N`` of ``c_1`` (the other coefficients then carry an ignored row ``N`` too)."""
+    ``N`` directions (``None`` = zero) and ``s``, the weighted sum of the top coefficient
+    ``c_K`` over the directions (``None`` = zero)."""
 
-    __slots__ = ("primal", "coeffs", "rows", "unit_offset")
+    __slots__ = ("primal", "coeffs", "s", "unit_offset")
 
-    def __init__(self, primal: Tensor, coeffs: list[Tensor | None], rows: bool,
+    def __init__(self, primal: Tensor, coeffs: list[Tensor | None], s: Tensor | None,
                  unit_offset: int | None = None) -> None:
-        self.primal, self.coeffs, self.rows, self.unit_offset = primal, coeffs, rows, unit_offset
+        self.primal, self.coeffs, self.s, self.unit_offset = primal, coeffs, s, unit_offset
 
 
 def _has_col(x: Any) -> bool:
@@ -293,17 +312,81 @@ def _col_primals(x: Any) -> Any:
     return x
 
 
-def _any_rows(x: Any) -> bool:
+def _has_s(x: Any) -> bool:
     if isinstance(x, _Col):
-        return x.rows
+        return x.s is not None
     if isinstance(x, (list, tuple)):
-        return any(_any_rows(v) for v in x)
+        return any(_has_s(v) for v in x)
     return False
+
+
+def _lower_series(x: Any) -> Any:
+    """Every ``_Col`` as the order-``K`` series ``[c_1 .. c_{K-1}, 0]`` along the directions."""
+    if isinstance(x, _Col):
+        return _make_series(x.primal, x.coeffs + [None], x.unit_offset)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_lower_series(v) for v in x)
+    return x
+
+
+def _sum_series(x: Any) -> Any:
+    """Every ``_Col`` with a collapsed sum as the first-order series ``[s]`` (one direction);
+    the others as constants: the second call computes ``Df[s]``."""
+    if isinstance(x, _Col):
+        return x.primal if x.s is None else Series(x.primal, [x.s.unsqueeze(0)])
+    if isinstance(x, (list, tuple)):
+        return type(x)(_sum_series(v) for v in x)
+    return x
+
+
+# Closed-form (g', g''/2) for the elementwise operators that dominate networks: the degree-2
+# collapsed rule is then c_1 <- g' c_1, s <- g' s + (g''/2) sum_r c_1r^2, two passes over c_1.
+def _d2_tanh(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    g1 = 1 - y * y
+    return g1, -y * g1
+
+
+def _d2_sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    g1 = y * (1 - y)
+    return g1, g1 * (0.5 - y)
+
+
+def _d2_exp(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return y, 0.5 * y
+
+
+def _d2_sin(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.cos(x), -0.5 * y
+
+
+def _d2_cos(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    return -torch.sin(x), -0.5 * y
+
+
+def _d2_log(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    r = torch.reciprocal(x)
+    return r, -0.5 * r * r
+
+
+_aten = torch.ops.aten
+_D2_UNARY: dict[Any, tuple[Any, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]] = {
+    _aten.tanh.default: (torch.tanh, _d2_tanh),
+    _aten.sigmoid.default: (torch.sigmoid, _d2_sigmoid),
+    _aten.exp.default: (torch.exp, _d2_exp),
+    _aten.sin.default: (torch.sin, _d2_sin),
+    _aten.cos.default: (torch.cos, _d2_cos),
+    _aten.log.default: (torch.log, _d2_log),
+}
 
 
 class _Collapsed:
     """Runs a captured graph propagating ``c_1 .. c_{K-1}`` along ``N`` directions and the
-    weighted sum of ``c_K`` (see NOTE [Collapsed Taylor mode])."""
+    weighted sum of ``c_K`` (see NOTE [Collapsed Taylor mode]).
+
+    Each operator's rule runs once on the directions (``c_K`` in = 0, so its ``c_K`` out is
+    the nonlinear part ``R``, summed with the weights right away) and, when some input
+    carries a collapsed sum, once more on ``s`` as a first-order series (``Df[s]``).
+    """
 
     def __init__(self, gm: torch.fx.GraphModule, K: int) -> None:
         self.gm, self.K = gm, K
@@ -319,56 +402,49 @@ class _Collapsed:
 
         steps = []
         for i, node in enumerate(nodes):
-            rule = None
+            rule: Any = None
             nondiff = False
             if node.op == "call_function" and node.target is not operator.getitem:
                 nondiff = is_nondiff(node.target)
-                rule = None if nondiff else lookup(node.target)
+                if not nondiff:
+                    rule = lookup(node.target)
+                    fast = _D2_UNARY.get(node.target) if K == 2 else None
+                    if fast is not None and len(node.args) == 1 and not node.kwargs:
+                        rule = ("unary2",) + fast
             steps.append((node, frees.get(i, []), rule, nondiff))
         self.steps = steps
 
-    # ----------------------------------------------------------------- value conversion
-    def _to_series(self, x: Any, N: int, rows: bool) -> Any:
-        if isinstance(x, _Col):
-            cs = list(x.coeffs)
-            if rows and not x.rows:
-                cs = [None if c is None else torch.cat([c, c.new_zeros((1,) + c.shape[1:])])
-                      for c in cs]
-            return Series(x.primal, cs + [None], None if rows else x.unit_offset)
-        if isinstance(x, (list, tuple)):
-            return type(x)(self._to_series(v, N, rows) for v in x)
-        return x
+    def _apply(self, rule: Any, args: Any, kwargs: dict[str, Any], weights: Tensor | None
+               ) -> Any:
+        K = self.K
+        if isinstance(rule, tuple):  # closed-form degree-2 elementwise rule
+            x = args[0]
+            y0 = rule[1](x.primal)
+            c1 = x.coeffs[0]
+            if c1 is None and x.s is None:
+                return y0
+            if _UnitSeed is not None and isinstance(c1, _UnitSeed):
+                c1 = _materialize(Series(x.primal, [c1])).coeffs[0]
+            elif x.unit_offset is not None:
+                pass  # an explicit identity block: already a tensor
+            g1, h2 = rule[2](x.primal, y0)
+            s = None if x.s is None else g1 * x.s
+            if c1 is not None:
+                sq = (c1 * c1).sum(0) if weights is None else _contract(c1 * c1, weights)
+                s = h2 * sq if s is None else s + h2 * sq
+                c1 = g1 * c1
+            return _Col(y0, [c1], s)
+        sargs = _lower_series(args)
+        skw = {k: _lower_series(v) for k, v in kwargs.items()}
+        if not getattr(rule, "unit_aware", False):
+            sargs, skw = _materialize(sargs), {k: _materialize(v) for k, v in skw.items()}
+        out = rule(*sargs, **skw)
+        lin = None
+        if _has_s(args) or _has_s(tuple(kwargs.values())):
+            lin = rule(*_sum_series(args), **{k: _sum_series(v) for k, v in kwargs.items()})
+        return _merge(out, lin, K, weights)
 
-    def _from_series(self, y: Any, N: int, rows: bool, weights: Tensor | None) -> Any:
-        if isinstance(y, Series):
-            K = self.K
-            cs = list(y.coeffs[:K - 1]) + [None] * max(0, K - 1 - y.order)
-            top = y.coeffs[K - 1] if y.order >= K else None
-            if top is None:
-                return _Col(y.primal, cs, rows, y.unit_offset)
-            if rows:
-                top = top[:N]
-            contrib = _contract(top, weights)
-            c1 = cs[0]
-            if rows:
-                assert c1 is not None
-                s = c1[N] + contrib
-                cs[0] = torch.cat([c1[:N], s.unsqueeze(0)])
-                return _Col(y.primal, cs, True)
-            if c1 is None:  # pragma: no cover - a top coefficient without a first one
-                c1 = top.new_zeros((N,) + top.shape[1:])
-            cs[0] = torch.cat([c1.expand((N,) + tuple(y.primal.shape)), contrib.unsqueeze(0)])
-            for j in range(1, K - 1):
-                c = cs[j]
-                if c is not None:
-                    cs[j] = torch.cat([c, c.new_zeros((1,) + c.shape[1:])])
-            return _Col(y.primal, cs, True)
-        if isinstance(y, (list, tuple)):
-            return type(y)(self._from_series(v, N, rows, weights) for v in y)
-        return y
-
-    # ------------------------------------------------------------------------- running
-    def __call__(self, N: int, weights: Tensor | None, *inputs: Any) -> Any:
+    def __call__(self, weights: Tensor | None, *inputs: Any) -> Any:
         env: dict[Any, Any] = {}
         it = iter(inputs)
         gm = self.gm
@@ -396,16 +472,29 @@ class _Collapsed:
                 else:
                     if rule is None:
                         raise NotImplementedError(f"no Taylor rule for {target}")
-                    rows = _any_rows(args) or _any_rows(tuple(kwargs.values()))
-                    sargs = self._to_series(args, N, rows)
-                    skw = {k: self._to_series(v, N, rows) for k, v in kwargs.items()}
-                    env[node] = self._from_series(rule(*sargs, **skw), N, rows, weights)
+                    env[node] = self._apply(rule, args, kwargs, weights)
             elif op == "output":
                 return pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
                                        node.args[0])
             for n in free:
                 env.pop(n, None)
         raise RuntimeError("graph has no output node")  # pragma: no cover
+
+
+def _merge(out: Any, lin: Any, K: int, weights: Tensor | None) -> Any:
+    """Combine the rule's output on the directions with ``Df[s]`` into ``_Col`` values."""
+    if isinstance(out, Series):
+        cs = list(out.coeffs[:K - 1]) + [None] * max(0, K - 1 - out.order)
+        top = out.coeffs[K - 1] if out.order >= K else None
+        s = None if top is None else _contract(top, weights)
+        if isinstance(lin, Series) and lin.coeffs[0] is not None:
+            ls = lin.coeffs[0][0]
+            s = ls if s is None else s + ls
+        return _Col(out.primal, cs, s, _unit_offset(out))
+    if isinstance(out, (list, tuple)):
+        lins = lin if isinstance(lin, (list, tuple)) else [None] * len(out)
+        return type(out)(_merge(o, li, K, weights) for o, li in zip(out, lins))
+    return out
 
 
 def _contract(top: Tensor, weights: Tensor | None) -> Tensor:
@@ -567,13 +656,15 @@ class _Operator:
         V, weights, scale, unit_offset = self.directions(comp.req.n, z.dtype, z.device)
         if comp.runner is None:
             return self._reference(comp.req, z, others, V, weights, scale)
-        N = V.shape[0]
-        x = _Col(z, [V] + [None] * (self.K - 2), False, unit_offset)
-        outs = comp.runner(N, weights, x, *others)
+        if unit_offset is not None and _UnitSeed is not None:
+            x = _Col(z, [_UnitSeed(unit_offset, V.shape[0])] + [None] * (self.K - 2), None)
+        else:
+            x = _Col(z, [V] + [None] * (self.K - 2), None, unit_offset)
+        outs = comp.runner(weights, x, *others)
         res = []
         for o in outs:
-            if isinstance(o, _Col) and o.rows:
-                res.append(o.coeffs[0][N] * scale)
+            if isinstance(o, _Col) and o.s is not None:
+                res.append(o.s * scale)
             else:
                 p = o.primal if isinstance(o, _Col) else o
                 res.append(torch.zeros_like(p))

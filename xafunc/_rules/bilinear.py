@@ -13,7 +13,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import Coeff, Series, cauchy, compose_unary, lift, primal
+from .._series import (
+    Coeff,
+    Series,
+    cauchy,
+    compose_unary,
+    lift,
+    map_coeffs,
+    materialize,
+    primal,
+    unit_aware,
+)
 from . import register
 
 aten = torch.ops.aten
@@ -91,11 +101,11 @@ def _unit_product(a: Any, b: Any) -> Coeff:
     multiplying by an identity matrix for Jacobians of functions that start with a linear layer.
     """
     for s, other, left in ((a, b, True), (b, a, False)):
-        if not isinstance(s, Series) or isinstance(other, Series) or s.unit_offset is None:
+        if not isinstance(s, Series) or isinstance(other, Series) or s.unit is None:
             continue
-        if any(c is not None for c in s.coeffs[1:]) or s.coeffs[0] is None:
+        if any(c is not None for c in s.coeffs[1:]):
             continue
-        B, off = s.coeffs[0].shape[0], s.unit_offset
+        B, off = s.unit.count, s.unit.offset
         if left and s.primal.dim() == 2 and s.primal.shape[0] == 1:
             return other[off:off + B].unsqueeze(1)
         if not left and s.primal.dim() == 2 and s.primal.shape[1] == 1:
@@ -103,22 +113,44 @@ def _unit_product(a: Any, b: Any) -> Coeff:
     return None
 
 
+def matmul(p: Tensor, q: Tensor) -> Tensor:
+    """``torch.matmul`` that folds a leading direction dim into one GEMM when the other
+    operand is a plain matrix (``torch.matmul`` falls back to many small products when the
+    batched operand is not contiguous)."""
+    if q.dim() == 2 and p.dim() > 2:
+        out = p.reshape(-1, p.shape[-1]) @ q
+        return out.reshape(p.shape[:-1] + q.shape[-1:])
+    if p.dim() == 2 and q.dim() > 2:
+        qt = q.transpose(-1, -2)
+        out = qt.reshape(-1, qt.shape[-1]) @ p.t()
+        return out.reshape(qt.shape[:-1] + p.shape[:1]).transpose(-1, -2)
+    return torch.matmul(p, q)
+
+
 def _matmul_series(a: Any, b: Any, y0: Tensor) -> Series:
     K = _order(a, b)
     unit = _unit_product(a, b)
     if unit is not None:
         return Series(y0, [unit] + [None] * (K - 1))
-    return Series(y0, [cauchy(a, b, k, torch.matmul) for k in range(1, K + 1)])
+    a, b = materialize(a), materialize(b)
+    if not isinstance(b, Series):  # one GEMM for all coefficients
+        return Series(y0, map_coeffs(a, lambda c: matmul(c, b)))
+    if not isinstance(a, Series):
+        return Series(y0, map_coeffs(b, lambda c: matmul(a, c)))
+    return Series(y0, [cauchy(a, b, k, matmul) for k in range(1, K + 1)])
 
 
 @register(aten.mm, aten.bmm)
+@unit_aware
 def _mm(a: Any, b: Any) -> Series:
     return _matmul_series(a, b, torch.matmul(primal(a), primal(b)))
 
 
 @register(aten.addmm)
+@unit_aware
 def _addmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Series:
     y0 = aten.addmm(primal(bias), primal(a), primal(b), beta=beta, alpha=alpha)
+    bias = materialize(bias)
     prod = _matmul_series(a, b, y0) if (isinstance(a, Series) or isinstance(b, Series)) else None
     K = _order(bias, a, b)
     coeffs: list[Coeff] = []

@@ -60,26 +60,36 @@ def _poly_derivatives(p1: tuple[float, ...], K: int) -> list[tuple[float, ...]]:
 
 @functools.lru_cache(maxsize=None)
 def _polys(kind: str, K: int) -> list[tuple[float, ...]]:
+    """``p_j / j!`` for ``j = 1..K``: the scaled derivatives as polynomials in the output."""
     p1 = {"tanh": (1.0, 0.0, -1.0), "sigmoid": (0.0, 1.0, -1.0)}[kind]
-    return _poly_derivatives(p1, K)
+    return [tuple(c / math.factorial(j) for c in p)
+            for j, p in enumerate(_poly_derivatives(p1, K), start=1)]
 
 
 def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor:
-    out = torch.full_like(y, coeffs[-1])
-    for c in reversed(coeffs[:-1]):
-        out = out * y + c
+    while len(coeffs) > 1 and coeffs[-1] == 0.0:
+        coeffs = coeffs[:-1]
+    if len(coeffs) == 1:
+        return torch.full_like(y, coeffs[0])
+    out = y * coeffs[-1]
+    for i, c in enumerate(reversed(coeffs[:-1])):
+        if c != 0.0:
+            out = out + c
+        if i < len(coeffs) - 2:
+            out = out * y
     return out
 
 
-def _poly_rule(kind: str) -> DerivFn:
-    def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
-        return [_horner(p, y0) for p in _polys(kind, K)]
+def _poly_rule(op: Any, kind: str) -> Callable[..., Series]:
+    def rule(x: Series) -> Series:
+        y0 = op(x.primal)
+        return compose_unary(x, [_horner(p, y0) for p in _polys(kind, x.order)], y0)
 
-    return derivs
+    return rule
 
 
-register(aten.tanh)(unary(aten.tanh, _poly_rule("tanh")))
-register(aten.sigmoid)(unary(aten.sigmoid, _poly_rule("sigmoid")))
+register(aten.tanh)(_poly_rule(aten.tanh, "tanh"))
+register(aten.sigmoid)(_poly_rule(aten.sigmoid, "sigmoid"))
 register(aten.exp)(unary(aten.exp, lambda x, y, K: [y] * K))
 register(aten.expm1)(unary(aten.expm1, lambda x, y, K: [y + 1] * K))
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import Coeff, Series, batch_size, lift, map_coeffs, primal
+from .._series import Coeff, Series, UnitSeed, materialize, batch_size, lift, map_coeffs, primal, unit_aware
 from . import NONDIFF, register
 
 aten = torch.ops.aten
@@ -37,11 +37,13 @@ def _shift(dim: int, ndim: int) -> int:
 
 # --------------------------------------------------------------------------- shape-only ops
 def _make_reshape_rule(op: Any) -> Callable[..., Any]:
+    @unit_aware
     def rule(x: Any, *args: Any, **kwargs: Any) -> Series:
         y0 = op(x.primal, *args, **kwargs)
         shape = tuple(y0.shape)
-        coeffs = [None if c is None else c.reshape((c.shape[0],) + shape) for c in x.coeffs]
-        return Series(y0, coeffs, x.unit_offset)
+        coeffs = [c if c is None or isinstance(c, UnitSeed) else c.reshape((c.shape[0],) + shape)
+                  for c in x.coeffs]
+        return Series(y0, coeffs)
 
     return rule
 
@@ -69,9 +71,11 @@ def _transpose(x: Series, d0: int, d1: int) -> Series:
 
 
 @register(aten.t, aten.t_copy)
+@unit_aware
 def _t(x: Series) -> Series:
     if x.primal.dim() < 2:
-        return Series(x.primal, x.coeffs, x.unit_offset)
+        return Series(x.primal, x.coeffs)
+    x = materialize(x)
     return Series(x.primal.t(), map_coeffs(x, lambda c: c.transpose(1, 2)))
 
 
