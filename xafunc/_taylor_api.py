@@ -425,8 +425,6 @@ class _Collapsed:
                 return y0
             if _UnitSeed is not None and isinstance(c1, _UnitSeed):
                 c1 = _materialize(Series(x.primal, [c1])).coeffs[0]
-            elif x.unit_offset is not None:
-                pass  # an explicit identity block: already a tensor
             g1, h2 = rule[2](x.primal, y0)
             s = None if x.s is None else g1 * x.s
             if c1 is not None:
@@ -680,7 +678,11 @@ class _Operator:
             _, ds = _jvp_derivatives(lambda t: req.flat(z + t * v, *others), t0, K)
             return ds[-1]  # D^K f[v, ..., v]
 
-        top = torch.func.vmap(along)(V)
+        try:
+            top = torch.func.vmap(along)(V)
+        except RuntimeError:  # e.g. data-dependent control flow: one direction at a time
+            per = [along(v) for v in V]
+            top = [torch.stack(cs) for cs in zip(*per)]
         res = []
         for c in top:
             c = c / math.factorial(K)  # as a Taylor coefficient, like the engine
