@@ -74,6 +74,7 @@ class Request:
         diff_struct = args[argnums[0]] if int_argnums else tuple(args[a] for a in argnums)
         self.in_spec = pytree.tree_structure(diff_struct)
         self.in_shapes = [tuple(leaves[i].shape) for i in self.diff_pos]
+        self.in_dtype = leaves[self.diff_pos[0]].dtype
 
     def split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
         leaves = pytree.tree_leaves((args, kwargs))
@@ -201,11 +202,14 @@ class Program:
         lay = self.layout
         in_sizes = [math.prod(s) for s in lay.in_shapes]
 
+        in_dtype = self.request.in_dtype
+
         def nest(block: Tensor, lead: int, level: int) -> Any:
             # block: (*prefix, n, ..., n) with ``lead`` prefix dims; splitting one dim into a
             # leaf's shape is always a view, so no data is copied here.
             if level == k:
-                return block
+                # jacrev returns derivatives in the dtype of the differentiated input
+                return block if k == 0 or block.dtype == in_dtype else block.to(in_dtype)
             parts = []
             for piece, shape in zip(torch.split(block, in_sizes, dim=lead), lay.in_shapes):
                 piece = piece.reshape(piece.shape[:lead] + shape + piece.shape[lead + 1:])
@@ -296,6 +300,12 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
                     ) -> tuple[Program | None, str | None, list[Schedule]]:
     """Capture and plan; returns ``(program, None, schedules)`` or ``(None, reason, [])``."""
     req = Request(func, args, kwargs, argnums, int_argnums, has_aux)
+    diff_leaves = [pytree.tree_leaves(args[a]) for a in argnums]
+    kinds = {(leaf.dtype, leaf.device) for leaves in diff_leaves for leaf in leaves}
+    if len(kinds) > 1:
+        return None, ("differentiated inputs mix dtypes/devices "
+                      f"({', '.join(sorted(f'{d}@{v}' for d, v in kinds))}); the engine "
+                      "concatenates them into one vector"), []
     z, others = req.split(args, kwargs)
     meta: dict[str, Any] = {}
     flat = req.flat_function(meta)

@@ -122,13 +122,20 @@ def build_plan(
                 est_flops=best.est_flops, est_peak_bytes=best.est_peak_bytes,
                 details=details, runner=program, **common,  # type: ignore[arg-type]
             )
+    dtypes = {leaf.dtype for a in argnums for leaf in pytree.tree_leaves(args[a])}
     levels = choose_levels(t.order, "auto" if t.mode == "reference" else t.mode, out_numel,
-                           in_numel)
-    nested = nested_derivative(
-        t.func, levels, t.argnums if isinstance(t.argnums, int) else argnums,
-        has_aux=t.has_aux, chunk_size=t.chunk_size, all_orders=t.all_orders,
-    )
+                           in_numel, mixed_dtypes=len(dtypes) > 1)
+
+    def run_reference(a: tuple[Any, ...], k: dict[str, Any]) -> Any:
+        # torch.func transforms take positional arguments only: bind keywords first
+        f = t.func if not k else (lambda *pos: t.func(*pos, **k))
+        nested = nested_derivative(
+            f, levels, argnums[0] if isinstance(t.argnums, int) else argnums,
+            has_aux=t.has_aux, chunk_size=t.chunk_size, all_orders=t.all_orders,
+        )
+        return nested(*a)
+
     return Plan(
-        strategy="reference", schedule=levels, fallback=reason,
-        runner=lambda a, k: nested(*a, **k), **common,  # type: ignore[arg-type]
+        strategy="reference", schedule=levels, fallback=reason, runner=run_reference,
+        **common,  # type: ignore[arg-type]
     )

@@ -69,18 +69,25 @@ def nested_derivative(
     return derivative
 
 
-def choose_levels(order: int, mode: str, out_numel: int, in_numel: int) -> tuple[Level, ...]:
-    """The nesting a careful user would pick from the shapes alone.
+def choose_levels(order: int, mode: str, out_numel: int, in_numel: int,
+                  mixed_dtypes: bool = False) -> tuple[Level, ...]:
+    """The nesting the fallback uses: correct first, then as fast as the shapes allow.
 
-    ``forward``/``reverse`` force pure nestings. ``auto`` puts reverse mode innermost when the
-    output is no larger than the input (few cotangents, e.g. a scalar loss), forward mode
-    otherwise, and forward mode at every outer level: the outer levels differentiate a
-    Jacobian whose size already grows with the input, so forward mode's cost (one pass per
-    input entry) is the smaller one there.
+    NOTE [Safe nestings]
+    In torch 2.13 a ``jacfwd`` level *below* another level (``jacfwd(jacfwd(f))``,
+    ``jacrev(jacfwd(f))``) gets ``native_layer_norm`` and ``native_batch_norm(training=True)``
+    wrong (their saved mean/rstd carry no second-level tangent), and ``jacfwd`` levels give
+    results the output's dtype where ``jacrev`` gives each input's. So for ``order >= 2`` the
+    fallback nests reverse levels and allows forward mode only outermost
+    (``jacfwd(jacrev(...jacrev(f)))``, fwd-over-rev as ``torch.func.hessian``), and uses pure
+    reverse nesting when the differentiated inputs have different dtypes. For ``order == 1``
+    ``forward``/``reverse`` force the mode and ``auto`` picks reverse when the output is no
+    larger than the input.
     """
-    if mode == "forward":
-        return ("fwd",) * order
-    if mode == "reverse":
+    if mode == "reverse" or mixed_dtypes:
         return ("rev",) * order
-    inner: Level = "rev" if out_numel <= in_numel else "fwd"
-    return (inner,) + ("fwd",) * (order - 1)
+    if order == 1:
+        if mode == "forward":
+            return ("fwd",)
+        return ("rev",) if out_numel <= in_numel else ("fwd",)
+    return ("rev",) * (order - 1) + ("fwd",)
