@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, trace
 from ._interpolate import directions, num_directions, symmetric_tensor
+from ._memory import choose_chunk
 from ._series import Series, UnitSeed
 from ._taylor import Propagator
 
@@ -108,20 +109,25 @@ class Request:
         return flat
 
 
-def _jacrev_levels(flat: Callable[..., Any], r: int) -> Callable[..., Any]:
+def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
+                   ) -> Callable[..., Any]:
     g = flat
     for _ in range(r):
-        g = torch.func.jacrev(g, argnums=0, has_aux=True)
+        g = torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk_size)
     return g
 
 
 @dataclass
 class Schedule:
+    """One candidate computation and its estimated cost."""
+
     reverse_levels: int
     forward_degree: int
     directions: int
     est_flops: float
     est_peak_bytes: float
+    result_bytes: float = 0.0
+    per_direction_bytes: float = 0.0
 
 
 class Program:
@@ -290,15 +296,19 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
     dirs = num_directions(n, d) if d > 0 else 1
     flops = graph * dirs * max(d, 1)
     width = max_numel * (1 if r == 0 else m * n ** (r - 1))
-    peak = itemsize * (dirs * max(d, 1) * width * 3 + m * n**order)
-    return Schedule(r, d, dirs, flops, float(peak))
+    per_dir = float(itemsize * max(d, 1) * width * 3)
+    result = float(itemsize * m * n**order)
+    return Schedule(r, d, dirs, flops, dirs * per_dir + result, result, per_dir)
 
 
 def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     argnums: tuple[int, ...], int_argnums: bool, order: int, has_aux: bool,
-                    mode: str, chunk_size: int | None, all_orders: bool
+                    mode: str, chunk_size: int | None, all_orders: bool, name: str = "xderiv"
                     ) -> tuple[Program | None, str | None, list[Schedule]]:
-    """Capture and plan; returns ``(program, None, schedules)`` or ``(None, reason, [])``."""
+    """Capture and plan; returns ``(program, None, schedules)`` or ``(None, reason, [])``.
+
+    Raises ``ValueError`` when the chosen schedule cannot fit in memory even in chunks.
+    """
     req = Request(func, args, kwargs, argnums, int_argnums, has_aux)
     diff_leaves = [pytree.tree_leaves(args[a]) for a in argnums]
     kinds = {(leaf.dtype, leaf.device) for leaves in diff_leaves for leaf in leaves}
@@ -332,16 +342,21 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
         (estimate(order, r, n, m, flops0, seed_free, itemsize, max_numel) for r in candidates),
         key=lambda s: s.est_flops,
     )
+    best = schedules[0]
+    chunk = choose_chunk(name, result_bytes=best.result_bytes,
+                         per_direction_bytes=best.per_direction_bytes,
+                         directions=best.directions, chunk_size=chunk_size, device=z.device)
     graphs = {0: g0}
     for s in schedules[:1]:
         r = s.reverse_levels
         if r and r not in graphs:
             try:
-                graphs[r] = trace(_jacrev_levels(flat, r), [z, *others])
+                graphs[r] = trace(_jacrev_levels(flat, r, chunk if s.forward_degree == 0
+                                                 else None), [z, *others])
             except CaptureError as e:
                 return None, f"capture of the reverse levels failed ({e})", []
             problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
             if problems:
                 return None, "; ".join(problems), []
-    program = Program(req, layout, order, schedules, graphs, chunk_size, all_orders)
+    program = Program(req, layout, order, schedules, graphs, chunk, all_orders)
     return program, None, schedules

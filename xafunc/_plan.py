@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils import _pytree as pytree
 
 from . import _validate as V
+from ._memory import fmt_bytes
 from ._reference import choose_levels, nested_derivative
 
 if TYPE_CHECKING:
@@ -78,12 +79,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if b < 1024 or unit == "TiB":
-            return f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} TiB"  # pragma: no cover
+_fmt_bytes = fmt_bytes
 
 
 def _numel(tree: Any) -> int:
@@ -106,11 +102,13 @@ def build_plan(
 
         program, reason, schedules = compile_program(
             t.func, args, kwargs, argnums, isinstance(t.argnums, int), t.order, t.has_aux,
-            t.mode, t.chunk_size, t.all_orders,
+            t.mode, t.chunk_size, t.all_orders, t.name,
         )
         if program is not None:
             best = schedules[0]
-            details = [
+            details = [] if program.chunk_size is None or program.chunk_size == t.chunk_size \
+                else [f"directions processed {program.chunk_size} at a time to fit in memory"]
+            details += [
                 f"candidate r={s.reverse_levels} reverse + degree {s.forward_degree} Taylor "
                 f"along {s.directions} directions: {s.est_flops:.3g} FLOPs, peak "
                 f"{_fmt_bytes(s.est_peak_bytes)}"
