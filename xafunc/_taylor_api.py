@@ -203,7 +203,7 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
                          f"of K coefficient tensors); got {len(primals)} primals.")
     primals = tuple(primals)
     K = None
-    for i, (p, s) in enumerate(zip(primals, series)):
+    for i, (p, s) in enumerate(zip(primals, series, strict=False)):
         _check_float("jet", f"primals[{i}]", p)
         if isinstance(s, Tensor) or not isinstance(s, (tuple, list)) or len(s) == 0:
             raise TypeError(f"jet: series[{i}] must be a non-empty tuple of coefficient tensors "
@@ -237,7 +237,7 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
 def _jet_engine(prog: _JetProgram, primals: tuple[Tensor, ...],
                 series: Sequence[Sequence[Tensor | None]], K: int) -> tuple[Any, Any]:
     inputs = []
-    for p, s in zip(primals, series):
+    for p, s in zip(primals, series, strict=False):
         coeffs = [None if c is None else (c / math.factorial(k)).unsqueeze(0)
                   for k, c in enumerate(s, start=1)]
         inputs.append(Series(p, coeffs) if any(c is not None for c in coeffs) else p)
@@ -268,7 +268,7 @@ def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
 
     def curve(t: Tensor) -> list[Tensor]:
         xs = []
-        for p, s in zip(primals, series):
+        for p, s in zip(primals, series, strict=False):
             x = p
             for k, c in enumerate(s, start=1):
                 if c is not None:
@@ -428,7 +428,12 @@ class _Collapsed:
             g1, h2 = rule[2](x.primal, y0)
             s = None if x.s is None else g1 * x.s
             if c1 is not None:
-                sq = (c1 * c1).sum(0) if weights is None else _contract(c1 * c1, weights)
+                if weights is not None:
+                    sq = _contract(c1 * c1, weights)
+                elif c1.is_complex():
+                    sq = (c1 * c1).sum(0)
+                else:  # one fused pass: sum_r c_1r^2
+                    sq = torch.linalg.vecdot(c1, c1, dim=0)
                 s = h2 * sq if s is None else s + h2 * sq
                 c1 = g1 * c1
             return _Col(y0, [c1], s)
@@ -491,7 +496,7 @@ def _merge(out: Any, lin: Any, K: int, weights: Tensor | None) -> Any:
         return _Col(out.primal, cs, s, _unit_offset(out))
     if isinstance(out, (list, tuple)):
         lins = lin if isinstance(lin, (list, tuple)) else [None] * len(out)
-        return type(out)(_merge(o, li, K, weights) for o, li in zip(out, lins))
+        return type(out)(_merge(o, li, K, weights) for o, li in zip(out, lins, strict=False))
     return out
 
 
@@ -541,9 +546,9 @@ class _Request:
     def flat(self, z: Tensor, *others: Tensor) -> list[Tensor]:
         leaves = list(self.const_leaves)
         parts = (z,) if len(self.sizes) == 1 else torch.split(z, self.sizes)
-        for pos, part, shape in zip(self.diff_pos, parts, self.in_shapes):
+        for pos, part, shape in zip(self.diff_pos, parts, self.in_shapes, strict=False):
             leaves[pos] = part.reshape(shape)
-        for pos, t in zip(self.other_pos, others):
+        for pos, t in zip(self.other_pos, others, strict=False):
             leaves[pos] = t
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         ys, self.out_spec = _flatten_output(self.name, self.func(*args, **kwargs))
@@ -682,7 +687,7 @@ class _Operator:
             top = torch.func.vmap(along)(V)
         except RuntimeError:  # e.g. data-dependent control flow: one direction at a time
             per = [along(v) for v in V]
-            top = [torch.stack(cs) for cs in zip(*per)]
+            top = [torch.stack(cs) for cs in zip(*per, strict=False)]
         res = []
         for c in top:
             c = c / math.factorial(K)  # as a Taylor coefficient, like the engine

@@ -86,7 +86,7 @@ def _curve_derivatives(f, primals, series, K):
     """Reference: derivatives at 0 of ``t -> f(x(t))`` with ``x(t) = x0 + sum s_k t^k / k!``."""
     def g(t):
         xs = [p + sum(c * t ** k / math.factorial(k) for k, c in enumerate(s, 1) if c is not None)
-              for p, s in zip(primals, series)]
+              for p, s in zip(primals, series, strict=False)]
         return f(*xs)
     t0 = torch.zeros((), dtype=DT)
     one = torch.ones((), dtype=DT)
@@ -102,7 +102,7 @@ def test_jet_convention_is_derivatives_of_curve():
     y, ser = jet(f, (a, b), (sa, sb))
     ref = _curve_derivatives(f, (a, b), (sa, sb), 4)
     _close(y, f(a, b))
-    for got, want in zip(ser, ref):
+    for got, want in zip(ser, ref, strict=False):
         _close(got, want, rtol=1e-8, atol=1e-8)
     # closed form: exp along x(t) = t^2 / 2 (series (0, 1)): y'' = 1, y'''' = 3
     zero, one = torch.zeros((), dtype=DT), torch.ones((), dtype=DT)
@@ -125,7 +125,7 @@ def test_jet_pytree_output_zero_terms_and_orders():
         for k in range(K):  # a constant output has zero series
             assert torch.equal(ser["b"][0][k], torch.zeros(5, dtype=DT))
         ref = _curve_derivatives(lambda x: f(x)["b"][1], (x,), ((v,) + (None,) * (K - 1),), K)
-        for got, want in zip(ser["b"][1], ref):
+        for got, want in zip(ser["b"][1], ref, strict=False):
             _close(got, want)
         if K >= 2:  # x @ x.T is quadratic along a line: third derivative and up vanish
             for k in range(2, K):
@@ -149,7 +149,7 @@ def test_jet_cache_and_composition_with_vmap_and_grad():
     f = lambda x: torch.tanh(x @ W.T).sum()  # noqa: E731
     xs, vs = torch.randn(6, 4, dtype=DT), torch.randn(6, 4, dtype=DT)
     out = vmap(lambda x, v: jet(f, (x,), ((v, None, None),))[1][2])(xs, vs)
-    ref = torch.stack([_nested_jvp(f, x, v, 3) for x, v in zip(xs, vs)])
+    ref = torch.stack([_nested_jvp(f, x, v, 3) for x, v in zip(xs, vs, strict=False)])
     _close(out, ref)
     # grad of a third directional derivative w.r.t. the point
     g = grad(lambda x: jet(f, (x,), ((vs[0], None, None),))[1][2])(xs[0])
@@ -178,7 +178,7 @@ def test_jet_validation():
 def _mlp(sizes, seed=0, act=torch.nn.Tanh):
     torch.manual_seed(seed)
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
         layers += [torch.nn.Linear(a, b), act()]
     return torch.nn.Sequential(*layers[:-1]).to(DT)
 
