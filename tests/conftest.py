@@ -7,6 +7,11 @@ import torch
 
 CUDA = torch.cuda.is_available()
 
+# The suite's tensors are tiny: intra-op threads buy nothing, and on a loaded 2-core CI runner
+# OpenMP oversubscription makes nested-jacrev oracles 10-20x slower. One thread keeps the
+# suite's runtime predictable.
+torch.set_num_threads(1)
+
 #: Every device a numeric test runs on: "cpu" always, "cuda" only where it is available
 #: (elsewhere it shows up as a cleanly skipped parameter).
 DEVICES = [
