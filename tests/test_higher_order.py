@@ -37,7 +37,7 @@ def mixed(x, p):
 FUNCS = {"tanh_mlp": tanh_mlp, "sin_exp_mlp": sin_exp_mlp, "mixed": mixed}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _expected(fname: str, order: int, device: str):
     p = _mlp_params(device)
     x = torch.tensor([0.3, -0.6], dtype=F64, device=device)

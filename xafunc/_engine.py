@@ -199,7 +199,7 @@ class Program:
             D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
             value = self.assemble(D, self.order)
         if self.request.has_aux:
-            return value, pytree.tree_unflatten(list(aux), self.layout.aux_spec)
+            return value, pytree.tree_unflatten(list(aux or ()), self.layout.aux_spec)
         return value
 
     # ------------------------------------------------------------------- assembly
@@ -271,6 +271,20 @@ def graph_flops(gm: torch.fx.GraphModule) -> tuple[float, float]:
     return total, seed_free
 
 
+def tainted_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The nodes that depend on the first placeholder (the differentiated vector ``z``)."""
+    out: list[torch.fx.Node] = []
+    seen: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and not seen:
+            seen.add(node)
+            out.append(node)
+        elif node.op == "call_function" and any(a in seen for a in node.all_input_nodes):
+            seen.add(node)
+            out.append(node)
+    return out
+
+
 def _numel(val: Any) -> int:
     """Static element count of a traced value (0 when unknown or data-dependent)."""
     if not isinstance(val, Tensor):
@@ -326,11 +340,13 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     problems = graph_problems(g0)
     if problems:
         return None, "; ".join(problems), []
+    if not all(isinstance(d, int) for shape in meta["out_shapes"] for d in shape):
+        return None, "the output's shape depends on tensor values (e.g. boolean-mask indexing)", []
     layout = Layout(req.in_shapes, req.in_spec, meta["out_shapes"], meta["out_spec"],
                     meta["aux_spec"])
     n, m = layout.n, layout.m
     flops0, seed_free = graph_flops(g0)
-    max_numel = max((_numel(nd.meta.get("val")) for nd in g0.graph.nodes), default=1)
+    max_numel = max((_numel(nd.meta.get("val")) for nd in tainted_nodes(g0)), default=1)
     itemsize = z.element_size()
     if all_orders or mode == "forward":
         candidates = [0]

@@ -56,7 +56,7 @@ def _gbinom(r: float, k: int) -> float:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _template(counts: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], float], ...]:
     """``gamma_ij`` for ``i`` with the given positive counts on its support, as pairs
     (counts of ``j`` on that support, coefficient)."""

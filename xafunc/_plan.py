@@ -96,7 +96,7 @@ def build_plan(
     result_numel = out_numel * in_numel**t.order
     common = dict(transform=t.name, order=t.order, argnums=argnums, in_numel=in_numel,
                   out_numel=out_numel, result_numel=result_numel)
-    reason = "mode='reference' was requested"
+    reason: str | None = "mode='reference' was requested"
     if t.mode != "reference":
         from ._engine import compile_program
 

@@ -15,12 +15,12 @@ time; every coefficient is an ordinary tensor, so the whole propagation is plain
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Coeff = Optional[Tensor]
+Coeff = Tensor | None
 
 
 class UnitSeed:
@@ -188,9 +188,10 @@ def compose_unary(x: Series, scaled_derivs: Sequence[Coeff], y0: Tensor) -> Seri
     """
     K = x.order
     ndim = y0.dim()
-    dx: list[Coeff] = [None] + [None if c is None else lift(c, ndim) for c in x.coeffs]
+    dx: list[Coeff] = [None]
+    dx += [None if c is None else lift(c, ndim) for c in x.coeffs]
     out: list[Coeff] = [None] * (K + 1)
-    power = list(dx)  # power[k] = [t^k] (x - x0)^j, currently j = 1
+    power: list[Coeff] = list(dx)  # power[k] = [t^k] (x - x0)^j, currently j = 1
     for j in range(1, K + 1):
         if j > 1:
             new: list[Coeff] = [None] * (K + 1)
@@ -206,6 +207,7 @@ def compose_unary(x: Series, scaled_derivs: Sequence[Coeff], y0: Tensor) -> Seri
         if g is None:  # g^(j) vanishes identically (piecewise-linear functions)
             continue
         for k in range(j, K + 1):
-            if power[k] is not None:
-                out[k] = add(out[k], g * power[k])
+            pk = power[k]
+            if pk is not None:
+                out[k] = add(out[k], g * pk)
     return Series(y0, out[1:])

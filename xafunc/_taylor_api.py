@@ -13,7 +13,7 @@ of ``c_1`` (row ``N``): the rules treat rows independently and ``c_1`` of a row 
 ``Df`` applied to it, so ``Df[s_in]`` costs one more row in each matrix product, and rows
 ``N`` of the higher coefficients (never read) absorb the rest. For the Laplacian (``K = 2``)
 this halves the work compared with propagating ``c_2`` along every direction; the first
-linear layer applied to the unit seeds is free (``Series.unit_offset``).
+linear layer applied to the unit seeds is free (:class:`~xafunc._series.UnitSeed`).
 """
 
 from __future__ import annotations
@@ -30,26 +30,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, signature_key, trace
-from ._series import Series
-
-try:  # newer engines keep unit-vector seeds symbolic (``UnitSeed`` inside ``coeffs``)
-    from ._series import UnitSeed as _UnitSeed
-    from ._series import materialize as _materialize
-except ImportError:  # pragma: no cover - engines that mark seeds with ``unit_offset``
-    _UnitSeed = None  # type: ignore[assignment,misc]
-
-    def _materialize(x: Any) -> Any:
-        return x
-
-
-def _make_series(primal: Tensor, coeffs: list[Any], unit_offset: int | None) -> Series:
-    if _UnitSeed is None and unit_offset is not None:
-        return Series(primal, coeffs, unit_offset)  # type: ignore[call-arg]
-    return Series(primal, coeffs)
-
-
-def _unit_offset(x: Series) -> int | None:
-    return getattr(x, "unit_offset", None)
+from ._series import Series, UnitSeed, materialize
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 
@@ -92,7 +73,7 @@ def _jvp_derivatives(g: Callable[[Tensor], Any], t: Tensor, K: int) -> tuple[Any
     h: Callable[[Tensor], tuple[Any, ...]] = level0
     for _ in range(K):
         def h(s: Tensor, _h: Callable[[Tensor], tuple[Any, ...]] = h) -> tuple[Any, ...]:
-            p, tng = torch.func.jvp(_h, (s,), (torch.ones_like(s),))
+            p, tng = torch.func.jvp(_h, (s,), (torch.ones_like(s),))  # type: ignore[misc]
             return tuple(p) + (tng[-1],)
     out = h(t)
     return out[0], list(out[1:])
@@ -289,11 +270,10 @@ class _Col:
     ``N`` directions (``None`` = zero) and ``s``, the weighted sum of the top coefficient
     ``c_K`` over the directions (``None`` = zero)."""
 
-    __slots__ = ("primal", "coeffs", "s", "unit_offset")
+    __slots__ = ("primal", "coeffs", "s")
 
-    def __init__(self, primal: Tensor, coeffs: list[Tensor | None], s: Tensor | None,
-                 unit_offset: int | None = None) -> None:
-        self.primal, self.coeffs, self.s, self.unit_offset = primal, coeffs, s, unit_offset
+    def __init__(self, primal: Tensor, coeffs: list[Any], s: Tensor | None) -> None:
+        self.primal, self.coeffs, self.s = primal, coeffs, s
 
 
 def _has_col(x: Any) -> bool:
@@ -323,7 +303,7 @@ def _has_s(x: Any) -> bool:
 def _lower_series(x: Any) -> Any:
     """Every ``_Col`` as the order-``K`` series ``[c_1 .. c_{K-1}, 0]`` along the directions."""
     if isinstance(x, _Col):
-        return _make_series(x.primal, x.coeffs + [None], x.unit_offset)
+        return Series(x.primal, x.coeffs + [None])
     if isinstance(x, (list, tuple)):
         return type(x)(_lower_series(v) for v in x)
     return x
@@ -423,8 +403,8 @@ class _Collapsed:
             c1 = x.coeffs[0]
             if c1 is None and x.s is None:
                 return y0
-            if _UnitSeed is not None and isinstance(c1, _UnitSeed):
-                c1 = _materialize(Series(x.primal, [c1])).coeffs[0]
+            if isinstance(c1, UnitSeed):
+                c1 = materialize(Series(x.primal, [c1])).coeffs[0]
             g1, h2 = rule[2](x.primal, y0)
             s = None if x.s is None else g1 * x.s
             if c1 is not None:
@@ -440,7 +420,7 @@ class _Collapsed:
         sargs = _lower_series(args)
         skw = {k: _lower_series(v) for k, v in kwargs.items()}
         if not getattr(rule, "unit_aware", False):
-            sargs, skw = _materialize(sargs), {k: _materialize(v) for k, v in skw.items()}
+            sargs, skw = materialize(sargs), {k: materialize(v) for k, v in skw.items()}
         out = rule(*sargs, **skw)
         lin = None
         if _has_s(args) or _has_s(tuple(kwargs.values())):
@@ -493,7 +473,7 @@ def _merge(out: Any, lin: Any, K: int, weights: Tensor | None) -> Any:
         if isinstance(lin, Series) and lin.coeffs[0] is not None:
             ls = lin.coeffs[0][0]
             s = ls if s is None else s + ls
-        return _Col(out.primal, cs, s, _unit_offset(out))
+        return _Col(out.primal, cs, s)
     if isinstance(out, (list, tuple)):
         lins = lin if isinstance(lin, (list, tuple)) else [None] * len(out)
         return type(out)(_merge(o, li, K, weights) for o, li in zip(out, lins, strict=False))
@@ -631,6 +611,7 @@ class _Operator:
         hit = self._dirs.get(key)
         if hit is not None:
             return hit
+        out: tuple[Tensor, Tensor | None, float, int | None]
         if self.K == 2:
             out = (torch.eye(n, dtype=dtype, device=device), None, 2.0, 0)
         else:
@@ -659,10 +640,8 @@ class _Operator:
         V, weights, scale, unit_offset = self.directions(comp.req.n, z.dtype, z.device)
         if comp.runner is None:
             return self._reference(comp.req, z, others, V, weights, scale)
-        if unit_offset is not None and _UnitSeed is not None:
-            x = _Col(z, [_UnitSeed(unit_offset, V.shape[0])] + [None] * (self.K - 2), None)
-        else:
-            x = _Col(z, [V] + [None] * (self.K - 2), None, unit_offset)
+        first: Any = V if unit_offset is None else UnitSeed(unit_offset, V.shape[0])
+        x = _Col(z, [first] + [None] * (self.K - 2), None)
         outs = comp.runner(weights, x, *others)
         res = []
         for o in outs:
@@ -718,11 +697,13 @@ def _biharmonic_directions(n: int, dtype: torch.dtype, device: torch.device
 def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, method: Any,
                    num_samples: Any, generator: Any, distribution: Any) -> Callable[..., Any]:
     op = _Operator(name, K, func, argnums, method, num_samples, generator, distribution)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        return op(*a, **k)
+
     try:
-        wrapper = functools.wraps(func)(lambda *a, **k: op(*a, **k))
+        functools.update_wrapper(wrapper, func)
     except (AttributeError, TypeError):  # pragma: no cover - exotic callables
-        def wrapper(*a: Any, **k: Any) -> Any:
-            return op(*a, **k)
+        pass
     wrapper._xafunc_operator = op  # type: ignore[attr-defined]
     return wrapper
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-Argnums = Union[int, tuple[int, ...]]
+Argnums = int | tuple[int, ...]
 Mode = Literal["auto", "forward", "reverse", "reference"]
 MODES: tuple[str, ...] = ("auto", "forward", "reverse", "reference")
 Func = Callable[..., Any]

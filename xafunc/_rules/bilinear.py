@@ -7,7 +7,7 @@ direction dimensions pair up elementwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -58,7 +58,7 @@ def _poly_derivatives(p1: tuple[float, ...], K: int) -> list[tuple[float, ...]]:
     return polys
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _polys(kind: str, K: int) -> list[tuple[float, ...]]:
     """``p_j / j!`` for ``j = 1..K``: the scaled derivatives as polynomials in the output."""
     p1 = {"tanh": (1.0, 0.0, -1.0), "sigmoid": (0.0, 1.0, -1.0)}[kind]

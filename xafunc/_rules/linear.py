@@ -15,7 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import Coeff, Series, UnitSeed, materialize, batch_size, lift, map_coeffs, primal, unit_aware
+from .._series import (
+    Coeff,
+    Series,
+    UnitSeed,
+    batch_size,
+    lift,
+    map_coeffs,
+    materialize,
+    primal,
+    unit_aware,
+)
 from . import NONDIFF, register
 
 aten = torch.ops.aten
@@ -60,7 +70,7 @@ for _op in (
 def _permute(x: Series, dims: Sequence[int]) -> Series:
     nd = x.primal.dim()
     cdims = [0] + [_shift(d, nd) for d in dims]
-    return Series(x.primal.permute(dims), map_coeffs(x, lambda c: c.permute(cdims)))
+    return Series(x.primal.permute(list(dims)), map_coeffs(x, lambda c: c.permute(cdims)))
 
 
 @register(aten.transpose, aten.transpose_copy)
