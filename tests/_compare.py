@@ -25,6 +25,9 @@ def _path_str(path: tuple[Any, ...]) -> str:
 
 
 def _leaf_close(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float, where: str) -> None:
+    if type(a) is not type(e):  # e.g. a FakeTensor leaking out of a tracer
+        raise AssertionError(f"{where}: tensor type mismatch: actual {type(a).__name__}, "
+                             f"expected {type(e).__name__}")
     if a.shape != e.shape:
         raise AssertionError(f"{where}: shape mismatch: actual {tuple(a.shape)}, expected "
                              f"{tuple(e.shape)}")
@@ -78,7 +81,8 @@ def assert_tree_close(actual: Any, expected: Any, *, rtol: float = 1e-7, atol: f
     """Assert that two pytrees of tensors agree in structure, shapes, dtypes, devices and values.
 
     Checks, in order: the pytree structure (container types, tuple lengths, dict keys *and their
-    order*), then for every leaf the type, shape, dtype, device and layout, and finally the
+    order*), then for every leaf the type (``torch.Tensor`` vs a subclass such as a leaked
+    ``FakeTensor``), shape, dtype, device and layout, and finally the
     values: ``|actual - expected| <= atol + rtol * |expected|`` elementwise, NaN only matching
     NaN and infinities only matching the same infinity. Non-tensor leaves must be equal.
 
