@@ -95,7 +95,26 @@ def trace(fn: Any, examples: list[Any]) -> torch.fx.GraphModule:
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(f"{type(e).__name__}: {msg[:200]}") from None
-    return g2
+    return _views_to_reshapes(g2)
+
+
+def _views_to_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make the graph independent of the strides seen while tracing.
+
+    ``make_fx`` records ``reshape`` as ``view`` when the traced (fake) strides allowed it; real
+    tensors -- batched under ``vmap``, or produced by kernels that choose other layouts --
+    may not. ``reshape`` is a view whenever one is possible and a copy otherwise.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (aten.view.default,
+                                                          aten._unsafe_view.default):
+            node.target = aten.reshape.default
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def graph_problems(gm: torch.fx.GraphModule, series_inputs: int = 1) -> list[str]:

@@ -24,8 +24,15 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, trace
-from ._interpolate import directions, num_directions, symmetric_tensor
+from ._interpolate import (
+    directions,
+    interpolation_constants,
+    num_directions,
+    symmetric_tensor,
+)
 from ._memory import choose_chunk
+from ._mixed import Join, cut_nodes
+from ._optimize import simplify
 from ._series import Series, UnitSeed
 from ._taylor import Propagator
 
@@ -128,6 +135,21 @@ class Schedule:
     est_peak_bytes: float
     result_bytes: float = 0.0
     per_direction_bytes: float = 0.0
+    cut: Any = None  # mixed schedules: the fx node separating z from y
+    width: int = 0  # its number of entries
+    join: Join | None = None
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return ("rev",) * self.reverse_levels + ("fwd",) * self.forward_degree
+
+    def describe(self) -> str:
+        if self.cut is not None:
+            return (f"mixed: Taylor degree {self.forward_degree} to {self.cut.name} "
+                    f"(width {self.width}), Taylor in its {self.width} coordinates after it, "
+                    f"Faà di Bruno join over set partitions: {self.est_flops:.3g} FLOPs")
+        return (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
+                f"{self.directions} directions: {self.est_flops:.3g} FLOPs")
 
 
 class Program:
@@ -141,6 +163,24 @@ class Program:
         self.props = {r: Propagator(g) for r, g in graphs.items()}
         self.chunk_size = chunk_size
         self.all_orders = all_orders
+        self._seeds: dict[Any, Tensor] = {}
+        self._compiled: dict[tuple[Any, Any], Callable[..., Any]] = {}
+        self.compile_note: str | None = None
+
+    def _seed(self, n: int, d: int, start: int, stop: int, z: Tensor) -> Any:
+        if d == 1:
+            return UnitSeed(start, stop - start)
+        key = (n, d, start, stop, z.dtype, z.device)
+        seed = self._seeds.get(key)
+        if seed is None:
+            seed = self._seeds[key] = directions(n, d, start, stop, dtype=z.dtype,
+                                                 device=z.device)
+        return seed
+
+    def _chunks(self, n: int, d: int) -> list[tuple[int, int]]:
+        total = num_directions(n, d)
+        chunk = self.chunk_size or total
+        return [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
 
     # ------------------------------------------------------------------ propagation
     def _coefficients(self, r: int, d: int, z: Tensor, others: list[Tensor]
@@ -151,14 +191,9 @@ class Program:
             out, aux = prop.gm(z, *others)
             return out, None, aux
         n = z.shape[0]
-        total = num_directions(n, d)
-        chunk = self.chunk_size or total
         coeffs, primal_out, aux = [], None, None
-        for start in range(0, total, chunk):
-            stop = min(start + chunk, total)
-            seed: Any = UnitSeed(start, stop - start) if d == 1 else \
-                directions(n, d, start, stop, dtype=z.dtype, device=z.device)
-            x = Series(z, [seed] + [None] * (d - 1))
+        for start, stop in self._chunks(n, d):
+            x = Series(z, [self._seed(n, d, start, stop, z)] + [None] * (d - 1))
             out, aux = prop(x, *others)
             if isinstance(out, Series):
                 primal_out = out.primal
@@ -172,14 +207,105 @@ class Program:
         aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
         return primal_out, F, aux  # type: ignore[return-value]
 
-    def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
-        """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux."""
+    def _dense_eager(self, r: int, d: int, z: Tensor, *others: Tensor) -> tuple[Tensor, Any]:
         n, m = z.shape[0], self.layout.m
-        out, F, aux = self._coefficients(r, d, z, others)
+        out, F, aux = self._coefficients(r, d, z, list(others))
         if F is None:
             return out.reshape((m,) + (n,) * r), aux
         T = symmetric_tensor(F, n, d)  # (m * n^r, n^d)
         return T.reshape((m,) + (n,) * (r + d)), aux
+
+    def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
+        """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux.
+
+        NOTE [Compiled propagation]
+        The first call traces the whole propagation -- every rule, the interpolation -- into
+        one flat aten graph (``make_fx``), so later calls run generated code: no rule
+        dispatch, no ``None`` bookkeeping, no Python per coefficient. Seeds and interpolation
+        matrices are built before tracing and become constants of that graph. If the
+        propagation cannot be traced (values that decide shapes), it runs eagerly.
+        """
+        fn = self._compiled.get((r, d))
+        if fn is None:
+            fn = self._compile(r, d, z, others)
+        return fn(z, *others)  # type: ignore[no-any-return]
+
+    def _compile(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> Callable[..., Any]:
+        def eager(z: Tensor, *others: Tensor) -> Any:
+            return self._dense_eager(r, d, z, *others)
+
+        fn: Callable[..., Any] = eager
+        if d > 0:
+            n = z.shape[0]
+            for start, stop in self._chunks(n, d):  # real constants, made outside the trace
+                self._seed(n, d, start, stop, z)
+            if d > 1:
+                interpolation_constants(n, d, z.dtype, z.device)
+            fn = self._trace(eager, z, others)
+        self._compiled[(r, d)] = fn
+        return fn
+
+    def _trace(self, eager: Callable[..., Any], z: Tensor, others: list[Tensor]
+               ) -> Callable[..., Any]:
+        try:
+            return simplify(trace(eager, [z, *others]))
+        except CaptureError as e:
+            self.compile_note = f"propagation runs eagerly ({e})"
+            return eager
+
+    # ------------------------------------------------------------------ mixed schedule
+    def _taylor_rows(self, n: int, d: int, z: Tensor, run: Callable[[Any], Any]) -> Tensor:
+        """``(N, M)`` ``d``-th coefficients of ``run(seed_series)`` along degree-``d``
+        directions in an ``n``-dimensional space (``z`` gives dtype and device)."""
+        rows = []
+        for start, stop in self._chunks(n, d):
+            seed = self._seed(n, d, start, stop, z)
+            out = run(seed)
+            c = out.coeffs[d - 1] if isinstance(out, Series) else None
+            p = out.primal if isinstance(out, Series) else out
+            if c is None:
+                c = p.new_zeros((stop - start,) + tuple(p.shape))
+            rows.append(c.reshape(stop - start, -1))
+        return torch.cat(rows, 0) if len(rows) > 1 else rows[0]
+
+    def _mixed_eager(self, s: Schedule, z: Tensor, *others: Tensor) -> tuple[Tensor, Any]:
+        prop, K, n, m, w = self.props[0], self.order, z.shape[0], self.layout.m, s.width
+        H = []  # D^j h: (w, n^j)
+        for j in range(1, K + 1):
+            F = self._taylor_rows(n, j, z, lambda seed, j=j: prop(
+                Series(z, [seed] + [None] * (j - 1)), *others, stop_at=s.cut))
+            H.append(symmetric_tensor(F, n, j).reshape((w,) + (n,) * j))
+        S, aux = [], None
+        for i in range(1, K + 1):
+            def run(seed: Any, i: int = i) -> Any:
+                nonlocal aux
+                out, aux = prop(z, *others, override=(
+                    s.cut, lambda v: Series(v, [seed] + [None] * (i - 1))))
+                return out
+            F = self._taylor_rows(w, i, z, run)
+            S.append(symmetric_tensor(F, w, i).reshape((m,) + (w,) * i))
+        assert s.join is not None
+        D = s.join(S, H)
+        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        return D, aux
+
+    def dense_mixed(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
+        """``D^K y`` by the mixed schedule ``s`` (see NOTE [Cutting at a narrow node])."""
+        key = ("mixed", s.cut.name)
+        fn = self._compiled.get(key)  # type: ignore[call-overload]
+        if fn is None:
+            n, w = z.shape[0], s.width
+            for dim in (n, w):
+                for d in range(2, self.order + 1):
+                    for start, stop in self._chunks(dim, d):
+                        self._seed(dim, d, start, stop, z)
+                    interpolation_constants(dim, d, z.dtype, z.device)
+
+            def eager(z: Tensor, *others: Tensor) -> Any:
+                return self._mixed_eager(s, z, *others)
+
+            fn = self._compiled[key] = self._trace(eager, z, others)  # type: ignore[index]
+        return fn(z, *others)  # type: ignore[no-any-return]
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         z, others = self.request.split(args, kwargs)
@@ -196,7 +322,10 @@ class Program:
             value: Any = tuple(results)
         else:
             s = self.schedules[0]
-            D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
+            if s.cut is not None:
+                D, aux = self.dense_mixed(s, z, others)
+            else:
+                D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
             value = self.assemble(D, self.order)
         if self.request.has_aux:
             return value, pytree.tree_unflatten(list(aux or ()), self.layout.aux_spec)
@@ -238,37 +367,40 @@ _LINEAR_FREE = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", 
                 "clone", "detach", "getitem"}
 
 
-def graph_flops(gm: torch.fx.GraphModule) -> tuple[float, float]:
-    """Rough FLOPs of one evaluation of ``gm`` and of its matrix products whose left operand
-    is a view of the first input (free in first-order forward mode: see ``_unit_product``)."""
-    total, seed_free = 0.0, 0.0
+def graph_flops(gm: torch.fx.GraphModule) -> tuple[dict[Any, float], float]:
+    """Rough FLOPs of each node that depends on ``z`` (the first input), and those of matrix
+    products whose left operand is a view of ``z`` itself (free in first-order forward mode,
+    see ``_unit_product``)."""
+    flops: dict[Any, float] = {}
+    seed_free = 0.0
+    tainted = set(tainted_nodes(gm))
     seed_views: set[Any] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" and not seed_views:
             seed_views.add(node)
             continue
-        if node.op != "call_function":
+        if node not in tainted or node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         numel = _numel(node.meta.get("val"))
+        f = 0.0
         if name in ("mm", "addmm", "bmm"):
             a = node.args[1] if name == "addmm" else node.args[0]
             av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-            kdim = av.shape[-1] if isinstance(av, Tensor) else 1
-            f = 2.0 * numel * kdim
-            total += f
+            f = 2.0 * numel * (av.shape[-1] if isinstance(av, Tensor) else 1)
             if a in seed_views:
                 seed_free += f
         elif name == "convolution":
             w = node.args[1].meta.get("val")
-            total += 2.0 * numel * (math.prod(w.shape[1:]) if isinstance(w, Tensor) else 1)
+            f = 2.0 * numel * (math.prod(w.shape[1:]) if isinstance(w, Tensor) else 1)
         elif name in _LINEAR_FREE:
             if name in ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "alias") \
                     and node.args and node.args[0] in seed_views:
                 seed_views.add(node)
         else:
-            total += float(numel)
-    return total, seed_free
+            f = float(numel)
+        flops[node] = f
+    return flops, seed_free
 
 
 def tainted_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -315,6 +447,32 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
     return Schedule(r, d, dirs, flops, dirs * per_dir + result, result, per_dir)
 
 
+def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
+                     node_flops: dict[Any, float], seed_free: float, itemsize: int,
+                     max_numel: int, limit: int | None) -> list[Schedule]:
+    """Mixed schedules at the narrowest cut nodes narrower than the input (all with
+    ``limit=None``)."""
+    cuts = [c for c in cut_nodes(g0) if limit is None or _numel(c.meta["val"]) < n]
+    cuts.sort(key=lambda c: _numel(c.meta["val"]))
+    order_of = {nd: i for i, nd in enumerate(g0.graph.nodes)}
+    out = []
+    for c in cuts[:limit]:
+        w = _numel(c.meta["val"])
+        prefix = sum(f for nd, f in node_flops.items() if order_of[nd] <= order_of[c])
+        suffix = sum(node_flops.values()) - prefix
+        cost = 0.0
+        for j in range(1, order + 1):
+            pf = max(prefix - seed_free, 0.05 * prefix) if j == 1 else prefix
+            cost += num_directions(n, j) * j * pf + num_directions(w, j) * j * suffix
+        join = Join.plan(order, m, w, n)
+        cost += join.cost
+        dirs = max(num_directions(n, order), num_directions(w, order))
+        result = float(itemsize * m * n**order)
+        peak = itemsize * (w * n**order + m * w**order + 3 * dirs * order * max_numel) + result
+        out.append(Schedule(0, order, dirs, cost, float(peak), result, 0.0, c, w, join))
+    return out
+
+
 def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     argnums: tuple[int, ...], int_argnums: bool, order: int, has_aux: bool,
                     mode: str, chunk_size: int | None, all_orders: bool, name: str = "xderiv"
@@ -345,20 +503,32 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     layout = Layout(req.in_shapes, req.in_spec, meta["out_shapes"], meta["out_spec"],
                     meta["aux_spec"])
     n, m = layout.n, layout.m
-    flops0, seed_free = graph_flops(g0)
+    node_flops, seed_free = graph_flops(g0)
+    flops0 = sum(node_flops.values())
     max_numel = max((_numel(nd.meta.get("val")) for nd in tainted_nodes(g0)), default=1)
     itemsize = z.element_size()
-    if all_orders or mode == "forward":
+    if all_orders or mode in ("forward", "mixed"):
         candidates = [0]
     elif mode == "reverse":
         candidates = [order]
     else:
         candidates = list(range(0, min(order, 2) + 1))
-    schedules = sorted(
-        (estimate(order, r, n, m, flops0, seed_free, itemsize, max_numel) for r in candidates),
-        key=lambda s: s.est_flops,
-    )
+    schedules = [estimate(order, r, n, m, flops0, seed_free, itemsize, max_numel)
+                 for r in candidates]
+    if not all_orders and (mode == "mixed" or (mode == "auto" and order <= 4)):
+        schedules += mixed_candidates(g0, order, n, m, node_flops, seed_free, itemsize,
+                                      max_numel, limit=None if mode == "mixed" else 3)
+        if mode == "mixed":
+            schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
+    schedules.sort(key=lambda s: s.est_flops)
     best = schedules[0]
+    if best.cut is not None:  # mixed schedules run unchunked: check they fit, else go forward
+        try:
+            choose_chunk(name, result_bytes=best.est_peak_bytes, per_direction_bytes=1.0,
+                         directions=1, chunk_size=None, device=z.device)
+        except ValueError:
+            schedules = [s for s in schedules if s.cut is None]
+            best = schedules[0]
     chunk = choose_chunk(name, result_bytes=best.result_bytes,
                          per_direction_bytes=best.per_direction_bytes,
                          directions=best.directions, chunk_size=chunk_size, device=z.device)

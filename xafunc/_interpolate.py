@@ -123,12 +123,10 @@ def partials(F: Tensor, n: int, d: int) -> Tensor:
     ``d``-th Taylor coefficients along the directions of :func:`directions`."""
     if d == 1:
         return F
-    groups, inverse = _gamma(n, d)
-    parts = []
-    for _, cols, vals in groups:
-        v = vals.to(dtype=F.dtype, device=F.device)
-        parts.append(torch.einsum("t,gtm->gm", v, F[cols.to(F.device)]))
-    return torch.cat(parts, 0)[inverse.to(F.device)]
+    _, _, groups, inverse = interpolation_constants(n, d, F.dtype, F.device)
+    assert groups is not None and inverse is not None
+    parts = [torch.einsum("t,gtm->gm", vals, F[cols]) for cols, vals in groups]
+    return torch.cat(parts, 0)[inverse]
 
 
 _DENSE_LIMIT = 1 << 20  # entries of the dense (n^d, N) reconstruction matrix
@@ -148,6 +146,26 @@ def _dense(n: int, d: int) -> Tensor:
     return G[full_index(n, d)]
 
 
+@functools.lru_cache(maxsize=32)
+def interpolation_constants(
+    n: int, d: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor | None, Tensor, list[tuple[Tensor, Tensor]] | None, Tensor | None]:
+    """Everything :func:`symmetric_tensor` needs, built once per dtype/device: the dense
+    reconstruction matrix, or else the gather index groups and their inverse permutation,
+    and the full index.
+
+    The engine calls this before tracing a propagation, so that these tensors enter the
+    traced graph as constants instead of being rebuilt on every call.
+    """
+    idx = full_index(n, d).to(device)
+    if n**d * num_directions(n, d) <= _DENSE_LIMIT:
+        return _dense(n, d).to(dtype=dtype, device=device), idx, None, None
+    groups, inverse = _gamma(n, d)
+    converted = [(cols.to(device), vals.to(dtype=dtype, device=device))
+                 for _, cols, vals in groups]
+    return None, idx, converted, inverse.to(device)
+
+
 def symmetric_tensor(F: Tensor, n: int, d: int) -> Tensor:
     """The full derivative tensor ``(M, n, ..., n)`` from ``d``-th coefficients ``F (N, M)``.
 
@@ -156,9 +174,6 @@ def symmetric_tensor(F: Tensor, n: int, d: int) -> Tensor:
     """
     if d == 1:
         return F.t()
-    if n**d * F.shape[0] <= _DENSE_LIMIT:
-        R = _dense(n, d).to(dtype=F.dtype, device=F.device)
-        full = R @ F
-    else:
-        full = partials(F, n, d)[full_index(n, d).to(F.device)]  # (n^d, M)
+    R, idx, _, _ = interpolation_constants(n, d, F.dtype, F.device)
+    full = R @ F if R is not None else partials(F, n, d)[idx]  # (n^d, M)
     return full.t().reshape((F.shape[1],) + (n,) * d)

@@ -108,15 +108,16 @@ def build_plan(
             best = schedules[0]
             details = [] if program.chunk_size is None or program.chunk_size == t.chunk_size \
                 else [f"directions processed {program.chunk_size} at a time to fit in memory"]
-            details += [
-                f"candidate r={s.reverse_levels} reverse + degree {s.forward_degree} Taylor "
-                f"along {s.directions} directions: {s.est_flops:.3g} FLOPs, peak "
-                f"{_fmt_bytes(s.est_peak_bytes)}"
-                for s in schedules
-            ]
+            details += [f"candidate {s.describe()}, peak {_fmt_bytes(s.est_peak_bytes)}"
+                        for s in schedules[:4]]
+            if best.join is not None:
+                details += ["join contractions (opt_einsum paths):"]
+                details += [f"  {line}" for line in best.join.describe()]
+            if program.compile_note:
+                details.append(program.compile_note)
             return Plan(
                 strategy="engine",
-                schedule=("rev",) * best.reverse_levels + ("fwd",) * best.forward_degree,
+                schedule=(("mixed",) if best.cut is not None else ()) + best.levels,
                 est_flops=best.est_flops, est_peak_bytes=best.est_peak_bytes,
                 details=details, runner=program, **common,  # type: ignore[arg-type]
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,7 +44,14 @@ class Propagator:
             frees.setdefault(j, []).append(n)
         self.steps = [(node, frees.get(i, [])) for i, node in enumerate(nodes)]
 
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, stop_at: Any = None,
+                 override: tuple[Any, Callable[[Any], Any]] | None = None) -> Any:
+        """Propagate ``inputs`` (Series or tensors) through the graph.
+
+        ``stop_at``: return that node's value instead of the outputs. ``override``:
+        ``(node, fn)`` replaces the node's computed value ``v`` by ``fn(v)`` (the mixed
+        schedule seeds a cut node with its own directions this way).
+        """
         env: dict[Any, Any] = {}
         it = iter(inputs)
         gm = self.gm
@@ -80,6 +88,10 @@ class Propagator:
                 return pytree.tree_map(
                     lambda a: materialize(env[a]) if isinstance(a, torch.fx.Node) else a,
                     node.args[0])
+            if node is stop_at:
+                return materialize(env[node])
+            if override is not None and node is override[0]:
+                env[node] = override[1](env[node])
             for n in free:
                 env.pop(n, None)
         raise RuntimeError("graph has no output node")  # pragma: no cover

@@ -6,6 +6,6 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 Argnums = int | tuple[int, ...]
-Mode = Literal["auto", "forward", "reverse", "reference"]
-MODES: tuple[str, ...] = ("auto", "forward", "reverse", "reference")
+Mode = Literal["auto", "forward", "reverse", "mixed", "reference"]
+MODES: tuple[str, ...] = ("auto", "forward", "reverse", "mixed", "reference")
 Func = Callable[..., Any]
