@@ -1,0 +1,278 @@
+"""Graph simplification (:mod:`xafunc._optimize`): each pass removes nodes and keeps values
+bit for bit; end to end, derivatives still match nested ``torch.func.jacrev`` (float64)."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jacrev, vmap
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import xafunc
+import xafunc._engine as engine
+from tests._compare import assert_tree_close, reference_deriv
+from xafunc._optimize import simplify
+
+DT = torch.float64
+aten = torch.ops.aten
+
+
+def _ops(gm: torch.fx.GraphModule) -> list[object]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _bitwise(a: object, b: object) -> None:
+    assert_tree_close(a, b, rtol=0.0, atol=0.0)
+
+
+def _simplified(fn, *xs, fewer: bool = True):
+    """Trace ``fn`` (fake mode), simplify, check the node count and bitwise outputs."""
+    gm = make_fx(fn, tracing_mode="fake")(*xs)
+    before = len(_ops(gm))
+    expected = fn(*xs)
+    simplify(gm)
+    after = len(_ops(gm))
+    assert (after < before) if fewer else (after == before), (before, after, gm.code)
+    _bitwise(gm(*xs), expected)
+    return gm
+
+
+# --------------------------------------------------------------------------- passes
+def test_noop_reshapes_and_copies():
+    def fn(x):
+        y = x.view(2, 3).reshape(2, 3).expand(2, 3).clone()
+        y = torch.ops.aten.alias(y).squeeze().unsqueeze(0).squeeze(0)
+        return y.sin()
+
+    gm = _simplified(fn, torch.randn(2, 3))
+    assert _ops(gm) == [aten.sin.default]
+
+
+def test_reshape_chain_becomes_one_reshape():
+    def fn(x):
+        return x.view(2, 6).view(3, 4).unsqueeze(0).view(4, 3).sin()
+
+    gm = _simplified(fn, torch.randn(12))
+    assert _ops(gm) == [aten.reshape.default, aten.sin.default]
+    # a chain back to the original shape disappears
+    gm = _simplified(lambda x: x.view(2, 6).view(3, 4).view(12).cos(), torch.randn(12))
+    assert _ops(gm) == [aten.cos.default]
+
+
+def test_reshape_chain_of_non_contiguous_input():
+    def fn(x):
+        return x.t().reshape(12).view(3, 4).view(4, 3).exp()
+
+    x = torch.randn(3, 4)
+    gm = _simplified(fn, x)
+    _bitwise(gm(x), fn(x))
+    xt = torch.randn(4, 3).t()  # a caller's non-contiguous input
+    _bitwise(gm(xt), fn(xt))
+
+
+def test_permutes():
+    gm = _simplified(lambda x: x.permute(1, 0, 2).permute(1, 0, 2).sin(), torch.randn(2, 3, 4))
+    assert _ops(gm) == [aten.sin.default]
+    gm = _simplified(lambda x: x.transpose(0, 1).permute(2, 1, 0).sin(), torch.randn(2, 3, 4))
+    assert _ops(gm).count(aten.permute.default) == 1
+    gm = _simplified(lambda x: x.transpose(1, 1).sin(), torch.randn(2, 3))
+    assert _ops(gm) == [aten.sin.default]
+
+
+def test_arithmetic_identities():
+    def fn(x):
+        return ((x * 1.0) / 1 - 0 + (-0.0)).sin() + torch.ones(()) * x
+
+    x = torch.tensor([-0.0, 0.0, 1.5, float("nan"), float("inf")])
+    gm = _simplified(fn, x)
+    assert aten.div.Tensor not in _ops(gm) and aten.sub.Tensor not in _ops(gm)
+    assert _ops(gm).count(aten.mul.Tensor) == 0
+
+
+def test_arithmetic_non_identities_stay():
+    x = torch.tensor([-0.0, 1.0])
+    # -0.0 + 0.0 is +0.0: kept, and the sign of zero survives
+    gm = _simplified(lambda x: x + 0.0, x, fewer=False)
+    assert torch.signbit(gm(x)).tolist() == [False, False]
+    # type promotion and broadcasting change the result: kept
+    i = torch.arange(3)
+    _simplified(lambda i: i * 1.0, i, fewer=False)
+    gm = _simplified(lambda x: x * torch.ones(2, 2), x)  # ones folded into a constant
+    assert _ops(gm) == [aten.mul.Tensor]
+    # integer zero is neutral
+    gm = _simplified(lambda i: (i + 0).neg(), i)
+    assert _ops(gm) == [aten.neg.default]
+
+
+def test_common_subexpressions():
+    def fn(a, b):
+        return a.sin() * b + b * a.sin() + a * b + b * a
+
+    gm = _simplified(fn, torch.randn(4), torch.randn(4))
+    assert _ops(gm).count(aten.sin.default) == 1
+    # a * b and b * a (real) are one product
+    assert _ops(gm).count(aten.mul.Tensor) == 2
+
+
+def test_complex_products_keep_operand_order():
+    a, b = torch.randn(4, dtype=torch.complex128), torch.randn(4, dtype=torch.complex128)
+    gm = _simplified(lambda a, b: (a * b + b * a).exp(), a, b, fewer=False)
+    assert _ops(gm).count(aten.mul.Tensor) == 2
+
+
+def test_random_ops_are_not_merged_or_dropped():
+    def fn(x):
+        torch.rand_like(x)  # dead, but it advances the generator
+        return torch.rand_like(x) + torch.rand_like(x)
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(3))
+    simplify(gm)
+    assert _ops(gm).count(aten.rand_like.default) == 3
+    torch.manual_seed(1)
+    expected = fn(torch.randn(3))
+    torch.manual_seed(1)
+    _bitwise(gm(torch.randn(3)), expected)
+
+
+def test_dead_code():
+    def fn(x):
+        x.cos().exp()
+        x.detach()
+        return x.sin()
+
+    gm = _simplified(fn, torch.randn(3))
+    assert _ops(gm) == [aten.sin.default]
+
+
+def test_outputs_do_not_alias_inputs_or_each_other():
+    x = torch.randn(3)
+    gm = _simplified(lambda x: x.clone(), x, fewer=False)
+    assert gm(x) is not x
+    gm = _simplified(lambda x: (x.sin(), x.sin()), x, fewer=False)
+    a, b = gm(x)
+    assert a is not b
+
+
+def test_constant_subgraphs_fold():
+    def fn(x):
+        eye = torch.zeros(3, 3).diagonal_scatter(torch.ones(3))
+        return eye @ x
+
+    gm = _simplified(fn, torch.randn(3, 2))
+    assert _ops(gm) == [aten.mm.default]
+
+
+def test_mutating_graph_is_left_alone():
+    def fn(x):
+        y = x.view(x.shape)
+        y.add_(1.0)
+        return y * 1.0
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(3))
+    before = [(n.op, n.target) for n in gm.graph.nodes]
+    simplify(gm)
+    assert [(n.op, n.target) for n in gm.graph.nodes] == before
+
+
+def test_vmap_and_grad_of_a_simplified_graph():
+    def fn(x):
+        y = x.view(2, 3).view(6).unsqueeze(0).squeeze(0) * 1.0
+        z = y.reshape(3, 2).t().t()
+        return (z.tanh() * z.tanh()).sum() + (y - 0).sin().sum()
+
+    gm = _simplified(fn, torch.randn(6, dtype=DT))
+    xs = torch.randn(5, 6, dtype=DT)
+    _bitwise(vmap(gm)(xs), vmap(fn)(xs))
+    _bitwise(vmap(grad(gm))(xs), vmap(grad(fn))(xs))
+    _bitwise(vmap(gm, in_dims=1)(xs.t()), vmap(fn, in_dims=1)(xs.t()))
+
+
+# ----------------------------------------------------------------------- end to end
+def _mlp(sizes: list[int], seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [torch.nn.Linear(a, b, dtype=DT), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+_NET = _mlp([3, 8, 8, 1])
+_CONV = torch.nn.Conv1d(2, 3, 3, dtype=DT)
+
+
+def _mlp_f(x):
+    return _NET(x).squeeze(-1)
+
+
+def _views(x):
+    y = x.view(2, 2).t().reshape(4).unsqueeze(0).permute(1, 0).squeeze(1)
+    return (y * y.roll(1)).sin().sum() * 1.0 + y[0] - 0
+
+
+def _conv(x):
+    return _CONV(x.view(1, 2, 3).expand(1, 2, 3).repeat(1, 1, 2)).tanh().sum()
+
+
+def _softmax(x):
+    return (F.softmax(x.view(2, 2), -1) * x.view(2, 2).permute(1, 0)).sum()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_tanh_mlp_orders(k):
+    x = torch.randn(3, dtype=DT)
+    assert_tree_close(xafunc.xderiv(_mlp_f, k)(x), reference_deriv(_mlp_f, k)(x))
+
+
+@pytest.mark.parametrize("f,n", [(_views, 4), (_conv, 6), (_softmax, 4)],
+                         ids=["views", "conv", "softmax"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_functions(f, n, k):
+    x = torch.randn(n, dtype=DT)
+    assert_tree_close(xafunc.xderiv(f, k)(x), reference_deriv(f, k)(x))
+
+
+@pytest.mark.parametrize("f,n", [(_mlp_f, 3), (_views, 4), (_softmax, 4)],
+                         ids=["mlp", "views", "softmax"])
+def test_under_vmap_and_grad(f, n):
+    xs = torch.randn(5, n, dtype=DT)
+    assert_tree_close(vmap(xafunc.xderiv(f, 2))(xs), vmap(reference_deriv(f, 2))(xs))
+    assert_tree_close(vmap(xafunc.xhessian(f))(xs), vmap(jacrev(jacrev(f)))(xs))
+
+    def trace_h(g):
+        return lambda x: torch.diagonal(g(x)).sum()
+
+    x = xs[0]
+    assert_tree_close(grad(trace_h(xafunc.xhessian(f)))(x),
+                      grad(trace_h(jacrev(jacrev(f))))(x))
+
+
+def test_compiled_graph_shrinks(monkeypatch):
+    net = _mlp([3, 64, 64, 64, 1])
+
+    def f(x):
+        return net(x).squeeze(-1)
+
+    def compiled(g):
+        g(x)
+        t = g._xafunc_transform
+        prog = t._plans[next(iter(t._plans))].runner
+        return prog._compiled[(0, 3)]
+
+    x = torch.randn(3, dtype=DT)
+    gm = compiled(xafunc.xderiv(f, 3))
+    with monkeypatch.context() as m:
+        m.setattr(engine, "simplify", lambda gm: gm)
+        raw = compiled(xafunc.xderiv(f, 3))
+    assert len(_ops(gm)) < 0.75 * len(_ops(raw)), (len(_ops(gm)), len(_ops(raw)))
+    # nothing dead, no detach/alias left, no reshape of a reshape
+    reshapes = {aten.reshape.default, aten.view.default, aten.squeeze.dims,
+                aten.unsqueeze.default}
+    for node in gm.graph.nodes:
+        assert node.op == "output" or node.users or node.target is operator.getitem
+        assert node.target not in (aten.alias.default, aten.detach.default)
+        if node.target in reshapes:
+            assert getattr(node.args[0], "target", None) not in reshapes
+    _bitwise(gm(x), raw(x))

@@ -1,0 +1,354 @@
+"""Peephole simplification of the traced propagation graphs (:func:`simplify`).
+
+NOTE [Graph simplification]
+``make_fx`` records every aten call the Taylor rules make, including bookkeeping that costs a
+dispatch per call and computes nothing: views back to the shape they came from, chains of
+reshapes, ``x * 1.0``, the same product built twice, dead ``detach``/``alias`` results. For
+small problems that per-op overhead is the run time (more so under ``vmap``, where every op
+goes through a batching rule). :func:`simplify` removes it with passes that are exact: the
+simplified graph returns bit-identical values, on real tensors as well as under
+``torch.func.vmap`` (graphs are traced with per-sample shapes and run on batched tensors, so
+every shape test here is about the per-sample shapes in ``node.meta["val"]``, which is what
+each op sees) and ``torch.func.grad`` (every rewrite replaces a differentiable expression by
+one with the same value and the same derivative). Pass 6 runs first, then passes 1-5 in one
+topological sweep repeated to a fixed point:
+
+1. No-op reshapes: ``view``/``_unsafe_view``/``reshape``/``expand``/``squeeze``/
+   ``unsqueeze``/``alias``/``clone`` whose output shape equals the input's are the input.
+   ``clone`` may go because the graph is functional (``functionalize``): nothing writes into
+   the clone or its source afterwards. ``detach`` stays: it has autograd meaning.
+2. Reshape chains: ``view(view(x, s1), s2)`` (any mix of the reshape family) is one
+   ``reshape(x, s2)``. Every member reshapes in row-major order, so only the last shape
+   matters. ``reshape``, not ``view``: the strides seen while tracing need not be the ones
+   at run time (batched tensors, caller's inputs), see ``_capture._views_to_reshapes``.
+3. Permutes: ``transpose``/``t``/``permute`` compose into one ``permute``; an identity
+   permutation is the input.
+4. Arithmetic identities with a Python scalar or a ``full``/``ones``/``zeros``/
+   ``scalar_tensor`` operand: ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` and ``x + 0`` are
+   ``x`` (also with a constant of pass 6 whose entries are all ``1`` or ``0``) when the
+   output's shape and dtype are ``x``'s (broadcasting or type promotion would
+   change them otherwise). ``x + 0.0`` on floating ``x`` is only dropped when the zero is
+   ``-0.0``: ``-0.0 + 0.0`` is ``+0.0``, which later divisions could tell apart.
+5. Common subexpressions: a pure aten call (not mutating, not random, not ``empty``) with the
+   same target, arguments and keyword arguments as an earlier one reuses it. ``mul``/``add``
+   of two real tensors are put in a canonical operand order first (IEEE ``+``/``*`` commute
+   exactly; complex products are left alone since kernels may fuse them differently).
+   Scalars are compared with their type (``1`` and ``1.0`` promote differently) and sign
+   of zero.
+6. Constant subgraphs: pure ops whose inputs are all such ops (the ``full``,
+   ``diagonal``, ``diagonal_scatter`` chain that builds a reverse-mode seed, say) are run once
+   and become a constant of the graph, when small (at most ``_FOLD_NUMEL`` elements). Only
+   chains that start at factories: nothing that reads a parameter (it may change in place
+   between calls) or an input. They are evaluated by the same ops on the same device, so the
+   constant is the value the graph would compute, and it carries no batch dimension or
+   gradient under ``vmap``/``grad`` either way.
+7. Dead code elimination (random ops count as impure and stay), then recompile.
+
+A rewrite that would make an output of the graph the same tensor as an input, a constant or
+another output (aliasing the caller could observe) is skipped. A graph with any mutating op
+(not functional after all) is returned as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+_RESHAPES = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+    aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+}
+_NOOP_IF_SAME_SHAPE = _RESHAPES | {
+    aten.expand.default, aten.alias.default, aten.clone.default,
+}
+_PERMUTES = {aten.permute.default, aten.transpose.int, aten.t.default}
+_FACTORY_FILL = {
+    aten.full.default: lambda n: n.args[1],
+    aten.scalar_tensor.default: lambda n: n.args[0],
+    aten.ones.default: lambda n: 1,
+    aten.zeros.default: lambda n: 0,
+}
+_COMMUTATIVE = {aten.mul.Tensor, aten.add.Tensor}
+_FOLD_NUMEL = 1 << 16
+_FOLDED = "_folded_constant"
+
+
+def simplify(gm: GraphModule) -> GraphModule:
+    """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it."""
+    graph = gm.graph
+    for node in graph.nodes:
+        if node.op == "call_function" and _mutates(node.target):
+            return gm
+    graph.eliminate_dead_code()
+    _fold_constants(gm)
+    graph.eliminate_dead_code()
+    for _ in range(8):
+        if not _sweep(gm):
+            break
+        graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _mutates(target: Any) -> bool:
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return bool(target._schema.is_mutable)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _val(gm: GraphModule, node: Any) -> torch.Tensor | None:
+    """The (fake or, for constants, real) tensor a node stands for, if known."""
+    if not isinstance(node, Node):
+        return None
+    val = node.meta.get("val")
+    if val is None and node.op == "get_attr":
+        val = getattr(gm, str(node.target), None)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _same_meta(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _replace(node: Node, new: Node, outputs: set[Node]) -> bool:
+    """Use ``new`` for ``node`` unless that would alias an output with an input, a constant
+    or another output."""
+    if node in outputs and (new.op != "call_function" or new in outputs):
+        return False
+    _swap(node, new, outputs)
+    return True
+
+
+def _swap(node: Node, new: Node, outputs: set[Node]) -> None:
+    node.replace_all_uses_with(new)
+    if node in outputs:
+        outputs.discard(node)
+        outputs.add(new)
+
+
+def _new(node: Node, target: Any, args: tuple[Any, ...]) -> Node:
+    graph = node.graph
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    new.meta.update(node.meta)
+    return new
+
+
+def _perm(gm: GraphModule, node: Node) -> list[int] | None:
+    val = _val(gm, node.args[0])
+    if val is None:
+        return None
+    ndim, args = val.dim(), list[Any](node.args)
+    if node.target is aten.t.default:
+        return [1, 0] if ndim == 2 else list(range(ndim))
+    if node.target is aten.transpose.int:
+        if ndim == 0:
+            return []
+        p = list(range(ndim))
+        a, b = (int(d) % ndim for d in args[1:3])
+        p[a], p[b] = p[b], p[a]
+        return p
+    return [int(d) % ndim for d in args[1]] if ndim else []
+
+
+def _constant(gm: GraphModule, arg: Any) -> Any:
+    """A Python scalar, or the fill value of a factory node, else None."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return arg
+    if isinstance(arg, Node) and arg.op == "call_function" and arg.target in _FACTORY_FILL:
+        fill = _FACTORY_FILL[arg.target](arg)
+        return fill if isinstance(fill, (int, float)) and not isinstance(fill, bool) else None
+    if isinstance(arg, Node) and arg.op == "get_attr" and str(arg.target).startswith(_FOLDED):
+        t = getattr(gm, str(arg.target))  # ours (pass 6), never a parameter that may change
+        if t.numel() and not t.dtype.is_complex and t.dtype != torch.bool:
+            first = t.reshape(-1)[0]
+            if bool((t == first).all()):
+                return first.item()
+    return None
+
+
+def _identity_operand(gm: GraphModule, node: Node) -> Node | None:
+    """``x`` if ``node`` is ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` or ``x + 0``."""
+    t = node.target
+    if t not in (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor):
+        return None
+    if len(node.args) != 2 or (node.kwargs and set(node.kwargs) != {"alpha"}):
+        return None
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args
+    candidates = [(a, b)] + ([(b, a)] if t in (aten.mul.Tensor, aten.add.Tensor) else [])
+    out = _val(gm, node)
+    for x, c in candidates:
+        if not isinstance(x, Node) or not _same_meta(_val(gm, x), out):
+            continue
+        value = _constant(gm, c)
+        if value is None:
+            continue
+        if t in (aten.mul.Tensor, aten.div.Tensor) and value == 1:
+            return x
+        if t is aten.sub.Tensor and value == 0:
+            return x
+        if t is aten.add.Tensor and value == 0:
+            # -0.0 + 0.0 == +0.0: only a negative zero (or an exact integer add) is neutral
+            assert out is not None
+            if not out.dtype.is_floating_point and not out.dtype.is_complex:
+                return x
+            if isinstance(value, float) and str(value) == "-0.0":
+                return x
+    return None
+
+
+def _key(arg: Any) -> Any:
+    """A hashable key equal only for arguments that are interchangeable."""
+    if isinstance(arg, Node):
+        return ("node", arg)
+    if isinstance(arg, (list, tuple)):
+        return (type(arg).__name__, tuple(_key(a) for a in arg))
+    if isinstance(arg, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in arg.items())))
+    if isinstance(arg, float):
+        return ("float", repr(arg))
+    if arg is None or isinstance(arg, (bool, int, str, torch.dtype, torch.device,
+                                       torch.layout, torch.memory_format)):
+        return (type(arg).__name__, arg)
+    raise TypeError(type(arg))
+
+
+def _pure(target: Any) -> bool:
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target._schema.is_mutable or "empty" in target._schema.name:
+        return False
+    return torch.Tag.nondeterministic_seeded not in target.tags
+
+
+# ------------------------------------------------------------------------------- sweep
+def _sweep(gm: GraphModule) -> bool:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
+    seen: dict[Any, Node] = {}
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.users:
+            continue
+        t = node.target
+        src = node.args[0] if node.args else None
+        out = _val(gm, node)
+
+        # 1. reshapes and copies that keep the shape
+        if t in _NOOP_IF_SAME_SHAPE and isinstance(src, Node):
+            if _same_meta(_val(gm, src), out) and _replace(node, src, outputs):
+                changed = True
+                continue
+        # 2. reshape chains: reshape the chain's root once
+        if (t in _RESHAPES and isinstance(src, Node) and src.op == "call_function"
+                and src.target in _RESHAPES and out is not None):
+            root = src.args[0]
+            root_val = _val(gm, root)
+            if isinstance(root, Node) and root_val is not None:
+                if _same_meta(root_val, out):
+                    if _replace(node, root, outputs):
+                        changed = True
+                        continue
+                else:
+                    new = _new(node, aten.reshape.default, (root, list(out.shape)))
+                    _swap(node, new, outputs)
+                    node, t, src, changed = new, new.target, root, True
+        # 3. permutes
+        if t in _PERMUTES and isinstance(src, Node):
+            p = _perm(gm, node)
+            if p is not None:
+                root = src
+                if src.op == "call_function" and src.target in _PERMUTES:
+                    inner = _perm(gm, src)
+                    if inner is not None and isinstance(src.args[0], Node):
+                        root, p = src.args[0], [inner[i] for i in p]
+                if p == list(range(len(p))):
+                    if _same_meta(_val(gm, root), out) and _replace(node, root, outputs):
+                        changed = True
+                        continue
+                elif root is not src:
+                    new = _new(node, aten.permute.default, (root, p))
+                    _swap(node, new, outputs)
+                    node, t, changed = new, new.target, True
+        # 4. arithmetic identities
+        x = _identity_operand(gm, node)
+        if x is not None and _replace(node, x, outputs):
+            changed = True
+            continue
+        # 5. common subexpressions
+        if not _pure(t):
+            continue
+        args = node.args
+        if (t in _COMMUTATIVE and not node.kwargs and len(args) == 2
+                and all(isinstance(a, Node) for a in args)):
+            vals = [_val(gm, a) for a in args]
+            if (out is not None and not out.dtype.is_complex
+                    and all(v is not None and not v.dtype.is_complex for v in vals)):
+                args = tuple(sorted(args, key=lambda a: order.get(a, -1)))
+        try:
+            key = (t, _key(args), _key(dict(node.kwargs)))
+        except TypeError:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+        elif _replace(node, first, outputs):
+            changed = True
+    return changed
+
+
+# ------------------------------------------------------------------- constant subgraphs
+def _fold_constants(gm: GraphModule) -> None:
+    graph = gm.graph
+    values: dict[Node, Any] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or not _pure(node.target):
+            continue
+        if not all(a in values for a in node.all_input_nodes):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
+        try:
+            value = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - leave anything that does not run as it is
+            continue
+        leaves = value if isinstance(value, (list, tuple)) else [value]
+        if all(isinstance(v, torch.Tensor) and v.numel() <= _FOLD_NUMEL and _plain(v)
+               for v in leaves):
+            values[node] = value
+    for node, value in values.items():
+        users = [u for u in node.users if u not in values]
+        if not isinstance(value, torch.Tensor) or not users or any(
+                u.op == "output" for u in users):
+            continue
+        name = f"{_FOLDED}{sum(k.startswith(_FOLDED) for k in dir(gm))}"
+        gm.register_buffer(name, value, persistent=False)
+        with graph.inserting_before(node):
+            const = graph.get_attr(name)
+        const.meta.update(node.meta)
+        for u in users:
+            u.replace_input_with(node, const)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A real tensor: not fake (an enclosing trace) nor wrapped by a torch.func transform."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(t, FakeTensor) or type(t) is not torch.Tensor:
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
