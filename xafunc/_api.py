@@ -47,7 +47,7 @@ class _Transform:
         V.check_diff_args(self.name, args, argnums)
         from ._capture import signature_key
 
-        key = signature_key(args, kwargs)
+        key = signature_key(args, kwargs, self.func)
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
             plan = build_plan(self, args, kwargs, argnums)

@@ -21,14 +21,54 @@ def _leaf_key(leaf: Any) -> Hashable:
     return ("O", id(leaf))
 
 
-def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
+def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = None
+                  ) -> Hashable | None:
     """A hashable key for everything about a call that a plan depends on.
 
     Tensors contribute shape, dtype and device (under ``vmap`` the per-sample shape); other
-    leaves their value, or their identity when unhashable.
+    leaves their value, or their identity when unhashable. With ``func``, the training flags
+    of the ``nn.Module`` objects it reaches (see :func:`module_state`) are part of the key, so
+    ``model.eval()`` after a call re-plans instead of replaying the training-mode graph.
     """
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+    key = (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+    return key if func is None else key + (module_state(func),)
+
+
+def _modules_of(func: Any, depth: int = 0) -> list[torch.nn.Module]:
+    """``nn.Module`` objects a callable refers to: itself, a bound ``self``, closure cells,
+    globals named in its code, ``functools.partial`` arguments (two levels deep)."""
+    if isinstance(func, torch.nn.Module):
+        return [func]
+    if depth > 2:
+        return []
+    found: list[torch.nn.Module] = []
+    candidates: list[Any] = []
+    if hasattr(func, "__self__"):
+        candidates.append(func.__self__)
+    if hasattr(func, "func") and hasattr(func, "args"):  # functools.partial
+        candidates += [func.func, *func.args, *getattr(func, "keywords", {}).values()]
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            candidates.append(cell.cell_contents)
+        except ValueError:  # empty cell
+            pass
+    code, globs = getattr(func, "__code__", None), getattr(func, "__globals__", None)
+    if code is not None and globs is not None:
+        candidates += [globs[name] for name in code.co_names if name in globs]
+    for c in candidates:
+        if isinstance(c, torch.nn.Module):
+            found.append(c)
+        elif callable(c) and not isinstance(c, type) and (
+                hasattr(c, "__code__") or hasattr(c, "__self__")):
+            found += _modules_of(c, depth + 1)
+    return found
+
+
+def module_state(func: Any) -> Hashable:
+    """The training flags of every module ``func`` reaches: what ``train()``/``eval()`` change."""
+    mods = _modules_of(func)
+    return tuple((id(m), tuple(sub.training for sub in m.modules())) for m in mods)
 
 
 # --------------------------------------------------------------------------------- tracing

@@ -152,6 +152,16 @@ class Schedule:
                 f"{self.directions} directions: {self.est_flops:.3g} FLOPs")
 
 
+_NO_FAST_PATH: Any = object()
+
+
+def _shaped(seed: Any, v: Tensor) -> Any:
+    """A flat seed ``(B, numel)`` viewed in the shape of the node it seeds."""
+    if isinstance(seed, UnitSeed):
+        return seed
+    return seed.reshape((seed.shape[0],) + tuple(v.shape))
+
+
 class Program:
     """A captured, planned derivative computation for one call signature."""
 
@@ -164,7 +174,7 @@ class Program:
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
-        self._compiled: dict[tuple[Any, Any], Callable[..., Any]] = {}
+        self._compiled: dict[Any, Callable[..., Any]] = {}
         self.compile_note: str | None = None
 
     def _seed(self, n: int, d: int, start: int, stop: int, z: Tensor) -> Any:
@@ -225,30 +235,83 @@ class Program:
         matrices are built before tracing and become constants of that graph. If the
         propagation cannot be traced (values that decide shapes), it runs eagerly.
         """
-        fn = self._compiled.get((r, d))
-        if fn is None:
-            fn = self._compile(r, d, z, others)
-        return fn(z, *others)  # type: ignore[no-any-return]
 
-    def _compile(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> Callable[..., Any]:
-        def eager(z: Tensor, *others: Tensor) -> Any:
-            return self._dense_eager(r, d, z, *others)
-
-        fn: Callable[..., Any] = eager
-        if d > 0:
+        def prepare() -> None:  # real constants, made outside the trace
             n = z.shape[0]
-            for start, stop in self._chunks(n, d):  # real constants, made outside the trace
+            for start, stop in self._chunks(n, d):
                 self._seed(n, d, start, stop, z)
             if d > 1:
                 interpolation_constants(n, d, z.dtype, z.device)
-            fn = self._trace(eager, z, others)
-        self._compiled[(r, d)] = fn
-        return fn
 
-    def _trace(self, eager: Callable[..., Any], z: Tensor, others: list[Tensor]
-               ) -> Callable[..., Any]:
+        def eager(z: Tensor, *others: Tensor) -> Any:
+            return self._dense_eager(r, d, z, *others)
+
+        return self._run((r, d), prepare if d > 0 else None, eager, z, others)
+
+    def _run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
+             z: Tensor, others: list[Tensor]) -> Any:
+        """Run ``eager(z, *others)`` through its compiled graph (built on first use)."""
+        batched = self._run_batched(key, prepare, eager, z, others)
+        if batched is not None:
+            return batched
+        fn = self._compiled.get(key)
+        if fn is None:
+            if prepare is None:
+                fn = eager
+            else:
+                prepare()
+                fn = self._trace(eager, [z, *others])
+            self._compiled[key] = fn
+        return fn(z, *others)
+
+    def _run_batched(self, key: Any, prepare: Callable[[], None] | None,
+                     eager: Callable[..., Any], z: Tensor, others: list[Tensor]) -> Any:
+        """The same computation when called directly inside ``torch.func.vmap``.
+
+        NOTE [Batched fast path]
+        Run per sample under ``vmap``, every operator of the compiled graph goes through
+        functorch's batching rules. When the innermost transform is the ``vmap`` that batches
+        our inputs, we instead trace ``vmap(eager)`` on the underlying batched tensors once
+        (``make_fx`` turns it into plain batched operators) and run that, re-attaching the
+        batch dimension to the results. Anything else (other transforms in between, inputs
+        batched at different levels) takes the general path.
+        """
+        fx = torch._C._functorch
+        if prepare is None or not fx.is_batchedtensor(z):
+            return None
+        level = fx.maybe_get_level(z)
+        if fx.maybe_current_level() != level:
+            return None
+        phys, dims = [], []
+        for v in [z, *others]:
+            if fx.is_batchedtensor(v):
+                if fx.maybe_get_level(v) != level:
+                    return None
+                inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
+            else:
+                inner, bdim = v, None
+            if fx.is_functorch_wrapped_tensor(inner):
+                return None
+            phys.append(inner)
+            dims.append(bdim)
+        bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
+        fn = self._compiled.get(bkey)
+        if fn is None:
+            prepare()
+            batched = torch.vmap(eager, in_dims=tuple(dims))
+            try:
+                fn = simplify(trace(batched, phys))
+            except CaptureError:
+                fn = _NO_FAST_PATH
+            self._compiled[bkey] = fn
+        if fn is _NO_FAST_PATH:
+            return None
+        out = fn(*phys)
+        return pytree.tree_map(lambda t: fx._add_batch_dim(t, 0, level), out)
+
+    def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return simplify(trace(eager, [z, *others]))
+            return simplify(trace(eager, examples))
         except CaptureError as e:
             self.compile_note = f"propagation runs eagerly ({e})"
             return eager
@@ -272,15 +335,17 @@ class Program:
         prop, K, n, m, w = self.props[0], self.order, z.shape[0], self.layout.m, s.width
         H = []  # D^j h: (w, n^j)
         for j in range(1, K + 1):
-            F = self._taylor_rows(n, j, z, lambda seed, j=j: prop(
-                Series(z, [seed] + [None] * (j - 1)), *others, stop_at=s.cut))
+            def prefix(seed: Any, j: int = j) -> Any:
+                return prop(Series(z, [seed] + [None] * (j - 1)), *others, stop_at=s.cut)
+
+            F = self._taylor_rows(n, j, z, prefix)
             H.append(symmetric_tensor(F, n, j).reshape((w,) + (n,) * j))
         S, aux = [], None
         for i in range(1, K + 1):
             def run(seed: Any, i: int = i) -> Any:
                 nonlocal aux
-                out, aux = prop(z, *others, override=(
-                    s.cut, lambda v: Series(v, [seed] + [None] * (i - 1))))
+                out, aux = prop(z, *others, override=(s.cut, lambda v: Series(
+                    v, [_shaped(seed, v)] + [None] * (i - 1))))
                 return out
             F = self._taylor_rows(w, i, z, run)
             S.append(symmetric_tensor(F, w, i).reshape((m,) + (w,) * i))
@@ -291,21 +356,18 @@ class Program:
 
     def dense_mixed(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
         """``D^K y`` by the mixed schedule ``s`` (see NOTE [Cutting at a narrow node])."""
-        key = ("mixed", s.cut.name)
-        fn = self._compiled.get(key)  # type: ignore[call-overload]
-        if fn is None:
-            n, w = z.shape[0], s.width
-            for dim in (n, w):
+
+        def prepare() -> None:
+            for dim in (z.shape[0], s.width):
                 for d in range(2, self.order + 1):
                     for start, stop in self._chunks(dim, d):
                         self._seed(dim, d, start, stop, z)
                     interpolation_constants(dim, d, z.dtype, z.device)
 
-            def eager(z: Tensor, *others: Tensor) -> Any:
-                return self._mixed_eager(s, z, *others)
+        def eager(z: Tensor, *others: Tensor) -> Any:
+            return self._mixed_eager(s, z, *others)
 
-            fn = self._compiled[key] = self._trace(eager, z, others)  # type: ignore[index]
-        return fn(z, *others)  # type: ignore[no-any-return]
+        return self._run(("mixed", s.cut.name), prepare, eager, z, others)  # type: ignore[no-any-return]
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         z, others = self.request.split(args, kwargs)

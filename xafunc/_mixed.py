@@ -74,7 +74,7 @@ def _is_tensor(nd: torch.fx.Node) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def set_partitions(k: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """All set partitions of ``{0..k-1}``, blocks sorted (Bell(k) of them)."""
     if k == 0:

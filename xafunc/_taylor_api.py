@@ -204,7 +204,7 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
     assert K is not None
 
     cache = _JET_CACHE.get(func)
-    key = (signature_key(primals, {}), K)
+    key = (signature_key(primals, {}, func), K)
     prog = cache.get(key) if cache is not None else None
     if prog is None:
         prog = _JetProgram(func, primals)
@@ -629,7 +629,7 @@ class _Operator:
                 raise ValueError(f"{name}: argnums {self.argnums!r} is out of range for "
                                  f"{len(args)} positional arguments.")
             norm.append(a % len(args))
-        key = (signature_key(args, kwargs), tuple(norm))
+        key = (signature_key(args, kwargs, self.func), tuple(norm))
         comp = self._cache.get(key)
         if comp is None:
             req = _Request(name, self.func, args, kwargs, tuple(norm))

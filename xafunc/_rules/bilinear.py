@@ -114,16 +114,17 @@ def _unit_product(a: Any, b: Any) -> Coeff:
 
 
 def matmul(p: Tensor, q: Tensor) -> Tensor:
-    """``torch.matmul`` that folds a leading direction dim into one GEMM when the other
-    operand is a plain matrix (``torch.matmul`` falls back to many small products when the
-    batched operand is not contiguous)."""
+    """``torch.matmul`` for a coefficient with a leading direction dim against a matrix.
+
+    Kept 3-D (or more) against 2-D so that ``torch.matmul`` folds all leading dims into one
+    GEMM -- also under ``vmap``, whose rule for a batched 2-D ``mm`` would instead expand the
+    matrix per sample into a ``bmm``. ``contiguous`` lets the fold happen without falling
+    back to one small product per direction.
+    """
     if q.dim() == 2 and p.dim() > 2:
-        out = p.reshape(-1, p.shape[-1]) @ q
-        return out.reshape(p.shape[:-1] + q.shape[-1:])
-    if p.dim() == 2 and q.dim() > 2:
-        qt = q.transpose(-1, -2)
-        out = qt.reshape(-1, qt.shape[-1]) @ p.t()
-        return out.reshape(qt.shape[:-1] + p.shape[:1]).transpose(-1, -2)
+        return torch.matmul(p.contiguous(), q)
+    if p.dim() == 2 and q.dim() > 2:  # a @ c_b = (c_b^T @ a^T)^T
+        return torch.matmul(q.transpose(-1, -2).contiguous(), p.t()).transpose(-1, -2)
     return torch.matmul(p, q)
 
 

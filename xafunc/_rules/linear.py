@@ -346,8 +346,6 @@ for _op, _pos in (
     (aten.upsample_nearest2d, (0,)),
     (aten.upsample_bilinear2d, (0,)),
     (aten.upsample_linear1d, (0,)),
-    (aten.slice_scatter, (0, 1)),
-    (aten.select_scatter, (0, 1)),
     (aten.diagonal, (0,)),
     (aten.diagonal_scatter, (0, 1)),
     (aten.diagonal_copy, (0,)),
@@ -368,6 +366,36 @@ for _op, _pos in (
     (aten.masked_fill, (0,)),
 ):
     register(_op)(vmap_linear(_op, _pos))
+
+
+def _scatter_rule(op: Any) -> Callable[..., Any]:
+    """``slice_scatter`` / ``select_scatter``: linear in (input, src), dim shifted by one."""
+
+    def rule(inp: Any, src: Any, dim: int = 0, *args: Any) -> Series:
+        x0, s0 = primal(inp), primal(src)
+        y0 = op(x0, s0, dim, *args)
+        d = _shift(dim, x0.dim())
+        if op is aten.slice_scatter and len(args) >= 2 and args[1] is not None:
+            args = (args[0], min(args[1], x0.shape[dim])) + tuple(args[2:])
+        B = batch_size([inp, src])
+        K = max(t.order for t in (inp, src) if isinstance(t, Series))
+        coeffs: list[Coeff] = []
+        for k in range(1, K + 1):
+            ci = inp.coeff(k) if isinstance(inp, Series) else None
+            cs = src.coeff(k) if isinstance(src, Series) else None
+            if ci is None and cs is None:
+                coeffs.append(None)
+                continue
+            ci = ci if ci is not None else x0.new_zeros((B,) + tuple(x0.shape))
+            cs = cs if cs is not None else s0.new_zeros((B,) + tuple(s0.shape))
+            coeffs.append(op(ci, cs, d, *args))
+        return Series(y0, coeffs)
+
+    return rule
+
+
+register(aten.slice_scatter)(_scatter_rule(aten.slice_scatter))
+register(aten.select_scatter)(_scatter_rule(aten.select_scatter))
 
 
 @register(aten.copy)
