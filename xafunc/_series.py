@@ -77,19 +77,32 @@ class Series:
         return f"Series(primal={tuple(self.primal.shape)}, coeffs=[{cs}])"
 
 
+def nested_any(x: Any, pred: Callable[[Any], bool]) -> bool:
+    """``pred`` holds for some value in ``x`` or, recursively, in its lists and tuples."""
+    if isinstance(x, (list, tuple)):
+        return any(nested_any(v, pred) for v in x)
+    return pred(x)
+
+
+def nested_map(x: Any, fn: Callable[[Any], Any]) -> Any:
+    """``x`` with ``fn`` applied to every value inside its (nested) lists and tuples."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(nested_map(v, fn) for v in x)
+    return fn(x)
+
+
+def _materialize_one(x: Any) -> Any:
+    if not isinstance(x, Series) or x.unit is None:
+        return x
+    seed, p = x.unit, x.primal
+    eye = p.new_zeros((seed.count, p.numel()))
+    eye.diagonal(seed.offset).fill_(1)
+    return Series(p, [eye.reshape((seed.count,) + tuple(p.shape))] + x.coeffs[1:])
+
+
 def materialize(x: Any) -> Any:
     """``x`` with any :class:`UnitSeed` (also inside lists/tuples) replaced by real tensors."""
-    if isinstance(x, Series):
-        seed = x.unit
-        if seed is None:
-            return x
-        p = x.primal
-        eye = p.new_zeros((seed.count, p.numel()))
-        eye.diagonal(seed.offset).fill_(1)
-        return Series(p, [eye.reshape((seed.count,) + tuple(p.shape))] + x.coeffs[1:])
-    if isinstance(x, (list, tuple)):
-        return type(x)(materialize(v) for v in x)
-    return x
+    return nested_map(x, _materialize_one)
 
 
 def unit_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,6 +117,15 @@ def is_series(x: Any) -> bool:
 
 def primal(x: Any) -> Any:
     return x.primal if isinstance(x, Series) else x
+
+
+def primals(x: Any) -> Any:
+    """``x`` with every Series (also inside lists/tuples) replaced by its primal."""
+    return nested_map(x, primal)
+
+
+def has_series(x: Any) -> bool:
+    return nested_any(x, is_series)
 
 
 def term(x: Any, k: int) -> Any:

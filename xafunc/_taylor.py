@@ -10,27 +10,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ._rules import is_nondiff, lookup
-from ._series import Series, materialize
-
-
-def _has_series(x: Any) -> bool:
-    if isinstance(x, Series):
-        return True
-    if isinstance(x, (list, tuple)):
-        return any(_has_series(v) for v in x)
-    return False
-
-
-def _primals(x: Any) -> Any:
-    if isinstance(x, Series):
-        return x.primal
-    if isinstance(x, (list, tuple)):
-        return type(x)(_primals(v) for v in x)
-    return x
+from ._series import has_series, materialize, primals
 
 
 class Propagator:
-    """A captured graph prepared for repeated propagation: node list and last uses."""
+    """A captured graph prepared for repeated propagation: node list, rules, last uses.
+
+    Subclasses change what a propagated value is by overriding :meth:`carries` (does an
+    argument structure hold a propagated value?), :meth:`strip` (the primals) and
+    :meth:`apply` (run a rule); the collapsed Taylor mode of ``xlaplacian`` does.
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -42,8 +31,33 @@ class Propagator:
         frees: dict[int, list[Any]] = {}
         for n, j in last_use.items():
             frees.setdefault(j, []).append(n)
-        self.steps = [(node, frees.get(i, [])) for i, node in enumerate(nodes)]
+        self.steps = []
+        for i, node in enumerate(nodes):
+            rule, nondiff = None, False
+            if node.op == "call_function" and node.target is not operator.getitem:
+                nondiff = is_nondiff(node.target)
+                rule = None if nondiff else self.rule_for(node)
+            self.steps.append((node, frees.get(i, []), rule, nondiff))
 
+    # ----------------------------------------------------------------- hooks
+    def rule_for(self, node: torch.fx.Node) -> Any:
+        return lookup(node.target)
+
+    def carries(self, x: Any) -> bool:
+        return has_series(x)
+
+    def strip(self, x: Any) -> Any:
+        return primals(x)
+
+    def apply(self, rule: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if not getattr(rule, "unit_aware", False):
+            args, kwargs = materialize(args), {k: materialize(v) for k, v in kwargs.items()}
+        return rule(*args, **kwargs)
+
+    def finish(self, value: Any) -> Any:
+        return materialize(value)
+
+    # ------------------------------------------------------------------- run
     def __call__(self, *inputs: Any, stop_at: Any = None,
                  override: tuple[Any, Callable[[Any], Any]] | None = None) -> Any:
         """Propagate ``inputs`` (Series or tensors) through the graph.
@@ -59,7 +73,7 @@ class Propagator:
         def load(a: Any) -> Any:
             return env[a]
 
-        for node, free in self.steps:
+        for node, free, rule, nondiff in self.steps:
             op = node.op
             if op == "placeholder":
                 env[node] = next(it)
@@ -71,25 +85,21 @@ class Propagator:
                 target = node.target
                 if target is operator.getitem:
                     env[node] = args[0][args[1]]
-                elif not (_has_series(args) or _has_series(tuple(kwargs.values()))):
+                elif not (self.carries(args) or self.carries(tuple(kwargs.values()))):
                     env[node] = target(*args, **kwargs)
-                elif is_nondiff(target):
-                    env[node] = target(*_primals(args), **{k: _primals(v)
-                                                          for k, v in kwargs.items()})
+                elif nondiff:
+                    env[node] = target(*self.strip(args),
+                                       **{k: self.strip(v) for k, v in kwargs.items()})
                 else:
-                    rule = lookup(target)
                     if rule is None:  # checked at plan time; kept as a safety net
                         raise NotImplementedError(f"no Taylor rule for {target}")
-                    if not getattr(rule, "unit_aware", False):
-                        args, kwargs = materialize(args), {k: materialize(v)
-                                                           for k, v in kwargs.items()}
-                    env[node] = rule(*args, **kwargs)
+                    env[node] = self.apply(rule, args, kwargs)
             elif op == "output":
                 return pytree.tree_map(
-                    lambda a: materialize(env[a]) if isinstance(a, torch.fx.Node) else a,
+                    lambda a: self.finish(env[a]) if isinstance(a, torch.fx.Node) else a,
                     node.args[0])
             if node is stop_at:
-                return materialize(env[node])
+                return self.finish(env[node])
             if override is not None and node is override[0]:
                 env[node] = override[1](env[node])
             for n in free:

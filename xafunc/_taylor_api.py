@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -30,7 +29,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, signature_key, trace
-from ._series import Series, UnitSeed, materialize
+from ._series import Series, UnitSeed, materialize, nested_any, nested_map
+from ._taylor import Propagator
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 
@@ -277,46 +277,32 @@ class _Col:
 
 
 def _has_col(x: Any) -> bool:
-    if isinstance(x, _Col):
-        return True
-    if isinstance(x, (list, tuple)):
-        return any(_has_col(v) for v in x)
-    return False
+    return nested_any(x, lambda v: isinstance(v, _Col))
 
 
 def _col_primals(x: Any) -> Any:
-    if isinstance(x, _Col):
-        return x.primal
-    if isinstance(x, (list, tuple)):
-        return type(x)(_col_primals(v) for v in x)
-    return x
+    return nested_map(x, lambda v: v.primal if isinstance(v, _Col) else v)
 
 
 def _has_s(x: Any) -> bool:
-    if isinstance(x, _Col):
-        return x.s is not None
-    if isinstance(x, (list, tuple)):
-        return any(_has_s(v) for v in x)
-    return False
+    return nested_any(x, lambda v: isinstance(v, _Col) and v.s is not None)
 
 
 def _lower_series(x: Any) -> Any:
     """Every ``_Col`` as the order-``K`` series ``[c_1 .. c_{K-1}, 0]`` along the directions."""
-    if isinstance(x, _Col):
-        return Series(x.primal, x.coeffs + [None])
-    if isinstance(x, (list, tuple)):
-        return type(x)(_lower_series(v) for v in x)
-    return x
+    return nested_map(x, lambda v: Series(v.primal, v.coeffs + [None])
+                      if isinstance(v, _Col) else v)
 
 
 def _sum_series(x: Any) -> Any:
     """Every ``_Col`` with a collapsed sum as the first-order series ``[s]`` (one direction);
     the others as constants: the second call computes ``Df[s]``."""
-    if isinstance(x, _Col):
-        return x.primal if x.s is None else Series(x.primal, [x.s.unsqueeze(0)])
-    if isinstance(x, (list, tuple)):
-        return type(x)(_sum_series(v) for v in x)
-    return x
+    def one(v: Any) -> Any:
+        if not isinstance(v, _Col):
+            return v
+        return v.primal if v.s is None else Series(v.primal, [v.s.unsqueeze(0)])
+
+    return nested_map(x, one)
 
 
 # Closed-form (g', g''/2) for the elementwise operators that dominate networks: the degree-2
@@ -359,7 +345,7 @@ _D2_UNARY: dict[Any, tuple[Any, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]
 }
 
 
-class _Collapsed:
+class _Collapsed(Propagator):
     """Runs a captured graph propagating ``c_1 .. c_{K-1}`` along ``N`` directions and the
     weighted sum of ``c_K`` (see NOTE [Collapsed Taylor mode]).
 
@@ -369,34 +355,27 @@ class _Collapsed:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, K: int) -> None:
-        self.gm, self.K = gm, K
-        nodes = list(gm.graph.nodes)
-        last_use: dict[Any, int] = {}
-        for i, node in enumerate(nodes):
-            for inp in node.all_input_nodes:
-                last_use[inp] = i
-        frees: dict[int, list[Any]] = {}
-        for n, j in last_use.items():
-            frees.setdefault(j, []).append(n)
-        from ._rules import is_nondiff, lookup
+        self.K = K
+        self.weights: Tensor | None = None
+        super().__init__(gm)
 
-        steps = []
-        for i, node in enumerate(nodes):
-            rule: Any = None
-            nondiff = False
-            if node.op == "call_function" and node.target is not operator.getitem:
-                nondiff = is_nondiff(node.target)
-                if not nondiff:
-                    rule = lookup(node.target)
-                    fast = _D2_UNARY.get(node.target) if K == 2 else None
-                    if fast is not None and len(node.args) == 1 and not node.kwargs:
-                        rule = ("unary2",) + fast
-            steps.append((node, frees.get(i, []), rule, nondiff))
-        self.steps = steps
+    def rule_for(self, node: torch.fx.Node) -> Any:
+        fast = _D2_UNARY.get(node.target) if self.K == 2 else None
+        if fast is not None and len(node.args) == 1 and not node.kwargs:
+            return ("unary2",) + fast
+        return super().rule_for(node)
 
-    def _apply(self, rule: Any, args: Any, kwargs: dict[str, Any], weights: Tensor | None
-               ) -> Any:
-        K = self.K
+    def carries(self, x: Any) -> bool:
+        return _has_col(x)
+
+    def strip(self, x: Any) -> Any:
+        return _col_primals(x)
+
+    def finish(self, value: Any) -> Any:
+        return value
+
+    def apply(self, rule: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        K, weights = self.K, self.weights
         if isinstance(rule, tuple):  # closed-form degree-2 elementwise rule
             x = args[0]
             y0 = rule[1](x.primal)
@@ -427,41 +406,13 @@ class _Collapsed:
             lin = rule(*_sum_series(args), **{k: _sum_series(v) for k, v in kwargs.items()})
         return _merge(out, lin, K, weights)
 
-    def __call__(self, weights: Tensor | None, *inputs: Any) -> Any:
-        env: dict[Any, Any] = {}
-        it = iter(inputs)
-        gm = self.gm
-
-        def load(a: Any) -> Any:
-            return env[a]
-
-        for node, free, rule, nondiff in self.steps:
-            op = node.op
-            if op == "placeholder":
-                env[node] = next(it)
-            elif op == "get_attr":
-                env[node] = getattr(gm, node.target)
-            elif op == "call_function":
-                args = torch.fx.node.map_arg(node.args, load)
-                kwargs = torch.fx.node.map_arg(node.kwargs, load)
-                target = node.target
-                if target is operator.getitem:
-                    env[node] = args[0][args[1]]
-                elif not (_has_col(args) or _has_col(tuple(kwargs.values()))):
-                    env[node] = target(*args, **kwargs)
-                elif nondiff:
-                    env[node] = target(*_col_primals(args),
-                                       **{k: _col_primals(v) for k, v in kwargs.items()})
-                else:
-                    if rule is None:
-                        raise NotImplementedError(f"no Taylor rule for {target}")
-                    env[node] = self._apply(rule, args, kwargs, weights)
-            elif op == "output":
-                return pytree.tree_map(lambda a: env[a] if isinstance(a, torch.fx.Node) else a,
-                                       node.args[0])
-            for n in free:
-                env.pop(n, None)
-        raise RuntimeError("graph has no output node")  # pragma: no cover
+    def __call__(self, weights: Tensor | None, *inputs: Any,  # type: ignore[override]
+                 stop_at: Any = None, override: Any = None) -> Any:
+        self.weights = weights
+        try:
+            return super().__call__(*inputs)
+        finally:
+            self.weights = None
 
 
 def _merge(out: Any, lin: Any, K: int, weights: Tensor | None) -> Any:

@@ -24,21 +24,13 @@ from .._series import (
     map_coeffs,
     materialize,
     primal,
+    primals,
     unit_aware,
 )
 from . import NONDIFF, register
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-
-def _pmap(args: Any) -> Any:
-    """Replace every Series in a (nested) argument structure by its primal."""
-    if isinstance(args, Series):
-        return args.primal
-    if isinstance(args, (list, tuple)):
-        return type(args)(_pmap(a) for a in args)
-    return args
 
 
 def _shift(dim: int, ndim: int) -> int:
@@ -303,7 +295,7 @@ def vmap_linear(op: Any, positions: Sequence[int] = (0,)) -> Callable[..., Any]:
         for i, a in enumerate(args):
             if isinstance(a, Series) and i not in positions:
                 raise NotImplementedError(f"{op}: argument {i} may not carry derivatives")
-        pargs = list(_pmap(args))
+        pargs = list(primals(args))
         y0 = op(*pargs, **kwargs)
         K = max(a.order for a in args if isinstance(a, Series))
         coeffs: list[Coeff] = []
