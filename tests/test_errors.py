@@ -281,6 +281,6 @@ def test_chunk_size_gives_same_numbers(order, mode):
 
     x = torch.tensor([0.2, -0.4, 0.7], dtype=F64)
     expected = reference_deriv(f, order)(x)
-    for chunk in (None, 1, 2, 1000):
+    for chunk in ((None, 1, 2, 1000) if order < 3 else (1, 2)):
         assert_tree_close(xderiv(f, order, chunk_size=chunk, mode=mode)(x), expected,
                           msg=f"chunk_size={chunk}")

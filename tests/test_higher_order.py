@@ -48,6 +48,8 @@ def _expected(fname: str, order: int, device: str):
 @pytest.mark.parametrize("order", [4, 5, 6])
 @pytest.mark.parametrize("fname", list(FUNCS))
 def test_high_order_matches_nested_jacrev(fname, order, mode, device):
+    if mode == "reverse" and order >= 5 and fname == "mixed":
+        pytest.skip("pure reverse at orders 5-6 runs on the two MLPs only (runtime budget)")
     p = _mlp_params(device)
     x = torch.tensor([0.3, -0.6], dtype=F64, device=device)
     f = lambda x: FUNCS[fname](x, p)  # noqa: E731
