@@ -72,7 +72,8 @@ def _leaf_close(a: torch.Tensor, e: torch.Tensor, rtol: float, atol: float, wher
         av, ev = ad.reshape(-1)[i].item(), ed.reshape(-1)[i].item()
         lines.append(f"    index {idx}: actual {av!r}, expected {ev!r}, "
                      f"|diff| {abs(av - ev):.3e}")
-    lines.append(f"  max |diff| over the leaf: {diff.nan_to_num(nan=float('inf')).max().item():.3e}")
+    worst_diff = diff.nan_to_num(nan=float("inf")).max().item()
+    lines.append(f"  max |diff| over the leaf: {worst_diff:.3e}")
     raise AssertionError("\n".join(lines))
 
 
