@@ -48,9 +48,7 @@ NORM_TAYLOR_DEGREE3 = Bug(
     "(training=True) is wrong from degree 3 on (orders <= 2 and pure reverse are right). "
     "Repro: xderiv(lambda x: F.layer_norm(x, (4,)), 3, mode='forward')(x) differs from "
     "nested jacrev by ~2 for x = tensor([0.3, -0.5, 1.2, 0.8], dtype=float64); the same "
-    "function written with mean/var/rsqrt is right. Also, for f = lambda x: "
-    "F.batch_norm(x, None, None, training=True).sin() on a (2, 2, 2, 2) input, the second "
-    "xderiv(f, 3, mode='forward')(x) returns a FakeTensor",
+    "function written with mean/var/rsqrt is right",
     lambda plan, argnums, kwargs: _engine(plan) and tuple(plan.schedule).count("fwd") >= 3,
 )
 
