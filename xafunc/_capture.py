@@ -35,14 +35,19 @@ def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = Non
     return key if func is None else key + (module_state(func),)
 
 
-def _modules_of(func: Any, depth: int = 0) -> list[torch.nn.Module]:
-    """``nn.Module`` objects a callable refers to: itself, a bound ``self``, closure cells,
-    globals named in its code, ``functools.partial`` arguments (two levels deep)."""
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def _reachable(func: Any, depth: int = 0) -> tuple[list[torch.nn.Module], list[Any]]:
+    """What a callable reads besides its arguments: ``nn.Module`` objects (itself, a bound
+    ``self``, closure cells, globals named in its code, ``functools.partial`` arguments) and
+    the Python scalars among those closure cells and globals (two levels of calls deep)."""
     if isinstance(func, torch.nn.Module):
-        return [func]
+        return [func], []
     if depth > 2:
-        return []
-    found: list[torch.nn.Module] = []
+        return [], []
+    mods: list[torch.nn.Module] = []
+    scalars: list[Any] = []
     candidates: list[Any] = []
     if hasattr(func, "__self__"):
         candidates.append(func.__self__)
@@ -58,17 +63,30 @@ def _modules_of(func: Any, depth: int = 0) -> list[torch.nn.Module]:
         candidates += [globs[name] for name in code.co_names if name in globs]
     for c in candidates:
         if isinstance(c, torch.nn.Module):
-            found.append(c)
+            mods.append(c)
+        elif isinstance(c, _SCALARS):
+            scalars.append(c)
         elif callable(c) and not isinstance(c, type) and (
                 hasattr(c, "__code__") or hasattr(c, "__self__")):
-            found += _modules_of(c, depth + 1)
-    return found
+            m, sc = _reachable(c, depth + 1)
+            mods += m
+            scalars += sc
+    return mods, scalars
 
 
 def module_state(func: Any) -> Hashable:
-    """The training flags of every module ``func`` reaches: what ``train()``/``eval()`` change."""
-    mods = _modules_of(func)
-    return tuple((id(m), tuple(sub.training for sub in m.modules())) for m in mods)
+    """The Python state a traced graph may have baked in: for every module ``func`` reaches,
+    the training flags and plain-scalar attributes of it and its submodules; and the scalar
+    closure cells and globals it reads. Part of the plan cache key, so changing any of them
+    re-plans instead of replaying a stale graph."""
+    mods, scalars = _reachable(func)
+    state = []
+    for m in mods:
+        for sub in m.modules():
+            attrs = tuple(sorted((k, v) for k, v in vars(sub).items()
+                                 if isinstance(v, _SCALARS) and not k.startswith("_")))
+            state.append((id(sub), sub.training, attrs))
+    return tuple(state), tuple((type(v), v) for v in scalars)
 
 
 # --------------------------------------------------------------------------------- tracing
