@@ -40,29 +40,10 @@ def _engine(plan: Any) -> bool:
 # on layer_norm / batch_norm, unnormalised negative int argnums, keyword arguments, leaf
 # dtypes with mixed-dtype inputs); all were fixed in d35aa24 and their entries removed. Then
 # the engine: basic slices under a rev + Taylor schedule ("invalid size, possible overflow?")
-# and stale plans after model.train()/eval(), both fixed in b5cab34.
-
-NORM_TAYLOR_DEGREE3 = Bug(
-    "norm-taylor-degree>=3",
-    "the engine's Taylor propagation through native_layer_norm / native_batch_norm "
-    "(training=True) is wrong from degree 3 on (orders <= 2 and pure reverse are right). "
-    "Repro: xderiv(lambda x: F.layer_norm(x, (4,)), 3, mode='forward')(x) differs from "
-    "nested jacrev by ~2 for x = tensor([0.3, -0.5, 1.2, 0.8], dtype=float64); the same "
-    "function written with mean/var/rsqrt is right",
-    lambda plan, argnums, kwargs: _engine(plan) and tuple(plan.schedule).count("fwd") >= 3,
-)
-
-STALE_PLAN_PYTHON_STATE = Bug(
-    "stale-plan-python-state",
-    "a transform caches the engine's captured graph per call signature (shapes, dtypes, "
-    "non-tensor arguments, module training flags) but Python values read by func -- a module "
-    "attribute, a closed-over float -- are baked into the graph: after they change, the old "
-    "value is replayed. Repro: m.temperature = 1.0; g = xderiv(lambda x: torch.tanh(x / "
-    "m.temperature), 2); g(x); m.temperature = 2.0; g(x) still uses 1.0 (off by 0.6 for "
-    "x = [0.3, -0.5])",
-    lambda plan, argnums, kwargs: _engine(plan),
-)
-
+# and stale plans after model.train()/eval(), both fixed in b5cab34; stale plans after a
+# Python attribute read by func changes, fixed by keying plans on that state. The engine's
+# layer_norm / batch_norm at order >= 3 was right: nested torch.func is wrong there (see
+# NOTE [Oracle for the norms] in test_operators.py).
 
 def plan_of(func: Callable[..., Any], order: int, argnums: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any] | None = None, **options: Any) -> Any:

@@ -284,3 +284,8 @@ def test_chunk_size_gives_same_numbers(order, mode):
     for chunk in ((None, 1, 2, 1000) if order < 3 else (1, 2)):
         assert_tree_close(xderiv(f, order, chunk_size=chunk, mode=mode)(x), expected,
                           msg=f"chunk_size={chunk}")
+
+
+def test_output_without_tensors_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"xderiv: func returned no tensors"):
+        xderiv(lambda x: (), 1)(torch.ones(2, dtype=torch.float64))

@@ -153,25 +153,41 @@ def trace(fn: Any, examples: list[Any]) -> torch.fx.GraphModule:
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(f"{type(e).__name__}: {msg[:200]}") from None
-    return _views_to_reshapes(g2)
+    return _canonicalize(g2)
 
 
-def _views_to_reshapes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Make the graph independent of the strides seen while tracing.
+def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite operators whose traced form is fragile into equivalent robust ones.
 
-    ``make_fx`` records ``reshape`` as ``view`` when the traced (fake) strides allowed it; real
-    tensors -- batched under ``vmap``, or produced by kernels that choose other layouts --
-    may not. ``reshape`` is a view whenever one is possible and a copy otherwise.
+    * ``view``/``_unsafe_view`` -> ``reshape``: ``make_fx`` records ``reshape`` as ``view``
+      when the traced (fake) strides allowed it; real tensors -- batched under ``vmap``, or
+      produced by kernels that choose other layouts -- may not. ``reshape`` is a view whenever
+      one is possible and a copy otherwise.
+    * functional ``copy(dst, src)`` (from functionalization) -> ``expand(_to_copy(src))`` to
+      ``dst``'s shape and dtype: same values, and differentiable (torch has no derivative for
+      ``aten::copy``, which reverse levels over the captured graph need).
     """
     aten = torch.ops.aten
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (aten.view.default,
-                                                          aten._unsafe_view.default):
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
-            changed = True
-    if changed:
-        gm.recompile()
+        elif node.target is aten.copy.default and all(
+                isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            dst = node.args[0].meta.get("val")
+            if not isinstance(dst, torch.Tensor):
+                continue
+            with graph.inserting_before(node):
+                cast = graph.call_function(aten._to_copy.default, (node.args[1],),
+                                           {"dtype": dst.dtype, "device": dst.device})
+                new = graph.call_function(aten.expand.default, (cast, list(dst.shape)))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.recompile()
     return gm
 
 

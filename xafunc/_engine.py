@@ -7,7 +7,11 @@ A schedule with ``r`` reverse levels captures ``g_r = jacrev^r(y)`` (an aten gra
 is traced once, not re-run through functorch's interpreter) and pushes univariate Taylor series
 of degree ``d = K - r`` through it along the ``C(n + d - 1, d)`` integer directions of
 :mod:`._interpolate`, which turns the ``d``-th coefficients into the symmetric tensor.
-``r = 0`` is pure forward (Taylor) mode, ``r = K`` pure reverse mode. The planner picks ``r``
+``r = 0`` is pure forward (Taylor) mode, ``r = K`` pure reverse mode. The reverse levels
+differentiate the *captured* graph, already decomposed into core operators, not the user's
+function: torch's own higher derivatives of some composite kernels are wrong (in torch 2.13
+nested ``jacrev`` of ``native_layer_norm`` is wrong from order 3 on), those of the core
+operators are not. The planner picks ``r``
 from a cost model over the captured graph (:func:`estimate`). The result is split back into
 the nesting of ``K`` ``jacrev`` calls: output structure, then ``K`` times the argnums structure.
 """
@@ -118,9 +122,13 @@ class Request:
 
 def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
                    ) -> Callable[..., Any]:
+    """``r`` nested ``jacrev`` of ``flat``; ``chunk_size`` bounds the outermost level only (the
+    one with the most cotangents) -- chunking every level multiplies the number of sequential
+    calls level by level."""
     g = flat
-    for _ in range(r):
-        g = torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk_size)
+    for level in range(r):
+        chunk = chunk_size if level == r - 1 else None
+        g = torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk)
     return g
 
 
@@ -167,10 +175,11 @@ class Program:
 
     def __init__(self, request: Request, layout: Layout, order: int, schedules: list[Schedule],
                  graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
-                 all_orders: bool) -> None:
+                 all_orders: bool, direct: dict[int, Callable[..., Any]] | None = None) -> None:
         self.request, self.layout, self.order = request, layout, order
         self.schedules = schedules
         self.props = {r: Propagator(g) for r, g in graphs.items()}
+        self.direct = direct or {}  # pure reverse levels run by torch.func, not traced
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
@@ -196,10 +205,11 @@ class Program:
     def _coefficients(self, r: int, d: int, z: Tensor, others: list[Tensor]
                       ) -> tuple[Tensor, Tensor | None, Any]:
         """Primal output of ``g_r``, its ``d``-th coefficients ``(N, M)``, and aux."""
-        prop = self.props[r]
         if d == 0:  # plain evaluation: the graph's generated code, no interpreter
-            out, aux = prop.gm(z, *others)
+            fn = self.direct.get(r) or self.props[r].gm
+            out, aux = fn(z, *others)
             return out, None, aux
+        prop = self.props[r]
         n = z.shape[0]
         coeffs, primal_out, aux = [], None, None
         for start, stop in self._chunks(n, d):
@@ -595,16 +605,22 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
                          per_direction_bytes=best.per_direction_bytes,
                          directions=best.directions, chunk_size=chunk_size, device=z.device)
     graphs = {0: g0}
+    direct: dict[int, Callable[..., Any]] = {}
     for s in schedules[:1]:
         r = s.reverse_levels
-        if r and r not in graphs:
-            try:
-                graphs[r] = trace(_jacrev_levels(flat, r, chunk if s.forward_degree == 0
+        if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
+            # pure reverse mode with chunking or several levels: tracing would unroll every
+            # chunk and level into one huge graph; torch.func runs it directly, still on the
+            # captured graph (see NOTE [Schedules])
+            direct[r] = _jacrev_levels(g0, r, chunk)
+        elif r and r not in graphs:
+            try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
+                graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
                                                  else None), [z, *others])
             except CaptureError as e:
                 return None, f"capture of the reverse levels failed ({e})", []
             problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
             if problems:
                 return None, "; ".join(problems), []
-    program = Program(req, layout, order, schedules, graphs, chunk, all_orders)
+    program = Program(req, layout, order, schedules, graphs, chunk, all_orders, direct)
     return program, None, schedules

@@ -141,6 +141,11 @@ def check_output(name: str, out: Any, has_aux: bool) -> Any:
                 f"{type(out).__name__}. Return (output, aux) or pass has_aux=False."
             )
         out = out[0]
+    if not pytree.tree_leaves(out):
+        raise ValueError(
+            f"{name}: func returned no tensors ({out!r}); there is nothing to differentiate. "
+            "Return a tensor or a pytree of tensors."
+        )
     for leaf in pytree.tree_leaves(out):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(

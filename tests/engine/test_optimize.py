@@ -266,7 +266,10 @@ def test_compiled_graph_shrinks(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(engine, "simplify", lambda gm: gm)
         raw = compiled(xafunc.xderiv(f, 3))
-    assert len(_ops(gm)) < 0.75 * len(_ops(raw)), (len(_ops(gm)), len(_ops(raw)))
+    # trace() already removes dead code, so the raw graph has none; the peephole passes
+    # (reshape chains, identities, CSE) still remove over 10% of what is left (174 -> 119
+    # ops with dead code counted, 140 -> 119 without)
+    assert len(_ops(gm)) < 0.9 * len(_ops(raw)), (len(_ops(gm)), len(_ops(raw)))
     # nothing dead, no detach/alias left, no reshape of a reshape
     reshapes = {aten.reshape.default, aten.view.default, aten.squeeze.dims,
                 aten.unsqueeze.default}
