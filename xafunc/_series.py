@@ -171,16 +171,19 @@ def cauchy(
     return out
 
 
-def map_coeffs(x: Series, fn: Callable[[Tensor], Tensor]) -> list[Coeff]:
-    """Apply a linear map (with the direction dim leading) to every coefficient at once.
+# Below this many elements in all, coefficients are concatenated so that a linear map runs
+# once (per-call overhead dominates); above it each runs separately (the concatenation would
+# be an extra pass over memory that costs more than the call it saves).
+CONCAT_LIMIT = 1 << 16
 
-    Non-zero coefficients are concatenated along the direction dim so that ``fn`` runs once.
-    """
+
+def map_coeffs(x: Series, fn: Callable[[Tensor], Tensor]) -> list[Coeff]:
+    """Apply a linear map (with the direction dim leading) to every coefficient."""
     present = [c for c in x.coeffs if c is not None]
     if not present:
         return [None] * x.order
-    if len(present) == 1:
-        mapped = [fn(present[0])]
+    if len(present) == 1 or sum(c.numel() for c in present) > CONCAT_LIMIT:
+        mapped = [fn(c) for c in present]
     else:
         sizes = [c.shape[0] for c in present]
         mapped = list(fn(torch.cat(present, 0)).split(sizes, 0))
