@@ -21,7 +21,6 @@ of ``C(n + K - 1, K)``. Each partition's term is one multi-operand contraction, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +130,3 @@ class Join:
                               for c in getattr(expr, "contraction_list", []))
             lines.append(f"{eq}  [{steps}]")
         return lines
-
-
-def node_flops(gm: torch.fx.GraphModule, flops_of: Callable[[torch.fx.Node], float]
-               ) -> dict[torch.fx.Node, float]:
-    return {nd: flops_of(nd) for nd in gm.graph.nodes}

@@ -72,14 +72,11 @@ class Plan:
         ]
         if self.est_flops is not None:
             lines.append(f"  estimated: {self.est_flops:.3g} FLOPs, peak "
-                         f"{_fmt_bytes(self.est_peak_bytes or 0)}")
+                         f"{fmt_bytes(self.est_peak_bytes or 0)}")
         if self.fallback:
             lines.append(f"  fallback to nested torch.func: {self.fallback}")
         lines += [f"  {d}" for d in self.details]
         return "\n".join(lines)
-
-
-_fmt_bytes = fmt_bytes
 
 
 def _numel(tree: Any) -> int:
@@ -108,7 +105,7 @@ def build_plan(
             best = schedules[0]
             details = [] if program.chunk_size is None or program.chunk_size == t.chunk_size \
                 else [f"directions processed {program.chunk_size} at a time to fit in memory"]
-            details += [f"candidate {s.describe()}, peak {_fmt_bytes(s.est_peak_bytes)}"
+            details += [f"candidate {s.describe()}, peak {fmt_bytes(s.est_peak_bytes)}"
                         for s in schedules[:4]]
             if best.join is not None:
                 details += ["join contractions (opt_einsum paths):"]
