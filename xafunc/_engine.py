@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, trace
+from ._compile import Compiler
 from ._interpolate import (
     directions,
     interpolation_constants,
@@ -36,7 +37,6 @@ from ._interpolate import (
 )
 from ._memory import choose_chunk
 from ._mixed import Join, cut_nodes
-from ._optimize import simplify
 from ._series import Series, UnitSeed
 from ._taylor import Propagator
 
@@ -160,9 +160,6 @@ class Schedule:
                 f"{self.directions} directions: {self.est_flops:.3g} FLOPs")
 
 
-_NO_FAST_PATH: Any = object()
-
-
 def _shaped(seed: Any, v: Tensor) -> Any:
     """A flat seed ``(B, numel)`` viewed in the shape of the node it seeds."""
     if isinstance(seed, UnitSeed):
@@ -183,7 +180,8 @@ class Program:
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
-        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self.compiler = Compiler()
+        self._compiled = self.compiler.fns  # the compiled graphs, by schedule key
         self.compile_note: str | None = None
 
     def _seed(self, n: int, d: int, start: int, stop: int, z: Tensor) -> Any:
@@ -236,15 +234,8 @@ class Program:
         return T.reshape((m,) + (n,) * (r + d)), aux
 
     def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
-        """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux.
-
-        NOTE [Compiled propagation]
-        The first call traces the whole propagation -- every rule, the interpolation -- into
-        one flat aten graph (``make_fx``), so later calls run generated code: no rule
-        dispatch, no ``None`` bookkeeping, no Python per coefficient. Seeds and interpolation
-        matrices are built before tracing and become constants of that graph. If the
-        propagation cannot be traced (values that decide shapes), it runs eagerly.
-        """
+        """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux, through the compiled propagation
+        (see NOTE [Compiled propagation] in ``_compile.py``)."""
 
         def prepare() -> None:  # real constants, made outside the trace
             n = z.shape[0]
@@ -260,71 +251,9 @@ class Program:
 
     def _run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
              z: Tensor, others: list[Tensor]) -> Any:
-        """Run ``eager(z, *others)`` through its compiled graph (built on first use)."""
-        batched = self._run_batched(key, prepare, eager, z, others)
-        if batched is not None:
-            return batched
-        fn = self._compiled.get(key)
-        if fn is None:
-            if prepare is None:
-                fn = eager
-            else:
-                prepare()
-                fn = self._trace(eager, [z, *others])
-            self._compiled[key] = fn
-        return fn(z, *others)
-
-    def _run_batched(self, key: Any, prepare: Callable[[], None] | None,
-                     eager: Callable[..., Any], z: Tensor, others: list[Tensor]) -> Any:
-        """The same computation when called directly inside ``torch.func.vmap``.
-
-        NOTE [Batched fast path]
-        Run per sample under ``vmap``, every operator of the compiled graph goes through
-        functorch's batching rules. When the innermost transform is the ``vmap`` that batches
-        our inputs, we instead trace ``vmap(eager)`` on the underlying batched tensors once
-        (``make_fx`` turns it into plain batched operators) and run that, re-attaching the
-        batch dimension to the results. Anything else (other transforms in between, inputs
-        batched at different levels) takes the general path.
-        """
-        fx = torch._C._functorch
-        if prepare is None or not fx.is_batchedtensor(z):
-            return None
-        level = fx.maybe_get_level(z)
-        if fx.maybe_current_level() != level:
-            return None
-        phys, dims = [], []
-        for v in [z, *others]:
-            if fx.is_batchedtensor(v):
-                if fx.maybe_get_level(v) != level:
-                    return None
-                inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
-            else:
-                inner, bdim = v, None
-            if fx.is_functorch_wrapped_tensor(inner):
-                return None
-            phys.append(inner)
-            dims.append(bdim)
-        bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
-        fn = self._compiled.get(bkey)
-        if fn is None:
-            prepare()
-            batched = torch.vmap(eager, in_dims=tuple(dims))
-            try:
-                fn = simplify(trace(batched, phys))
-            except CaptureError:
-                fn = _NO_FAST_PATH
-            self._compiled[bkey] = fn
-        if fn is _NO_FAST_PATH:
-            return None
-        out = fn(*phys)
-        return pytree.tree_map(lambda t: fx._add_batch_dim(t, 0, level), out)
-
-    def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
-        try:
-            return simplify(trace(eager, examples))
-        except CaptureError as e:
-            self.compile_note = f"propagation runs eagerly ({e})"
-            return eager
+        out = self.compiler.run(key, prepare, eager, z, others)
+        self.compile_note = self.compiler.note
+        return out
 
     # ------------------------------------------------------------------ mixed schedule
     def _taylor_rows(self, n: int, d: int, z: Tensor, run: Callable[[Any], Any]) -> Tensor:

@@ -12,7 +12,7 @@ from torch.func import grad, jacrev, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import xafunc
-import xafunc._engine as engine
+import xafunc._compile as compile_mod
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc._optimize import simplify
 
@@ -264,7 +264,7 @@ def test_compiled_graph_shrinks(monkeypatch):
     x = torch.randn(3, dtype=DT)
     gm = compiled(xafunc.xderiv(f, 3))
     with monkeypatch.context() as m:
-        m.setattr(engine, "simplify", lambda gm: gm)
+        m.setattr(compile_mod, "simplify", lambda gm: gm)
         raw = compiled(xafunc.xderiv(f, 3))
     # trace() already removes dead code, so the raw graph has none; the peephole passes
     # (reshape chains, identities, CSE) still remove over 10% of what is left (174 -> 119

@@ -1,0 +1,100 @@
+"""Compiling a propagation: trace it once, run the generated graph on every call.
+
+NOTE [Compiled propagation]
+The first call traces the whole propagation -- every rule, the interpolation, the joins -- into
+one flat aten graph (``make_fx``), simplified by :func:`~xafunc._optimize.simplify`, so later
+calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
+coefficient. Constants (seeds, interpolation matrices) must be built by ``prepare`` before
+tracing so that they enter the graph as constants. If the propagation cannot be traced (values
+that decide shapes), it runs eagerly.
+
+NOTE [Batched fast path]
+Run per sample under ``vmap``, every operator of the compiled graph goes through functorch's
+batching rules. When the innermost transform is the ``vmap`` that batches our inputs, we
+instead trace ``vmap(eager)`` on the underlying batched tensors once (``make_fx`` turns it into
+plain batched operators) and run that, re-attaching the batch dimension to the results.
+Anything else (other transforms in between, inputs batched at different levels) takes the
+general path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._capture import CaptureError, trace
+from ._optimize import simplify
+
+_NO_FAST_PATH: Any = object()
+
+
+class Compiler:
+    """Compiled graphs of one plan's propagations, by key (and batch layout under vmap)."""
+
+    def __init__(self) -> None:
+        self.fns: dict[Any, Callable[..., Any]] = {}
+        self.note: str | None = None
+
+    def run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
+            z: Tensor, others: list[Tensor]) -> Any:
+        """``eager(z, *others)``, through its compiled graph (built on first use).
+
+        ``prepare=None`` means: do not compile, run ``eager``.
+        """
+        batched = self._run_batched(key, prepare, eager, z, others)
+        if batched is not None:
+            return batched
+        fn = self.fns.get(key)
+        if fn is None:
+            if prepare is None:
+                fn = eager
+            else:
+                prepare()
+                fn = self._trace(eager, [z, *others])
+            self.fns[key] = fn
+        return fn(z, *others)
+
+    def _run_batched(self, key: Any, prepare: Callable[[], None] | None,
+                     eager: Callable[..., Any], z: Tensor, others: list[Tensor]) -> Any:
+        fx = torch._C._functorch
+        if prepare is None or not fx.is_batchedtensor(z):
+            return None
+        level = fx.maybe_get_level(z)
+        if fx.maybe_current_level() != level:
+            return None
+        phys, dims = [], []
+        for v in [z, *others]:
+            if fx.is_batchedtensor(v):
+                if fx.maybe_get_level(v) != level:
+                    return None
+                inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
+            else:
+                inner, bdim = v, None
+            if fx.is_functorch_wrapped_tensor(inner):
+                return None
+            phys.append(inner)
+            dims.append(bdim)
+        bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
+        fn = self.fns.get(bkey)
+        if fn is None:
+            prepare()
+            try:
+                fn = simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys))
+            except CaptureError:
+                fn = _NO_FAST_PATH
+            self.fns[bkey] = fn
+        if fn is _NO_FAST_PATH:
+            return None
+        out = fn(*phys)
+        return pytree.tree_map(lambda t: fx._add_batch_dim(t, 0, level), out)
+
+    def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
+        try:
+            return simplify(trace(eager, examples))
+        except CaptureError as e:
+            self.note = f"propagation runs eagerly ({e})"
+            return eager
