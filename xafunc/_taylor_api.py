@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, graph_problems, signature_key, trace
+from ._compile import Compiler
 from ._series import Series, UnitSeed, materialize, nested_any, nested_map
 from ._taylor import Propagator
 
@@ -119,8 +120,6 @@ class _JetProgram:
         if problems:
             self.reason = "; ".join(problems)
             return
-        from ._taylor import Propagator
-
         self.propagator = Propagator(gm)
         self.out_spec = meta["spec"]
 
@@ -491,6 +490,7 @@ class _Compiled:
         self.req = req
         self.runner: _Collapsed | None = None
         self.reason: str | None = None
+        self.compiler = Compiler()
         try:
             gm = trace(req.flat, [z, *others])
         except CaptureError as e:
@@ -591,17 +591,25 @@ class _Operator:
         V, weights, scale, unit_offset = self.directions(comp.req.n, z.dtype, z.device)
         if comp.runner is None:
             return self._reference(comp.req, z, others, V, weights, scale)
-        first: Any = V if unit_offset is None else UnitSeed(unit_offset, V.shape[0])
-        x = _Col(z, [first] + [None] * (self.K - 2), None)
-        outs = comp.runner(weights, x, *others)
-        res = []
-        for o in outs:
-            if isinstance(o, _Col) and o.s is not None:
-                res.append(o.s * scale)
-            else:
-                p = o.primal if isinstance(o, _Col) else o
-                res.append(torch.zeros_like(p))
-        return pytree.tree_unflatten(res, comp.out_spec)
+        runner = comp.runner
+
+        def eager(z: Tensor, *others: Tensor) -> list[Tensor]:
+            first: Any = V if unit_offset is None else UnitSeed(unit_offset, V.shape[0])
+            outs = runner(weights, _Col(z, [first] + [None] * (self.K - 2), None), *others)
+            res = []
+            for o in outs:
+                if isinstance(o, _Col) and o.s is not None:
+                    res.append(o.s * scale)
+                else:
+                    p = o.primal if isinstance(o, _Col) else o
+                    res.append(torch.zeros_like(p))
+            return res
+
+        if self.method == "exact":  # fixed directions: compile (see NOTE [Compiled propagation])
+            res = comp.compiler.run("exact", lambda: None, eager, z, list(others))
+        else:  # fresh random directions on every call
+            res = eager(z, *others)
+        return pytree.tree_unflatten(list(res), comp.out_spec)
 
     def _reference(self, req: _Request, z: Tensor, others: list[Tensor], V: Tensor,
                    weights: Tensor | None, scale: float) -> Any:
