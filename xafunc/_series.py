@@ -155,6 +155,18 @@ def add(a: Coeff, b: Coeff) -> Coeff:
     return a + b
 
 
+def paired(a: Any, b: Any, fn: Callable[[Coeff, Coeff], Tensor]) -> list[Coeff]:
+    """``fn(a_k, b_k)`` for ``k = 1..K`` for an op jointly linear in two operands (``None``
+    for a constant's or zero coefficient; ``None`` out when both are)."""
+    K = max(s.order for s in (a, b) if isinstance(s, Series))
+    out: list[Coeff] = []
+    for k in range(1, K + 1):
+        ca = a.coeff(k) if isinstance(a, Series) else None
+        cb = b.coeff(k) if isinstance(b, Series) else None
+        out.append(None if ca is None and cb is None else fn(ca, cb))
+    return out
+
+
 def cauchy(
     a: Any, b: Any, k: int, mul: Callable[[Tensor, Tensor], Tensor]
 ) -> Coeff:

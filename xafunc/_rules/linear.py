@@ -23,6 +23,7 @@ from .._series import (
     lift,
     map_coeffs,
     materialize,
+    paired,
     primal,
     primals,
     unit_aware,
@@ -267,19 +268,14 @@ def _where(cond: Tensor, a: Any, b: Any) -> Series:
         cond = cond.primal
     y0 = torch.where(cond, primal(a), primal(b))
     shape = y0.shape
-    K = max(s.order for s in (a, b) if isinstance(s, Series))
-    coeffs: list[Coeff] = []
-    for k in range(1, K + 1):
-        ca = a.coeff(k) if isinstance(a, Series) else None
-        cb = b.coeff(k) if isinstance(b, Series) else None
-        if ca is None and cb is None:
-            coeffs.append(None)
-            continue
-        zero = y0.new_zeros(())
+    zero = y0.new_zeros(())
+
+    def pick(ca: Coeff, cb: Coeff) -> Tensor:
         ta = lift(ca, len(shape)) if ca is not None else zero
         tb = lift(cb, len(shape)) if cb is not None else zero
-        coeffs.append(_expand_to(torch.where(cond, ta, tb), shape))
-    return Series(y0, coeffs)
+        return _expand_to(torch.where(cond, ta, tb), shape)
+
+    return Series(y0, paired(a, b, pick))
 
 
 # ------------------------------------------------------------------- generic vmap-batched ops
@@ -370,18 +366,13 @@ def _scatter_rule(op: Any) -> Callable[..., Any]:
         if op is aten.slice_scatter and len(args) >= 2 and args[1] is not None:
             args = (args[0], min(args[1], x0.shape[dim])) + tuple(args[2:])
         B = batch_size([inp, src])
-        K = max(t.order for t in (inp, src) if isinstance(t, Series))
-        coeffs: list[Coeff] = []
-        for k in range(1, K + 1):
-            ci = inp.coeff(k) if isinstance(inp, Series) else None
-            cs = src.coeff(k) if isinstance(src, Series) else None
-            if ci is None and cs is None:
-                coeffs.append(None)
-                continue
+
+        def scatter(ci: Coeff, cs: Coeff) -> Tensor:
             ci = ci if ci is not None else x0.new_zeros((B,) + tuple(x0.shape))
             cs = cs if cs is not None else s0.new_zeros((B,) + tuple(s0.shape))
-            coeffs.append(op(ci, cs, d, *args))
-        return Series(y0, coeffs)
+            return op(ci, cs, d, *args)
+
+        return Series(y0, paired(inp, src, scatter))
 
     return rule
 
