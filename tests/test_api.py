@@ -99,13 +99,17 @@ def test_non_tensor_non_differentiated_args():
 # --------------------------------------------------------------------------------------------
 
 
+def _functional_model(device):
+    """A small model as ``f(params, x)`` with its parameter dict and an input."""
+    m = small_model(device)
+    params = {k: v.detach().clone() for k, v in m.named_parameters()}
+    return (lambda p, x: functional_call(m, p, (x,))), params, t(2, device=device, seed=3)
+
+
 @pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_dict_params_functional_call_argnums0(order, mode, device):
-    m = small_model(device)
-    params = {k: v.detach().clone() for k, v in m.named_parameters()}
-    x = t(2, device=device, seed=3)
-    f = lambda p, x: functional_call(m, p, (x,))  # noqa: E731
+    f, params, x = _functional_model(device)
     actual = xderiv(f, order, argnums=0, mode=mode)(params, x)
     expected = reference_deriv(f, order, 0)(params, x)
     assert_tree_close(actual, expected)
@@ -120,10 +124,7 @@ def test_dict_params_functional_call_argnums0(order, mode, device):
 @pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_dict_params_functional_call_argnums1(order, mode, device):
-    m = small_model(device)
-    params = {k: v.detach().clone() for k, v in m.named_parameters()}
-    x = t(2, device=device, seed=3)
-    f = lambda p, x: functional_call(m, p, (x,))  # noqa: E731
+    f, params, x = _functional_model(device)
     actual = xderiv(f, order, argnums=1, mode=mode)(params, x)
     assert_tree_close(actual, reference_deriv(f, order, 1)(params, x))
     assert actual.shape == (1,) + (2,) * order
