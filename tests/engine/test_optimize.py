@@ -165,6 +165,28 @@ def test_constant_subgraphs_fold():
     assert _ops(gm) == [aten.mm.default]
 
 
+def test_small_broadcast_operand_is_made_row_major():
+    """NOTE [Broadcast operand layout]: ``h (8, 1, 64) * w.t() (3, 64)`` would come out with
+    the size-3 dimension innermost; the small operand is copied so the output is row-major."""
+    w = torch.randn(64, 3)
+    h = torch.randn(8, 1, 64)
+
+    def fn(h):
+        return h * w.t()
+
+    assert not fn(h).is_contiguous()
+    gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(h)
+    simplify(gm)
+    assert aten.clone.default in _ops(gm)
+    out = gm(h)
+    assert out.is_contiguous()
+    _bitwise(out, fn(h))
+    # a large operand keeps its layout: nothing to gain from copying it
+    gm = make_fx(lambda a, b: a * b, tracing_mode="fake")(torch.randn(64, 8).t(), torch.randn(8, 1))
+    simplify(gm)
+    assert aten.clone.default not in _ops(gm)
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)
