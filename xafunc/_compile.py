@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, trace
+from ._execute import Executable
 from ._optimize import simplify
 
 _NO_FAST_PATH: Any = object()
@@ -83,18 +84,27 @@ class Compiler:
         if fn is None:
             prepare()
             try:
-                fn = simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys))
+                fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys)))
             except CaptureError:
                 fn = _NO_FAST_PATH
             self.fns[bkey] = fn
         if fn is _NO_FAST_PATH:
             return None
-        out = fn(*phys)
+        if fx.get_dynamic_layer_stack_depth() == 1:
+            # ours is the only transform: run the plain graph outside it (no per-op trip
+            # through functorch's dispatch layer; see NOTE [Fast execution])
+            saved = fx.pop_dynamic_layer_stack()
+            try:
+                out = fn(*phys)
+            finally:
+                fx.push_dynamic_layer_stack(saved)
+        else:
+            out = fn(*phys)
         return pytree.tree_map(lambda t: fx._add_batch_dim(t, 0, level), out)
 
     def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return simplify(trace(eager, examples))
+            return Executable(simplify(trace(eager, examples)))
         except CaptureError as e:
             self.note = f"propagation runs eagerly ({e})"
             return eager

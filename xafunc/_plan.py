@@ -83,6 +83,11 @@ def _numel(tree: Any) -> int:
     return sum(leaf.numel() for leaf in pytree.tree_leaves(tree))
 
 
+_EXECUTION = ("execution: one compiled aten graph; constant parts cached, the rest run by "
+              "TorchScript when no gradient or torch.func transform needs its history, "
+              "else by FX")
+
+
 def build_plan(
     t: _Transform, args: tuple[Any, ...], kwargs: dict[str, Any], argnums: tuple[int, ...]
 ) -> Plan:
@@ -110,8 +115,7 @@ def build_plan(
             if best.join is not None:
                 details += ["join contractions (opt_einsum paths):"]
                 details += [f"  {line}" for line in best.join.describe()]
-            if program.compile_note:
-                details.append(program.compile_note)
+            details.append(program.compile_note or _EXECUTION)
             return Plan(
                 strategy="engine",
                 schedule=(("mixed",) if best.cut is not None else ()) + best.levels,

@@ -1,0 +1,198 @@
+"""Running a compiled graph: hoisted constant subexpressions and a TorchScript executor.
+
+NOTE [Fast execution]
+A compiled propagation (``_compile.py``) is a flat aten graph of a few dozen to a few hundred
+small operators. Run by its FX ``forward``, each operator costs a Python call into the
+dispatcher (about 1.5 us), which for PINN-sized problems is most of the run time. Two things
+make it faster when nothing needs the graph's autograd history:
+
+* **Hoisting.** Nodes that depend only on the graph's constants (the caller's weights:
+  transposes, slices, products of weights with the fixed seeds) are computed once by a
+  *prologue* and cached with the constants' version counters; an in-place update of a weight
+  (an optimiser step) bumps its counter, which recomputes the prologue on the next call.
+* **TorchScript.** The rest of the graph, with the hoisted values and constants as inputs
+  (never baked in, so in-place updates stay visible), is traced once by ``torch.jit.trace``
+  and run by its C++ interpreter: same aten kernels, same values, a fraction of the per-op
+  cost.
+
+The fast path is taken only for a *plain* call: every argument a plain ``torch.Tensor``, no
+``torch.func`` transform active (the ``vmap`` fast path pops its own level first), no
+``__torch_dispatch__``/``__torch_function__`` mode, not inside ``torch.compile``, and no
+gradient needed (grad mode off, or no argument and no constant requiring grad). Anything else
+-- ``grad``/``jacrev`` over the transform, autograd through it, fake tensors -- runs the FX
+graph, which is exactly what the fast path computes. If hoisting or tracing fails, the FX
+graph is used from then on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
+
+_FAILED: Any = object()
+# hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
+_HOIST_LIMIT_BYTES = 64 * 2**20
+
+
+def plain_call(args: tuple[Any, ...] | list[Any]) -> bool:
+    """True when ``args`` are plain tensors and no transform, mode or compiler is active."""
+    fx = torch._C._functorch
+    if fx.peek_interpreter_stack() is not None:
+        return False
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(a) is Tensor and not fx.is_functorch_wrapped_tensor(a) for a in args)
+
+
+def _needs_grad(tensors: Any) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _versions(tensors: list[Tensor]) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: never cache
+        return None
+
+
+class Executable:
+    """A simplified graph, callable like its ``GraphModule`` (see NOTE [Fast execution])."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.consts: list[Tensor] = [
+            getattr(gm, str(n.target)) for n in gm.graph.nodes
+            if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
+        self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
+        self.executor = "fx"
+
+    @property
+    def code(self) -> str:
+        return self.gm.code
+
+    @property
+    def graph(self) -> Graph:
+        return self.gm.graph
+
+    def __call__(self, *args: Any) -> Any:
+        if (self._fast is not _FAILED and plain_call(args)
+                and not _needs_grad((*args, *self.consts))):
+            if self._fast is None:
+                self._fast = self._build(args)
+            if self._fast is not _FAILED:
+                return self._fast(args)
+        return self.gm(*args)
+
+    def _build(self, args: tuple[Any, ...]) -> Any:
+        try:
+            fast = _FastPath(self.gm)
+            fast.trace(args)
+        except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
+            self.executor = "fx"
+            return _FAILED
+        self.executor = fast.executor
+        return fast
+
+
+class _FastPath:
+    """The graph split into a cached prologue (constants only) and a traced main part."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        graph = gm.graph
+        static: set[Node] = set()
+        from ._optimize import _pure
+
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                static.add(node)
+            elif (node.op == "call_function" and _pure(node.target)
+                  and all(a in static for a in node.all_input_nodes)
+                  and _small(node)):
+                static.add(node)
+        out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+        # values the main part needs from the static part
+        hoisted = [n for n in graph.nodes if n in static and any(
+            u not in static for u in n.users)]
+        const_nodes = [n for n in graph.nodes if n.op == "get_attr"]
+
+        # prologue: constants -> hoisted values
+        pro = Graph()
+        env: dict[Node, Node] = {}
+        for n in const_nodes:
+            env[n] = pro.placeholder(f"c{len(env)}")
+        for n in graph.nodes:
+            if n in static and n.op != "get_attr":
+                env[n] = pro.node_copy(n, lambda a: env[a])
+        pro.output(tuple(env[n] for n in hoisted))
+        self.prologue = GraphModule(gm, pro)
+        self.consts = [getattr(gm, str(n.target)) for n in const_nodes]
+
+        # main: arguments + hoisted values -> flat outputs (static outputs are copied, so the
+        # caller never receives a cached tensor)
+        main = Graph()
+        env2: dict[Node, Node] = {}
+        for n in graph.nodes:
+            if n.op == "placeholder":
+                env2[n] = main.node_copy(n)
+        for i, n in enumerate(hoisted):
+            env2[n] = main.placeholder(f"hoisted{i}")
+        for n in graph.nodes:
+            if n.op == "call_function" and n not in static:
+                env2[n] = main.node_copy(n, lambda a: env2[a])
+        flat, self.out_spec = pytree.tree_flatten(out_node.args[0])
+        outs = []
+        for a in flat:
+            if not isinstance(a, Node):
+                raise TypeError("non-tensor output")
+            v = env2[a]
+            if a in static:
+                v = main.call_function(torch.ops.aten.clone.default, (v,))
+            outs.append(v)
+        main.output(tuple(outs))
+        self.main: Callable[..., Any] = GraphModule(gm, main)
+        self.executor = "fx"
+        self._cache: tuple[tuple[int, ...] | None, list[Tensor]] | None = None
+
+    def hoisted(self) -> list[Tensor]:
+        versions = _versions(self.consts)
+        cache = self._cache
+        if cache is not None and versions is not None and cache[0] == versions:
+            return cache[1]
+        with torch.no_grad():
+            values = list(self.prologue(*self.consts))
+        self._cache = (versions, values)
+        return values
+
+    def trace(self, args: tuple[Any, ...]) -> None:
+        """Trace the main part with TorchScript; keep the FX main part if that fails."""
+        inputs = (*args, *self.hoisted())
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(self.main, inputs, check_trace=False)
+        except Exception:  # noqa: BLE001 - TorchScript is an accelerator, not a requirement
+            return
+        self.main, self.executor = traced, "torchscript"
+
+    def __call__(self, args: tuple[Any, ...]) -> Any:
+        flat = self.main(*args, *self.hoisted())
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+
+def _small(node: Node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    total = 0
+    for v in vals:
+        if not isinstance(v, Tensor):
+            return False
+        total += v.numel() * v.element_size()
+    return total <= _HOIST_LIMIT_BYTES
