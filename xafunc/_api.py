@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _validate as V
+from ._capture import signature_key
 from ._plan import Plan, build_plan
 from ._typing import Argnums, Func, Mode
 
@@ -43,13 +44,13 @@ class _Transform:
         self._plans: dict[Any, Plan] = {}
 
     def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        argnums = V.normalize_argnums(self.name, self.argnums, len(args))
-        V.check_diff_args(self.name, args, argnums)
-        from ._capture import signature_key
-
         key = signature_key(args, kwargs, self.func)
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
+            # a cached plan was built for arguments of this very signature, which passed these
+            # checks then: only a new signature needs them
+            argnums = V.normalize_argnums(self.name, self.argnums, len(args))
+            V.check_diff_args(self.name, args, argnums)
             plan = build_plan(self, args, kwargs, argnums)
             if key is not None and plan.cacheable:
                 self._plans[key] = plan

@@ -30,8 +30,11 @@ def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = Non
     of the ``nn.Module`` objects it reaches (see :func:`module_state`) are part of the key, so
     ``model.eval()`` after a call re-plans instead of replaying the training-mode graph.
     """
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    key = (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # the common call
+        key: tuple[Any, ...] = ("tensors", tuple((a.shape, a.dtype, a.device) for a in args))
+    else:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
     return key if func is None else key + (module_state(func),)
 
 

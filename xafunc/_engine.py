@@ -89,7 +89,10 @@ class Request:
         self.in_dtype = leaves[self.diff_pos[0]].dtype
 
     def split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
-        leaves = pytree.tree_leaves((args, kwargs))
+        # the plan's signature fixes the structure: with only tensor arguments, they are the
+        # leaves (see ``signature_key``)
+        plain = not kwargs and all(isinstance(a, Tensor) for a in args)
+        leaves = args if plain else pytree.tree_leaves((args, kwargs))
         z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos]) \
             if len(self.diff_pos) > 1 else leaves[self.diff_pos[0]].reshape(-1)
         return z, [leaves[i] for i in self.other_pos]
@@ -336,9 +339,11 @@ class Program:
     def assemble(self, D: Tensor, k: int) -> Any:
         """Split ``D (m, n^k)`` into the pytree ``k`` nested ``jacrev`` calls return."""
         lay = self.layout
-        in_sizes = [math.prod(s) for s in lay.in_shapes]
-
         in_dtype = self.request.in_dtype
+        if lay.in_spec.is_leaf() and lay.out_spec.is_leaf():  # one tensor in, one out
+            out = D.reshape(lay.out_shapes[0] + lay.in_shapes[0] * k)
+            return out if k == 0 or out.dtype == in_dtype else out.to(in_dtype)
+        in_sizes = [math.prod(s) for s in lay.in_shapes]
 
         def nest(block: Tensor, lead: int, level: int) -> Any:
             # block: (*prefix, n, ..., n) with ``lead`` prefix dims; splitting one dim into a
