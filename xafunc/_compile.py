@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from ._capture import CaptureError, trace
-from ._execute import Executable
+from ._execute import Executable, map_tensors
 from ._optimize import simplify
 
 _NO_FAST_PATH: Any = object()
@@ -84,7 +83,8 @@ class Compiler:
         if fn is None:
             prepare()
             try:
-                fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys)))
+                fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
+                                           contiguous_outputs=True))
             except CaptureError:
                 fn = _NO_FAST_PATH
             self.fns[bkey] = fn
@@ -100,11 +100,11 @@ class Compiler:
                 fx.push_dynamic_layer_stack(saved)
         else:
             out = fn(*phys)
-        return pytree.tree_map(lambda t: fx._add_batch_dim(t, 0, level), out)
+        return map_tensors(lambda t: fx._add_batch_dim(t, 0, level), out)
 
     def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return Executable(simplify(trace(eager, examples)))
+            return Executable(simplify(trace(eager, examples), contiguous_outputs=True))
         except CaptureError as e:
             self.note = f"propagation runs eagerly ({e})"
             return eager

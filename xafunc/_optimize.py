@@ -29,6 +29,10 @@ topological sweep repeated to a fixed point:
    output's shape and dtype are ``x``'s (broadcasting or type promotion would
    change them otherwise). ``x + 0.0`` on floating ``x`` is only dropped when the zero is
    ``-0.0``: ``-0.0 + 0.0`` is ``+0.0``, which later divisions could tell apart.
+   Also exact: ``x + x`` is ``x * 2``, ``(x * a) * b`` is ``x * (a * b)`` when ``a`` or ``b``
+   is ``+-1``, and the only piece of a ``split_with_sizes`` into one piece is its input.
+   ``(big * small) * 2^k`` becomes ``big * (small * 2^k)`` (one pass over the large tensor
+   fewer; exact short of over- or underflow).
 5. Common subexpressions: a pure aten call (not mutating, not random, not ``empty``) with the
    same target, arguments and keyword arguments as an earlier one reuses it. ``mul``/``add``
    of two real tensors are put in a canonical operand order first (IEEE ``+``/``*`` commute
@@ -46,6 +50,11 @@ topological sweep repeated to a fixed point:
 8. Layout (NOTE [Broadcast operand layout]): a pointwise op that broadcasts a small,
    non-contiguous operand (a transposed weight slice, say) against a large one gets that
    operand copied to row-major first. Values are unchanged; only the output's strides are.
+9. Row-major outputs (on request), as torch.func returns derivatives: an output
+   ``mm(a, b).t()`` is computed as ``mm(b.t(), a.t())`` (the same products; the only rewrite
+   here whose rounding may differ, as the BLAS may sum in another order), and any other
+   non-contiguous output of at most
+   ``_OUTPUT_COPY_NUMEL`` elements is copied.
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
@@ -54,6 +63,7 @@ another output (aliasing the caller could observe) is skipped. A graph with any 
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -81,8 +91,10 @@ _FOLD_NUMEL = 1 << 16
 _FOLDED = "_folded_constant"
 
 
-def simplify(gm: GraphModule) -> GraphModule:
-    """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it."""
+def simplify(gm: GraphModule, contiguous_outputs: bool = False) -> GraphModule:
+    """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it; with
+    ``contiguous_outputs``, also pass 9 (for derivative results, which torch.func returns
+    row-major)."""
     graph = gm.graph
     for node in graph.nodes:
         if node.op == "call_function" and _mutates(node.target):
@@ -90,14 +102,21 @@ def simplify(gm: GraphModule) -> GraphModule:
     graph.eliminate_dead_code()
     _fold_constants(gm)
     graph.eliminate_dead_code()
-    for _ in range(8):
-        if not _sweep(gm):
-            break
-        graph.eliminate_dead_code()
+    _sweeps(gm)
     _contiguous_broadcast_operands(gm)
+    if contiguous_outputs:
+        _contiguous_outputs(gm)
+    _sweeps(gm)  # e.g. the transposes pass 9 puts around a weight
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _sweeps(gm: GraphModule) -> None:
+    for _ in range(8):
+        if not _sweep(gm):
+            break
+        gm.graph.eliminate_dead_code()
 
 
 def _mutates(target: Any) -> bool:
@@ -213,6 +232,63 @@ def _identity_operand(gm: GraphModule, node: Node) -> Node | None:
     return None
 
 
+def _scalar_product(gm: GraphModule, node: Node) -> tuple[Node, float | int] | None:
+    """``(x, c)`` when ``node`` equals ``x * c`` bit for bit: ``x + x`` (``c = 2``), or
+    ``(x * a) * b`` with ``a`` or ``b`` equal to ``+-1`` (a sign flip is exact)."""
+    out = _val(gm, node)
+    if out is None or not out.dtype.is_floating_point or node.kwargs:
+        return None
+    args = node.args
+    if node.target is aten.add.Tensor and len(args) == 2 and args[0] is args[1]:
+        x = args[0]
+        if isinstance(x, Node) and _same_meta(_val(gm, x), out):
+            return x, 2
+        return None
+    if node.target is not aten.mul.Tensor or len(args) != 2:
+        return None
+    inner, b = args
+    if not isinstance(inner, Node) or not isinstance(b, (int, float)) or isinstance(b, bool):
+        return None
+    if inner.target is not aten.mul.Tensor or inner.kwargs or len(inner.args) != 2:
+        return None
+    x, a = inner.args
+    if not isinstance(x, Node) or not isinstance(a, (int, float)) or isinstance(a, bool):
+        return None
+    if not _same_meta(_val(gm, x), out) or (abs(a) != 1 and abs(b) != 1):
+        return None
+    return x, a * b
+
+
+def _scale_small_operand(gm: GraphModule, node: Node) -> tuple[Node, Node, float] | None:
+    """``(big, small, c)`` when ``node`` is ``(big * small) * c`` with ``c = +-2^k``, ``small``
+    broadcast against ``big`` and the product used only here: ``big * (small * c)`` is the same
+    value bit for bit (scaling by a power of two commutes with rounding, short of over- or
+    underflow) and scales the small tensor instead of the large one."""
+    if node.target is not aten.mul.Tensor or node.kwargs or len(node.args) != 2:
+        return None
+    prod, c = node.args
+    if not isinstance(prod, Node) or not isinstance(c, (int, float)) or isinstance(c, bool):
+        return None
+    if c == 0 or not math.isfinite(c) or math.frexp(abs(c))[0] != 0.5:
+        return None
+    if (prod.target is not aten.mul.Tensor or prod.kwargs or len(prod.args) != 2
+            or len(prod.users) != 1):
+        return None
+    out = _val(gm, node)
+    vals = [_val(gm, a) for a in prod.args]
+    if out is None or not out.dtype.is_floating_point or any(
+            v is None or v.dtype != out.dtype for v in vals):
+        return None
+    a, b = prod.args
+    va, vb = vals
+    assert va is not None and vb is not None and isinstance(a, Node) and isinstance(b, Node)
+    if vb.numel() < va.numel() and tuple(va.shape) == tuple(out.shape):
+        return a, b, c
+    if va.numel() < vb.numel() and tuple(vb.shape) == tuple(out.shape):
+        return b, a, c
+    return None
+
+
 def _key(arg: Any) -> Any:
     """A hashable key equal only for arguments that are interchangeable."""
     if isinstance(arg, Node):
@@ -255,7 +331,8 @@ def _sweep(gm: GraphModule) -> bool:
         out = _val(gm, node)
 
         # 1. reshapes and copies that keep the shape
-        if t in _NOOP_IF_SAME_SHAPE and isinstance(src, Node):
+        if (t in _NOOP_IF_SAME_SHAPE and isinstance(src, Node)
+                and "memory_format" not in node.kwargs):  # layout copies of passes 8-9 stay
             if _same_meta(_val(gm, src), out) and _replace(node, src, outputs):
                 changed = True
                 continue
@@ -293,6 +370,30 @@ def _sweep(gm: GraphModule) -> bool:
         # 4. arithmetic identities
         x = _identity_operand(gm, node)
         if x is not None and _replace(node, x, outputs):
+            changed = True
+            continue
+        # 4b. scalar factors: x + x is x * 2; (x * a) * b is x * (a * b) when a or b is +-1
+        folded = _scalar_product(gm, node)
+        if folded is not None:
+            new = _new(node, aten.mul.Tensor, folded)
+            _swap(node, new, outputs)
+            node, t, changed = new, new.target, True
+        # 4b'. a power-of-two factor moves onto the small operand of a broadcasting product
+        moved = _scale_small_operand(gm, node)
+        if moved is not None:
+            big, small, c = moved
+            with graph.inserting_before(node):
+                scaled = graph.call_function(aten.mul.Tensor, (small, c))
+            scaled.meta["val"] = _val(gm, small)
+            new = _new(node, aten.mul.Tensor, (big, scaled))
+            _swap(node, new, outputs)
+            node, t, changed = new, new.target, True
+        # 4c. the one piece of a split into one piece
+        if (t is operator.getitem and isinstance(src, Node) and src.op == "call_function"
+                and src.target is aten.split_with_sizes.default and node.args[1] == 0
+                and len(src.args[1]) == 1 and isinstance(src.args[0], Node)
+                and _same_meta(_val(gm, src.args[0]), out)
+                and _replace(node, src.args[0], outputs)):
             changed = True
             continue
         # 5. common subexpressions
@@ -396,3 +497,37 @@ def _contiguous_broadcast_operands(gm: GraphModule) -> None:
                 copy.meta["val"] = v.clone(memory_format=torch.contiguous_format)
                 copies[arg] = copy
             node.replace_input_with(arg, copy)
+
+
+_OUTPUT_COPY_NUMEL = 1 << 16
+
+
+def _contiguous_outputs(gm: GraphModule) -> None:
+    graph = gm.graph
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    for node in list(out_node.all_input_nodes):
+        val = _val(gm, node)
+        if val is None or node.op != "call_function" or val.is_contiguous():
+            continue
+        src = node.args[0] if node.args else None
+        if (node.target in _PERMUTES and val.dim() == 2 and _perm(gm, node) == [1, 0]
+                and isinstance(src, Node) and src.target is aten.mm.default
+                and len(src.users) == 1):
+            a, b = src.args
+            with graph.inserting_before(node):
+                bt = graph.call_function(aten.permute.default, (b, [1, 0]))
+                at = graph.call_function(aten.permute.default, (a, [1, 0]))
+                new = graph.call_function(aten.mm.default, (bt, at))
+            for n, v in ((bt, _val(gm, b)), (at, _val(gm, a))):
+                if v is not None:
+                    n.meta["val"] = v.t()
+            new.meta["val"] = val.contiguous()
+        elif val.numel() <= _OUTPUT_COPY_NUMEL:
+            with graph.inserting_before(out_node):
+                new = graph.call_function(aten.clone.default, (node,),
+                                          {"memory_format": torch.contiguous_format})
+            new.meta["val"] = val.contiguous()
+        else:
+            continue
+        out_node.replace_input_with(node, new)
+    graph.eliminate_dead_code()

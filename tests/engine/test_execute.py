@@ -147,3 +147,25 @@ def test_fast_and_fx_paths_agree(order: int):
     with torch.no_grad():
         fast = d(x)
     assert_tree_close(fast, slow)
+
+
+def test_results_are_row_major_like_torch_func():
+    """Pass 9 of NOTE [Graph simplification]: derivatives come back contiguous, as
+    ``jacrev``'s do (an hourglass Jacobian is ``mm(...).t()`` before the rewrite)."""
+    torch.manual_seed(6)
+    w1, w2 = torch.randn(4, 64, dtype=DT), torch.randn(64, 4, dtype=DT)
+
+    def hourglass(x: torch.Tensor) -> torch.Tensor:
+        return w2 @ torch.tanh(w1 @ x)
+
+    x = torch.randn(64, dtype=DT)
+    net = _net(7)
+    results = {
+        "jacobian": (xafunc.xjacobian(hourglass)(x), jacrev(hourglass)(x)),
+        "order 3": (xafunc.xderiv(net, 3)(x[:3]), jacrev(jacrev(jacrev(net)))(x[:3])),
+        "vmap hessian": (vmap(xafunc.xhessian(net))(x[:12].reshape(4, 3)),
+                         vmap(jacrev(jacrev(net)))(x[:12].reshape(4, 3))),
+    }
+    for name, (got, expected) in results.items():
+        assert_tree_close(got, expected.detach(), msg=name)
+        assert got.is_contiguous(), name

@@ -66,24 +66,48 @@ def _polys(kind: str, K: int) -> list[tuple[float, ...]]:
             for j, p in enumerate(_poly_derivatives(p1, K), start=1)]
 
 
-def _horner(coeffs: tuple[float, ...], y: Tensor) -> Tensor:
-    while len(coeffs) > 1 and coeffs[-1] == 0.0:
-        coeffs = coeffs[:-1]
-    if len(coeffs) == 1:
-        return torch.full_like(y, coeffs[0])
-    out = y * coeffs[-1]
-    for i, c in enumerate(reversed(coeffs[:-1])):
-        if c != 0.0:
-            out = out + c
-        if i < len(coeffs) - 2:
-            out = out * y
+def _scalar(c: float) -> float | int:
+    """``c`` as an ``int`` when integral: ``1 - y * y`` is then the very node torch's
+    ``tanh_backward`` decomposition builds, so the graph simplifier merges the two."""
+    return int(c) if float(c).is_integer() else c
+
+
+def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
+    """The polynomials (coefficients, lowest degree first) at ``y``, sharing the powers of
+    ``y`` between them: ``y^2 = y * y``, ``y^k = y^(k-1) * y``."""
+    powers: dict[int, Tensor] = {1: y}
+
+    def power(k: int) -> Tensor:
+        if k not in powers:
+            powers[k] = power(k - 1) * y if k != 2 else y * y
+        return powers[k]
+
+    out = []
+    for p in polys:
+        terms = [(c, i) for i, c in enumerate(p) if c != 0.0 and i > 0]
+        const = p[0] if p else 0.0
+        if not terms:
+            out.append(torch.full_like(y, const))
+            continue
+        # the highest term first, then the others; a constant last (``c0 - y^k`` as one op)
+        (c_hi, i_hi), rest = terms[-1], terms[:-1]
+        acc: Tensor | None = None
+        for c, i in reversed(rest):
+            t = power(i) if c == 1.0 else power(i) * _scalar(c)
+            acc = t if acc is None else acc + t
+        if c_hi == -1.0 and acc is None and const != 0.0:
+            out.append(torch.ops.aten.sub.Tensor(_scalar(const), power(i_hi)))
+            continue
+        hi = power(i_hi) if c_hi == 1.0 else power(i_hi) * _scalar(c_hi)
+        acc = hi if acc is None else hi + acc
+        out.append(acc + _scalar(const) if const != 0.0 else acc)
     return out
 
 
 def _poly_rule(op: Any, kind: str) -> Callable[..., Series]:
     def rule(x: Series) -> Series:
         y0 = op(x.primal)
-        return compose_unary(x, [_horner(p, y0) for p in _polys(kind, x.order)], y0)
+        return compose_unary(x, _poly_values(_polys(kind, x.order), y0), y0)
 
     return rule
 
