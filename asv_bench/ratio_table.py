@@ -1,13 +1,18 @@
 """Print the ratio table: xafunc against every torch.func strategy, per benchmark case.
 
     python asv_bench/ratio_table.py [--device cpu|cuda] [--dtype float32|bfloat16]
-                                    [--repeat 7] [--json out.json] [--cases name,...]
+                                    [--repeat 7] [--number auto|N] [--json out.json]
+                                    [--cases name,...]
 
 For each case (see ``asv_bench/benchmarks/cases.py``) it times xafunc and every torch.func
 strategy a careful user would try, in one process and interleaved: after one warm-up call of
-each, every round calls xafunc and then each baseline once, and the median over ``--repeat``
-rounds is reported. xafunc's first call (fresh transform: trace + plan + run) is reported
-separately. A baseline is *unavailable* when its estimated intermediate size exceeds
+each, every round takes one timing sample of xafunc and then one of each baseline, and the
+median over ``--repeat`` rounds is reported. A sample is ``number`` back-to-back calls, as in
+asv and ``timeit``: with ``--number auto`` (the default) each strategy's ``number`` is chosen
+from its warm-up call so that a sample lasts about ``--sample-ms``; ``--number 1`` times
+single calls, each right after the other strategies ran (colder caches, more noise). The
+times reported are per call. xafunc's first call (fresh transform: trace + plan + run) is
+reported separately. A baseline is *unavailable* when its estimated intermediate size exceeds
 ``--mem-budget-gib``, when its first call takes longer than ``--first-call-timeout`` seconds,
 or when it runs out of memory. ratio = xafunc / best available baseline; the target and a
 pass/fail column are printed beside it, with the plan xafunc chose.
@@ -19,6 +24,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import signal
@@ -76,21 +82,31 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def call(self, fn: Callable[..., Any], args: tuple) -> tuple[float, int | None]:
-        """Seconds for one call of ``fn(*args)`` and the peak bytes it allocated (CUDA)."""
+    def call(self, fn: Callable[..., Any], args: tuple, number: int = 1
+             ) -> tuple[float, int | None]:
+        """Seconds per call over ``number`` calls of ``fn(*args)``, and the peak bytes a call
+        allocated (CUDA)."""
         peak = None
         if self.cuda:
             self.sync()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        out = fn(*args)
+        for _ in range(number):
+            out = fn(*args)
+            del out
         self.sync()
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0) / number
         if self.cuda:
             peak = torch.cuda.max_memory_allocated() - base
-        del out
         return dt, peak
+
+
+def _number(opts: argparse.Namespace, seconds_per_call: float) -> int:
+    """Calls per timing sample: ``--number``, or enough for ``--sample-ms`` (at most 1000)."""
+    if opts.number != "auto":
+        return int(opts.number)
+    return max(1, min(1000, math.ceil(opts.sample_ms / 1e3 / max(seconds_per_call, 1e-9))))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -125,12 +141,14 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
 
     # xafunc: fresh transform, first call (trace + plan + run), then it is warm.
     fns: dict[str, Callable[..., Any]] = {}
+    numbers: dict[str, int] = {}
     t0 = time.perf_counter()
     xf = case.xafunc_fn(dtype, device)
     first, peak = runner.call(xf, args)
     rec["xafunc_first_call_ms"] = (time.perf_counter() - t0) * 1e3
     rec["xafunc_peak_bytes"] = peak
     fns["xafunc"] = xf
+    numbers["xafunc"] = _number(opts, runner.call(xf, args)[0])
 
     baselines: dict[str, dict[str, Any]] = {}
     for name, (fn, est) in case.baselines(dtype, device).items():
@@ -159,6 +177,7 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
             b["status"], b["reason"] = "unavailable", f"first call {dt:.1f} s > limit"
             continue
         fns[name] = fn
+        numbers[name] = b["number"] = _number(opts, runner.call(fn, args)[0])
 
     # interleaved rounds: xafunc, then every baseline, once per round
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -168,12 +187,13 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
         if r % 2:  # alternate the order so no strategy always runs right after another
             order = order[:1] + order[1:][::-1]
         for k in order:
-            dt, peak = runner.call(fns[k], args)
+            dt, peak = runner.call(fns[k], args, numbers[k])
             times[k].append(dt)
             if peak is not None:
                 peaks[k] = max(peaks.get(k, 0), peak)
 
     rec["xafunc_ms"] = statistics.median(times["xafunc"]) * 1e3
+    rec["xafunc_number"] = numbers["xafunc"]
     rec["xafunc_peak_bytes"] = peaks.get("xafunc", rec["xafunc_peak_bytes"])
     for name, b in baselines.items():
         if name in times:
@@ -261,7 +281,8 @@ def _meta(opts: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": opts.device, "device_name": dev or platform.machine(), "dtype": opts.dtype,
-        "repeat": opts.repeat, "torch": torch.__version__, "xafunc": xafunc.__version__,
+        "repeat": opts.repeat, "number": opts.number, "sample_ms": opts.sample_ms,
+        "torch": torch.__version__, "xafunc": xafunc.__version__,
         "commit": commit, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "mem_budget_gib": opts.mem_budget_gib, "first_call_timeout_s": opts.first_call_timeout,
@@ -285,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--repeat", type=int, default=7, help="timed rounds (>= 7 recommended)")
+    ap.add_argument("--number", default="auto",
+                    help="calls per timing sample: auto (about --sample-ms each) or an int; "
+                         "1 times single, cold calls (default auto)")
+    ap.add_argument("--sample-ms", type=float, default=20.0,
+                    help="target length of one timing sample with --number auto (20)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--cases", help="comma-separated case names (default: all); "
                     f"known: {', '.join(c.name for c in CASES)}")
@@ -295,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if opts.number != "auto" and not (opts.number.isdigit() and int(opts.number) >= 1):
+        ap.error("--number must be auto or a positive int")
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda requested but torch.cuda.is_available() is False")
 
@@ -302,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = _meta(opts)
     print(f"xafunc {meta['xafunc']} ({meta['commit']}), torch {meta['torch']}, "
           f"{opts.device} {meta['device_name']}, {opts.dtype}, {meta['threads']} threads, "
-          f"median of {opts.repeat}\n", flush=True)
+          f"median of {opts.repeat} samples of {opts.number} call(s)\n", flush=True)
     _warm_up_torch_func(opts.device)
     records, skipped = [], []
     for case in cases:
