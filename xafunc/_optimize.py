@@ -11,7 +11,7 @@ simplified graph returns bit-identical values, on real tensors as well as under
 every shape test here is about the per-sample shapes in ``node.meta["val"]``, which is what
 each op sees) and ``torch.func.grad`` (every rewrite replaces a differentiable expression by
 one with the same value and the same derivative). Pass 6 runs first, then passes 1-5 in one
-topological sweep repeated to a fixed point:
+topological sweep repeated to a fixed point, then passes 8-9, then the sweep once more:
 
 1. No-op reshapes: ``view``/``_unsafe_view``/``reshape``/``expand``/``squeeze``/
    ``unsqueeze``/``alias``/``clone`` whose output shape equals the input's are the input.
@@ -53,8 +53,7 @@ topological sweep repeated to a fixed point:
 9. Row-major outputs (on request), as torch.func returns derivatives: an output
    ``mm(a, b).t()`` is computed as ``mm(b.t(), a.t())`` (the same products; the only rewrite
    here whose rounding may differ, as the BLAS may sum in another order), and any other
-   non-contiguous output of at most
-   ``_OUTPUT_COPY_NUMEL`` elements is copied.
+   non-contiguous output of at most ``_OUTPUT_COPY_NUMEL`` elements is copied.
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
