@@ -84,7 +84,7 @@ class Compiler:
             prepare()
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
-                                           contiguous_outputs=True))
+                                           inexact=True))
             except CaptureError:
                 fn = _NO_FAST_PATH
             self.fns[bkey] = fn
@@ -104,7 +104,7 @@ class Compiler:
 
     def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return Executable(simplify(trace(eager, examples), contiguous_outputs=True))
+            return Executable(simplify(trace(eager, examples), inexact=True))
         except CaptureError as e:
             self.note = f"propagation runs eagerly ({e})"
             return eager

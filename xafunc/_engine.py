@@ -93,8 +93,11 @@ class Request:
         # leaves (see ``signature_key``)
         plain = not kwargs and all(isinstance(a, Tensor) for a in args)
         leaves = args if plain else pytree.tree_leaves((args, kwargs))
-        z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos]) \
-            if len(self.diff_pos) > 1 else leaves[self.diff_pos[0]].reshape(-1)
+        if len(self.diff_pos) > 1:
+            z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos])
+        else:
+            z = leaves[self.diff_pos[0]]
+            z = z if z.dim() == 1 else z.reshape(-1)
         return z, [leaves[i] for i in self.other_pos]
 
     def flat_function(self, layout_out: dict[str, Any]) -> Callable[..., Any]:
@@ -229,12 +232,20 @@ class Program:
         return primal_out, F, aux  # type: ignore[return-value]
 
     def _dense_eager(self, r: int, d: int, z: Tensor, *others: Tensor) -> tuple[Tensor, Any]:
-        n, m = z.shape[0], self.layout.m
+        n = z.shape[0]
         out, F, aux = self._coefficients(r, d, z, list(others))
         if F is None:
-            return out.reshape((m,) + (n,) * r), aux
+            return out.reshape(self._dense_shape(n, r)), aux
         T = symmetric_tensor(F, n, d)  # (m * n^r, n^d)
-        return T.reshape((m,) + (n,) * (r + d)), aux
+        return T.reshape(self._dense_shape(n, r + d)), aux
+
+    def _dense_shape(self, n: int, k: int) -> tuple[int, ...]:
+        """``(m, n, ..., n)``, or directly the result's shape when one tensor goes in and one
+        comes out (the reshape is then part of the compiled graph, see :meth:`assemble`)."""
+        lay = self.layout
+        if lay.in_spec.is_leaf() and lay.out_spec.is_leaf() and k == self.order:
+            return lay.out_shapes[0] + lay.in_shapes[0] * k
+        return (lay.m,) + (n,) * k
 
     def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
         """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux, through the compiled propagation
@@ -341,7 +352,8 @@ class Program:
         lay = self.layout
         in_dtype = self.request.in_dtype
         if lay.in_spec.is_leaf() and lay.out_spec.is_leaf():  # one tensor in, one out
-            out = D.reshape(lay.out_shapes[0] + lay.in_shapes[0] * k)
+            shape = lay.out_shapes[0] + lay.in_shapes[0] * k
+            out = D if D.shape == shape else D.reshape(shape)
             return out if k == 0 or out.dtype == in_dtype else out.to(in_dtype)
         in_sizes = [math.prod(s) for s in lay.in_shapes]
 

@@ -54,6 +54,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    ``mm(a, b).t()`` is computed as ``mm(b.t(), a.t())`` (the same products; the only rewrite
    here whose rounding may differ, as the BLAS may sum in another order), and any other
    non-contiguous output of at most ``_OUTPUT_COPY_NUMEL`` elements is copied.
+10. Fewer passes over large tensors (on request; exact in real arithmetic, rounding may differ
+    in the last place): ``(big * s1) * s2`` is ``big * (s1 * s2)`` for small broadcast
+    operands ``s1``, ``s2`` (also through a reshape that only inserts size-1 dimensions),
+    ``a * b + c`` is ``addcmul(c, a, b)`` and ``mm(a, b) + bias`` is ``addmm(bias, a, b)``.
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
@@ -88,12 +92,13 @@ _FACTORY_FILL = {
 _COMMUTATIVE = {aten.mul.Tensor, aten.add.Tensor}
 _FOLD_NUMEL = 1 << 16
 _FOLDED = "_folded_constant"
+_LAYOUT_COPY = "xafunc_layout_copy"
 
 
-def simplify(gm: GraphModule, contiguous_outputs: bool = False) -> GraphModule:
+def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
     """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it; with
-    ``contiguous_outputs``, also pass 9 (for derivative results, which torch.func returns
-    row-major)."""
+    ``inexact``, also passes 9 and 10 (for derivative graphs: their rounding may differ in the
+    last place, as any two ways of computing a derivative do)."""
     graph = gm.graph
     for node in graph.nodes:
         if node.op == "call_function" and _mutates(node.target):
@@ -103,8 +108,11 @@ def simplify(gm: GraphModule, contiguous_outputs: bool = False) -> GraphModule:
     graph.eliminate_dead_code()
     _sweeps(gm)
     _contiguous_broadcast_operands(gm)
-    if contiguous_outputs:
+    if inexact:
         _contiguous_outputs(gm)
+        _sweeps(gm)
+        _fuse_products(gm)
+        gm.graph.eliminate_dead_code()
     _sweeps(gm)  # e.g. the transposes pass 9 puts around a weight
     graph.lint()
     gm.recompile()
@@ -331,7 +339,7 @@ def _sweep(gm: GraphModule) -> bool:
 
         # 1. reshapes and copies that keep the shape
         if (t in _NOOP_IF_SAME_SHAPE and isinstance(src, Node)
-                and "memory_format" not in node.kwargs):  # layout copies of passes 8-9 stay
+                and not node.meta.get(_LAYOUT_COPY)):  # the copies of passes 8-9 stay
             if _same_meta(_val(gm, src), out) and _replace(node, src, outputs):
                 changed = True
                 continue
@@ -390,7 +398,8 @@ def _sweep(gm: GraphModule) -> bool:
         # 4c. the one piece of a split into one piece
         if (t is operator.getitem and isinstance(src, Node) and src.op == "call_function"
                 and src.target is aten.split_with_sizes.default and node.args[1] == 0
-                and len(src.args[1]) == 1 and isinstance(src.args[0], Node)
+                and isinstance(src.args[1], (list, tuple)) and len(src.args[1]) == 1
+                and isinstance(src.args[0], Node)
                 and _same_meta(_val(gm, src.args[0]), out)
                 and _replace(node, src.args[0], outputs)):
             changed = True
@@ -494,6 +503,7 @@ def _contiguous_broadcast_operands(gm: GraphModule) -> None:
                     copy = graph.call_function(aten.clone.default, (arg,),
                                                {"memory_format": torch.contiguous_format})
                 copy.meta["val"] = v.clone(memory_format=torch.contiguous_format)
+                copy.meta[_LAYOUT_COPY] = True
                 copies[arg] = copy
             node.replace_input_with(arg, copy)
 
@@ -526,7 +536,133 @@ def _contiguous_outputs(gm: GraphModule) -> None:
                 new = graph.call_function(aten.clone.default, (node,),
                                           {"memory_format": torch.contiguous_format})
             new.meta["val"] = val.contiguous()
+            new.meta[_LAYOUT_COPY] = True
         else:
             continue
         out_node.replace_input_with(node, new)
     graph.eliminate_dead_code()
+
+
+# ------------------------------------------------------------------ pass 10: fewer passes
+def _unit_dims(src: tuple[int, ...], dst: tuple[int, ...]) -> list[int | None] | None:
+    """For a reshape ``src -> dst`` that only inserts size-1 dimensions: for each ``dst``
+    dimension, the ``src`` dimension it is (``None`` for an inserted one); else ``None``."""
+    out: list[int | None] = []
+    j = 0
+    for d in dst:
+        if j < len(src) and src[j] == d:
+            out.append(j)
+            j += 1
+        elif d == 1:
+            out.append(None)
+        else:
+            return None
+    return out if j == len(src) else None
+
+
+def _fuse_products(gm: GraphModule) -> None:
+    graph = gm.graph
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.users:
+            continue
+        new = _reassociate(gm, node) or _fused_add(gm, node)
+        if new is not None:
+            _swap(node, new, outputs)
+
+
+def _real_operands(gm: GraphModule, node: Node, n: int) -> list[torch.Tensor] | None:
+    """The values of ``node``'s ``n`` tensor operands, if it is a plain call on real floating
+    tensors of one dtype, else None."""
+    if node.kwargs or len(node.args) != n or not all(isinstance(a, Node) for a in node.args):
+        return None
+    vals = [_val(gm, a) for a in node.args] + [_val(gm, node)]
+    if any(v is None for v in vals):
+        return None
+    dtypes = {v.dtype for v in vals if v is not None}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        return None
+    return vals  # type: ignore[return-value]
+
+
+def _reassociate(gm: GraphModule, node: Node) -> Node | None:
+    """``s1 * [reshape](big * s2)`` -> ``[reshape](big) * (s1 * [reshape](s2))``."""
+    if node.target is not aten.mul.Tensor:
+        return None
+    vals = _real_operands(gm, node, 2)
+    if vals is None:
+        return None
+    out = vals[2]
+    for inner, small in (node.args, node.args[::-1]):
+        assert isinstance(inner, Node) and isinstance(small, Node)
+        if _val(gm, small).numel() >= out.numel() or len(inner.users) != 1:  # type: ignore[union-attr]
+            continue
+        reshape = None
+        if inner.target is aten.reshape.default and isinstance(inner.args[0], Node):
+            reshape, inner = inner, inner.args[0]
+            if len(inner.users) != 1:
+                continue
+        if inner.target is not aten.mul.Tensor or _real_operands(gm, inner, 2) is None:
+            continue
+        inner_out = _val(gm, inner)
+        assert inner_out is not None
+        for big, s2 in (inner.args, inner.args[::-1]):
+            vb, v2 = _val(gm, big), _val(gm, s2)
+            assert vb is not None and v2 is not None and isinstance(big, Node)
+            if tuple(vb.shape) != tuple(inner_out.shape) or v2.numel() >= vb.numel():
+                continue
+            with graph_inserting_before(node):
+                if reshape is not None:
+                    dims = _unit_dims(tuple(vb.shape), tuple(out.shape))
+                    if dims is None:
+                        break
+                    pad = (1,) * (vb.dim() - v2.dim()) + tuple(v2.shape)
+                    s2_shape = [1 if j is None else pad[j] for j in dims]
+                    big = _call(node, aten.reshape.default, (big, list(out.shape)),
+                                vb.reshape(tuple(out.shape)))
+                    s2 = _call(node, aten.reshape.default, (s2, s2_shape),
+                               v2.reshape(s2_shape))
+                vs = _val(gm, small)
+                assert vs is not None
+                small_shape = torch.broadcast_shapes(tuple(vs.shape), tuple(_val(gm, s2).shape))  # type: ignore[union-attr]
+                if math.prod(small_shape) >= out.numel():
+                    return None
+                both = _call(node, aten.mul.Tensor, (small, s2),
+                             vs.new_empty(small_shape))
+                return _call(node, aten.mul.Tensor, (big, both), out)
+    return None
+
+
+def _fused_add(gm: GraphModule, node: Node) -> Node | None:
+    """``a * b + c`` -> ``addcmul(c, a, b)``; ``mm(a, b) + bias`` -> ``addmm(bias, a, b)``."""
+    if node.target is not aten.add.Tensor:
+        return None
+    vals = _real_operands(gm, node, 2)
+    if vals is None:
+        return None
+    out = vals[2]
+    for prod, c in (node.args, node.args[::-1]):
+        assert isinstance(prod, Node) and isinstance(c, Node)
+        if len(prod.users) != 1 or prod.kwargs:
+            continue
+        if prod.target is aten.mul.Tensor and _real_operands(gm, prod, 2) is not None:
+            with graph_inserting_before(node):
+                return _call(node, aten.addcmul.default, (c, *prod.args), out)
+        vc = _val(gm, c)
+        if (prod.target is aten.mm.default and vc is not None and vc.dim() == 1
+                and _real_operands(gm, prod, 2) is not None
+                and tuple(_val(gm, prod).shape) == tuple(out.shape)):  # type: ignore[union-attr]
+            with graph_inserting_before(node):
+                return _call(node, aten.addmm.default, (c, *prod.args), out)
+    return None
+
+
+def graph_inserting_before(node: Node) -> Any:
+    return node.graph.inserting_before(node)
+
+
+def _call(where: Node, target: Any, args: tuple[Any, ...], val: torch.Tensor) -> Node:
+    new = where.graph.call_function(target, args)
+    new.meta["val"] = val
+    return new
