@@ -4,7 +4,8 @@ NOTE [Compiled propagation]
 The first call traces the whole propagation -- every rule, the interpolation, the joins -- into
 one flat aten graph (``make_fx``), simplified by :func:`~xafunc._optimize.simplify`, so later
 calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
-coefficient. Constants (seeds, interpolation matrices) must be built by ``prepare`` before
+coefficient; the graph runs through :class:`~xafunc._execute.Executable` (NOTE [Fast
+execution]). Constants (seeds, interpolation matrices) must be built by ``prepare`` before
 tracing so that they enter the graph as constants. If the propagation cannot be traced (values
 that decide shapes), it runs eagerly.
 
@@ -12,7 +13,9 @@ NOTE [Batched fast path]
 Run per sample under ``vmap``, every operator of the compiled graph goes through functorch's
 batching rules. When the innermost transform is the ``vmap`` that batches our inputs, we
 instead trace ``vmap(eager)`` on the underlying batched tensors once (``make_fx`` turns it into
-plain batched operators) and run that, re-attaching the batch dimension to the results.
+plain batched operators) and run that, re-attaching the batch dimension to the results. When
+that ``vmap`` is the only transform active, its level is popped while the graph runs, so the
+plain tensors do not pass through functorch's dispatch layer and the fast executor applies.
 Anything else (other transforms in between, inputs batched at different levels) takes the
 general path.
 """

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 
+from ._optimize import pure_op
+
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
 _HOIST_LIMIT_BYTES = 64 * 2**20
@@ -107,12 +109,10 @@ class _FastPath:
     def __init__(self, gm: GraphModule) -> None:
         graph = gm.graph
         static: set[Node] = set()
-        from ._optimize import _pure
-
         for node in graph.nodes:
             if node.op == "get_attr":
                 static.add(node)
-            elif (node.op == "call_function" and _pure(node.target)
+            elif (node.op == "call_function" and pure_op(node.target)
                   and all(a in static for a in node.all_input_nodes)
                   and _small(node)):
                 static.add(node)
@@ -120,6 +120,9 @@ class _FastPath:
         # values the main part needs from the static part
         hoisted = [n for n in graph.nodes if n in static and any(
             u not in static for u in n.users)]
+        if not all(isinstance(n.meta.get("val"), Tensor) or n.op == "get_attr"
+                   for n in hoisted):
+            raise TypeError("a value the main part needs from the prologue is not a tensor")
         const_nodes = [n for n in graph.nodes if n.op == "get_attr"]
 
         # prologue: constants -> hoisted values
@@ -131,6 +134,7 @@ class _FastPath:
             if n in static and n.op != "get_attr":
                 env[n] = pro.node_copy(n, lambda a: env[a])
         pro.output(tuple(env[n] for n in hoisted))
+        pro.eliminate_dead_code()
         self.prologue = GraphModule(gm, pro)
         self.consts = [getattr(gm, str(n.target)) for n in const_nodes]
 

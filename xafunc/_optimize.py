@@ -312,7 +312,8 @@ def _key(arg: Any) -> Any:
     raise TypeError(type(arg))
 
 
-def _pure(target: Any) -> bool:
+def pure_op(target: Any) -> bool:
+    """An aten call (or ``getitem``) without side effects or randomness."""
     if target is operator.getitem:
         return True
     if not isinstance(target, torch._ops.OpOverload):
@@ -405,7 +406,7 @@ def _sweep(gm: GraphModule) -> bool:
             changed = True
             continue
         # 5. common subexpressions
-        if not _pure(t):
+        if not pure_op(t):
             continue
         args = node.args
         if (t in _COMMUTATIVE and not node.kwargs and len(args) == 2
@@ -431,7 +432,7 @@ def _fold_constants(gm: GraphModule) -> None:
     graph = gm.graph
     values: dict[Node, Any] = {}
     for node in graph.nodes:
-        if node.op != "call_function" or not _pure(node.target):
+        if node.op != "call_function" or not pure_op(node.target):
             continue
         if not all(a in values for a in node.all_input_nodes):
             continue
@@ -587,49 +588,46 @@ def _real_operands(gm: GraphModule, node: Node, n: int) -> list[torch.Tensor] | 
 
 
 def _reassociate(gm: GraphModule, node: Node) -> Node | None:
-    """``s1 * [reshape](big * s2)`` -> ``[reshape](big) * (s1 * [reshape](s2))``."""
+    """``s1 * [reshape](big * s2)`` -> ``[reshape](big) * (s1 * [reshape](s2))`` where ``s1``,
+    ``s2`` broadcast against ``big``, which has the output's shape (after the reshape, which
+    may only insert size-1 dimensions)."""
     if node.target is not aten.mul.Tensor:
         return None
     vals = _real_operands(gm, node, 2)
     if vals is None:
         return None
     out = vals[2]
-    for inner, small in (node.args, node.args[::-1]):
-        assert isinstance(inner, Node) and isinstance(small, Node)
-        if _val(gm, small).numel() >= out.numel() or len(inner.users) != 1:  # type: ignore[union-attr]
-            continue
+    shape = tuple(out.shape)
+    for inner, s1 in (node.args, node.args[::-1]):
+        assert isinstance(inner, Node) and isinstance(s1, Node)
+        v1 = _val(gm, s1)
+        assert v1 is not None
         reshape = None
         if inner.target is aten.reshape.default and isinstance(inner.args[0], Node):
             reshape, inner = inner, inner.args[0]
-            if len(inner.users) != 1:
-                continue
-        if inner.target is not aten.mul.Tensor or _real_operands(gm, inner, 2) is None:
+        if (v1.numel() >= out.numel() or inner.target is not aten.mul.Tensor
+                or len(inner.users) != 1 or (reshape is not None and len(reshape.users) != 1)
+                or _real_operands(gm, inner, 2) is None):
             continue
-        inner_out = _val(gm, inner)
-        assert inner_out is not None
         for big, s2 in (inner.args, inner.args[::-1]):
             vb, v2 = _val(gm, big), _val(gm, s2)
-            assert vb is not None and v2 is not None and isinstance(big, Node)
-            if tuple(vb.shape) != tuple(inner_out.shape) or v2.numel() >= vb.numel():
+            assert vb is not None and v2 is not None
+            if v2.numel() >= vb.numel():
+                continue
+            dims = _unit_dims(tuple(vb.shape), shape)
+            if dims is None or (reshape is None and tuple(vb.shape) != shape):
+                continue
+            padded = (1,) * (vb.dim() - v2.dim()) + tuple(v2.shape)
+            s2_shape = [1 if j is None else padded[j] for j in dims]
+            small_shape = torch.broadcast_shapes(tuple(v1.shape), tuple(s2_shape))
+            if math.prod(small_shape) >= out.numel():
                 continue
             with graph_inserting_before(node):
                 if reshape is not None:
-                    dims = _unit_dims(tuple(vb.shape), tuple(out.shape))
-                    if dims is None:
-                        break
-                    pad = (1,) * (vb.dim() - v2.dim()) + tuple(v2.shape)
-                    s2_shape = [1 if j is None else pad[j] for j in dims]
-                    big = _call(node, aten.reshape.default, (big, list(out.shape)),
-                                vb.reshape(tuple(out.shape)))
-                    s2 = _call(node, aten.reshape.default, (s2, s2_shape),
-                               v2.reshape(s2_shape))
-                vs = _val(gm, small)
-                assert vs is not None
-                small_shape = torch.broadcast_shapes(tuple(vs.shape), tuple(_val(gm, s2).shape))  # type: ignore[union-attr]
-                if math.prod(small_shape) >= out.numel():
-                    return None
-                both = _call(node, aten.mul.Tensor, (small, s2),
-                             vs.new_empty(small_shape))
+                    big = _call(node, aten.reshape.default, (big, list(shape)),
+                                vb.reshape(shape))
+                    s2 = _call(node, aten.reshape.default, (s2, s2_shape), v2.reshape(s2_shape))
+                both = _call(node, aten.mul.Tensor, (s1, s2), v1.new_empty(small_shape))
                 return _call(node, aten.mul.Tensor, (big, both), out)
     return None
 

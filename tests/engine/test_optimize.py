@@ -210,6 +210,12 @@ def test_inexact_pass_fuses_products():
     assert len(big_products) == 1, gm.code
     assert aten.addcmul.default in ops, gm.code
     assert_tree_close(gm(*args), fn(*args))
+    # a factor that expands the product (here along dim 2) is not a small operand of it
+    e = torch.randn(8, 1, 5, 16, dtype=DT)
+    expand = lambda big, s2, e: (big * s2).reshape(8, 3, 1, 16) * e  # noqa: E731
+    gm = make_fx(expand, tracing_mode="fake")(big, s2, e)
+    simplify(gm, inexact=True)
+    assert_tree_close(gm(big, s2, e), expand(big, s2, e))
     # without inexact=True the graph keeps every product (bit-for-bit passes only)
     gm = make_fx(fn, tracing_mode="fake")(*args)
     simplify(gm)
