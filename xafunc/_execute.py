@@ -8,8 +8,12 @@ make it faster when nothing needs the graph's autograd history:
 
 * **Hoisting.** Nodes that depend only on the graph's constants (the caller's weights:
   transposes, slices, products of weights with the fixed seeds) are computed once by a
-  *prologue* and cached with the constants' version counters; an in-place update of a weight
-  (an optimiser step) bumps its counter, which recomputes the prologue on the next call.
+  *prologue* and cached with the constants' storage pointers and version counters; an
+  in-place update of a weight (an optimiser step) bumps its counter and ``w.data = new``
+  moves its storage, either of which recomputes the prologue on the next call. Like
+  autograd's saved-tensor check, this cannot see in-place writes through ``w.data`` (which
+  has a version counter of its own): after ``w.data.mul_(2)``, call ``w.mul_(1)`` under
+  ``no_grad`` or build a new transform.
 * **TorchScript.** The rest of the graph, with the hoisted values and constants as inputs
   (never baked in, so in-place updates stay visible), is traced once by ``torch.jit.trace``
   and run by its C++ interpreter: same aten kernels, same values, a fraction of the per-op
@@ -57,9 +61,10 @@ def _needs_grad(tensors: Any) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _versions(tensors: list[Tensor]) -> tuple[int, ...] | None:
+def _versions(tensors: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
+    """What the hoisted values depend on: each constant's storage and version counter."""
     try:
-        return tuple(t._version for t in tensors)
+        return tuple((t.data_ptr(), t._version) for t in tensors)
     except RuntimeError:  # inference tensors have no version counter: never cache
         return None
 
@@ -162,7 +167,7 @@ class _FastPath:
         main.output(tuple(outs))
         self.main: Callable[..., Any] = GraphModule(gm, main)
         self.executor = "fx"
-        self._cache: tuple[tuple[int, ...] | None, list[Tensor]] | None = None
+        self._cache: tuple[Any, list[Tensor]] | None = None
 
     def hoisted(self) -> list[Tensor]:
         versions = _versions(self.consts)

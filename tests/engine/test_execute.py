@@ -80,6 +80,19 @@ def test_in_place_weight_updates_are_seen():
     assert not torch.allclose(first, second)
 
 
+def test_replaced_weight_data_is_seen():
+    """``w.data = new`` does not bump the version counter but moves the storage."""
+    net = _net(8)
+    x = torch.randn(3, dtype=DT)
+    h = xafunc.xhessian(net)
+    with torch.no_grad():
+        h(x)
+        for p in net.parameters():
+            p.data = p.data * 0.5 + 0.2
+        out = h(x)
+    assert_tree_close(out, _hessian_ref(net, x))
+
+
 def test_static_outputs_are_fresh_tensors():
     """A derivative that depends only on the weights (the Jacobian of a linear map) comes
     from the cached prologue; every call must still return a tensor of its own."""
