@@ -165,6 +165,7 @@ class _FastPath:
                 v = main.call_function(torch.ops.aten.clone.default, (v,))
             outs.append(v)
         main.output(tuple(outs))
+        reuse_buffers(main)
         self.main: Callable[..., Any] = GraphModule(gm, main)
         self.executor = "fx"
         self._cache: tuple[Any, list[Tensor]] | None = None
@@ -198,6 +199,55 @@ class _FastPath:
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
         return _fill(self.out_template, self.main(*args, *self.hoisted()))
+
+
+# NOTE [Buffer reuse]
+# The main part never runs under autograd, so a pointwise op whose first operand is a buffer
+# nothing else reads any more may write its result there (``mul`` -> ``mul_``): one
+# allocation and one cold buffer fewer per op, about a fifth of the time of a chain of large
+# pointwise ops. The operand must own its storage -- the fresh result of a pointwise op, a
+# matrix product or a copy, of an op that itself reused such a buffer, or the one reshape or
+# permute of such a buffer (never an expand, an input or a hoisted value) -- have this op as
+# its only user, and already have the result's shape and dtype (no broadcasting into it, no
+# type promotion).
+_RESHAPES = {torch.ops.aten.reshape.default, torch.ops.aten.view.default,
+             torch.ops.aten._unsafe_view.default, torch.ops.aten.permute.default,
+             torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim}
+_FRESH = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+          torch.ops.aten.clone.default}
+
+
+def _inplace(target: Any) -> Any:
+    """The in-place overload of a pointwise aten op (``aten.mul.Tensor`` ->
+    ``aten.mul_.Tensor``), or None."""
+    if (not isinstance(target, torch._ops.OpOverload)
+            or torch.Tag.pointwise not in target.tags or target._schema.is_mutable):
+        return None
+    packet = getattr(torch.ops.aten, target._schema.name.split("::")[-1] + "_", None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def reuse_buffers(graph: Graph) -> None:
+    """Rewrite pointwise ops in place where NOTE [Buffer reuse] allows."""
+    owned: set[Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        inplace = _inplace(target)
+        x = node.args[0] if node.args else None
+        val, xval = node.meta.get("val"), getattr(x, "meta", {}).get("val")
+        if (inplace is not None and isinstance(x, Node) and x in owned and len(x.users) == 1
+                and isinstance(val, Tensor) and isinstance(xval, Tensor)
+                and val.shape == xval.shape and val.dtype == xval.dtype
+                and all(a is not x for a in node.args[1:])):
+            node.target = inplace
+            owned.add(node)
+        elif target in _FRESH or _inplace(target) is not None:
+            owned.add(node)
+        elif (target in _RESHAPES and isinstance(x, Node) and x in owned
+              and len(x.users) == 1):
+            owned.add(node)  # the only view of a buffer nobody else reads, or a copy
 
 
 def _small(node: Node) -> bool:

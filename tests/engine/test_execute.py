@@ -182,3 +182,32 @@ def test_results_are_row_major_like_torch_func():
     for name, (got, expected) in results.items():
         assert_tree_close(got, expected.detach(), msg=name)
         assert got.is_contiguous(), name
+
+
+def test_buffer_reuse_rewrites_only_dead_owned_buffers():
+    """NOTE [Buffer reuse]: ops write into operands nothing else reads; inputs, values read
+    twice and expanded views are never written."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xafunc._execute import reuse_buffers
+
+    def fn(a, b, c):
+        t = (a * b).reshape(4, 1, 3) * c     # a * b: fresh, read once -> reused
+        u = torch.tanh(t)                    # t read once -> tanh_
+        kept = a + 1.0                       # read twice below: not overwritten
+        e = (a * 2.0).expand(4, 3)           # a view that overlaps itself: never written
+        return u * 2.0, kept * b + kept, e + 1.0
+
+    args = (torch.randn(1, 3), torch.randn(4, 3), torch.randn(4, 1, 3))
+    before = [a.clone() for a in args]
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    reuse_buffers(gm.graph)
+    gm.recompile()
+    mutated = [n for n in gm.graph.nodes if n.op == "call_function"
+               and getattr(n.target, "_schema", None) is not None and n.target._schema.is_mutable]
+    assert len(mutated) >= 3, gm.code
+    for n in mutated:
+        assert n.args[0].op != "placeholder"
+        assert n.args[0].target is not torch.ops.aten.expand.default
+    assert_tree_close(gm(*args), fn(*args), rtol=0.0, atol=0.0)
+    assert_tree_close(list(args), before, rtol=0.0, atol=0.0)
