@@ -102,11 +102,17 @@ class Runner:
         return dt, peak
 
 
-def _number(opts: argparse.Namespace, seconds_per_call: float) -> int:
-    """Calls per timing sample: ``--number``, or enough for ``--sample-ms`` (at most 1000)."""
+def _number(opts: argparse.Namespace, runner: Runner, fn: Callable[..., Any], args: tuple) -> int:
+    """Calls per timing sample: ``--number``, or enough for ``--sample-ms`` (at most 1000),
+    from the fastest of three calls after the warm-up (the first calls after it may still
+    be settling: TorchScript profiles its first runs, allocators grow)."""
     if opts.number != "auto":
         return int(opts.number)
-    return max(1, min(1000, math.ceil(opts.sample_ms / 1e3 / max(seconds_per_call, 1e-9))))
+    target = opts.sample_ms / 1e3
+    seconds = runner.call(fn, args)[0]
+    if seconds < target:
+        seconds = min([seconds] + [runner.call(fn, args)[0] for _ in range(2)])
+    return max(1, min(1000, math.ceil(target / max(seconds, 1e-9))))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -148,7 +154,7 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
     rec["xafunc_first_call_ms"] = (time.perf_counter() - t0) * 1e3
     rec["xafunc_peak_bytes"] = peak
     fns["xafunc"] = xf
-    numbers["xafunc"] = _number(opts, runner.call(xf, args)[0])
+    numbers["xafunc"] = _number(opts, runner, xf, args)
 
     baselines: dict[str, dict[str, Any]] = {}
     for name, (fn, est) in case.baselines(dtype, device).items():
@@ -177,7 +183,7 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
             b["status"], b["reason"] = "unavailable", f"first call {dt:.1f} s > limit"
             continue
         fns[name] = fn
-        numbers[name] = b["number"] = _number(opts, runner.call(fn, args)[0])
+        numbers[name] = b["number"] = _number(opts, runner, fn, args)
 
     # interleaved rounds: xafunc, then every baseline, once per round
     times: dict[str, list[float]] = {k: [] for k in fns}

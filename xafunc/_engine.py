@@ -253,6 +253,8 @@ class Program:
 
         def prepare() -> None:  # real constants, made outside the trace
             n = z.shape[0]
+            if d == 0:
+                return
             for start, stop in self._chunks(n, d):
                 self._seed(n, d, start, stop, z)
             if d > 1:
@@ -261,7 +263,8 @@ class Program:
         def eager(z: Tensor, *others: Tensor) -> Any:
             return self._dense_eager(r, d, z, *others)
 
-        return self._run((r, d), prepare if d > 0 else None, eager, z, others)
+        # pure reverse levels run by torch.func stay eager (tracing would unroll every chunk)
+        return self._run((r, d), None if r in self.direct else prepare, eager, z, others)
 
     def _run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
              z: Tensor, others: list[Tensor]) -> Any:
