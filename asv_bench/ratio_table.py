@@ -15,7 +15,9 @@ times reported are per call. xafunc's first call (fresh transform: trace + plan 
 reported separately. A baseline is *unavailable* when its estimated intermediate size exceeds
 ``--mem-budget-gib``, when its first call takes longer than ``--first-call-timeout`` seconds,
 or when it runs out of memory. ratio = xafunc / best available baseline; the target and a
-pass/fail column are printed beside it, with the plan xafunc chose.
+pass/fail column are printed beside it, with the plan xafunc chose. Peak memory of one call
+per strategy comes from ``torch.cuda.max_memory_allocated`` on CUDA and from the profiler's
+memory events on CPU (:func:`cpu_peak_bytes`), measured after the timing.
 """
 
 from __future__ import annotations
@@ -115,6 +117,29 @@ def _number(opts: argparse.Namespace, runner: Runner, fn: Callable[..., Any], ar
     return max(1, min(1000, math.ceil(target / max(seconds, 1e-9))))
 
 
+def cpu_peak_bytes(fn: Callable[..., Any], args: tuple) -> int:
+    """Peak bytes one call of ``fn(*args)`` holds at once on CPU, from the profiler's memory
+    events: each op's own allocations and frees (net of its children's) in time order, and
+    the allocations outside ops. The result counts; memory held before the call does not."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args)
+        del out
+    points = []
+    for e in prof.events():
+        own = e.cpu_memory_usage
+        if e.name != "[memory]":
+            own -= sum(c.cpu_memory_usage for c in e.cpu_children)
+        if own:
+            points.append((e.time_range.start, own))
+    current = peak = 0
+    for _, delta in sorted(points, key=lambda p: p[0]):
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e)
 
@@ -205,6 +230,11 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
         if name in times:
             b["ms"] = statistics.median(times[name]) * 1e3
             b["peak_bytes"] = peaks.get(name, b["peak_bytes"])
+    if not runner.cuda:  # CPU peaks from the profiler, one call each, outside the timing
+        rec["xafunc_peak_bytes"] = cpu_peak_bytes(fns["xafunc"], args)
+        for name, b in baselines.items():
+            if name in fns:
+                b["peak_bytes"] = cpu_peak_bytes(fns[name], args)
     rec["baselines"] = baselines
     ok = {k: b["ms"] for k, b in baselines.items() if b["ms"] is not None}
     if ok:
@@ -212,8 +242,11 @@ def measure_case(case: Case, opts: argparse.Namespace) -> dict[str, Any]:
         rec["best"], rec["best_ms"] = best, ok[best]
         rec["ratio"] = rec["xafunc_ms"] / ok[best]
         rec["pass"] = rec["ratio"] <= case.target
+        best_peak = baselines[best]["peak_bytes"]
+        rec["peak_ok"] = None if best_peak is None or rec["xafunc_peak_bytes"] is None \
+            else rec["xafunc_peak_bytes"] <= best_peak
     else:
-        rec["best"] = rec["best_ms"] = rec["ratio"] = rec["pass"] = None
+        rec["best"] = rec["best_ms"] = rec["ratio"] = rec["pass"] = rec["peak_ok"] = None
     return rec
 
 
@@ -234,14 +267,16 @@ def _fmt_bytes(n: int | None) -> str:
 def print_table(records: list[dict[str, Any]], skipped: list[tuple[str, str]],
                 cuda: bool) -> None:
     head = ["case", "xafunc ms", "1st call ms", "best torch.func", "best ms", "ratio",
-            "target", "pass", "plan"]
+            "target", "pass", "peak <= best's", "plan"]
     rows = []
     for r in records:
         rows.append([
             r["label"], _fmt_ms(r["xafunc_ms"]), _fmt_ms(r["xafunc_first_call_ms"]),
             r["best"] or "none available", _fmt_ms(r["best_ms"]),
             "-" if r["ratio"] is None else f"{r['ratio']:.2f}", f"<= {r['target']:.2f}",
-            "-" if r["pass"] is None else ("PASS" if r["pass"] else "fail"), r["plan_short"],
+            "-" if r["pass"] is None else ("PASS" if r["pass"] else "fail"),
+            "-" if r.get("peak_ok") is None else ("yes" if r["peak_ok"] else "NO"),
+            r["plan_short"],
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
 
@@ -255,19 +290,21 @@ def print_table(records: list[dict[str, Any]], skipped: list[tuple[str, str]],
     for name, why in skipped:
         print(f"{name}: skipped ({why})")
 
-    mem = "peak" if cuda else "est. intermediate"
-    print("\nEvery strategy (median ms; unavailable ones with the reason):")
+    how = "torch.cuda.max_memory_allocated" if cuda else "profiler memory events"
+    print(f"\nEvery strategy (median ms, peak memory of one call by {how}; unavailable ones "
+          "with the reason):")
     for r in records:
-        peak = f", peak {_fmt_bytes(r['xafunc_peak_bytes'])}" if cuda else ""
         print(f"  {r['label']}   [result {_fmt_bytes(r['result_bytes'])}]")
-        print(f"    {'xafunc':34s} {_fmt_ms(r['xafunc_ms']):>9s}{peak}")
+        print(f"    {'xafunc':34s} {_fmt_ms(r['xafunc_ms']):>9s}  "
+              f"peak {_fmt_bytes(r['xafunc_peak_bytes'])}")
         for name, b in r["baselines"].items():
             if b["ms"] is None:
                 print(f"    {name:34s} {'n/a':>9s}  unavailable: {b['reason']}")
             else:
-                size = b["peak_bytes"] if cuda else b["estimated_bytes"]
                 star = "  <- best" if name == r["best"] else ""
-                print(f"    {name:34s} {_fmt_ms(b['ms']):>9s}  {mem} {_fmt_bytes(size)}{star}")
+                print(f"    {name:34s} {_fmt_ms(b['ms']):>9s}  peak "
+                      f"{_fmt_bytes(b['peak_bytes'])} (est. {_fmt_bytes(b['estimated_bytes'])})"
+                      f"{star}")
     print("\nPlans xafunc chose:")
     for r in records:
         print(f"  {r['label']}:")
