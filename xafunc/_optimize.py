@@ -587,16 +587,22 @@ def _real_operands(gm: GraphModule, node: Node, n: int) -> list[torch.Tensor] | 
     return vals  # type: ignore[return-value]
 
 
+def _real_binary(gm: GraphModule, node: Node, target: Any) -> torch.Tensor | None:
+    """The value of ``node`` if it is ``target`` applied to two real floating tensors of one
+    dtype, else None."""
+    if node.target is not target:
+        return None
+    vals = _real_operands(gm, node, 2)
+    return None if vals is None else vals[2]
+
+
 def _reassociate(gm: GraphModule, node: Node) -> Node | None:
     """``s1 * [reshape](big * s2)`` -> ``[reshape](big) * (s1 * [reshape](s2))`` where ``s1``,
     ``s2`` broadcast against ``big``, which has the output's shape (after the reshape, which
     may only insert size-1 dimensions)."""
-    if node.target is not aten.mul.Tensor:
+    out = _real_binary(gm, node, aten.mul.Tensor)
+    if out is None:
         return None
-    vals = _real_operands(gm, node, 2)
-    if vals is None:
-        return None
-    out = vals[2]
     shape = tuple(out.shape)
     for inner, s1 in (node.args, node.args[::-1]):
         assert isinstance(inner, Node) and isinstance(s1, Node)
@@ -622,7 +628,7 @@ def _reassociate(gm: GraphModule, node: Node) -> Node | None:
             small_shape = torch.broadcast_shapes(tuple(v1.shape), tuple(s2_shape))
             if math.prod(small_shape) >= out.numel():
                 continue
-            with graph_inserting_before(node):
+            with node.graph.inserting_before(node):
                 if reshape is not None:
                     big = _call(node, aten.reshape.default, (big, list(shape)),
                                 vb.reshape(shape))
@@ -635,24 +641,17 @@ def _reassociate(gm: GraphModule, node: Node) -> Node | None:
 def _fused_add(gm: GraphModule, node: Node) -> Node | None:
     """``a * b + c`` -> ``addcmul(c, a, b)`` (one pass instead of two). Not ``mm(a, b) + bias``
     -> ``addmm``: on CPU that is slower than the two ops for ``(512, 64) x (64, 64)``."""
-    if node.target is not aten.add.Tensor:
+    out = _real_binary(gm, node, aten.add.Tensor)
+    if out is None:
         return None
-    vals = _real_operands(gm, node, 2)
-    if vals is None:
-        return None
-    out = vals[2]
     for prod, c in (node.args, node.args[::-1]):
         assert isinstance(prod, Node) and isinstance(c, Node)
         if len(prod.users) != 1 or prod.kwargs:
             continue
         if prod.target is aten.mul.Tensor and _real_operands(gm, prod, 2) is not None:
-            with graph_inserting_before(node):
+            with node.graph.inserting_before(node):
                 return _call(node, aten.addcmul.default, (c, *prod.args), out)
     return None
-
-
-def graph_inserting_before(node: Node) -> Any:
-    return node.graph.inserting_before(node)
 
 
 def _call(where: Node, target: Any, args: tuple[Any, ...], val: torch.Tensor) -> Node:
