@@ -59,6 +59,13 @@ class Layout:
     def m(self) -> int:
         return sum(math.prod(s) for s in self.out_shapes)
 
+    def single_shape(self, k: int) -> tuple[int, ...] | None:
+        """The ``k``-th derivative's shape when one tensor goes in and one comes out (the
+        result is then ``D`` reshaped), else None."""
+        if self.in_spec.is_leaf() and self.out_spec.is_leaf():
+            return self.out_shapes[0] + self.in_shapes[0] * k
+        return None
+
 
 class Request:
     """One call signature's inputs, split into the differentiated leaves and the rest."""
@@ -242,10 +249,8 @@ class Program:
     def _dense_shape(self, n: int, k: int) -> tuple[int, ...]:
         """``(m, n, ..., n)``, or directly the result's shape when one tensor goes in and one
         comes out (the reshape is then part of the compiled graph, see :meth:`assemble`)."""
-        lay = self.layout
-        if lay.in_spec.is_leaf() and lay.out_spec.is_leaf() and k == self.order:
-            return lay.out_shapes[0] + lay.in_shapes[0] * k
-        return (lay.m,) + (n,) * k
+        shape = self.layout.single_shape(k) if k == self.order else None
+        return shape or (self.layout.m,) + (n,) * k
 
     def dense(self, r: int, d: int, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
         """``D^(r+d) y`` as ``(m, n, ..., n)`` and aux, through the compiled propagation
@@ -354,8 +359,8 @@ class Program:
         """Split ``D (m, n^k)`` into the pytree ``k`` nested ``jacrev`` calls return."""
         lay = self.layout
         in_dtype = self.request.in_dtype
-        if lay.in_spec.is_leaf() and lay.out_spec.is_leaf():  # one tensor in, one out
-            shape = lay.out_shapes[0] + lay.in_shapes[0] * k
+        shape = lay.single_shape(k)
+        if shape is not None:
             out = D if D.shape == shape else D.reshape(shape)
             return out if k == 0 or out.dtype == in_dtype else out.to(in_dtype)
         in_sizes = [math.prod(s) for s in lay.in_shapes]

@@ -82,6 +82,9 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
             powers[k] = power(k - 1) * y if k != 2 else y * y
         return powers[k]
 
+    def term(c: float, k: int) -> Tensor:
+        return power(k) if c == 1.0 else power(k) * _scalar(c)
+
     out = []
     for p in polys:
         terms = [(c, i) for i, c in enumerate(p) if c != 0.0 and i > 0]
@@ -93,12 +96,12 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
         (c_hi, i_hi), rest = terms[-1], terms[:-1]
         acc: Tensor | None = None
         for c, i in reversed(rest):
-            t = power(i) if c == 1.0 else power(i) * _scalar(c)
+            t = term(c, i)
             acc = t if acc is None else acc + t
         if c_hi == -1.0 and acc is None and const != 0.0:
             out.append(torch.ops.aten.sub.Tensor(_scalar(const), power(i_hi)))
             continue
-        hi = power(i_hi) if c_hi == 1.0 else power(i_hi) * _scalar(c_hi)
+        hi = term(c_hi, i_hi)
         acc = hi if acc is None else hi + acc
         out.append(acc + _scalar(const) if const != 0.0 else acc)
     return out
