@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from torch.utils import _pytree as pytree
 
 from . import _validate as V
-from ._memory import fmt_bytes
+from ._engine.memory import fmt_bytes
 from ._reference import choose_levels, nested_derivative
 
 if TYPE_CHECKING:
-    from ._api import _Transform
+    from ._transforms import _Transform
 
 
 @dataclass
@@ -100,7 +100,7 @@ def build_plan(
                   out_numel=out_numel, result_numel=result_numel)
     reason: str | None = "mode='reference' was requested"
     if t.mode != "reference":
-        from ._engine import compile_program
+        from ._engine.program import compile_program
 
         program, reason, schedules = compile_program(
             t.func, args, kwargs, argnums, isinstance(t.argnums, int), t.order, t.has_aux,

@@ -14,7 +14,7 @@ from torch.func import jacrev, vmap
 
 import xafunc
 from tests._compare import assert_tree_close
-from xafunc._execute import Executable, plain_call
+from xafunc._execute.executable import Executable, plain_call
 
 DT = torch.float64
 
@@ -189,7 +189,7 @@ def test_buffer_reuse_rewrites_only_dead_owned_buffers():
     twice and expanded views are never written."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from xafunc._execute import reuse_buffers
+    from xafunc._execute.executable import reuse_buffers
 
     def fn(a, b, c):
         t = (a * b).reshape(4, 1, 3) * c     # a * b: fresh, read once -> reused

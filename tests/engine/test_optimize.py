@@ -12,9 +12,9 @@ from torch.func import grad, jacrev, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import xafunc
-import xafunc._compile as compile_mod
+import xafunc._execute.compiler as compile_mod
 from tests._compare import assert_tree_close, reference_deriv
-from xafunc._optimize import simplify
+from xafunc._execute.optimize import simplify
 
 DT = torch.float64
 aten = torch.ops.aten

@@ -156,7 +156,7 @@ def test_jet_cache_and_composition_with_vmap_and_grad():
     g_ref = grad(lambda x: _nested_jvp(f, x, vs[0], 3))(xs[0])
     _close(g, g_ref)
     # the program was captured once for this signature
-    cache = xafunc._taylor_api._JET_CACHE.get(f)
+    cache = xafunc._taylor_ops._JET_CACHE.get(f)
     assert cache is not None and len(cache) >= 1
 
 

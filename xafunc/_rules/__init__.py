@@ -1,6 +1,6 @@
 """Local Taylor rules, one per aten operator, by family.
 
-A rule receives the operator's arguments with :class:`~xafunc._series.Series` in place of
+A rule receives the operator's arguments with :class:`~xafunc._rules.series.Series` in place of
 every tensor that depends on the differentiated inputs (constants stay plain tensors) and
 returns the output as a Series (or a tuple/list of them for multi-output operators). Rules are
 registered per ``OpOverload`` or per ``OpOverloadPacket`` (all overloads):

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import (
+from . import register
+from .series import (
     Coeff,
     Series,
     cauchy,
@@ -24,7 +25,6 @@ from .._series import (
     primal,
     unit_aware,
 )
-from . import register
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -1,7 +1,7 @@
 """Rules for unary elementwise functions ``y = g(x)``.
 
 Each rule supplies the scaled derivatives ``g^(j)(x_0) / j!`` for ``j = 1..K`` and
-:func:`~xafunc._series.compose_unary` combines them with the powers of ``x(t) - x_0`` (Faà di
+:func:`~xafunc._rules.series.compose_unary` combines them with the powers of ``x(t) - x_0`` (Faà di
 Bruno's formula for univariate series). The Jacobian of an elementwise op is diagonal, so this
 is a broadcast multiply per term; no ``n x n`` matrix is ever built.
 
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import Series, compose_unary
 from . import register
+from .series import Series, compose_unary
 
 aten = torch.ops.aten
 

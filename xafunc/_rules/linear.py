@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import (
+from . import NONDIFF, register
+from .series import (
     Coeff,
     Series,
     UnitSeed,
@@ -28,7 +29,6 @@ from .._series import (
     primals,
     unit_aware,
 )
-from . import NONDIFF, register
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._series import Series, lift, map_coeffs
 from . import register
 from .bilinear import mul_series
 from .linear import _make_add, _mean, _reduce_dims, _shift, _sum
+from .series import Series, lift, map_coeffs
 
 aten = torch.ops.aten
 prims = torch.ops.prims

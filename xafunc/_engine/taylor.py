@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ._rules import is_nondiff, lookup
-from ._series import has_series, materialize, primals
+from .._rules import is_nondiff, lookup
+from .._rules.series import has_series, materialize, primals
 
 
 class Propagator:

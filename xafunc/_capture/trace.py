@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .decompositions import decomposition_table
+
 
 def _leaf_key(leaf: Any) -> Hashable:
     if isinstance(leaf, torch.Tensor):
@@ -102,39 +104,6 @@ def module_state(func: Any) -> Hashable:
 # small core set with PyTorch's own decomposition tables, so rules exist for a small set.
 
 
-def _decompositions() -> dict[Any, Any]:
-    from torch._decomp import core_aten_decompositions, get_decompositions
-
-    aten = torch.ops.aten
-    table = dict(core_aten_decompositions())
-    table.update(get_decompositions([
-        aten._softmax, aten._log_softmax, aten.gelu, aten.silu, aten.softplus, aten.elu,
-        aten.native_layer_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
-        aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
-        aten.nll_loss_forward, aten.mse_loss, aten.logsumexp, aten.mish, aten.hardswish,
-        aten.hardsigmoid, aten.celu, aten.selu, aten.glu, aten.huber_loss, aten.smooth_l1_loss,
-        aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.std,
-        aten.linalg_vector_norm, aten.addcmul, aten.addcdiv, aten.lerp, aten.xlogy,
-        aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
-        aten.native_group_norm, aten.rrelu_with_noise, aten.frac,
-    ]))
-    # our rules are simpler than these decompositions (which reach for prims)
-    for op in (aten.var.correction, aten.var_mean.correction, aten.prod.dim_int,
-               aten.prod.default, aten.mean.dim, aten.mean.default, aten.sum.default):
-        table.pop(op, None)
-    return table
-
-
-_DECOMP: dict[Any, Any] | None = None
-
-
-def decomposition_table() -> dict[Any, Any]:
-    global _DECOMP
-    if _DECOMP is None:
-        _DECOMP = _decompositions()
-    return _DECOMP
-
-
 class CaptureError(Exception):
     """The function could not be traced into an aten graph; the message says why."""
 
@@ -197,7 +166,7 @@ def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def graph_problems(gm: torch.fx.GraphModule, series_inputs: int = 1) -> list[str]:
     """Reasons the engine cannot run this graph: operators without rules on the path of the
     first ``series_inputs`` placeholders (the ones carrying Taylor series), wrapped constants."""
-    from ._rules import has_rule
+    from .._rules import has_rule
 
     problems = []
     tainted: set[Any] = set()

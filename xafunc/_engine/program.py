@@ -27,18 +27,18 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._capture import CaptureError, graph_problems, trace
-from ._compile import Compiler
-from ._interpolate import (
+from .._capture.trace import CaptureError, graph_problems, trace
+from .._execute.compiler import Compiler
+from .._rules.series import Series, UnitSeed
+from .interpolate import (
     directions,
     interpolation_constants,
     num_directions,
     symmetric_tensor,
 )
-from ._memory import choose_chunk
-from ._mixed import Join, cut_nodes
-from ._series import Series, UnitSeed
-from ._taylor import Propagator
+from .memory import choose_chunk
+from .mixed import Join, cut_nodes
+from .taylor import Propagator
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _validate as V
-from ._capture import signature_key
+from ._capture.trace import signature_key
 from ._plan import Plan, build_plan
 from ._typing import Argnums, Func, Mode
 

@@ -2,9 +2,9 @@
 
 NOTE [Compiled propagation]
 The first call traces the whole propagation -- every rule, the interpolation, the joins -- into
-one flat aten graph (``make_fx``), simplified by :func:`~xafunc._optimize.simplify`, so later
+one flat aten graph (``make_fx``), simplified by :func:`~xafunc._execute.optimize.simplify`, so later
 calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
-coefficient; the graph runs through :class:`~xafunc._execute.Executable` (NOTE [Fast
+coefficient; the graph runs through :class:`~xafunc._execute.executable.Executable` (NOTE [Fast
 execution]). Constants (seeds, interpolation matrices) must be built by ``prepare`` before
 tracing so that they enter the graph as constants. If the propagation cannot be traced (values
 that decide shapes), it runs eagerly.
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._capture import CaptureError, trace
-from ._execute import Executable, map_tensors
-from ._optimize import simplify
+from .._capture.trace import CaptureError, trace
+from .executable import Executable, map_tensors
+from .optimize import simplify
 
 _NO_FAST_PATH: Any = object()
 

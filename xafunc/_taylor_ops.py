@@ -13,7 +13,7 @@ of ``c_1`` (row ``N``): the rules treat rows independently and ``c_1`` of a row 
 ``Df`` applied to it, so ``Df[s_in]`` costs one more row in each matrix product, and rows
 ``N`` of the higher coefficients (never read) absorb the rest. For the Laplacian (``K = 2``)
 this halves the work compared with propagating ``c_2`` along every direction; the first
-linear layer applied to the unit seeds is free (:class:`~xafunc._series.UnitSeed`).
+linear layer applied to the unit seeds is free (:class:`~xafunc._rules.series.UnitSeed`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._capture import CaptureError, graph_problems, signature_key, trace
-from ._compile import Compiler
-from ._series import Series, UnitSeed, materialize, nested_any, nested_map
-from ._taylor import Propagator
+from ._capture.trace import CaptureError, graph_problems, signature_key, trace
+from ._engine.taylor import Propagator
+from ._execute.compiler import Compiler
+from ._rules.series import Series, UnitSeed, materialize, nested_any, nested_map
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 
