@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
+from .cost import Schedule, estimate, graph_flops, mixed_candidates, numel, tainted_nodes
 from .interpolate import (
     directions,
     interpolation_constants,
@@ -37,7 +38,6 @@ from .interpolate import (
     symmetric_tensor,
 )
 from .memory import choose_chunk
-from .mixed import Join, cut_nodes
 from .taylor import Propagator
 
 
@@ -143,34 +143,6 @@ def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
         chunk = chunk_size if level == r - 1 else None
         g = torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk)
     return g
-
-
-@dataclass
-class Schedule:
-    """One candidate computation and its estimated cost."""
-
-    reverse_levels: int
-    forward_degree: int
-    directions: int
-    est_flops: float
-    est_peak_bytes: float
-    result_bytes: float = 0.0
-    per_direction_bytes: float = 0.0
-    cut: Any = None  # mixed schedules: the fx node separating z from y
-    width: int = 0  # its number of entries
-    join: Join | None = None
-
-    @property
-    def levels(self) -> tuple[str, ...]:
-        return ("rev",) * self.reverse_levels + ("fwd",) * self.forward_degree
-
-    def describe(self) -> str:
-        if self.cut is not None:
-            return (f"mixed: Taylor degree {self.forward_degree} to {self.cut.name} "
-                    f"(width {self.width}), Taylor in its {self.width} coordinates after it, "
-                    f"Faà di Bruno join over set partitions: {self.est_flops:.3g} FLOPs")
-        return (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
-                f"{self.directions} directions: {self.est_flops:.3g} FLOPs")
 
 
 def _shaped(seed: Any, v: Tensor) -> Any:
@@ -387,118 +359,6 @@ class Program:
         return pytree.tree_unflatten(outs, lay.out_spec)
 
 
-# ---------------------------------------------------------------------------- cost model
-_LINEAR_FREE = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand",
-                "unsqueeze", "squeeze", "alias", "slice", "select", "split_with_sizes",
-                "clone", "detach", "getitem"}
-
-
-def graph_flops(gm: torch.fx.GraphModule) -> tuple[dict[Any, float], float]:
-    """Rough FLOPs of each node that depends on ``z`` (the first input), and those of matrix
-    products whose left operand is a view of ``z`` itself (free in first-order forward mode,
-    see ``_unit_product``)."""
-    flops: dict[Any, float] = {}
-    seed_free = 0.0
-    tainted = set(tainted_nodes(gm))
-    seed_views: set[Any] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and not seed_views:
-            seed_views.add(node)
-            continue
-        if node not in tainted or node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        numel = _numel(node.meta.get("val"))
-        f = 0.0
-        if name in ("mm", "addmm", "bmm"):
-            a = node.args[1] if name == "addmm" else node.args[0]
-            av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-            f = 2.0 * numel * (av.shape[-1] if isinstance(av, Tensor) else 1)
-            if a in seed_views:
-                seed_free += f
-        elif name == "convolution":
-            w = node.args[1].meta.get("val")
-            f = 2.0 * numel * (math.prod(w.shape[1:]) if isinstance(w, Tensor) else 1)
-        elif name in _LINEAR_FREE:
-            if name in ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "alias") \
-                    and node.args and node.args[0] in seed_views:
-                seed_views.add(node)
-        else:
-            f = float(numel)
-        flops[node] = f
-    return flops, seed_free
-
-
-def tainted_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The nodes that depend on the first placeholder (the differentiated vector ``z``)."""
-    out: list[torch.fx.Node] = []
-    seen: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and not seen:
-            seen.add(node)
-            out.append(node)
-        elif node.op == "call_function" and any(a in seen for a in node.all_input_nodes):
-            seen.add(node)
-            out.append(node)
-    return out
-
-
-def _numel(val: Any) -> int:
-    """Static element count of a traced value (0 when unknown or data-dependent)."""
-    if not isinstance(val, Tensor):
-        return 0
-    try:
-        return int(val.numel())
-    except Exception:  # noqa: BLE001 - unbacked symbolic sizes (boolean-mask indexing)
-        return 0
-
-
-def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float,
-             itemsize: int, max_numel: int) -> Schedule:
-    """Cost of ``r`` reverse levels followed by degree ``K - r`` Taylor propagation.
-
-    A reverse level multiplies the graph cost by about 3 per cotangent (``m`` cotangents for
-    the first level, ``n`` for later ones); Taylor propagation of degree ``d`` along
-    ``C(n + d - 1, d)`` directions costs about ``d`` graph evaluations per direction.
-    """
-    d = order - r
-    graph = flops0 if r == 0 else 3.0 * flops0 * m * (3.0 * n) ** (r - 1)
-    if r == 0 and d == 1:
-        graph = max(flops0 - seed_free, flops0 * 0.05)
-    dirs = num_directions(n, d) if d > 0 else 1
-    flops = graph * dirs * max(d, 1)
-    width = max_numel * (1 if r == 0 else m * n ** (r - 1))
-    per_dir = float(itemsize * max(d, 1) * width * 3)
-    result = float(itemsize * m * n**order)
-    return Schedule(r, d, dirs, flops, dirs * per_dir + result, result, per_dir)
-
-
-def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
-                     node_flops: dict[Any, float], seed_free: float, itemsize: int,
-                     max_numel: int, limit: int | None) -> list[Schedule]:
-    """Mixed schedules at the narrowest cut nodes narrower than the input (all with
-    ``limit=None``)."""
-    cuts = [c for c in cut_nodes(g0) if limit is None or _numel(c.meta["val"]) < n]
-    cuts.sort(key=lambda c: _numel(c.meta["val"]))
-    order_of = {nd: i for i, nd in enumerate(g0.graph.nodes)}
-    out = []
-    for c in cuts[:limit]:
-        w = _numel(c.meta["val"])
-        prefix = sum(f for nd, f in node_flops.items() if order_of[nd] <= order_of[c])
-        suffix = sum(node_flops.values()) - prefix
-        cost = 0.0
-        for j in range(1, order + 1):
-            pf = max(prefix - seed_free, 0.05 * prefix) if j == 1 else prefix
-            cost += num_directions(n, j) * j * pf + num_directions(w, j) * j * suffix
-        join = Join.plan(order, m, w, n)
-        cost += join.cost
-        dirs = max(num_directions(n, order), num_directions(w, order))
-        result = float(itemsize * m * n**order)
-        peak = itemsize * (w * n**order + m * w**order + 3 * dirs * order * max_numel) + result
-        out.append(Schedule(0, order, dirs, cost, float(peak), result, 0.0, c, w, join))
-    return out
-
-
 def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     argnums: tuple[int, ...], int_argnums: bool, order: int, has_aux: bool,
                     mode: str, chunk_size: int | None, all_orders: bool, name: str = "xderiv"
@@ -531,7 +391,7 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
     n, m = layout.n, layout.m
     node_flops, seed_free = graph_flops(g0)
     flops0 = sum(node_flops.values())
-    max_numel = max((_numel(nd.meta.get("val")) for nd in tainted_nodes(g0)), default=1)
+    max_numel = max((numel(nd.meta.get("val")) for nd in tainted_nodes(g0)), default=1)
     itemsize = z.element_size()
     if all_orders or mode in ("forward", "mixed"):
         candidates = [0]

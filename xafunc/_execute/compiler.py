@@ -2,12 +2,12 @@
 
 NOTE [Compiled propagation]
 The first call traces the whole propagation -- every rule, the interpolation, the joins -- into
-one flat aten graph (``make_fx``), simplified by :func:`~xafunc._execute.optimize.simplify`, so later
-calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
-coefficient; the graph runs through :class:`~xafunc._execute.executable.Executable` (NOTE [Fast
-execution]). Constants (seeds, interpolation matrices) must be built by ``prepare`` before
-tracing so that they enter the graph as constants. If the propagation cannot be traced (values
-that decide shapes), it runs eagerly.
+one flat aten graph (``make_fx``), simplified by :func:`~xafunc._execute.optimize.simplify`,
+so later calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
+coefficient; the graph runs through :class:`~xafunc._execute.executable.Executable` (NOTE
+[Fast execution]). Constants (seeds, interpolation matrices) must be built by ``prepare``
+before tracing so that they enter the graph as constants. If the propagation cannot be traced
+(values that decide shapes), it runs eagerly.
 
 NOTE [Batched fast path]
 Run per sample under ``vmap``, every operator of the compiled graph goes through functorch's
