@@ -1,24 +1,74 @@
-"""Plans: how a derivative request is computed, and why.
+"""Plans: how one request is computed on one capture, and why.
 
-A :class:`Plan` is built once per call signature and cached by the transform. It records the
-strategy (the engine or the nested torch.func reference), the schedule, estimated costs and
-any fallback reason, and it runs the computation.
+A :class:`Plan` is built once per (capture, request) and cached on the capture's cache entry
+(NOTE [The capture cache]). It records the strategy (the engine or the nested torch.func
+reference), the schedule, estimated costs and any fallback reason, and it runs the
+computation. Under :func:`strict` (or ``XAFUNC_STRICT=1``) a fallback the user did not ask for
+raises :class:`FallbackError` instead of running.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import _validate as V
+from ._capture.cache import Entry
+from ._capture.request import Request, Split, arg_tensors, write_back
+from ._capture.trace import TensorMeta, capturing
 from ._engine.memory import fmt_bytes
-from ._reference import choose_levels, nested_derivative
+from ._reference import SafeNorms, choose_levels, nested_derivative, run_nested
+from ._validate import check_diff_args, normalize_argnums
 
-if TYPE_CHECKING:
-    from ._transforms import _Transform
+
+class FallbackError(RuntimeError):
+    """Raised under :func:`xafunc.strict` when a request would fall back to the reference."""
+
+
+_STRICT = threading.local()
+
+
+def strict_active() -> bool:
+    level = getattr(_STRICT, "level", None)
+    if level is None:
+        return os.environ.get("XAFUNC_STRICT", "") not in ("", "0")
+    return level > 0
+
+
+@contextlib.contextmanager
+def strict(enabled: bool = True) -> Iterator[None]:
+    """Within this context, a fallback to the reference strategy raises instead of running.
+
+    Every transform runs its request with the engine when it can and falls back to nested
+    torch.func (the *reference*) otherwise, with the reason in the plan. ``strict()`` turns such
+    a fallback into a :class:`FallbackError` naming the reason -- for tests that must prove the
+    engine ran, or code that would rather fail than run slowly. ``mode="reference"`` is never
+    an error. The environment variable ``XAFUNC_STRICT=1`` turns it on for a whole process;
+    ``strict(False)`` turns it off inside.
+
+    Example:
+        >>> import torch, xafunc
+        >>> with xafunc.strict():
+        ...     xafunc.xhessian(lambda x: x.sin().sum())(torch.zeros(2)).shape
+        torch.Size([2, 2])
+    """
+    previous = getattr(_STRICT, "level", None)
+    _STRICT.level = 1 if enabled else 0
+    try:
+        yield
+    finally:
+        _STRICT.level = previous
+
+
+Runner = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], tuple[Tensor, ...]], Any]
 
 
 @dataclass
@@ -33,8 +83,9 @@ class Plan:
         schedule: The levels innermost first: ``"rev"`` for a reverse level, ``"fwd"`` for a
             forward (engine: Taylor) level.
         in_numel: Number of scalar inputs differentiated (``n``).
-        out_numel: Number of scalar outputs (``m``).
-        result_numel: Number of scalar entries in the result (``m * n^order``).
+        out_numel: Number of scalar outputs (``m``); ``None`` when the function could not be
+            captured (it is only known by running it).
+        result_numel: Number of scalar entries in the result (``m * n^order``), or ``None``.
         est_flops: Estimated floating-point operations (engine only).
         est_peak_bytes: Estimated peak memory of the derivative computation (engine only).
         fallback: Why the engine was not used, or ``None``.
@@ -47,27 +98,27 @@ class Plan:
     strategy: str
     schedule: tuple[str, ...]
     in_numel: int
-    out_numel: int
-    result_numel: int
+    out_numel: int | None
+    result_numel: int | None
     est_flops: float | None = None
     est_peak_bytes: float | None = None
     fallback: str | None = None
     details: list[str] = field(default_factory=list)
-    cacheable: bool = True
-    runner: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = field(
-        default=None, repr=False
-    )
+    runner: Runner | None = field(default=None, repr=False)
+    program: Any = field(default=None, repr=False)  # the engine's Program, if it runs
 
-    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
         assert self.runner is not None
-        return self.runner(args, kwargs)
+        return self.runner(func, args, kwargs, lifted)
 
     def __str__(self) -> str:
         sched = " -> ".join(self.schedule)
+        m = "?" if self.out_numel is None else self.out_numel
+        size = "?" if self.result_numel is None else self.result_numel
         lines = [
             f"xafunc plan: {self.transform} order {self.order}, argnums {self.argnums}",
-            f"  n = {self.in_numel} inputs, m = {self.out_numel} outputs, result "
-            f"{self.result_numel} entries",
+            f"  n = {self.in_numel} inputs, m = {m} outputs, result {size} entries",
             f"  strategy: {self.strategy} [{sched}] (innermost level first)",
         ]
         if self.est_flops is not None:
@@ -79,36 +130,46 @@ class Plan:
         return "\n".join(lines)
 
 
-def _numel(tree: Any) -> int:
-    return sum(leaf.numel() for leaf in pytree.tree_leaves(tree))
-
-
 _EXECUTION = ("execution: one compiled aten graph; constant parts cached, the rest run by "
               "TorchScript when no gradient or torch.func transform needs its history, "
               "else by FX")
 
 
-def build_plan(
-    t: _Transform, args: tuple[Any, ...], kwargs: dict[str, Any], argnums: tuple[int, ...]
-) -> Plan:
-    """Choose and prepare the computation for one call signature."""
-    out = V.check_output(t.name, t.func(*args, **kwargs), t.has_aux)
-    in_numel = sum(_numel(args[a]) for a in argnums)
-    out_numel = _numel(out)
-    result_numel = out_numel * in_numel**t.order
-    common = dict(transform=t.name, order=t.order, argnums=argnums, in_numel=in_numel,
-                  out_numel=out_numel, result_numel=result_numel)
+def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
+               lifted: tuple[Tensor, ...]) -> Plan:
+    """Choose and prepare the computation of ``req`` for one capture (validates the call)."""
+    name = req.transform
+    argnums = normalize_argnums(name, req.argnums, len(args))
+    check_diff_args(name, args, argnums)
+    in_numel = sum(leaf.numel() for a in argnums for leaf in pytree.tree_leaves(args[a]))
+    cap = entry.captured
+    if cap.graph is None:  # not captured: the reference runs the function itself
+        return _reference_plan(req, argnums, in_numel, None, cap.reason or "not captured",
+                               None)
+    if cap.level_local and (req.order > 1 or req.all_orders):
+        return _reference_plan(req, argnums, in_numel, None, level_local_reason(cap), None)
+    split = Split(name, cap, args, kwargs, argnums, req.int_argnums, req.has_aux)
+    m = split.layout.m
+    common = dict(transform=name, order=req.order, argnums=argnums, in_numel=in_numel,
+                  out_numel=m, result_numel=m * in_numel ** req.order)
+    if in_numel == 0 or m == 0:
+        return Plan(strategy="engine", schedule=(), details=["empty result: nothing to compute"],
+                    runner=_empty_runner(req, split), **common)  # type: ignore[arg-type]
+    dtypes = {(leaf.dtype, leaf.device) for a in argnums
+              for leaf in pytree.tree_leaves(args[a])}
     reason: str | None = "mode='reference' was requested"
-    if t.mode != "reference":
+    if req.mode != "reference" and len(dtypes) > 1:
+        reason = ("differentiated inputs mix dtypes/devices "
+                  f"({', '.join(sorted(f'{d}@{v}' for d, v in dtypes))}); the engine "
+                  "concatenates them into one vector")
+    elif req.mode != "reference":
         from ._engine.program import compile_program
 
-        program, reason, schedules = compile_program(
-            t.func, args, kwargs, argnums, isinstance(t.argnums, int), t.order, t.has_aux,
-            t.mode, t.chunk_size, t.all_orders, t.name,
-        )
+        z, others = _examples(split, args, kwargs, lifted)
+        program, reason, schedules = compile_program(req, split, z, others, len(lifted))
         if program is not None:
             best = schedules[0]
-            details = [] if program.chunk_size is None or program.chunk_size == t.chunk_size \
+            details = [] if program.chunk_size is None or program.chunk_size == req.chunk_size \
                 else [f"directions processed {program.chunk_size} at a time to fit in memory"]
             details += [f"candidate {s.describe()}, peak {fmt_bytes(s.est_peak_bytes)}"
                         for s in schedules[:4]]
@@ -116,26 +177,165 @@ def build_plan(
                 details += ["join contractions (opt_einsum paths):"]
                 details += [f"  {line}" for line in best.join.describe()]
             details.append(program.compile_note or _EXECUTION)
+
+            def run_engine(func: Any, a: tuple[Any, ...], k: dict[str, Any],
+                           lift: tuple[Tensor, ...]) -> Any:
+                return program(a, k, lift)
+
             return Plan(
                 strategy="engine",
                 schedule=(("mixed",) if best.cut is not None else ()) + best.levels,
                 est_flops=best.est_flops, est_peak_bytes=best.est_peak_bytes,
-                details=details, runner=program, **common,  # type: ignore[arg-type]
+                details=details, runner=run_engine, program=program,
+                **common,  # type: ignore[arg-type]
             )
-    dtypes = {leaf.dtype for a in argnums for leaf in pytree.tree_leaves(args[a])}
-    levels = choose_levels(t.order, "auto" if t.mode == "reference" else t.mode, out_numel,
-                           in_numel, mixed_dtypes=len(dtypes) > 1)
+    return _reference_plan(req, argnums, in_numel, m, reason, split)
 
-    def run_reference(a: tuple[Any, ...], k: dict[str, Any]) -> Any:
-        # torch.func transforms take positional arguments only: bind keywords first
-        f = t.func if not k else (lambda *pos: t.func(*pos, **k))
-        nested = nested_derivative(
-            f, levels, argnums[0] if isinstance(t.argnums, int) else argnums,
-            has_aux=t.has_aux, chunk_size=t.chunk_size, all_orders=t.all_orders,
-        )
-        return nested(*a)
 
-    return Plan(
-        strategy="reference", schedule=levels, fallback=reason, runner=run_reference,
-        **common,  # type: ignore[arg-type]
-    )
+def _examples(split: Split, args: tuple[Any, ...], kwargs: dict[str, Any],
+              lifted: tuple[Tensor, ...]) -> tuple[Tensor, list[Any]]:
+    """Example inputs for tracing, drawing no random numbers (random values by shape only)."""
+    tensors = arg_tensors(args, kwargs)
+    z = torch.cat([tensors[i].reshape(-1) for i in split.diff]) if len(split.diff) > 1 \
+        else tensors[split.diff[0]].reshape(-1)
+    cap = split.cap
+    random: list[Any] = []
+    if cap.prologue is not None:
+        out_node = next(n for n in cap.prologue.graph.nodes if n.op == "output")
+        for node in out_node.args[0]:
+            v = node.meta["val"]
+            random.append(TensorMeta(tuple(v.shape), v.dtype, v.device))
+    return z, [tensors[i] for i in split.rest] + random + list(lifted)
+
+
+def _empty_runner(req: Request, split: Split) -> Runner:
+    """Zero-size inputs or outputs: the empty tensors jacrev returns, computed without the
+    engine (the primal still runs, for aux and buffer updates)."""
+    lay, dtype = split.layout, split.in_dtype
+
+    def nest(shape: tuple[int, ...], level: int, k: int, like: Tensor) -> Any:
+        if level == k:
+            return like.new_zeros(shape, dtype=dtype if k else like.dtype)
+        return pytree.tree_unflatten([nest(shape + s, level + 1, k, like)
+                                      for s in lay.in_shapes], lay.in_spec)
+
+    def run(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
+        z, others, targets = split.inputs(args, kwargs, lifted)
+        y, rest = split.flat_function()(z, *others)
+        aux_leaves, mutations = split.split_aux(rest)
+
+        def deriv(k: int) -> Any:
+            return pytree.tree_unflatten([nest(shape, 0, k, y) for shape in lay.out_shapes],
+                                         lay.out_spec)
+
+        if req.all_orders:
+            offset, ys = 0, []
+            for shape in lay.out_shapes:
+                size = math.prod(shape)
+                ys.append(y[offset:offset + size].reshape(shape))
+                offset += size
+            value: Any = (pytree.tree_unflatten(ys, lay.out_spec),) + tuple(
+                deriv(k) for k in range(1, req.order + 1))
+        else:
+            value = deriv(req.order)
+        write_back(targets, mutations)
+        if req.has_aux:
+            return value, pytree.tree_unflatten(aux_leaves, lay.aux_spec)
+        return value
+
+    return run
+
+
+def level_local_reason(cap: Any) -> str:
+    return (f"it uses {cap.level_local}, which nested torch.func detaches at the innermost "
+            "level only (unlike .detach()); the function itself is differentiated")
+
+
+def fallback_allowed(name: str, reason: str | None) -> None:
+    """Raise :class:`FallbackError` under :func:`strict`: the engine cannot run a request
+    (except inside a capture, where the outer graph records the reference and the outer
+    transform's engine runs it)."""
+    if strict_active() and not capturing():
+        raise FallbackError(f"{name}: the engine cannot run this request and strict mode "
+                            f"forbids the fallback to nested torch.func: {reason}")
+
+
+def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: int | None,
+                    reason: str | None, split: Split | None) -> Plan:
+    """Nested torch.func on the captured graph (or on ``func`` when there is none)."""
+    explicit = req.mode == "reference"
+    if not explicit:
+        fallback_allowed(req.transform, reason)
+    # the function itself: nested jacrev exactly (a forward level would differentiate through
+    # torch.no_grad blocks, which forward-mode AD ignores)
+    levels = choose_levels(req.order, "auto" if explicit else req.mode, m, in_numel) \
+        if split is not None else ("rev",) * req.order
+    argspec = argnums[0] if req.int_argnums else argnums
+    state: dict[str, tuple[str, ...]] = {"levels": levels}
+    plan = Plan(transform=req.transform, order=req.order, argnums=argnums,
+                strategy="reference", schedule=levels, in_numel=in_numel, out_numel=m,
+                result_numel=None if m is None else m * in_numel ** req.order,
+                fallback=reason)
+    plan.details.append("differentiates " + ("the captured (decomposed) graph"
+                                              if split is not None else
+                                              "the function itself (normalisation layers as "
+                                              "their formulas)"))
+
+    def run(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
+        if split is not None:
+            g, targets = _graph_function(split, args, kwargs, lifted)
+            has_aux = True
+        else:
+            def g(*pos: Any) -> Any:
+                return func(*pos, **kwargs)
+            targets, has_aux = None, req.has_aux
+
+        def make(lv: tuple[str, ...]) -> Callable[..., Any]:
+            return nested_derivative(g, lv, argspec, has_aux=has_aux,
+                                     chunk_size=req.chunk_size, all_orders=req.all_orders)
+
+        with contextlib.ExitStack() as stack:
+            if split is None:
+                stack.enter_context(SafeNorms())
+            out, ran = run_nested(make, state["levels"], args)
+        if ran != state["levels"]:
+            state["levels"] = plan.schedule = ran
+        if split is None:
+            return out
+        value, (aux_leaves, mutations) = out
+        assert targets is not None
+        write_back(targets, list(mutations))
+        if req.has_aux:
+            return value, pytree.tree_unflatten(list(aux_leaves), split.layout.aux_spec)
+        return value
+
+    plan.runner = run
+    return plan
+
+
+def _graph_function(split: Split, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    lifted: tuple[Tensor, ...]) -> tuple[Callable[..., Any], list[Tensor]]:
+    """``(*args) -> (output, (aux leaves, mutation values))`` computed by the captured graph
+    (random values drawn once, now), and the tensors the mutations are written back to."""
+    cap = split.cap
+    graph = cap.graph
+    assert graph is not None
+    tensors = arg_tensors(args, kwargs)
+    random = cap.random_values(tensors, lifted)
+    targets = [(tensors + list(lifted))[i] for i in cap.mutated]
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    n_y, n_aux = split.n_y, split.n_aux
+    out_spec = split.layout.out_spec
+
+    def g(*pos: Any) -> Any:
+        new_leaves = pytree.tree_leaves((pos, kwargs))
+        ts = [new_leaves[i] for i in tensor_pos]
+        outs = graph(*ts, *random, *lifted)
+        y = pytree.tree_unflatten(list(outs[:n_y]), out_spec)
+        return y, (tuple(outs[n_y:n_y + n_aux]), tuple(outs[n_y + n_aux:]))
+
+    del leaves, spec
+    return g, targets

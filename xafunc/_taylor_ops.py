@@ -1,48 +1,40 @@
 """Taylor-mode transforms: ``jet``, ``xlaplacian`` and ``xbiharmonic``.
 
-NOTE [Collapsed Taylor mode]
-Differential operators such as the Laplacian ``sum_i d^2 f / dx_i^2`` are *weighted sums of
-top-degree Taylor coefficients* along a fixed set of directions ``v_1 .. v_N``:
-``L f = sum_r w_r c_K(v_r)``. Every Taylor rule produces its top coefficient as
-``c_K_out = Df[c_K_in] + R(c_1 .. c_{K-1})``: linear in ``c_K_in``, nonlinear only in the lower
-coefficients. So the weighted sum over directions can be pushed through the graph node by node
-(Dangel, Siebert, Zeinhofer and Walther, "Collapsing Taylor mode automatic differentiation",
-2024): ``s_out = Df[s_in] + sum_r w_r R_r`` with ``s = sum_r w_r c_K(v_r)``. The engine
-propagates ``c_1 .. c_{K-1}`` along the ``N`` directions and ``s`` as one extra direction row
-of ``c_1`` (row ``N``): the rules treat rows independently and ``c_1`` of a row is exactly
-``Df`` applied to it, so ``Df[s_in]`` costs one more row in each matrix product, and rows
-``N`` of the higher coefficients (never read) absorb the rest. For the Laplacian (``K = 2``)
-this halves the work compared with propagating ``c_2`` along every direction; the first
-linear layer applied to the unit seeds is free (:class:`~xafunc._rules.series.UnitSeed`).
+These take the same path as every other transform: the function is looked up in the shared
+capture cache (NOTE [The capture cache]) and a plan per request is built on the capture and
+cached there. ``jet`` pushes truncated Taylor series through the captured graph
+(:class:`~xafunc._engine.taylor.Propagator`); ``xlaplacian`` and ``xbiharmonic`` run the
+collapsed Taylor mode of :mod:`xafunc._engine.collapsed`. A function the engine cannot run is
+differentiated by nested ``torch.func.jvp`` along the same directions, on the captured graph
+when there is one (NOTE [A reference that is right]).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._capture.trace import CaptureError, graph_problems, signature_key, trace
+from . import _validate as V
+from ._capture.cache import CACHE, Entry
+from ._capture.request import Request, Split, output_split, write_back
+from ._capture.trace import CaptureError, graph_problems
+from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
-from ._rules.series import Series, UnitSeed, materialize, nested_any, nested_map
+from ._plan import fallback_allowed, level_local_reason
+from ._reference import SafeNorms
+from ._rules.series import Series, UnitSeed, primal
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 
 
 # =============================================================================== helpers
-def _check_callable(name: str, func: Any) -> None:
-    if not callable(func):
-        raise TypeError(f"{name}: func must be callable, got {func!r} of type "
-                        f"{type(func).__name__}.")
-
-
 def _check_float(name: str, what: str, t: Any) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}.")
@@ -51,7 +43,7 @@ def _check_float(name: str, what: str, t: Any) -> None:
                         "Convert it with .float() or .double().")
 
 
-def _flatten_output(name: str, out: Any) -> tuple[list[Tensor], Any]:
+def _tensor_leaves(name: str, out: Any) -> tuple[list[Tensor], Any]:
     leaves, spec = pytree.tree_flatten(out)
     for leaf in leaves:
         if not isinstance(leaf, Tensor):
@@ -80,50 +72,7 @@ def _jvp_derivatives(g: Callable[[Tensor], Any], t: Tensor, K: int) -> tuple[Any
     return out[0], list(out[1:])
 
 
-class _FuncCache:
-    """Per-function caches that do not keep the function alive (weak keys where possible)."""
-
-    def __init__(self) -> None:
-        self._weak: weakref.WeakKeyDictionary[Any, dict[Hashable, Any]] = \
-            weakref.WeakKeyDictionary()
-
-    def get(self, func: Any) -> dict[Hashable, Any] | None:
-        try:
-            return self._weak.setdefault(func, {})
-        except TypeError:  # not weak-referenceable or not hashable: no caching
-            return None
-
-
 # ===================================================================================== jet
-_JET_CACHE = _FuncCache()
-
-
-class _JetProgram:
-    """A captured graph for ``jet`` at one signature (``None`` graph: use the fallback)."""
-
-    def __init__(self, func: Callable[..., Any], primals: Sequence[Tensor]) -> None:
-        meta: dict[str, Any] = {}
-
-        def flat(*xs: Tensor) -> list[Tensor]:
-            leaves, spec = _flatten_output("jet", func(*xs))
-            meta["spec"] = spec
-            return leaves
-
-        self.reason: str | None = None
-        self.propagator: Any = None
-        try:
-            gm = trace(flat, list(primals))
-        except CaptureError as e:
-            self.reason = f"capture failed ({e})"
-            return
-        problems = graph_problems(gm, series_inputs=len(primals))
-        if problems:
-            self.reason = "; ".join(problems)
-            return
-        self.propagator = Propagator(gm)
-        self.out_spec = meta["spec"]
-
-
 def jet(func: Callable[..., Any], primals: Sequence[Tensor],
         series: Sequence[Sequence[Tensor | None]]) -> tuple[Any, Any]:
     """Push a truncated Taylor series through ``func`` (Taylor-mode automatic differentiation).
@@ -173,7 +122,7 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
         >>> [round(d.item(), 10) for d in ds]
         [0.0, 1.0, 0.0, 0.0, 0.0, -15.0]
     """
-    _check_callable("jet", func)
+    V.check_callable("jet", func)
     if isinstance(primals, Tensor) or not isinstance(primals, (tuple, list)):
         raise TypeError("jet: primals must be a tuple of tensors, e.g. (x,), got "
                         f"{type(primals).__name__}.")
@@ -202,47 +151,62 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
                                  f"primals[{i}] has shape {tuple(p.shape)}; they must match.")
     assert K is not None
 
-    cache = _JET_CACHE.get(func)
-    key = (signature_key(primals, {}, func), K)
-    prog = cache.get(key) if cache is not None else None
-    if prog is None:
-        prog = _JetProgram(func, primals)
-        if cache is not None:
-            cache[key] = prog
-    if prog.propagator is not None:
-        return _jet_engine(prog, primals, series, K)
-    return _jet_reference(func, primals, series, K)
+    entry, lifted = CACHE.lookup(func, primals, {})
+    key = Request("jet", K)
+    plan = entry.plans.get(key)
+    if plan is None:
+        plan = entry.plans[key] = _jet_plan(entry)
+    return plan(func, primals, series, K, lifted)
 
 
-def _jet_engine(prog: _JetProgram, primals: tuple[Tensor, ...],
-                series: Sequence[Sequence[Tensor | None]], K: int) -> tuple[Any, Any]:
-    inputs = []
-    for p, s in zip(primals, series, strict=False):
-        coeffs = [None if c is None else (c / math.factorial(k)).unsqueeze(0)
-                  for k, c in enumerate(s, start=1)]
-        inputs.append(Series(p, coeffs) if any(c is not None for c in coeffs) else p)
-    outs = prog.propagator(*inputs)
-    prim, ser = [], []
-    for o in outs:
-        if isinstance(o, Series):
-            prim.append(o.primal)
-            cs = []
-            for k in range(1, K + 1):
-                c = o.coeffs[k - 1] if k <= o.order else None
-                if c is None:
-                    cs.append(torch.zeros_like(o.primal))
-                else:
-                    cs.append(c.squeeze(0).expand(o.primal.shape) * math.factorial(k))
-            ser.append(tuple(cs))
-        else:
-            prim.append(o)
-            ser.append(tuple(torch.zeros_like(o) for _ in range(K)))
-    spec = prog.out_spec  # each leaf of series_out is the K-tuple of that output's terms
-    return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(ser, spec)
+def _jet_plan(entry: Entry) -> Callable[..., Any]:
+    """The engine's propagation on the capture, or nested ``jvp`` when it cannot run."""
+    cap = entry.captured
+    if cap.graph is None or cap.level_local:
+        fallback_allowed("jet", cap.reason or level_local_reason(cap))
+        return _jet_reference
+    output_split("jet", cap, has_aux=False)
+    problems = graph_problems(cap.graph, series_inputs=cap.n_args)
+    if problems:
+        fallback_allowed("jet", "; ".join(problems))
+        return _jet_reference
+    prop = Propagator(cap.graph)
+    n_out = cap.n_out
+
+    def run(func: Any, primals: tuple[Tensor, ...], series: Sequence[Sequence[Tensor | None]],
+            K: int, lifted: tuple[Tensor, ...]) -> tuple[Any, Any]:
+        inputs: list[Any] = []
+        for p, s in zip(primals, series, strict=False):
+            coeffs = [None if c is None else (c / math.factorial(k)).unsqueeze(0)
+                      for k, c in enumerate(s, start=1)]
+            inputs.append(Series(p, coeffs) if any(c is not None for c in coeffs) else p)
+        targets = [(list(primals) + list(lifted))[i] for i in cap.mutated]
+        outs = prop(*inputs, *cap.random_values(list(primals), lifted), *lifted)
+        prim, ser = [], []
+        for o in outs[:n_out]:
+            if isinstance(o, Series):
+                prim.append(o.primal)
+                cs = []
+                for k in range(1, K + 1):
+                    c = o.coeffs[k - 1] if k <= o.order else None
+                    if c is None:
+                        cs.append(torch.zeros_like(o.primal))
+                    else:
+                        cs.append(c.squeeze(0).expand(o.primal.shape) * math.factorial(k))
+                ser.append(tuple(cs))
+            else:
+                prim.append(o)
+                ser.append(tuple(torch.zeros_like(o) for _ in range(K)))
+        write_back(targets, [primal(o) for o in outs[n_out:]])
+        spec = cap.out_spec  # each leaf of series_out is the K-tuple of that output's terms
+        return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(ser, spec)
+
+    return run
 
 
 def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
-                   series: Sequence[Sequence[Tensor | None]], K: int) -> tuple[Any, Any]:
+                   series: Sequence[Sequence[Tensor | None]], K: int,
+                   lifted: tuple[Tensor, ...]) -> tuple[Any, Any]:
     """Nested ``torch.func.jvp`` on ``t -> func(x(t))``: derivatives at ``t = 0``."""
     t0 = torch.zeros((), dtype=primals[0].dtype, device=primals[0].device)
 
@@ -254,256 +218,16 @@ def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
                 if c is not None:
                     x = x + c * (t ** k / math.factorial(k))
             xs.append(x)
-        leaves, _ = _flatten_output("jet", func(*xs))
-        return leaves
+        return _tensor_leaves("jet", func(*xs))[0]
 
-    y, ds = _jvp_derivatives(curve, t0, K)
-    _, spec = pytree.tree_flatten(func(*primals))
+    with SafeNorms():
+        y, ds = _jvp_derivatives(curve, t0, K)
+        _, spec = pytree.tree_flatten(func(*primals))
     ser = [tuple(d[j] for d in ds) for j in range(len(y))]
     return pytree.tree_unflatten(list(y), spec), pytree.tree_unflatten(ser, spec)
 
 
-# ============================================================ collapsed Taylor propagation
-class _Col:
-    """A value in collapsed propagation: ``primal``, ``coeffs = [c_1 .. c_{K-1}]`` along the
-    ``N`` directions (``None`` = zero) and ``s``, the weighted sum of the top coefficient
-    ``c_K`` over the directions (``None`` = zero)."""
-
-    __slots__ = ("primal", "coeffs", "s")
-
-    def __init__(self, primal: Tensor, coeffs: list[Any], s: Tensor | None) -> None:
-        self.primal, self.coeffs, self.s = primal, coeffs, s
-
-
-def _has_col(x: Any) -> bool:
-    return nested_any(x, lambda v: isinstance(v, _Col))
-
-
-def _col_primals(x: Any) -> Any:
-    return nested_map(x, lambda v: v.primal if isinstance(v, _Col) else v)
-
-
-def _has_s(x: Any) -> bool:
-    return nested_any(x, lambda v: isinstance(v, _Col) and v.s is not None)
-
-
-def _lower_series(x: Any) -> Any:
-    """Every ``_Col`` as the order-``K`` series ``[c_1 .. c_{K-1}, 0]`` along the directions."""
-    return nested_map(x, lambda v: Series(v.primal, v.coeffs + [None])
-                      if isinstance(v, _Col) else v)
-
-
-def _sum_series(x: Any) -> Any:
-    """Every ``_Col`` with a collapsed sum as the first-order series ``[s]`` (one direction);
-    the others as constants: the second call computes ``Df[s]``."""
-    def one(v: Any) -> Any:
-        if not isinstance(v, _Col):
-            return v
-        return v.primal if v.s is None else Series(v.primal, [v.s.unsqueeze(0)])
-
-    return nested_map(x, one)
-
-
-# Closed-form (g', g''/2) for the elementwise operators that dominate networks: the degree-2
-# collapsed rule is then c_1 <- g' c_1, s <- g' s + (g''/2) sum_r c_1r^2, two passes over c_1.
-def _d2_tanh(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    g1 = 1 - y * y
-    return g1, -y * g1
-
-
-def _d2_sigmoid(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    g1 = y * (1 - y)
-    return g1, g1 * (0.5 - y)
-
-
-def _d2_exp(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return y, 0.5 * y
-
-
-def _d2_sin(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.cos(x), -0.5 * y
-
-
-def _d2_cos(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return -torch.sin(x), -0.5 * y
-
-
-def _d2_log(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    r = torch.reciprocal(x)
-    return r, -0.5 * r * r
-
-
-_aten = torch.ops.aten
-_D2_UNARY: dict[Any, tuple[Any, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]] = {
-    _aten.tanh.default: (torch.tanh, _d2_tanh),
-    _aten.sigmoid.default: (torch.sigmoid, _d2_sigmoid),
-    _aten.exp.default: (torch.exp, _d2_exp),
-    _aten.sin.default: (torch.sin, _d2_sin),
-    _aten.cos.default: (torch.cos, _d2_cos),
-    _aten.log.default: (torch.log, _d2_log),
-}
-
-
-class _Collapsed(Propagator):
-    """Runs a captured graph propagating ``c_1 .. c_{K-1}`` along ``N`` directions and the
-    weighted sum of ``c_K`` (see NOTE [Collapsed Taylor mode]).
-
-    Each operator's rule runs once on the directions (``c_K`` in = 0, so its ``c_K`` out is
-    the nonlinear part ``R``, summed with the weights right away) and, when some input
-    carries a collapsed sum, once more on ``s`` as a first-order series (``Df[s]``).
-    """
-
-    def __init__(self, gm: torch.fx.GraphModule, K: int) -> None:
-        self.K = K
-        self.weights: Tensor | None = None
-        super().__init__(gm)
-
-    def rule_for(self, node: torch.fx.Node) -> Any:
-        fast = _D2_UNARY.get(node.target) if self.K == 2 else None
-        if fast is not None and len(node.args) == 1 and not node.kwargs:
-            return ("unary2",) + fast
-        return super().rule_for(node)
-
-    def carries(self, x: Any) -> bool:
-        return _has_col(x)
-
-    def strip(self, x: Any) -> Any:
-        return _col_primals(x)
-
-    def finish(self, value: Any) -> Any:
-        return value
-
-    def apply(self, rule: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        K, weights = self.K, self.weights
-        if isinstance(rule, tuple):  # closed-form degree-2 elementwise rule
-            x = args[0]
-            y0 = rule[1](x.primal)
-            c1 = x.coeffs[0]
-            if c1 is None and x.s is None:
-                return y0
-            if isinstance(c1, UnitSeed):
-                c1 = materialize(Series(x.primal, [c1])).coeffs[0]
-            g1, h2 = rule[2](x.primal, y0)
-            s = None if x.s is None else g1 * x.s
-            if c1 is not None:
-                if weights is not None:
-                    sq = _contract(c1 * c1, weights)
-                elif c1.is_complex():
-                    sq = (c1 * c1).sum(0)
-                else:  # one fused pass: sum_r c_1r^2
-                    sq = torch.linalg.vecdot(c1, c1, dim=0)
-                s = h2 * sq if s is None else s + h2 * sq
-                c1 = g1 * c1
-            return _Col(y0, [c1], s)
-        sargs = _lower_series(args)
-        skw = {k: _lower_series(v) for k, v in kwargs.items()}
-        if not getattr(rule, "unit_aware", False):
-            sargs, skw = materialize(sargs), {k: materialize(v) for k, v in skw.items()}
-        out = rule(*sargs, **skw)
-        lin = None
-        if _has_s(args) or _has_s(tuple(kwargs.values())):
-            lin = rule(*_sum_series(args), **{k: _sum_series(v) for k, v in kwargs.items()})
-        return _merge(out, lin, K, weights)
-
-    def __call__(self, weights: Tensor | None, *inputs: Any,  # type: ignore[override]
-                 stop_at: Any = None, override: Any = None) -> Any:
-        self.weights = weights
-        try:
-            return super().__call__(*inputs)
-        finally:
-            self.weights = None
-
-
-def _merge(out: Any, lin: Any, K: int, weights: Tensor | None) -> Any:
-    """Combine the rule's output on the directions with ``Df[s]`` into ``_Col`` values."""
-    if isinstance(out, Series):
-        cs = list(out.coeffs[:K - 1]) + [None] * max(0, K - 1 - out.order)
-        top = out.coeffs[K - 1] if out.order >= K else None
-        s = None if top is None else _contract(top, weights)
-        if isinstance(lin, Series) and lin.coeffs[0] is not None:
-            ls = lin.coeffs[0][0]
-            s = ls if s is None else s + ls
-        return _Col(out.primal, cs, s)
-    if isinstance(out, (list, tuple)):
-        lins = lin if isinstance(lin, (list, tuple)) else [None] * len(out)
-        return type(out)(_merge(o, li, K, weights) for o, li in zip(out, lins, strict=False))
-    return out
-
-
-def _contract(top: Tensor, weights: Tensor | None) -> Tensor:
-    if weights is None:
-        return top.sum(0)
-    return torch.tensordot(weights.to(top.dtype), top, dims=1)
-
-
 # ========================================================================== the operators
-class _Request:
-    """Flattening of one call: the differentiated leaves concatenated into ``z``."""
-
-    def __init__(self, name: str, func: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any], argnums: tuple[int, ...]) -> None:
-        self.func = func
-        leaves, self.spec = pytree.tree_flatten((args, kwargs))
-        starts, offset = [], 0
-        for a in args:
-            starts.append(offset)
-            offset += len(pytree.tree_leaves(a))
-        self.diff_pos: list[int] = []
-        for a in argnums:
-            k = len(pytree.tree_leaves(args[a]))
-            self.diff_pos.extend(range(starts[a], starts[a] + k))
-        for i in self.diff_pos:
-            _check_float(name, "a differentiated argument", leaves[i])
-        diff = set(self.diff_pos)
-        self.other_pos = [i for i, leaf in enumerate(leaves)
-                          if i not in diff and isinstance(leaf, Tensor)]
-        self.const_leaves = [None if (i in diff or isinstance(leaf, Tensor)) else leaf
-                             for i, leaf in enumerate(leaves)]
-        self.in_shapes = [tuple(leaves[i].shape) for i in self.diff_pos]
-        self.sizes = [math.prod(s) for s in self.in_shapes]
-        self.n = sum(self.sizes)
-        self.name = name
-        self.out_spec: Any = None
-
-    def split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
-        leaves = pytree.tree_leaves((args, kwargs))
-        if len(self.diff_pos) == 1:
-            z = leaves[self.diff_pos[0]].reshape(-1)
-        else:
-            z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos])
-        return z, [leaves[i] for i in self.other_pos]
-
-    def flat(self, z: Tensor, *others: Tensor) -> list[Tensor]:
-        leaves = list(self.const_leaves)
-        parts = (z,) if len(self.sizes) == 1 else torch.split(z, self.sizes)
-        for pos, part, shape in zip(self.diff_pos, parts, self.in_shapes, strict=False):
-            leaves[pos] = part.reshape(shape)
-        for pos, t in zip(self.other_pos, others, strict=False):
-            leaves[pos] = t
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        ys, self.out_spec = _flatten_output(self.name, self.func(*args, **kwargs))
-        return ys
-
-
-class _Compiled:
-    def __init__(self, req: _Request, K: int, z: Tensor, others: list[Tensor]) -> None:
-        self.req = req
-        self.runner: _Collapsed | None = None
-        self.reason: str | None = None
-        self.compiler = Compiler()
-        try:
-            gm = trace(req.flat, [z, *others])
-        except CaptureError as e:
-            self.reason = f"capture failed ({e})"
-            return
-        problems = graph_problems(gm, series_inputs=1)
-        if problems:
-            self.reason = "; ".join(problems)
-            return
-        self.out_spec = req.out_spec
-        self.runner = _Collapsed(gm, K)
-
-
 _METHODS = ("exact", "randomized")
 _DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -513,7 +237,7 @@ class _Operator:
 
     def __init__(self, name: str, K: int, func: Callable[..., Any], argnums: Any, method: Any,
                  num_samples: Any, generator: Any, distribution: Any) -> None:
-        _check_callable(name, func)
+        V.check_callable(name, func)
         if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)) or (
                 isinstance(argnums, tuple) and (not argnums or any(
                     isinstance(a, bool) or not isinstance(a, int) for a in argnums))):
@@ -536,8 +260,8 @@ class _Operator:
         self.name, self.K, self.func, self.argnums = name, K, func, argnums
         self.method, self.num_samples = method, num_samples
         self.generator, self.distribution = generator, distribution
-        self._cache: dict[Hashable, _Compiled] = {}
-        self._dirs: dict[Hashable, tuple[Tensor, Tensor | None, float, int | None]] = {}
+        self.request = Request(name, K, argnums, method=method, num_samples=num_samples,
+                               distribution=distribution)
 
     # ----------------------------------------------------------------------- directions
     def directions(self, n: int, dtype: torch.dtype, device: torch.device
@@ -558,79 +282,181 @@ class _Operator:
                 raise ValueError(f"{self.name}: the randomized biharmonic estimator needs "
                                  "distribution='gaussian' (Rademacher fourth moments differ).")
             return V, None, 24.0 / (3.0 * S), None  # E[D^4f[v^4]] = 3 lap^2 f, D^4 = 24 c_4
-        key = (n, dtype, device)
-        hit = self._dirs.get(key)
-        if hit is not None:
-            return hit
-        out: tuple[Tensor, Tensor | None, float, int | None]
-        if self.K == 2:
-            out = (torch.eye(n, dtype=dtype, device=device), None, 2.0, 0)
-        else:
-            out = _biharmonic_directions(n, dtype, device)
-        self._dirs[key] = out
-        return out
+        return _fixed_directions(self.K, n, dtype, device)
 
     # --------------------------------------------------------------------------- calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        name = self.name
-        argnums = (self.argnums,) if isinstance(self.argnums, int) else self.argnums
-        norm = []
-        for a in argnums:
-            if not -len(args) <= a < len(args):
-                raise ValueError(f"{name}: argnums {self.argnums!r} is out of range for "
-                                 f"{len(args)} positional arguments.")
-            norm.append(a % len(args))
-        key = (signature_key(args, kwargs, self.func), tuple(norm))
-        comp = self._cache.get(key)
-        if comp is None:
-            req = _Request(name, self.func, args, kwargs, tuple(norm))
-            z, others = req.split(args, kwargs)
-            comp = _Compiled(req, self.K, z, others)
-            self._cache[key] = comp
-        z, others = comp.req.split(args, kwargs)
-        V, weights, scale, unit_offset = self.directions(comp.req.n, z.dtype, z.device)
-        if comp.runner is None:
-            return self._reference(comp.req, z, others, V, weights, scale)
-        runner = comp.runner
+        entry, lifted = CACHE.lookup(self.func, args, kwargs)
+        plan = entry.plans.get(self.request)
+        if plan is None:
+            plan = entry.plans[self.request] = _operator_plan(self, entry, args, kwargs, lifted)
+        return plan(self, args, kwargs, lifted)
+
+
+def _operator_plan(op: _Operator, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   lifted: tuple[Tensor, ...]) -> Callable[..., Any]:
+    """Collapsed Taylor mode on the capture, or nested ``jvp`` along the directions."""
+    from ._plan import _examples
+
+    name = op.name
+    argnums = V.normalize_argnums(name, op.argnums, len(args))
+    for a in argnums:
+        for leaf in pytree.tree_leaves(args[a]):
+            _check_float(name, "a differentiated argument", leaf)
+    int_argnums = isinstance(op.argnums, int)
+    cap = entry.captured
+    if cap.graph is None or cap.level_local:
+        fallback_allowed(name, cap.reason or level_local_reason(cap))
+        return _raw_reference(argnums, int_argnums)
+    split = Split(name, cap, args, kwargs, argnums, int_argnums, False)
+    z, others = _examples(split, args, kwargs, lifted)
+    try:
+        g0 = split.flat_graph([z, *others])
+    except CaptureError as e:
+        fallback_allowed(name, f"capture failed ({e})")
+        return _graph_reference(split, op.K)
+    problems = graph_problems(g0)
+    if problems:
+        fallback_allowed(name, "; ".join(problems))
+        return _graph_reference(split, op.K)
+    return _collapsed_engine(split, g0, op.K, len(lifted))
+
+
+def _unflatten(s: Tensor, split_layout: Any) -> Any:
+    """A flat ``(m,)`` result as the function's output structure."""
+    outs, offset = [], 0
+    for shape in split_layout.out_shapes:
+        size = math.prod(shape)
+        outs.append(s[offset:offset + size].reshape(shape))
+        offset += size
+    return pytree.tree_unflatten(outs, split_layout.out_spec)
+
+
+def _col_primal(v: Any) -> Any:
+    return v.primal if isinstance(v, (Col, Series)) else v
+
+
+def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int) -> Callable[..., Any]:
+    runner = Collapsed(g0, K)
+    compiler = Compiler(n_static)
+
+    def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
+        z, others, targets = split.inputs(args, kwargs, lifted)
+        dirs, weights, scale, unit_offset = op.directions(z.shape[0], z.dtype, z.device)
 
         def eager(z: Tensor, *others: Tensor) -> list[Tensor]:
-            first: Any = V if unit_offset is None else UnitSeed(unit_offset, V.shape[0])
-            outs = runner(weights, _Col(z, [first] + [None] * (self.K - 2), None), *others)
-            res = []
-            for o in outs:
-                if isinstance(o, _Col) and o.s is not None:
-                    res.append(o.s * scale)
-                else:
-                    p = o.primal if isinstance(o, _Col) else o
-                    res.append(torch.zeros_like(p))
-            return res
+            first: Any = dirs if unit_offset is None else UnitSeed(unit_offset, dirs.shape[0])
+            y, rest = runner(weights, Col(z, [first] + [None] * (K - 2), None), *others)
+            if isinstance(y, Col) and y.s is not None:
+                s = y.s * scale
+            else:
+                s = torch.zeros_like(_col_primal(y))
+            return [s, *[_col_primal(r) for r in rest]]
 
-        if self.method == "exact":  # fixed directions: compile (see NOTE [Compiled propagation])
-            res = comp.compiler.run("exact", lambda: None, eager, z, list(others))
+        if op.method == "exact":  # fixed directions: compile (see NOTE [Compiled propagation])
+            res = compiler.run("exact", lambda: None, eager, z, list(others))
         else:  # fresh random directions on every call
             res = eager(z, *others)
-        return pytree.tree_unflatten(list(res), comp.out_spec)
+        write_back(targets, list(res[1:]))
+        return _unflatten(res[0], split.layout)
 
-    def _reference(self, req: _Request, z: Tensor, others: list[Tensor], V: Tensor,
-                   weights: Tensor | None, scale: float) -> Any:
-        """Nested ``torch.func.jvp`` along every direction (vmapped), weighted and summed."""
-        K = self.K
+    return run
 
-        def along(v: Tensor) -> list[Tensor]:
-            t0 = torch.zeros((), dtype=z.dtype, device=z.device)
-            _, ds = _jvp_derivatives(lambda t: req.flat(z + t * v, *others), t0, K)
-            return ds[-1]  # D^K f[v, ..., v]
 
-        try:
-            top = torch.func.vmap(along)(V)
-        except RuntimeError:  # e.g. data-dependent control flow: one direction at a time
-            per = [along(v) for v in V]
-            top = [torch.stack(cs) for cs in zip(*per, strict=False)]
-        res = []
-        for c in top:
-            c = c / math.factorial(K)  # as a Taylor coefficient, like the engine
-            res.append(_contract(c, weights) * scale)
-        return pytree.tree_unflatten(res, req.out_spec)
+def _jvp_along(g: Callable[[Tensor], Tensor], z: Tensor, dirs: Tensor,
+               weights: Tensor | None, scale: float, K: int) -> Tensor:
+    """``scale * sum_r w_r D^K g(z)[v_r, ..., v_r] / K!`` by nested ``jvp``, vmapped over the
+    directions (one at a time if the function cannot be vmapped)."""
+
+    def along(v: Tensor) -> Tensor:
+        t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+        _, ds = _jvp_derivatives(lambda t: g(z + t * v), t0, K)
+        return ds[-1]  # D^K g[v, ..., v]
+
+    try:
+        top = torch.func.vmap(along)(dirs)
+    except RuntimeError:  # e.g. data-dependent control flow: one direction at a time
+        top = torch.stack([along(v) for v in dirs])
+    return contract(top / math.factorial(K), weights) * scale
+
+
+def _jacrev_along(g: Callable[[Tensor], Tensor], z: Tensor, dirs: Tensor,
+                  weights: Tensor | None, scale: float, K: int) -> Tensor:
+    """As :func:`_jvp_along`, by ``K`` nested ``jacrev`` contracted with the directions: the
+    function itself may hold ``torch.no_grad`` blocks, which forward-mode AD would ignore."""
+    D = g
+    for _ in range(K):
+        D = torch.func.jacrev(D)
+    T = D(z)  # (m, n, ..., n)
+    T = torch.einsum("...j,rj->...r", T, dirs)
+    for _ in range(K - 1):
+        T = torch.einsum("...jr,rj->...r", T, dirs)
+    return contract(T.movedim(-1, 0) / math.factorial(K), weights) * scale
+
+
+def _graph_reference(split: Split, K: int) -> Callable[..., Any]:
+    flat = split.flat_function()
+
+    def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
+        z, others, targets = split.inputs(args, kwargs, lifted)
+        dirs, weights, scale, _ = op.directions(z.shape[0], z.dtype, z.device)
+        res = _jvp_along(lambda x: flat(x, *others)[0], z, dirs, weights, scale, K)
+        if targets:
+            write_back(targets, flat(z, *others)[1])
+        return _unflatten(res, split.layout)
+
+    return run
+
+
+def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[..., Any]:
+    """Nested ``jvp`` of the function itself (it could not be captured)."""
+
+    def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifted: tuple[Tensor, ...]) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        starts, index = [], 0
+        for a in args:
+            starts.append(index)
+            index += len(pytree.tree_leaves(a))
+        pos = [p for a in argnums for p in range(starts[a], starts[a] + len(
+            pytree.tree_leaves(args[a])))]
+        shapes = [leaves[p].shape for p in pos]
+        z = torch.cat([leaves[p].reshape(-1) for p in pos])
+        out_info: dict[str, Any] = {}
+
+        def g(x: Tensor) -> Tensor:
+            new = list(leaves)
+            for p, part, shape in zip(pos, torch.split(x, [math.prod(s) for s in shapes]),
+                                      shapes):
+                new[p] = part.reshape(shape)
+            a, k = pytree.tree_unflatten(new, spec)
+            ys, out_info["spec"] = _tensor_leaves(op.name, op.func(*a, **k))
+            out_info["shapes"] = [tuple(y.shape) for y in ys]
+            return torch.cat([y.reshape(-1) for y in ys])
+
+        dirs, weights, scale, _ = op.directions(z.shape[0], z.dtype, z.device)
+        with SafeNorms():
+            res = _jacrev_along(g, z, dirs, weights, scale, op.K)
+        outs, offset = [], 0
+        for shape in out_info["shapes"]:
+            size = math.prod(shape)
+            outs.append(res[offset:offset + size].reshape(shape))
+            offset += size
+        return pytree.tree_unflatten(outs, out_info["spec"])
+
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_directions(K: int, n: int, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[Tensor, Tensor | None, float, int | None]:
+    """The exact methods' directions: ``e_i`` (Laplacian), ``e_i``, ``e_i +- e_j``
+    (biharmonic)."""
+    if K == 2:
+        return torch.eye(n, dtype=dtype, device=device), None, 2.0, 0
+    return _biharmonic_directions(n, dtype, device)
 
 
 def _biharmonic_directions(n: int, dtype: torch.dtype, device: torch.device
@@ -656,6 +482,7 @@ def _biharmonic_directions(n: int, dtype: torch.dtype, device: torch.device
 def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, method: Any,
                    num_samples: Any, generator: Any, distribution: Any) -> Callable[..., Any]:
     op = _Operator(name, K, func, argnums, method, num_samples, generator, distribution)
+
     def wrapper(*a: Any, **k: Any) -> Any:
         return op(*a, **k)
 
@@ -663,7 +490,6 @@ def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, me
         functools.update_wrapper(wrapper, func)
     except (AttributeError, TypeError):  # pragma: no cover - exotic callables
         pass
-    wrapper._xafunc_operator = op  # type: ignore[attr-defined]
     return wrapper
 
 

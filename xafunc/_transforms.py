@@ -1,10 +1,10 @@
 """The public transforms: ``xderiv``, ``xjacobian``, ``xhessian``, ``xderivs`` and ``plan``.
 
 Each transform validates ``func``, ``order``, ``argnums``, ``mode`` and ``chunk_size`` when it
-is built and returns a function. At call time it checks the arguments, looks up (or builds) a
-plan for this call signature -- shapes, dtypes, devices, the non-tensor arguments, argnums and
-order -- and runs it. Plans are cached on the returned function, so a second call with the same
-signature neither re-traces nor re-plans.
+is built and returns a function. At call time it looks the function up in the process-wide
+capture cache (NOTE [The capture cache]): a call whose signature matches and whose guards hold
+reuses the capture and the plan built for this request on it, so transforms written inline in
+a loop cost what a held transform costs.
 """
 
 from __future__ import annotations
@@ -14,50 +14,32 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _validate as V
-from ._capture.trace import signature_key
+from ._capture.cache import CACHE
+from ._capture.request import Request
 from ._plan import Plan, build_plan
 from ._typing import Argnums, Func, Mode
 
 
 class _Transform:
-    """The callable returned by every transform; holds the per-signature plan cache."""
+    """The callable behind every transform: a function and a :class:`Request`."""
 
-    def __init__(
-        self,
-        name: str,
-        func: Func,
-        order: int,
-        argnums: Argnums,
-        has_aux: bool,
-        mode: str,
-        chunk_size: int | None,
-        all_orders: bool,
-    ) -> None:
-        self.name = name
+    __slots__ = ("func", "request")
+
+    def __init__(self, func: Func, request: Request) -> None:
         self.func = func
-        self.order = order
-        self.argnums = argnums
-        self.has_aux = has_aux
-        self.mode = mode
-        self.chunk_size = chunk_size
-        self.all_orders = all_orders
-        self._plans: dict[Any, Plan] = {}
+        self.request = request
 
-    def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        key = signature_key(args, kwargs, self.func)
-        plan = self._plans.get(key) if key is not None else None
+    def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Plan, Any]:
+        entry, lifted = CACHE.lookup(self.func, args, kwargs)
+        plan = entry.plans.get(self.request)
         if plan is None:
-            # a cached plan was built for arguments of this very signature, which passed these
-            # checks then: only a new signature needs them
-            argnums = V.normalize_argnums(self.name, self.argnums, len(args))
-            V.check_diff_args(self.name, args, argnums)
-            plan = build_plan(self, args, kwargs, argnums)
-            if key is not None and plan.cacheable:
-                self._plans[key] = plan
-        return plan
+            plan = build_plan(self.request, entry, args, kwargs, lifted)
+            entry.plans[self.request] = plan
+        return plan, lifted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.plan_for(args, kwargs).run(args, kwargs)
+        plan, lifted = self.plan_for(args, kwargs)
+        return plan.run(self.func, args, kwargs, lifted)
 
 
 def _make(
@@ -69,21 +51,19 @@ def _make(
     mode: Any,
     chunk_size: Any,
     all_orders: bool = False,
-) -> Callable[..., Any]:
+) -> _Transform:
     V.check_callable(name, func)
-    order = V.check_order(name, order)
-    argnums = V.check_argnums(name, argnums)
-    has_aux = V.check_bool(name, "has_aux", has_aux)
-    mode = V.check_mode(name, mode)
-    chunk_size = V.check_chunk_size(name, chunk_size)
-    transform = _Transform(name, func, order, argnums, has_aux, mode, chunk_size, all_orders)
+    request = Request(name, V.check_order(name, order), V.check_argnums(name, argnums),
+                      V.check_bool(name, "has_aux", has_aux), V.check_mode(name, mode),
+                      V.check_chunk_size(name, chunk_size), all_orders)
+    return _Transform(func, request)
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return transform(*args, **kwargs)
 
-    wrapper._xafunc_transform = transform  # type: ignore[attr-defined]
-    return wrapper
+def _wrap(func: Func, call: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        return functools.wraps(func)(call)
+    except (AttributeError, TypeError):  # pragma: no cover - exotic callables
+        return call
 
 
 def xderiv(
@@ -127,7 +107,8 @@ def xderiv(
         >>> [round(d3[i, j, k].item(), 10) for i, j, k in [(0, 0, 0), (1, 1, 1), (0, 1, 1)]]
         [6.0, 6.0, 0.0]
     """
-    return _make("xderiv", func, order, argnums, has_aux, mode, chunk_size)
+    t = _make("xderiv", func, order, argnums, has_aux, mode, chunk_size)
+    return _wrap(func, t.__call__)
 
 
 def xjacobian(
@@ -148,7 +129,8 @@ def xjacobian(
         tensor([[1., 2.],
                 [3., 4.]])
     """
-    return _make("xjacobian", func, 1, argnums, has_aux, mode, chunk_size)
+    t = _make("xjacobian", func, 1, argnums, has_aux, mode, chunk_size)
+    return _wrap(func, t.__call__)
 
 
 def xhessian(
@@ -169,7 +151,8 @@ def xhessian(
         tensor([[4., 2.],
                 [2., 0.]], dtype=torch.float64)
     """
-    return _make("xhessian", func, 2, argnums, has_aux, mode, chunk_size)
+    t = _make("xhessian", func, 2, argnums, has_aux, mode, chunk_size)
+    return _wrap(func, t.__call__)
 
 
 def xderivs(
@@ -194,7 +177,8 @@ def xderivs(
         >>> [round(d.item(), 10) + 0.0 for d in xderivs(torch.sin, 4)(x)]
         [0.0, 1.0, 0.0, -1.0, 0.0]
     """
-    return _make("xderivs", func, order, argnums, has_aux, mode, chunk_size, all_orders=True)
+    t = _make("xderivs", func, order, argnums, has_aux, mode, chunk_size, all_orders=True)
+    return _wrap(func, t.__call__)
 
 
 def plan(
@@ -219,14 +203,12 @@ def plan(
         >>> p.order
         2
     """
-    transform = _make("plan", func, order, argnums, has_aux, mode, chunk_size)
-    t: _Transform = transform._xafunc_transform  # type: ignore[attr-defined]
+    t = _make("plan", func, order, argnums, has_aux, mode, chunk_size)
 
-    @functools.wraps(func)
     def planner(*args: Any, **kwargs: Any) -> Plan:
-        return t.plan_for(args, kwargs)
+        return t.plan_for(args, kwargs)[0]
 
-    return planner
+    return _wrap(func, planner)
 
 
 for _f in (xderiv, xjacobian, xhessian, xderivs, plan):

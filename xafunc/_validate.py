@@ -130,32 +130,3 @@ def check_diff_args(name: str, args: tuple[Any, ...], argnums: tuple[int, ...]) 
                     "derivatives need a real floating-point dtype. Cast it with .double() or "
                     ".float(), or exclude it from argnums."
                 )
-
-
-def check_output(name: str, out: Any, has_aux: bool) -> Any:
-    """Return the differentiated part of ``func``'s output after checking it."""
-    if has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(
-                f"{name}: has_aux=True requires func to return a tuple (output, aux), got "
-                f"{type(out).__name__}. Return (output, aux) or pass has_aux=False."
-            )
-        out = out[0]
-    if not pytree.tree_leaves(out):
-        raise ValueError(
-            f"{name}: func returned no tensors ({out!r}); there is nothing to differentiate. "
-            "Return a tensor or a pytree of tensors."
-        )
-    for leaf in pytree.tree_leaves(out):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"{name}: func must return a tensor or a pytree of tensors, got a "
-                f"{type(leaf).__name__} ({leaf!r}). Return torch tensors (use has_aux=True to "
-                "return extra non-differentiated values)."
-            )
-        if not leaf.dtype.is_floating_point:
-            raise TypeError(
-                f"{name}: func returned a tensor of dtype {leaf.dtype}; derivatives need a real "
-                "floating-point output. Cast the output with .float() or .double()."
-            )
-    return out

@@ -23,6 +23,10 @@ def _decompositions() -> dict[Any, Any]:
         aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
         aten.native_group_norm, aten.rrelu_with_noise, aten.frac,
     ]))
+    # ``detach`` has a meaning (a zero-derivative rule) and random operators must run as eager
+    # code runs them (see NOTE [Capture])
+    for op in (aten.detach.default, aten.bernoulli.default, aten.native_dropout.default):
+        table.pop(op, None)
     # our rules are simpler than these decompositions (which reach for prims)
     for op in (aten.var.correction, aten.var_mean.correction, aten.prod.dim_int,
                aten.prod.default, aten.mean.dim, aten.mean.default, aten.sum.default):

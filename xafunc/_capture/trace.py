@@ -1,134 +1,465 @@
-"""Call signatures: what a cached plan depends on."""
+"""Tracing: a function and the tensors it reads, as one functional aten graph.
+
+NOTE [Capture]
+``make_fx`` records the aten operators ``func`` runs for given shapes without computing
+anything (every tensor is a ``FakeTensor``); data-dependent Python control flow
+(``if x.sum() > 0``, ``.item()``) cannot be traced that way and raises, which sends the request
+to the reference strategy instead of silently baking in one branch. Composite operators are
+decomposed into a small core set (:mod:`.decompositions`), then a second ``make_fx`` pass under
+``functionalize`` removes in-place operators. :func:`capture` adds what makes the graph *mean*
+what ``func`` means under torch.func:
+
+* **Lifted tensors.** Every tensor ``func`` reads besides its arguments (closures, globals,
+  module parameters and buffers, attributes; found by :func:`~.guards.walk`) is replaced, at
+  the point of use, by a stand-in that is a graph input (``_StandIns``, a
+  ``TorchFunctionMode``). The graph never holds the caller's tensors: they are read afresh on
+  every call. A tensor that reaches an operator without having been found by the walk cannot be
+  re-read, so capture fails rather than freezing it.
+* **Stop-gradients.** ``detach`` stays in the graph, where it has a zero-derivative rule.
+  ``x.data`` and ``t.detach_()`` are recorded as ``detach`` too, but nested torch.func cuts
+  them at the innermost level only (``jacrev(jacrev(lambda x: x.data * x * x))`` is not ``2
+  x.data``), so requests beyond first order on such a function run the reference
+  (``Captured.level_local``). Operators that run while grad mode
+  is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their outputs detached
+  (``_NoGradCut``), exactly what autograd does; ``torch.inference_mode`` and
+  ``torch.autograd.Function`` subclasses (a custom backward defines the derivative, which a
+  Taylor rule cannot see) make the capture fail, so the reference honours them as torch.func
+  does.
+* **Side effects.** In-place updates of inputs (a train-mode BatchNorm's running statistics,
+  a counter buffer) become, after functionalization, extra graph outputs: the new values,
+  written back once per call after the derivative was computed (``Captured.mutated``), so a
+  failed call changes nothing and a successful one updates buffers exactly as one torch.func
+  call does.
+* **Randomness.** Random operators are hoisted into a *prologue* graph whose outputs are extra
+  inputs of the main graph, drawn once per call in program order by the same kernels eager
+  code runs (``rand_like(x)`` becomes ``rand`` of ``x``'s shape, a fused ``native_dropout``
+  becomes its mask times the input), so every part of a schedule sees one realisation and the
+  draws match torch.func's after ``torch.manual_seed``. Tracing itself draws nothing, and the
+  caller's RNG state is restored around it anyway.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Any
+import contextlib
+import operator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
+from torch.fx import Graph, GraphModule, Node
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .decompositions import decomposition_table
 
-
-def _leaf_key(leaf: Any) -> Hashable:
-    if isinstance(leaf, torch.Tensor):
-        return ("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index)
-    if isinstance(leaf, Hashable):
-        try:
-            hash(leaf)
-            return ("V", type(leaf), leaf)
-        except TypeError:
-            pass
-    return ("O", id(leaf))
-
-
-def signature_key(args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = None
-                  ) -> Hashable | None:
-    """A hashable key for everything about a call that a plan depends on.
-
-    Tensors contribute shape, dtype and device (under ``vmap`` the per-sample shape); other
-    leaves their value, or their identity when unhashable. With ``func``, the training flags
-    of the ``nn.Module`` objects it reaches (see :func:`module_state`) are part of the key, so
-    ``model.eval()`` after a call re-plans instead of replaying the training-mode graph.
-    """
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # the common call
-        key: tuple[Any, ...] = ("tensors", tuple((a.shape, a.dtype, a.device) for a in args))
-    else:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        key = (str(spec), tuple(_leaf_key(leaf) for leaf in leaves))
-    return key if func is None else key + (module_state(func),)
-
-
-_SCALARS = (bool, int, float, complex, str, type(None))
-
-
-def _reachable(func: Any, depth: int = 0) -> tuple[list[torch.nn.Module], list[Any]]:
-    """What a callable reads besides its arguments: ``nn.Module`` objects (itself, a bound
-    ``self``, closure cells, globals named in its code, ``functools.partial`` arguments) and
-    the Python scalars among those closure cells and globals (two levels of calls deep)."""
-    if isinstance(func, torch.nn.Module):
-        return [func], []
-    if depth > 2:
-        return [], []
-    mods: list[torch.nn.Module] = []
-    scalars: list[Any] = []
-    candidates: list[Any] = []
-    if hasattr(func, "__self__"):
-        candidates.append(func.__self__)
-    if hasattr(func, "func") and hasattr(func, "args"):  # functools.partial
-        candidates += [func.func, *func.args, *getattr(func, "keywords", {}).values()]
-    for cell in getattr(func, "__closure__", None) or ():
-        try:
-            candidates.append(cell.cell_contents)
-        except ValueError:  # empty cell
-            pass
-    code, globs = getattr(func, "__code__", None), getattr(func, "__globals__", None)
-    if code is not None and globs is not None:
-        candidates += [globs[name] for name in code.co_names if name in globs]
-    for c in candidates:
-        if isinstance(c, torch.nn.Module):
-            mods.append(c)
-        elif isinstance(c, _SCALARS):
-            scalars.append(c)
-        elif callable(c) and not isinstance(c, type) and (
-                hasattr(c, "__code__") or hasattr(c, "__self__")):
-            m, sc = _reachable(c, depth + 1)
-            mods += m
-            scalars += sc
-    return mods, scalars
-
-
-def module_state(func: Any) -> Hashable:
-    """The Python state a traced graph may have baked in: for every module ``func`` reaches,
-    the training flags and plain-scalar attributes of it and its submodules; and the scalar
-    closure cells and globals it reads. Part of the plan cache key, so changing any of them
-    re-plans instead of replaying a stale graph."""
-    mods, scalars = _reachable(func)
-    state = []
-    for m in mods:
-        for sub in m.modules():
-            attrs = tuple(sorted((k, v) for k, v in vars(sub).items()
-                                 if isinstance(v, _SCALARS) and not k.startswith("_")))
-            state.append((id(sub), sub.training, attrs))
-    return tuple(state), tuple((type(v), v) for v in scalars)
-
-
-# --------------------------------------------------------------------------------- tracing
-# NOTE [Capture]
-# ``make_fx`` in fake mode records the aten operators ``func`` runs for these shapes without
-# computing anything; data-dependent Python control flow (``if x.sum() > 0``) cannot be traced
-# that way and raises, which sends the request to the nested torch.func fallback instead of
-# silently baking in one branch. A second ``make_fx`` pass under ``functionalize`` removes the
-# in-place operators that decompositions introduce. Composite operators are decomposed into a
-# small core set with PyTorch's own decomposition tables, so rules exist for a small set.
+aten = torch.ops.aten
 
 
 class CaptureError(Exception):
     """The function could not be traced into an aten graph; the message says why."""
 
 
-def trace(fn: Any, examples: list[Any]) -> torch.fx.GraphModule:
-    """Trace ``fn(*examples)`` (tensors or other values) into a functional aten graph."""
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:200]}"
+
+
+# ------------------------------------------------------------------------------ tracing modes
+def _swap(x: Any, table: dict[int, Tensor]) -> Any:
+    if isinstance(x, Tensor):
+        return table.get(id(x), x)
+    if type(x) in (list, tuple):
+        return type(x)(_swap(v, table) for v in x)
+    if type(x) is dict:
+        return {k: _swap(v, table) for k, v in x.items()}
+    return x
+
+
+class _StandIns(TorchFunctionMode):
+    """Replace the caller's tensors by their graph-input stand-ins wherever they are used."""
+
+    def __init__(self, table: dict[int, Tensor]) -> None:
+        super().__init__()
+        self.table = table
+        self.level_local: str | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        if func is Tensor.detach_:
+            # later uses of the tensor read its detached value
+            self.level_local = "detach_()"
+            t = args[0]
+            self.table[id(t)] = _swap(t, self.table).detach()
+            return t
+        if getattr(func, "__self__", None) is _DATA:
+            self.level_local = "x.data"
+        args = _swap(args, self.table)
+        kwargs = _swap(kwargs or {}, self.table)
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and not _is_fake(t):
+                raise CaptureError(
+                    f"it reads a tensor (shape {tuple(t.shape)}, {t.dtype}) that xafunc found no "
+                    "path to (closure, global, module attribute), so it could not be re-read on "
+                    "each call")
+        return func(*args, **kwargs)
+
+
+_DATA = torch._C.TensorBase.__dict__["data"]
+
+
+def _is_fake(t: Tensor) -> bool:
+    """A tensor of the trace (fake), possibly inside torch.func wrappers of nested
+    transforms the traced function runs."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    fx = torch._C._functorch
+    while fx.is_functorch_wrapped_tensor(t):
+        t = fx.get_unwrapped(t)
+    return isinstance(t, FakeTensor)
+
+
+class _NoGradCut(TorchDispatchMode):
+    """Detach the outputs of operators that run with grad mode off (see NOTE [Capture])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inference = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if torch.is_inference_mode_enabled():
+            self.inference = True
+        if (not torch.is_grad_enabled() and func is not aten.detach.default
+                and not func._schema.is_mutable):
+            out = pytree.tree_map(
+                lambda t: aten.detach.default(t)
+                if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) else t,
+                out)
+        return out
+
+
+_WATCH = threading.local()
+_TRACING = threading.local()
+
+
+def capturing() -> bool:
+    """True while :func:`capture` traces a function on this thread. A transform called inside
+    the traced function then runs nested torch.func on its own function, which the outer trace
+    records (a capture inside a capture would record into the outer graph twice)."""
+    return getattr(_TRACING, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _watch_autograd_functions() -> Iterator[list[str]]:
+    """Record every ``torch.autograd.Function`` applied while tracing."""
+    seen: list[str] = []
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_WATCH, "seen", None) is not None:
+            _WATCH.seen.append(cls.__qualname__)
+        return original.__func__(cls, *args, **kwargs)
+
+    _WATCH.seen = seen
+    base.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
+    try:
+        yield seen
+    finally:
+        base.apply = original  # type: ignore[method-assign]
+        _WATCH.seen = None
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Tracing must not consume or change the caller's random state."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _stand_in(t: Tensor) -> Tensor:
+    return torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device,
+                       requires_grad=bool(t.requires_grad) and (t.is_floating_point()
+                                                               or t.is_complex()))
+
+
+# --------------------------------------------------------------------------------- capture
+class TensorMeta(NamedTuple):
+    """Shape, dtype and device of a traced tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Captured:
+    """``func`` for one call signature as a functional aten graph (see NOTE [Capture]).
+
+    The graph's inputs are the argument tensors (flattened ``(args, kwargs)`` order), then the
+    random values of the prologue, then the lifted tensors; its outputs are the tensor leaves
+    of ``func``'s output, then the new values of the mutated inputs.
+    """
+
+    graph: GraphModule | None = None
+    prologue: GraphModule | None = None  # (arg tensors, lifted) -> random values
+    reason: str | None = None  # why the engine cannot use this capture
+    n_args: int = 0
+    n_random: int = 0
+    n_lifted: int = 0
+    out_spec: Any = None
+    out_leaves: list[Any] = field(default_factory=list)  # TensorMeta, or non-tensor values
+    mutated: list[int] = field(default_factory=list)  # input index of each mutation output
+    # ``x.data``/``detach_()``: nested torch.func detaches these at the innermost level only,
+    # which the graph (a plain ``detach``) cannot express beyond first order
+    level_local: str | None = None
+
+    @property
+    def n_out(self) -> int:
+        return sum(isinstance(v, TensorMeta) for v in self.out_leaves)
+
+    def random_values(self, arg_tensors: list[Any], lifted: tuple[Any, ...]) -> list[Tensor]:
+        if self.prologue is None:
+            return []
+        return list(self.prologue(*arg_tensors, *lifted))
+
+
+def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
+            lifted: list[Tensor]) -> Captured:
+    """Trace ``func`` called with the pytree ``(leaves, spec)`` of ``(args, kwargs)``, reading
+    the tensors ``lifted`` (see NOTE [Capture])."""
+    tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    arg_tensors = [leaves[i] for i in tensor_pos]
+    meta: dict[str, Any] = {}
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
+    try:
+        with preserved_rng(), _clear_functorch(), \
+                torch._subclasses.fake_tensor.FakeTensorMode():
+            stand = [_stand_in(t) for t in [*arg_tensors, *lifted]]
+
+            def run(*tensors: Tensor) -> list[Tensor]:
+                table = {id(t): s for t, s in zip(lifted, tensors[len(tensor_pos):])}
+                new = list(leaves)
+                for i, t in zip(tensor_pos, tensors):
+                    new[i] = t
+                args, kwargs = pytree.tree_unflatten(new, spec)
+                cut, stand = _NoGradCut(), _StandIns(table)
+                with _watch_autograd_functions() as applied, torch.enable_grad(), stand, cut:
+                    out = func(*args, **kwargs)
+                out = _swap(out, table)
+                meta["level_local"] = stand.level_local
+                if applied:
+                    raise CaptureError(
+                        f"it applies the torch.autograd.Function {applied[0]}, whose custom "
+                        "backward defines its derivative")
+                if cut.inference:
+                    raise CaptureError("it uses torch.inference_mode")
+                out_leaves, meta["spec"] = pytree.tree_flatten(out)
+                meta["leaves"] = out_leaves
+                return [v for v in out_leaves if isinstance(v, Tensor)]
+
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            g1 = make_fx(run, decomposition_table=decomposition_table(),
+                         tracing_mode="real")(*stand)
+            g2 = make_fx(torch.func.functionalize(g1), tracing_mode="real")(*stand)
+    except CaptureError as e:
+        return Captured(reason=str(e))
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
+        return Captured(reason=f"capture failed ({_first_line(e)})")
+    finally:
+        _TRACING.depth -= 1
+    gm = canonicalize(g2)
+    n_in = len(tensor_pos) + len(lifted)
+    mutated = _mutation_outputs(gm, n_in)
+    if any(i < len(tensor_pos) and arg_tensors[i].requires_grad for i in mutated) or any(
+            i >= len(tensor_pos) and lifted[i - len(tensor_pos)].requires_grad for i in mutated):
+        return Captured(reason="it modifies a tensor that requires grad in place")
+    try:
+        prologue, n_random = _hoist_random(gm, len(tensor_pos))
+    except CaptureError as e:
+        return Captured(reason=str(e))
+    out_leaves = [TensorMeta(tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v
+                  for v in meta["leaves"]]
+    return Captured(graph=gm, prologue=prologue, n_args=len(tensor_pos), n_random=n_random,
+                    n_lifted=len(lifted), out_spec=meta["spec"], out_leaves=out_leaves,
+                    mutated=mutated, level_local=meta["level_local"])
+
+
+@contextlib.contextmanager
+def _clear_functorch() -> Iterator[None]:
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    with temporarily_clear_interpreter_stack():
+        yield
+
+
+# ------------------------------------------------------------------------------ mutations
+def _mutation_outputs(gm: GraphModule, n_in: int) -> list[int]:
+    """Turn the trailing ``copy_(input, value)`` epilogue of a functionalized graph into extra
+    outputs; returns the input index each one writes back to."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    index = {p: i for i, p in enumerate(placeholders)}
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    mutated: list[int] = []
+    values: list[Node] = []
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.copy_.default \
+                and node.args[0] in index:
+            mutated.append(index[node.args[0]])
+            values.append(node.args[1])
+            node.replace_all_uses_with(node.args[1])
+            graph.erase_node(node)
+    if mutated:
+        outs = out_node.args[0]
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        out_node.args = (tuple(outs) + tuple(values),)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return mutated
+
+
+# ------------------------------------------------------------------------------ randomness
+# shape-only random operators: their tensor argument only says the shape and layout
+_LIKE = {aten.rand_like.default, aten.randn_like.default, aten.randint_like.default}
+# random operators whose output carries no derivative with respect to their tensor inputs
+_NOISE = {getattr(getattr(aten, name), overload) for name, overload in (
+    ("rand", "default"), ("randn", "default"), ("randint", "default"), ("randint", "low"),
+    ("randperm", "default"), ("rand_like", "default"), ("randn_like", "default"),
+    ("randint_like", "default"), ("bernoulli", "default"), ("bernoulli", "p"),
+    ("bernoulli", "Tensor"), ("native_dropout", "default"), ("uniform", "default"),
+    ("normal", "float_float"), ("exponential", "default"), ("geometric", "default"),
+    ("cauchy", "default"), ("log_normal", "default"), ("multinomial", "default"),
+    ("poisson", "default"),
+) if hasattr(getattr(aten, name, None), overload)}
+
+
+def _is_random(node: Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in node.target.tags)
+
+
+def _shape_only(graph: Graph, node: Node, arg: Node) -> Node:
+    """An uninitialised tensor with ``arg``'s layout: all a shape-only random op needs."""
+    v = arg.meta["val"]
+    with graph.inserting_before(node):
+        new = graph.call_function(aten.empty_strided.default,
+                                  (list(v.shape), list(v.stride())),
+                                  {"dtype": v.dtype, "device": v.device})
+    new.meta["val"] = v
+    return new
+
+
+def _hoist_random(gm: GraphModule, n_args: int) -> tuple[GraphModule | None, int]:
+    """Move random operators into a prologue graph (see NOTE [Capture]); the main graph gets
+    their values as inputs placed after the argument tensors."""
+    graph = gm.graph
+    randoms = [n for n in graph.nodes if _is_random(n)]
+    if not randoms:
+        return None, 0
+    for node in randoms:
+        if node.target not in _NOISE and any(
+                isinstance(a, Node) for a in node.all_input_nodes):
+            raise CaptureError(f"it calls the random operator {node.target}, whose derivative "
+                               "the engine cannot express")
+    for node in randoms:
+        if node.target in _LIKE:
+            node.replace_input_with(node.args[0], _shape_only(graph, node, node.args[0]))
+        elif node.target is aten.native_dropout.default and node.args[2] is not False:
+            x, p = node.args[0], node.args[1]
+            val = node.meta["val"]
+            with graph.inserting_before(node):
+                masked = graph.call_function(aten.native_dropout.default,
+                                             (_shape_only(graph, node, x), p, node.args[2]))
+                mask = graph.call_function(operator.getitem, (masked, 1))
+                scaled = graph.call_function(aten.mul.Tensor, (x, mask))
+                out = graph.call_function(aten.mul.Scalar,
+                                          (scaled, 1.0 / (1.0 - p) if p < 1 else 0.0))
+            masked.meta["val"], mask.meta["val"] = val, val[1]
+            scaled.meta["val"] = out.meta["val"] = val[0]
+            for use in list(node.users):
+                use.replace_all_uses_with(out if use.args[1] == 0 else mask)
+                graph.erase_node(use)
+            graph.erase_node(node)
+    # the values to hoist: each random tensor (the pieces of a random tuple)
+    randoms = []
+    for n in graph.nodes:
+        if _is_random(n):
+            randoms += [n] if isinstance(n.meta.get("val"), Tensor) else list(n.users)
+    # the prologue: the random values and everything they depend on
+    need: set[Node] = set()
+    stack = list(randoms)
+    while stack:
+        n = stack.pop()
+        if n in need:
+            continue
+        need.add(n)
+        stack.extend(n.all_input_nodes)
+    pro = Graph()
+    env: dict[Node, Node] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            env[n] = pro.placeholder(n.name)
+            env[n].meta = dict(n.meta)
+        elif n in need:
+            env[n] = pro.node_copy(n, lambda a: env[a])
+    pro.output(tuple(env[r] for r in randoms))
+    prologue = GraphModule(gm, pro)
+    # the main graph: each random value becomes an input after the argument tensors
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    prev = placeholders[n_args - 1] if n_args else None
+    for i, r in enumerate(randoms):
+        if prev is None:
+            ctx = graph.inserting_before(placeholders[0]) if placeholders else \
+                graph.inserting_before(next(iter(graph.nodes)))
+        else:
+            ctx = graph.inserting_after(prev)
+        with ctx:
+            ph = graph.placeholder(f"random_{i}")
+        ph.meta = dict(r.meta)
+        r.replace_all_uses_with(ph)
+        graph.erase_node(r)
+        prev = ph
+    for n in list(graph.nodes):  # random tuples whose pieces were hoisted
+        if _is_random(n) and not n.users:
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return prologue, len(randoms)
+
+
+# ------------------------------------------------------------------------ generic tracing
+def trace(fn: Any, examples: list[Any]) -> GraphModule:
+    """Trace ``fn(*examples)`` (tensors or other values) into a functional aten graph: the
+    engine's own traces of propagations and reverse levels over a captured graph."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    fakes = [
-        torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
-        if isinstance(e, torch.Tensor) else e
-        for e in examples
-    ]
     try:
-        g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
-                     _allow_non_fake_inputs=True)(*fakes)
-        g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
-                     _allow_non_fake_inputs=True)(*fakes)
+        with _clear_functorch():  # the examples are plain: transforms around us do not apply
+            fakes = [torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
+                     if isinstance(e, (Tensor, TensorMeta)) else e for e in examples]
+            g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
+                         _allow_non_fake_inputs=True)(*fakes)
+            g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
+                         _allow_non_fake_inputs=True)(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CaptureError(f"{type(e).__name__}: {msg[:200]}") from None
-    return _canonicalize(g2)
+        raise CaptureError(_first_line(e)) from None
+    return canonicalize(g2)
 
 
-def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def canonicalize(gm: GraphModule) -> GraphModule:
     """Rewrite operators whose traced form is fragile into equivalent robust ones.
 
     * ``view``/``_unsafe_view`` -> ``reshape``: ``make_fx`` records ``reshape`` as ``view``
@@ -139,7 +470,6 @@ def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
       ``dst``'s shape and dtype: same values, and differentiable (torch has no derivative for
       ``aten::copy``, which reverse levels over the captured graph need).
     """
-    aten = torch.ops.aten
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -147,9 +477,9 @@ def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
         elif node.target is aten.copy.default and all(
-                isinstance(a, torch.fx.Node) for a in node.args[:2]):
+                isinstance(a, Node) for a in node.args[:2]):
             dst = node.args[0].meta.get("val")
-            if not isinstance(dst, torch.Tensor):
+            if not isinstance(dst, Tensor):
                 continue
             with graph.inserting_before(node):
                 cast = graph.call_function(aten._to_copy.default, (node.args[1],),
@@ -163,9 +493,9 @@ def _canonicalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def graph_problems(gm: torch.fx.GraphModule, series_inputs: int = 1) -> list[str]:
-    """Reasons the engine cannot run this graph: operators without rules on the path of the
-    first ``series_inputs`` placeholders (the ones carrying Taylor series), wrapped constants."""
+def graph_problems(gm: GraphModule, series_inputs: int = 1) -> list[str]:
+    """Operators without a Taylor rule on the path of the first ``series_inputs`` placeholders
+    (the ones carrying Taylor series)."""
     from .._rules import has_rule
 
     problems = []
@@ -178,18 +508,4 @@ def graph_problems(gm: torch.fx.GraphModule, series_inputs: int = 1) -> list[str
             tainted.add(node)
         if node in tainted and node.op == "call_function" and not has_rule(node.target):
             problems.append(f"no Taylor rule for {node.target}")
-        elif node.op == "get_attr":
-            value = getattr(gm, node.target)
-            if isinstance(value, torch.Tensor) and _is_wrapped(value):
-                problems.append(
-                    "the function closes over a tensor that an enclosing torch.func transform "
-                    "is transforming; pass it as an argument instead"
-                )
     return sorted(set(problems))
-
-
-def _is_wrapped(t: torch.Tensor) -> bool:
-    try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
-    except AttributeError:  # pragma: no cover - older torch
-        return False

@@ -113,6 +113,22 @@ def numel(val: Any) -> int:
         return 0
 
 
+def reverse_elements(r: int, m: int, n: int, max_numel: int) -> float:
+    """Elements live at once while evaluating ``jacrev^r`` of the graph once.
+
+    One evaluation of the graph keeps about ``3 * max_numel`` (forward values and their
+    cotangents). A reverse level over a function with ``N`` outputs (``m`` for the first level,
+    ``m n^(k-1)`` for level ``k``) builds the ``N x N`` basis of its cotangents and runs one
+    backward pass per cotangent, vmapped, so ``mem_k = N^2 + N mem_(k-1)``.
+    """
+    mem = 3.0 * max_numel
+    N = float(m)
+    for _ in range(r):
+        mem = N * N + N * mem
+        N *= n
+    return mem
+
+
 def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float,
              itemsize: int, max_numel: int) -> Schedule:
     """Cost of ``r`` reverse levels followed by degree ``K - r`` Taylor propagation.
@@ -120,6 +136,10 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
     A reverse level multiplies the graph cost by about 3 per cotangent (``m`` cotangents for
     the first level, ``n`` for later ones); Taylor propagation of degree ``d`` along
     ``C(n + d - 1, d)`` directions costs about ``d`` graph evaluations per direction.
+    Memory (:func:`reverse_elements`): pure reverse mode is chunked over the cotangents of its
+    outermost level (``m n^(K-1)`` of them, each with its basis row and one evaluation of the
+    inner levels); Taylor propagation over ``r`` traced reverse levels keeps ``d`` coefficients
+    of every value of that graph per direction.
     """
     d = order - r
     graph = flops0 if r == 0 else 3.0 * flops0 * m * (3.0 * n) ** (r - 1)
@@ -127,9 +147,12 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
         graph = max(flops0 - seed_free, flops0 * 0.05)
     dirs = num_directions(n, d) if d > 0 else 1
     flops = graph * dirs * max(d, 1)
-    width = max_numel * (1 if r == 0 else m * n ** (r - 1))
-    per_dir = float(itemsize * max(d, 1) * width * 3)
     result = float(itemsize * m * n**order)
+    if d == 0:  # pure reverse: "directions" are the outermost level's cotangents
+        dirs = m * n ** (r - 1)
+        per_dir = float(itemsize * (dirs + reverse_elements(r - 1, m, n, max_numel)))
+    else:
+        per_dir = float(itemsize * d * reverse_elements(r, m, n, max_numel))
     return Schedule(r, d, dirs, flops, dirs * per_dir + result, result, per_dir)
 
 

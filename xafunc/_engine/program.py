@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .._capture.request import Request, Split, write_back
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
@@ -39,98 +39,6 @@ from .interpolate import (
 )
 from .memory import choose_chunk
 from .taylor import Propagator
-
-
-@dataclass
-class Layout:
-    """Where the differentiated leaves and outputs sit in ``z`` and ``y``."""
-
-    in_shapes: list[tuple[int, ...]]
-    in_spec: Any  # pytree spec of the argnums structure (one level of a jacrev result)
-    out_shapes: list[tuple[int, ...]]
-    out_spec: Any
-    aux_spec: Any
-
-    @property
-    def n(self) -> int:
-        return sum(math.prod(s) for s in self.in_shapes)
-
-    @property
-    def m(self) -> int:
-        return sum(math.prod(s) for s in self.out_shapes)
-
-    def single_shape(self, k: int) -> tuple[int, ...] | None:
-        """The ``k``-th derivative's shape when one tensor goes in and one comes out (the
-        result is then ``D`` reshaped), else None."""
-        if self.in_spec.is_leaf() and self.out_spec.is_leaf():
-            return self.out_shapes[0] + self.in_shapes[0] * k
-        return None
-
-
-class Request:
-    """One call signature's inputs, split into the differentiated leaves and the rest."""
-
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 argnums: tuple[int, ...], int_argnums: bool, has_aux: bool) -> None:
-        self.func, self.has_aux = func, has_aux
-        self.argnums, self.int_argnums = argnums, int_argnums
-        leaves, self.spec = pytree.tree_flatten((args, kwargs))
-        # positions of differentiated leaves in the flat list
-        self.diff_pos: list[int] = []
-        starts = []
-        offset = 0
-        for a in args:
-            starts.append(offset)
-            offset += len(pytree.tree_leaves(a))
-        for a in argnums:
-            k = len(pytree.tree_leaves(args[a]))
-            self.diff_pos.extend(range(starts[a], starts[a] + k))
-        diff = set(self.diff_pos)
-        self.other_pos = [i for i, leaf in enumerate(leaves)
-                          if i not in diff and isinstance(leaf, Tensor)]
-        self.const_leaves = [None if (i in diff or isinstance(leaf, Tensor)) else leaf
-                             for i, leaf in enumerate(leaves)]
-        diff_struct = args[argnums[0]] if int_argnums else tuple(args[a] for a in argnums)
-        self.in_spec = pytree.tree_structure(diff_struct)
-        self.in_shapes = [tuple(leaves[i].shape) for i in self.diff_pos]
-        self.in_dtype = leaves[self.diff_pos[0]].dtype
-
-    def split(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, list[Tensor]]:
-        # the plan's signature fixes the structure: with only tensor arguments, they are the
-        # leaves (see ``signature_key``)
-        plain = not kwargs and all(isinstance(a, Tensor) for a in args)
-        leaves = args if plain else pytree.tree_leaves((args, kwargs))
-        if len(self.diff_pos) > 1:
-            z = torch.cat([leaves[i].reshape(-1) for i in self.diff_pos])
-        else:
-            z = leaves[self.diff_pos[0]]
-            z = z if z.dim() == 1 else z.reshape(-1)
-        return z, [leaves[i] for i in self.other_pos]
-
-    def flat_function(self, layout_out: dict[str, Any]) -> Callable[..., Any]:
-        """``(z, *others) -> (y, aux_leaves)`` with the call's structure rebuilt inside."""
-        sizes = [math.prod(s) for s in self.in_shapes]
-        shapes = self.in_shapes
-
-        def flat(z: Tensor, *others: Tensor) -> Any:
-            leaves = list(self.const_leaves)
-            parts = torch.split(z, sizes) if len(sizes) > 1 else (z,)
-            for pos, part, shape in zip(self.diff_pos, parts, shapes):
-                leaves[pos] = part.reshape(shape)
-            for pos, t in zip(self.other_pos, others):
-                leaves[pos] = t
-            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-            out = self.func(*args, **kwargs)
-            y, aux = out if self.has_aux else (out, ())
-            ys, out_spec = pytree.tree_flatten(y)
-            aux_leaves, aux_spec = pytree.tree_flatten(aux)
-            layout_out["out_shapes"] = [tuple(t.shape) for t in ys]
-            layout_out["out_spec"] = out_spec
-            layout_out["aux_spec"] = aux_spec
-            flat_y = torch.cat([t.reshape(-1) for t in ys]) if len(ys) != 1 else ys[0].reshape(-1)
-            return flat_y, aux_leaves
-
-        return flat
 
 
 def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
@@ -155,17 +63,19 @@ def _shaped(seed: Any, v: Tensor) -> Any:
 class Program:
     """A captured, planned derivative computation for one call signature."""
 
-    def __init__(self, request: Request, layout: Layout, order: int, schedules: list[Schedule],
+    def __init__(self, split: Split, order: int, schedules: list[Schedule],
                  graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
-                 all_orders: bool, direct: dict[int, Callable[..., Any]] | None = None) -> None:
-        self.request, self.layout, self.order = request, layout, order
+                 all_orders: bool, has_aux: bool, n_static: int,
+                 direct: dict[int, Callable[..., Any]] | None = None) -> None:
+        self.split, self.layout, self.order = split, split.layout, order
+        self.has_aux = has_aux
         self.schedules = schedules
         self.props = {r: Propagator(g) for r, g in graphs.items()}
         self.direct = direct or {}  # pure reverse levels run by torch.func, not traced
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
-        self.compiler = Compiler()
+        self.compiler = Compiler(n_static)
         self._compiled = self.compiler.fns  # the compiled graphs, by schedule key
         self.compile_note: str | None = None
 
@@ -302,8 +212,9 @@ class Program:
 
         return self._run(("mixed", s.cut.name), prepare, eager, z, others)  # type: ignore[no-any-return]
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        z, others = self.request.split(args, kwargs)
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 lifted: tuple[Tensor, ...]) -> Any:
+        z, others, targets = self.split.inputs(args, kwargs, lifted)
         if self.all_orders:
             results = []
             aux = None
@@ -322,15 +233,17 @@ class Program:
             else:
                 D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
             value = self.assemble(D, self.order)
-        if self.request.has_aux:
-            return value, pytree.tree_unflatten(list(aux or ()), self.layout.aux_spec)
+        aux_leaves, mutations = self.split.split_aux(list(aux or ()))
+        write_back(targets, mutations)
+        if self.has_aux:
+            return value, pytree.tree_unflatten(aux_leaves, self.layout.aux_spec)
         return value
 
     # ------------------------------------------------------------------- assembly
     def assemble(self, D: Tensor, k: int) -> Any:
         """Split ``D (m, n^k)`` into the pytree ``k`` nested ``jacrev`` calls return."""
         lay = self.layout
-        in_dtype = self.request.in_dtype
+        in_dtype = self.split.in_dtype
         shape = lay.single_shape(k)
         if shape is not None:
             out = D if D.shape == shape else D.reshape(shape)
@@ -359,35 +272,24 @@ class Program:
         return pytree.tree_unflatten(outs, lay.out_spec)
 
 
-def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    argnums: tuple[int, ...], int_argnums: bool, order: int, has_aux: bool,
-                    mode: str, chunk_size: int | None, all_orders: bool, name: str = "xderiv"
+def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_static: int
                     ) -> tuple[Program | None, str | None, list[Schedule]]:
-    """Capture and plan; returns ``(program, None, schedules)`` or ``(None, reason, [])``.
+    """Plan ``req`` on a capture; returns ``(program, None, schedules)`` or
+    ``(None, reason, [])``. ``z`` and ``others`` are example inputs (shapes only).
 
     Raises ``ValueError`` when the chosen schedule cannot fit in memory even in chunks.
     """
-    req = Request(func, args, kwargs, argnums, int_argnums, has_aux)
-    diff_leaves = [pytree.tree_leaves(args[a]) for a in argnums]
-    kinds = {(leaf.dtype, leaf.device) for leaves in diff_leaves for leaf in leaves}
-    if len(kinds) > 1:
-        return None, ("differentiated inputs mix dtypes/devices "
-                      f"({', '.join(sorted(f'{d}@{v}' for d, v in kinds))}); the engine "
-                      "concatenates them into one vector"), []
-    z, others = req.split(args, kwargs)
-    meta: dict[str, Any] = {}
-    flat = req.flat_function(meta)
+    name, order, mode, all_orders = req.transform, req.order, req.mode, req.all_orders
     try:
-        g0 = trace(flat, [z, *others])
+        g0 = split.flat_graph([z, *others])
     except CaptureError as e:
         return None, f"capture failed ({e})", []
     problems = graph_problems(g0)
     if problems:
         return None, "; ".join(problems), []
-    if not all(isinstance(d, int) for shape in meta["out_shapes"] for d in shape):
+    layout = split.layout
+    if not all(isinstance(d, int) for shape in layout.out_shapes for d in shape):
         return None, "the output's shape depends on tensor values (e.g. boolean-mask indexing)", []
-    layout = Layout(req.in_shapes, req.in_spec, meta["out_shapes"], meta["out_spec"],
-                    meta["aux_spec"])
     n, m = layout.n, layout.m
     node_flops, seed_free = graph_flops(g0)
     flops0 = sum(node_flops.values())
@@ -417,7 +319,7 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
             best = schedules[0]
     chunk = choose_chunk(name, result_bytes=best.result_bytes,
                          per_direction_bytes=best.per_direction_bytes,
-                         directions=best.directions, chunk_size=chunk_size, device=z.device)
+                         directions=best.directions, chunk_size=req.chunk_size, device=z.device)
     graphs = {0: g0}
     direct: dict[int, Callable[..., Any]] = {}
     for s in schedules[:1]:
@@ -436,5 +338,6 @@ def compile_program(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dic
             problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
             if problems:
                 return None, "; ".join(problems), []
-    program = Program(req, layout, order, schedules, graphs, chunk, all_orders, direct)
+    program = Program(split, order, schedules, graphs, chunk, all_orders, req.has_aux, n_static,
+                      direct)
     return program, None, schedules

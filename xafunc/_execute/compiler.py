@@ -38,9 +38,10 @@ _NO_FAST_PATH: Any = object()
 class Compiler:
     """Compiled graphs of one plan's propagations, by key (and batch layout under vmap)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_static: int = 0) -> None:
         self.fns: dict[Any, Callable[..., Any]] = {}
         self.note: str | None = None
+        self.n_static = n_static  # the last inputs are static (see ``Executable``)
 
     def run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
             z: Tensor, others: list[Tensor]) -> Any:
@@ -87,7 +88,7 @@ class Compiler:
             prepare()
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
-                                           inexact=True))
+                                           inexact=True), self._n_static(dims))
             except CaptureError:
                 fn = _NO_FAST_PATH
             self.fns[bkey] = fn
@@ -105,9 +106,18 @@ class Compiler:
             out = fn(*phys)
         return map_tensors(lambda t: fx._add_batch_dim(t, 0, level), out)
 
+    def _n_static(self, dims: list[int | None]) -> int:
+        """Static inputs of a batched trace: the trailing unbatched ones among the static."""
+        n = 0
+        for d in reversed(dims[len(dims) - self.n_static:] if self.n_static else []):
+            if d is not None:
+                break
+            n += 1
+        return n
+
     def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return Executable(simplify(trace(eager, examples), inexact=True))
+            return Executable(simplify(trace(eager, examples), inexact=True), self.n_static)
         except CaptureError as e:
             self.note = f"propagation runs eagerly ({e})"
             return eager

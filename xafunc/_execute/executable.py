@@ -31,6 +31,7 @@ graph is used from then on.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -54,26 +55,28 @@ def plain_call(args: tuple[Any, ...] | list[Any]) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    return all(type(a) is Tensor and not fx.is_functorch_wrapped_tensor(a) for a in args)
+    return all(type(a) in _PLAIN and not fx.is_functorch_wrapped_tensor(a) for a in args)
+
+
+# module parameters and buffers arrive as lifted inputs: they are plain tensors too
+_PLAIN = (Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", Tensor))
 
 
 def _needs_grad(tensors: Any) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _versions(tensors: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
-    """What the hoisted values depend on: each constant's storage and version counter."""
-    try:
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-    except RuntimeError:  # inference tensors have no version counter: never cache
-        return None
-
-
 class Executable:
-    """A simplified graph, callable like its ``GraphModule`` (see NOTE [Fast execution])."""
+    """A simplified graph, callable like its ``GraphModule`` (see NOTE [Fast execution]).
 
-    def __init__(self, gm: GraphModule) -> None:
+    The last ``n_static`` inputs are *static*: tensors that usually stay the same between calls
+    (the caller's weights, lifted from closures and modules), so values computed from them and
+    the graph's constants alone are hoisted into the cached prologue.
+    """
+
+    def __init__(self, gm: GraphModule, n_static: int = 0) -> None:
         self.gm = gm
+        self.n_static = n_static
         self.consts: list[Tensor] = [
             getattr(gm, str(n.target)) for n in gm.graph.nodes
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
@@ -99,7 +102,7 @@ class Executable:
 
     def _build(self, args: tuple[Any, ...]) -> Any:
         try:
-            fast = _FastPath(self.gm)
+            fast = _FastPath(self.gm, self.n_static)
             fast.trace(args)
         except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
             self.executor = "fx"
@@ -109,11 +112,15 @@ class Executable:
 
 
 class _FastPath:
-    """The graph split into a cached prologue (constants only) and a traced main part."""
+    """The graph split into a cached prologue (static inputs and constants only) and a traced
+    main part."""
 
-    def __init__(self, gm: GraphModule) -> None:
+    def __init__(self, gm: GraphModule, n_static: int) -> None:
         graph = gm.graph
-        static: set[Node] = set()
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.n_dynamic = len(placeholders) - n_static
+        static_inputs = placeholders[self.n_dynamic:]
+        static: set[Node] = set(static_inputs)
         for node in graph.nodes:
             if node.op == "get_attr":
                 static.add(node)
@@ -122,21 +129,24 @@ class _FastPath:
                   and _small(node)):
                 static.add(node)
         out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-        # values the main part needs from the static part
-        hoisted = [n for n in graph.nodes if n in static and any(
+        # values the main part needs from the static part (static inputs it reads directly
+        # are passed as they are)
+        hoisted = [n for n in graph.nodes if n in static and n.op != "placeholder" and any(
             u not in static for u in n.users)]
         if not all(isinstance(n.meta.get("val"), Tensor) or n.op == "get_attr"
                    for n in hoisted):
             raise TypeError("a value the main part needs from the prologue is not a tensor")
         const_nodes = [n for n in graph.nodes if n.op == "get_attr"]
 
-        # prologue: constants -> hoisted values
+        # prologue: static inputs, constants -> hoisted values
         pro = Graph()
         env: dict[Node, Node] = {}
+        for n in static_inputs:
+            env[n] = pro.placeholder(n.name)
         for n in const_nodes:
             env[n] = pro.placeholder(f"c{len(env)}")
         for n in graph.nodes:
-            if n in static and n.op != "get_attr":
+            if n in static and n.op not in ("get_attr", "placeholder"):
                 env[n] = pro.node_copy(n, lambda a: env[a])
         pro.output(tuple(env[n] for n in hoisted))
         pro.eliminate_dead_code()
@@ -147,9 +157,8 @@ class _FastPath:
         # caller never receives a cached tensor)
         main = Graph()
         env2: dict[Node, Node] = {}
-        for n in graph.nodes:
-            if n.op == "placeholder":
-                env2[n] = main.node_copy(n)
+        for n in placeholders:
+            env2[n] = main.node_copy(n)
         for i, n in enumerate(hoisted):
             env2[n] = main.placeholder(f"hoisted{i}")
         for n in graph.nodes:
@@ -170,19 +179,19 @@ class _FastPath:
         self.executor = "fx"
         self._cache: tuple[Any, list[Tensor]] | None = None
 
-    def hoisted(self) -> list[Tensor]:
-        versions = _versions(self.consts)
+    def hoisted(self, args: tuple[Any, ...]) -> list[Tensor]:
+        inputs = [*args[self.n_dynamic:], *self.consts]
         cache = self._cache
-        if cache is not None and versions is not None and cache[0] == versions:
+        if cache is not None and _unchanged(cache[0], inputs):
             return cache[1]
         with torch.no_grad():
-            values = list(self.prologue(*self.consts))
-        self._cache = (versions, values)
+            values = list(self.prologue(*inputs))
+        self._cache = (_stamps(inputs), values)
         return values
 
     def trace(self, args: tuple[Any, ...]) -> None:
         """Trace the main part with TorchScript; keep the FX main part if that fails."""
-        inputs = (*args, *self.hoisted())
+        inputs = (*args, *self.hoisted(args))
         main = self.main
 
         def run(*a: Tensor) -> Any:
@@ -198,7 +207,25 @@ class _FastPath:
         self.main, self.executor = traced, "torchscript"
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
-        return _fill(self.out_template, self.main(*args, *self.hoisted()))
+        return _fill(self.out_template, self.main(*args, *self.hoisted(args)))
+
+
+def _stamps(tensors: list[Tensor]) -> list[Any] | None:
+    """What hoisted values depend on: each tensor's identity (held weakly, so a new tensor
+    that reuses a freed one's memory is never mistaken for it), storage and version counter."""
+    try:
+        return [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+    except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
+        return None
+
+
+def _unchanged(stamps: list[Any] | None, tensors: list[Tensor]) -> bool:
+    if stamps is None or len(stamps) != len(tensors):
+        return False
+    for (ref, ptr, version), t in zip(stamps, tensors):
+        if ref() is not t or t._version != version or t.data_ptr() != ptr:
+            return False
+    return True
 
 
 # NOTE [Buffer reuse]

@@ -1,0 +1,289 @@
+"""The process-wide capture cache shared by every transform.
+
+NOTE [The capture cache]
+Transforms are written inline (``xderiv(f, 3)(params, x)`` in a training loop, a fresh lambda
+every step), so nothing may be cached on the transform object. Captures are cached once per
+process, keyed on what the function *is*: its code object for Python functions and lambdas
+(``functools.partial`` and bound methods unwrapped to theirs), the object itself for modules
+and other callables -- all held weakly, so a deleted model is collected. Under each key sit up
+to :data:`MAX_ENTRIES` captures, most recently used first; each holds
+
+* the call signature it was traced for: shapes, dtypes, devices and ``requires_grad`` of the
+  argument tensors, the values of scalar arguments, the pytree structure, the default dtype
+  and the autocast state;
+* its :class:`~.guards.GuardSet` (NOTE [Guards and lifted tensors]), which re-reads the lifted
+  tensors on every call and checks everything else the graph baked in;
+* the plans built on it, one per :class:`~.request.Request`, so ``xderiv(f, 1)`` and
+  ``xderiv(f, 3)`` and ``xlaplacian(f)`` share one capture.
+
+A call whose signature matches and whose guards hold is a *hit*; otherwise the function is
+traced again (a *miss*; a *recapture* when an entry with the same signature failed its guards).
+When one function keeps being recaptured, a warning names the guard that keeps failing, once,
+as torch.compile's recompile warning does. :func:`cache_info` reads the counters,
+:func:`clear_cache` empties the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .guards import _SCALARS, GuardSet, compile_guards, walk
+from .trace import Captured, capture, capturing
+
+#: captures kept per function (least recently used evicted)
+MAX_ENTRIES = 8
+#: recaptures of one function after which the warning is given
+WARN_AFTER = 8
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """Counters of the capture cache (see :func:`xafunc.cache_info`).
+
+    Attributes:
+        hits: Calls that reused a capture.
+        misses: Calls that traced the function (first calls and recaptures).
+        recaptures: Misses caused by a failed guard: state the graph depends on changed.
+        functions: Functions with captures in the cache now.
+        entries: Captures in the cache now.
+    """
+
+    hits: int
+    misses: int
+    recaptures: int
+    functions: int
+    entries: int
+
+
+@dataclass
+class Entry:
+    """One capture of a function and everything built on it."""
+
+    sig: Hashable
+    captured: Captured
+    guards: GuardSet | None
+    plans: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    entries: list[Entry] = field(default_factory=list)
+    recaptures: int = 0
+    warned: bool = False
+
+
+def identity(func: Any) -> Any:
+    """What a function *is*, for caching: code objects for Python functions."""
+    while True:
+        t = type(func)
+        if t is types.FunctionType:
+            return func.__code__
+        if t is types.MethodType:
+            func = func.__func__
+        elif isinstance(func, __import__("functools").partial):
+            func = func.func
+        else:
+            return func
+
+
+def _float_key(v: float) -> Any:
+    return (v, math.copysign(1.0, v)) if v == v else ("nan", id(v))
+
+
+def _leaf_key(leaf: Any, objects: list[Any]) -> Hashable:
+    t = type(leaf)
+    if isinstance(leaf, Tensor):
+        return (leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
+    if t is float:
+        return (t, _float_key(leaf))
+    if t in _SCALARS or t in (torch.device, torch.Size):
+        return (t, leaf)
+    objects.append(leaf)  # walked and guarded like closure state
+    return ("object", t)
+
+
+def _global_state() -> Hashable:
+    return (torch.get_default_dtype(), torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"))
+
+
+def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
+              ) -> tuple[Hashable, list[Any] | None, Any, list[Any]]:
+    """``(key, leaves, spec, objects)`` of a call; ``leaves``/``spec`` are None on the fast
+    path (every argument a tensor), where the arguments are the leaves."""
+    if not kwargs and all(type(a) is Tensor for a in args):
+        key = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
+        return (key, _global_state()), None, None, []
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    objects: list[Any] = []
+    key = (spec, tuple(_leaf_key(leaf, objects) for leaf in leaves))
+    return (key, _global_state()), leaves, spec, objects
+
+
+class CaptureCache:
+    """See NOTE [The capture cache]."""
+
+    def __init__(self) -> None:
+        self._slots: weakref.WeakKeyDictionary[Any, _Slot] = weakref.WeakKeyDictionary()
+        self._lock = threading.RLock()
+        self.hits = self.misses = self.recaptures = 0
+
+    def lookup(self, func: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[Entry, tuple[Tensor, ...]]:
+        """The capture for this call and its lifted tensors, read now."""
+        if capturing():  # see ``capturing``: a fresh, uncached reference entry
+            return Entry(None, Captured(reason="called inside a function being captured"),
+                         None), ()
+        sig, leaves, spec, objects = signature(args, kwargs)
+        key = identity(func)
+        try:
+            slot = self._slots.get(key)
+        except TypeError:  # not weakly referenceable: never cached
+            slot = None
+            key = None
+        failed: tuple[Entry, int] | None = None
+        if slot is not None:
+            for i, entry in enumerate(slot.entries):
+                if entry.sig != sig or entry.guards is None:
+                    continue
+                lifted = entry.guards.check(func, objects)
+                if type(lifted) is tuple:
+                    self.hits += 1
+                    if i:
+                        slot.entries.insert(0, slot.entries.pop(i))
+                    return entry, lifted
+                failed = (entry, lifted)
+        with self._lock:
+            self.misses += 1
+            if leaves is None:
+                leaves, spec = pytree.tree_flatten((args, kwargs))
+            entry, lifted = _capture_entry(func, sig, leaves, spec, objects)
+            if key is None or entry.guards is None:
+                return entry, lifted
+            if slot is None:
+                slot = self._slots.setdefault(key, _Slot())
+            if failed is not None:
+                self.recaptures += 1
+                slot.recaptures += 1
+                if slot.recaptures >= WARN_AFTER and not slot.warned:
+                    slot.warned = True
+                    fguards = failed[0].guards
+                    assert fguards is not None
+                    warnings.warn(
+                        f"xafunc: {_name(func)} has been captured again {slot.recaptures} times "
+                        f"because state it reads keeps changing; last failing guard: "
+                        f"{fguards.describe(failed[1])}. Pass changing values as tensor "
+                        "arguments (they are read afresh) instead of Python state.",
+                        stacklevel=4)
+            slot.entries.insert(0, entry)
+            del slot.entries[MAX_ENTRIES:]
+            return entry, lifted
+
+    def entries(self, func: Any) -> list[Entry]:
+        """The captures of ``func`` in the cache, most recently used first."""
+        try:
+            slot = self._slots.get(identity(func))
+        except TypeError:
+            return []
+        return list(slot.entries) if slot is not None else []
+
+    def info(self) -> CacheInfo:
+        slots = list(self._slots.values())
+        return CacheInfo(self.hits, self.misses, self.recaptures, len(slots),
+                         sum(len(s.entries) for s in slots))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slots = weakref.WeakKeyDictionary()
+            self.hits = self.misses = self.recaptures = 0
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or type(func).__qualname__
+
+
+def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], spec: Any,
+                   objects: list[Any]) -> tuple[Entry, tuple[Tensor, ...]]:
+    w = walk(func, objects)
+    if w.problems:
+        # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
+        return Entry(sig, Captured(reason="; ".join(w.problems)), None), ()
+    tensors = [lt.tensor for lt in w.lifted]
+    cap = capture(func, leaves, spec, tensors)
+    used = _prune_lifted(cap, len(tensors))
+    guards = compile_guards(w, used)
+    lifted = guards.check(func, objects)
+    if type(lifted) is not tuple:
+        # running ``func`` changed the state it reads: Python side effects a graph cannot
+        # repeat, so the reference runs ``func`` on every call
+        cap = Captured(reason=f"it changes Python state it reads ({guards.describe(lifted)})")
+        return Entry(sig, cap, guards), ()
+    return Entry(sig, cap, guards), lifted
+
+
+def _prune_lifted(cap: Captured, n_lifted: int) -> list[int]:
+    """Drop the lifted inputs no graph reads; returns the indices of those kept."""
+    if cap.graph is None:
+        return []
+    first_main = cap.n_args + cap.n_random
+    main = [n for n in cap.graph.graph.nodes if n.op == "placeholder"][first_main:]
+    pro = [n for n in cap.prologue.graph.nodes if n.op == "placeholder"][cap.n_args:] \
+        if cap.prologue is not None else [None] * n_lifted
+    mutated = {i - cap.n_args for i in cap.mutated if i >= cap.n_args}
+    used = [i for i in range(n_lifted)
+            if main[i].users or (pro[i] is not None and pro[i].users) or i in mutated]
+    keep = set(used)
+    for i in range(n_lifted):
+        if i not in keep:
+            cap.graph.graph.erase_node(main[i])
+            if pro[i] is not None:
+                cap.prologue.graph.erase_node(pro[i])  # type: ignore[union-attr]
+    cap.graph.recompile()
+    if cap.prologue is not None:
+        cap.prologue.recompile()
+    remap = {old: new for new, old in enumerate(used)}
+    cap.mutated = [i if i < cap.n_args else cap.n_args + remap[i - cap.n_args]
+                   for i in cap.mutated]
+    cap.n_lifted = len(used)
+    return used
+
+
+CACHE = CaptureCache()
+
+
+def cache_info() -> CacheInfo:
+    """Counters of xafunc's capture cache: hits, misses, recaptures and its size.
+
+    Every transform shares one process-wide cache of captured functions (keyed weakly on the
+    function's code object, or the module/callable object), so transforms written inline reuse
+    the work of earlier calls. A *recapture* means state the captured graph depends on changed
+    (a Python scalar, a module flag, a hook, ...), which is detected by guards and costs a new
+    trace, never a stale result.
+
+    Example:
+        >>> import torch, xafunc
+        >>> xafunc.clear_cache()
+        >>> f = lambda x: x.sin().sum()
+        >>> for _ in range(3):
+        ...     _ = xafunc.xhessian(f)(torch.ones(2))
+        >>> info = xafunc.cache_info()
+        >>> (info.misses, info.hits)
+        (1, 2)
+    """
+    return CACHE.info()
+
+
+def clear_cache() -> None:
+    """Empty xafunc's capture cache and reset its counters (see :func:`cache_info`)."""
+    CACHE.clear()

@@ -1,0 +1,570 @@
+"""Guards: everything a captured graph depends on besides its arguments, checked on every call.
+
+NOTE [Guards and lifted tensors]
+A captured graph bakes in what Python decided while tracing: which tensors were read, every
+scalar, string and flag, which callables ran, which branch was taken. torch.func never has this
+problem because it re-runs Python on every call; a capturing library has to earn the same
+guarantee (torch.compile's dynamo does it with guards; JAX's ``jit`` documents staleness as a
+sharp edge instead). Before tracing, :func:`walk` visits everything the function can reach:
+
+* from a Python function: its code object, default arguments, closure cells and the globals
+  its code (and the code nested in it) names; from a bound method its ``__self__`` and
+  function; from a ``functools.partial`` its function and bound arguments;
+* from an ``nn.Module``: its class, training flag, parameters, buffers, submodules, forward
+  hooks and every other attribute (and torch's global module hooks);
+* from any other object: its class and its ``__dict__``/``__slots__``; from containers their
+  items; from user-defined classes their methods and class attributes; from modules of the
+  user's own code the attributes its code names.
+
+Every value reached becomes one of three things:
+
+* **lifted** (tensors): read afresh on every call and passed to the graph as an input, so
+  ``W = new_tensor``, ``module.weight = nn.Parameter(...)``, ``load_state_dict(...,
+  assign=True)``, a replaced buffer and in-place updates all give fresh results without a new
+  capture; only shape, dtype and device are guarded;
+* **guarded** by value (numbers, strings, dtypes, devices, ``None``, small sets, numpy arrays),
+  by identity (library functions and modules, classes, opaque objects, held weakly where
+  possible), by code object (Python functions), or by structure (container lengths and keys,
+  ``__dict__`` sizes, empty hook tables);
+* a **problem** that sends the function to the reference strategy, with the reason in the plan:
+  Python-level randomness or clocks (``random``, ``time``, ``numpy.random``, reseeding torch),
+  tensor subclasses, objects that can neither be looked into nor referenced weakly, or more
+  state than it is worth guarding.
+
+The walk is compiled into one straight-line Python function (``GuardSet.check``) that returns
+the lifted tensors, or the index of the first guard that failed (``-1``: the structure itself
+changed, e.g. an attribute or key vanished). It never holds the user's objects strongly except
+library objects and classes, so a deleted model is collected. Over-approximation is deliberate:
+a guard on state the function never uses costs a recapture at worst, a missing one a wrong
+number.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import os
+import sys
+import sysconfig
+import types
+import weakref
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# beyond this many guards the state is not worth guarding: the function falls back
+_MAX_GUARDS = 50_000
+# containers of plain values longer than this are compared as a whole copy
+_SCALAR_LIST_COPY = 64
+_MAX_DEPTH = 40
+
+_SCALARS: tuple[type, ...] = (bool, int, float, complex, str, bytes, type(None),
+                              type(Ellipsis), type(NotImplemented), torch.dtype, torch.layout,
+                              torch.memory_format, range, slice)
+_DEVICE_LIKE = (torch.device, torch.Size)
+
+# Python-level state that changes between calls: a captured graph would freeze one value
+_IMPURE_MODULES = {"random", "time", "secrets", "uuid", "datetime"}
+_IMPURE_NAMES = {
+    "numpy": {"random"},
+    "torch": {"manual_seed", "seed", "set_rng_state", "get_rng_state", "initial_seed"},
+    "os": {"urandom", "getpid", "environ", "getenv"},
+}
+# nn.Module attributes that cannot change what ``forward`` computes
+_MODULE_SKIP = frozenset({
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_backward_hooks",
+    "_backward_pre_hooks", "_is_full_backward_hook", "_version",
+})
+_GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
+                        "_global_forward_hooks_always_called",
+                        "_global_forward_hooks_with_kwargs")
+
+
+def _library_paths() -> tuple[str, ...]:
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # xafunc itself
+    return tuple(sorted(os.path.abspath(p) + os.sep for p in paths if p))
+
+
+_LIBRARY_PATHS = _library_paths()
+_LIBRARY_ROOTS = {"torch", "xafunc", "numpy", "opt_einsum", "functools", "operator", "math",
+                  "builtins", "typing", "collections", "itertools", "abc", "types", "enum",
+                  "dataclasses", "contextlib", "warnings", "weakref", "copy", "inspect"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _library_file(filename: str) -> bool:
+    """Code from the standard library, an installed package or xafunc itself: its module
+    state is not guarded (only what is passed to it or closed over)."""
+    if not filename or filename.startswith("<"):
+        return filename.startswith("<frozen")
+    return os.path.abspath(filename).startswith(_LIBRARY_PATHS)
+
+
+def _library_module(mod: types.ModuleType) -> bool:
+    root = mod.__name__.split(".")[0]
+    if root in _LIBRARY_ROOTS or root in sys.builtin_module_names:
+        return True
+    return _library_file(getattr(mod, "__file__", None) or "")
+
+
+def _library_class(cls: type) -> bool:
+    mod = sys.modules.get(cls.__module__)
+    if mod is None:
+        return cls.__module__ in ("builtins",)
+    return _library_module(mod)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _code_names(c)
+    return names
+
+
+class Unguardable(Exception):
+    """The function reaches state that cannot be guarded; the message says which."""
+
+
+@dataclass
+class LiftedTensor:
+    """A tensor the function reads, and the guard-code expression that reads it."""
+
+    tensor: Tensor
+    var: str
+    where: str
+
+
+@dataclass
+class Walk:
+    """The result of :func:`walk`: guard code lines, lifted tensors and problems."""
+
+    lines: list[str] = field(default_factory=list)
+    descriptions: list[str] = field(default_factory=list)
+    consts: dict[str, Any] = field(default_factory=dict)
+    lifted: list[LiftedTensor] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def tensor_table(self) -> dict[int, LiftedTensor]:
+        return {id(lt.tensor): lt for lt in self.lifted}
+
+
+class _Walker:
+    def __init__(self) -> None:
+        self.w = Walk()
+        self.n = 0
+        self.seen: dict[int, tuple[str, Any]] = {}
+        self.keep: list[Any] = []  # objects whose ids are in ``seen`` stay alive while walking
+        self.module_hooks = False
+
+    # ------------------------------------------------------------------ codegen
+    def var(self, expr: str) -> str:
+        self.n += 1
+        name = f"v{self.n}"
+        self.w.lines.append(f"{name} = {expr}")
+        return name
+
+    def const(self, value: Any, weak: bool = False) -> str:
+        name = f"K{len(self.w.consts)}"
+        self.w.consts[name] = weakref.ref(value) if weak else value
+        return f"{name}()" if weak else name
+
+    def guard(self, cond: str, desc: str) -> None:
+        if len(self.w.descriptions) >= _MAX_GUARDS:
+            raise Unguardable(f"it reaches more than {_MAX_GUARDS} values to guard")
+        i = len(self.w.descriptions)
+        self.w.descriptions.append(desc)
+        self.w.lines.append(f"if not ({cond}): return {i}")
+
+    def problem(self, msg: str) -> None:
+        if msg not in self.w.problems:
+            self.w.problems.append(msg)
+
+    # ------------------------------------------------------------------ walking
+    def walk(self, obj: Any, v: str, where: str, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            raise Unguardable(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+        t = type(obj)
+        if t in _SCALARS or isinstance(obj, enum.Enum):
+            self.scalar(obj, v, where)
+            return
+        if t in _DEVICE_LIKE:
+            self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(obj)}",
+                       f"{where} == {obj!r}")
+            return
+        seen = self.seen.get(id(obj))
+        if seen is not None:
+            self.guard(f"{v} is {seen[0]}", f"{where} is the same object as {seen[1]}")
+            return
+        self.seen[id(obj)] = (v, where)
+        self.keep.append(obj)
+        if isinstance(obj, Tensor):
+            self.tensor(obj, v, where)
+        elif isinstance(obj, type):
+            self.cls(obj, v, where, depth)
+        elif t is types.FunctionType:
+            self.function(obj, v, where, depth)
+        elif t is types.MethodType:
+            self.guard(f"type({v}) is {self.const(t)}", f"{where} is a bound method")
+            self.walk(obj.__func__, self.var(f"{v}.__func__"), f"{where}.__func__", depth + 1)
+            self.walk(obj.__self__, self.var(f"{v}.__self__"), f"{where}.__self__", depth + 1)
+        elif t is types.BuiltinFunctionType or t is types.BuiltinMethodType:
+            self.builtin(obj, v, where, depth)
+        elif t is types.ModuleType:
+            self.module(obj, v, where)
+        elif isinstance(obj, torch.nn.Module):
+            self.nn_module(obj, v, where, depth)
+        elif t is functools.partial:
+            self.guard(f"type({v}) is {self.const(t)}", f"{where} is a functools.partial")
+            self.walk(obj.func, self.var(f"{v}.func"), f"{where}.func", depth + 1)
+            self.walk(obj.args, self.var(f"{v}.args"), f"{where}.args", depth + 1)
+            self.walk(obj.keywords, self.var(f"{v}.keywords"), f"{where}.keywords", depth + 1)
+        elif t in (tuple, list, deque) or (isinstance(obj, tuple) and hasattr(t, "_fields")):
+            self.sequence(obj, v, where, depth)
+        elif t in (dict, OrderedDict, defaultdict):
+            self.mapping(obj, v, where, depth)
+        elif t in (set, frozenset):
+            if not all(type(e) in _SCALARS for e in obj):
+                raise Unguardable(f"{where} is a set of objects, which cannot be guarded")
+            self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(frozenset(obj))}",
+                       f"{where} == {obj!r}")
+        elif t in (staticmethod, classmethod):
+            self.walk(obj.__func__, self.var(f"{v}.__func__"), f"{where}.__func__", depth + 1)
+        elif t is property:
+            for part in ("fget", "fset"):
+                self.walk(getattr(obj, part), self.var(f"{v}.{part}"), f"{where}.{part}",
+                          depth + 1)
+        elif t is types.CellType:
+            try:
+                contents = obj.cell_contents
+            except ValueError:
+                self.guard(f"_empty_cell({v})", f"{where} is unbound")
+                return
+            self.walk(contents, self.var(f"{v}.cell_contents"), where, depth + 1)
+        elif t.__module__ == "numpy" and t.__name__ == "ndarray":
+            self.ndarray(obj, v, where)
+        elif isinstance(obj, torch.Generator):
+            self.guard(f"{v} is {self.const(obj, weak=True)}", f"{where} is the same generator")
+        elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
+            self.problem(f"it uses Python's random module ({where}), whose results change "
+                         "between calls")
+        else:
+            self.instance(obj, v, where, depth)
+
+    def scalar(self, obj: Any, v: str, where: str) -> None:
+        t = type(obj)
+        if t is float and (obj == 0.0 or obj != obj):  # -0.0 vs 0.0, nan
+            self.guard(f"type({v}) is float and _same_float({v}, {obj!r})",
+                       f"{where} == {obj!r}")
+        elif t in (type(None), type(Ellipsis), type(NotImplemented)):
+            self.guard(f"{v} is {self.const(obj)}", f"{where} is {obj!r}")
+        else:
+            self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(obj)}",
+                       f"{where} == {obj!r}")
+
+    def tensor(self, obj: Tensor, v: str, where: str) -> None:
+        if type(obj) not in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and not _plain_like(obj):
+            self.problem(f"{where} is a tensor subclass ({type(obj).__name__}); xafunc captures "
+                         "plain tensors only")
+            return
+        self.w.lifted.append(LiftedTensor(obj, v, where))
+
+    def cls(self, obj: type, v: str, where: str, depth: int) -> None:
+        self.guard(f"{v} is {self.const(obj)}", f"{where} is {obj.__qualname__}")
+        if not _library_class(obj):
+            self.class_body(obj, v, where, depth)
+
+    def class_body(self, cls: type, v: str, where: str, depth: int) -> None:
+        """Methods and class attributes of a user-defined class and its user-defined bases."""
+        for base in cls.__mro__:
+            if base is object or _library_class(base):
+                continue
+            bv = self.var(f"{self.const(base)}.__dict__")
+            for name, value in list(vars(base).items()):
+                if name.startswith("__") and name.endswith("__") and name not in (
+                        "__call__", "__getattr__", "__getattribute__", "__getitem__"):
+                    continue
+                if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                    continue
+                self.walk(value, self.var(f"{bv}[{name!r}]"), f"{base.__qualname__}.{name}",
+                          depth + 1)
+
+    def function(self, fn: types.FunctionType, v: str, where: str, depth: int) -> None:
+        code = fn.__code__
+        self.guard(f"type({v}) is _function and {v}.__code__ is {self.const(code)}",
+                   f"{where} is {fn.__qualname__} (same code)")
+        if fn.__defaults__:
+            self.walk(fn.__defaults__, self.var(f"{v}.__defaults__"), f"{where}.__defaults__",
+                      depth + 1)
+        else:
+            self.guard(f"not {v}.__defaults__", f"{where} has no default arguments")
+        if fn.__kwdefaults__:
+            self.walk(fn.__kwdefaults__, self.var(f"{v}.__kwdefaults__"),
+                      f"{where}.__kwdefaults__", depth + 1)
+        for i, (name, cell) in enumerate(zip(code.co_freevars, fn.__closure__ or ())):
+            cv = self.var(f"{v}.__closure__[{i}]")
+            self.walk(cell, cv, f"{where}: closure variable {name!r}", depth + 1)
+        if _library_file(code.co_filename):
+            self.impure_names(fn.__globals__, _code_names(code), where)
+            return
+        g = fn.__globals__
+        gv = None
+        for name in sorted(_code_names(code)):
+            if name not in g:
+                continue
+            gv = gv or self.var(f"{v}.__globals__")
+            value = g[name]
+            self.walk(value, self.var(f"{gv}[{name!r}]"), f"global {name!r} of {fn.__qualname__}",
+                      depth + 1)
+            if type(value) is types.ModuleType:
+                self.module_attributes(value, self.seen[id(value)][0], _code_names(code),
+                                       depth + 1)
+
+    def impure_names(self, g: dict[str, Any], names: set[str], where: str) -> None:
+        for name in names:
+            value = g.get(name)
+            if type(value) is types.ModuleType and value.__name__ in _IMPURE_MODULES:
+                self.problem(f"{where} uses the {value.__name__!r} module, whose results change "
+                             "between calls")
+
+    def builtin(self, obj: Any, v: str, where: str, depth: int) -> None:
+        owner = getattr(obj, "__self__", None)
+        mod = getattr(obj, "__module__", None) or ""
+        if mod.split(".")[0] in _IMPURE_MODULES or (
+                isinstance(owner, types.ModuleType) and owner.__name__ in _IMPURE_MODULES):
+            self.problem(f"{where} calls {mod}.{obj.__name__}, whose results change between calls")
+        if owner is None or isinstance(owner, types.ModuleType):
+            self.guard(f"{v} is {self.const(obj)}", f"{where} is {obj!r}")
+            return
+        # a method bound to an object: the object is part of the state
+        self.guard(f"type({v}) is {self.const(type(obj))} and {v}.__name__ == "
+                   f"{obj.__name__!r}", f"{where} is .{obj.__name__}")
+        self.walk(owner, self.var(f"{v}.__self__"), f"{where}.__self__", depth + 1)
+
+    def module(self, mod: types.ModuleType, v: str, where: str) -> None:
+        self.guard(f"{v} is {self.const(mod)}", f"{where} is module {mod.__name__}")
+        if mod.__name__ in _IMPURE_MODULES:
+            self.problem(f"it uses the {mod.__name__!r} module ({where}), whose results change "
+                         "between calls")
+
+    def module_attributes(self, mod: types.ModuleType, v: str, names: set[str],
+                          depth: int) -> None:
+        """Attributes of a module that the code reading it names (``np.random``,
+        ``config.SCALE``): impure library ones are problems, the user's own are walked."""
+        root = mod.__name__.split(".")[0]
+        bad = _IMPURE_NAMES.get(root, set()) & names
+        if bad and (root != "os" or "environ" in bad or "getenv" in bad or "urandom" in bad):
+            self.problem(f"it uses {mod.__name__}.{sorted(bad)[0]}, whose results change "
+                         "between calls")
+        if _library_module(mod):
+            return
+        d = self.var(f"{v}.__dict__")
+        for name in sorted(names):
+            if name in mod.__dict__ and not name.startswith("__"):
+                self.walk(mod.__dict__[name], self.var(f"{d}[{name!r}]"),
+                          f"{mod.__name__}.{name}", depth + 1)
+
+    def nn_module(self, m: torch.nn.Module, v: str, where: str, depth: int) -> None:
+        cls = type(m)
+        self.guard(f"type({v}) is {self.const(cls)}", f"{where} is a {cls.__qualname__}")
+        if not self.module_hooks:
+            self.module_hooks = True
+            mm = sys.modules["torch.nn.modules.module"]
+            for name in _GLOBAL_MODULE_HOOKS:
+                hooks = getattr(mm, name)
+                hv = self.var(f"{self.const(mm)}.{name}")
+                if hooks:
+                    self.walk(hooks, hv, f"torch.nn.modules.module.{name}", depth + 1)
+                else:
+                    self.guard(f"not {hv}", f"no global module hooks ({name})")
+        d = vars(m)
+        dv = self.var(f"{v}.__dict__")
+        keys = [k for k in d if k not in _MODULE_SKIP]
+        self.guard(f"len({dv}) == {len(d)}", f"{where} has the same attributes")
+        for k in keys:
+            value = d[k]
+            kv = self.var(f"{dv}[{k!r}]")
+            label = f"{where}.{k}"
+            if k in ("_parameters", "_buffers", "_modules"):
+                self.guard(f"{_keys(kv)} == {self.const(tuple(value))}", f"{label} keys")
+                for name, item in value.items():
+                    self.walk(item, self.var(f"{kv}[{name!r}]"), f"{where}.{name}", depth + 1)
+            elif k.startswith("_forward") and isinstance(value, dict) and not value:
+                self.guard(f"not {kv}", f"{label} is empty")
+            else:
+                self.walk(value, kv, label, depth + 1)
+        if not _library_class(cls):
+            self.class_body(cls, v, where, depth)
+
+    def sequence(self, obj: Any, v: str, where: str, depth: int) -> None:
+        t = type(obj)
+        if len(obj) > _SCALAR_LIST_COPY and all(type(e) in _SCALARS for e in obj):
+            self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(t(obj))}",
+                       f"{where} has the same contents")
+            return
+        self.guard(f"type({v}) is {self.const(t)} and len({v}) == {len(obj)}",
+                   f"{where} has length {len(obj)}")
+        if t is not deque and hasattr(t, "_fields"):
+            self.cls(t, self.var(f"type({v})"), f"type of {where}", depth)
+        for i, item in enumerate(obj):
+            self.walk(item, self.var(f"{v}[{i}]"), f"{where}[{i}]", depth + 1)
+
+    def mapping(self, obj: dict[Any, Any], v: str, where: str, depth: int) -> None:
+        t = type(obj)
+        keys = tuple(obj)
+        if not all(type(k) in _SCALARS for k in keys):
+            raise Unguardable(f"{where} is a dict with non-scalar keys")
+        self.guard(f"type({v}) is {self.const(t)} and {_keys(v)} == {self.const(keys)}",
+                   f"{where} has keys {list(keys)[:8]}")
+        if t is defaultdict:
+            self.walk(obj.default_factory, self.var(f"{v}.default_factory"),
+                      f"{where}.default_factory", depth + 1)
+        for k in keys:
+            self.walk(obj[k], self.var(f"{v}[{self.const(k)}]"), f"{where}[{k!r}]", depth + 1)
+
+    def ndarray(self, obj: Any, v: str, where: str) -> None:
+        if obj.dtype == object:
+            raise Unguardable(f"{where} is a numpy array of Python objects")
+        self.guard(f"type({v}) is {self.const(type(obj))} and _np_equal({v}, "
+                   f"{self.const(obj.copy())})", f"{where} has the same values")
+
+    def instance(self, obj: Any, v: str, where: str, depth: int) -> None:
+        t = type(obj)
+        self.guard(f"type({v}) is {self.const(t)}", f"{where} is a {t.__qualname__}")
+        d = getattr(obj, "__dict__", None)
+        slots = [s for c in t.__mro__ for s in getattr(c, "__slots__", ())
+                 if isinstance(s, str) and s not in ("__dict__", "__weakref__")]
+        if d is None and not slots:
+            # opaque: compare by identity, weakly where possible
+            try:
+                ref = self.const(obj, weak=True)
+            except TypeError:
+                if not _library_class(t):
+                    raise Unguardable(f"{where} (a {t.__qualname__}) can neither be looked "
+                                      "into nor referenced weakly") from None
+                ref = self.const(obj)
+            self.guard(f"{v} is {ref}", f"{where} is the same object")
+            return
+        if isinstance(d, dict):
+            dv = self.var(f"{v}.__dict__")
+            self.guard(f"len({dv}) == {len(d)}", f"{where} has the same attributes")
+            for k, value in list(d.items()):
+                if type(k) is not str:
+                    continue
+                self.walk(value, self.var(f"{dv}[{k!r}]"), f"{where}.{k}", depth + 1)
+        for s in slots:
+            if hasattr(obj, s):
+                self.walk(getattr(obj, s), self.var(f"{v}.{s}"), f"{where}.{s}", depth + 1)
+        if not _library_class(t):
+            self.class_body(t, v, where, depth)
+
+
+def _keys(v: str) -> str:
+    return f"tuple({v})"
+
+
+def _plain_like(t: Tensor) -> bool:
+    """FakeTensors and functorch wrappers behave as plain tensors for capture."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _same_float(a: float, b: float) -> bool:
+    if b != b:
+        return a != a
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+
+
+def _np_equal(a: Any, b: Any) -> bool:
+    return bool(a.shape == b.shape and a.dtype == b.dtype
+                and (a == b).all() if a.dtype.kind not in "fc"
+                else a.shape == b.shape and a.dtype == b.dtype
+                and ((a == b) | ((a != a) & (b != b))).all())
+
+
+def _empty_cell(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return True
+    return False
+
+
+_HELPERS = {"_same_float": _same_float, "_np_equal": _np_equal, "_empty_cell": _empty_cell,
+            "_function": types.FunctionType}
+
+
+def walk(func: Any, arg_objects: list[Any]) -> Walk:
+    """Visit everything ``func`` (the root ``F``) and the non-tensor argument objects (the roots
+    ``A[i]``) can reach; see NOTE [Guards and lifted tensors]."""
+    w = _Walker()
+    try:
+        w.walk(func, "F", "the function")
+        for i, a in enumerate(arg_objects):
+            w.walk(a, w.var(f"A[{i}]"), f"argument object {i}")
+    except Unguardable as e:
+        w.w.problems.append(f"cannot guard the state it reads: {e}")
+    except RecursionError:
+        w.w.problems.append("cannot guard the state it reads: it is nested too deeply")
+    return w.w
+
+
+@dataclass
+class GuardSet:
+    """A compiled guard function and what its checks mean.
+
+    ``check(F, A)`` returns the lifted tensors (a tuple) when every guard holds, else the index
+    of the failing guard (``-1`` when the state's structure changed).
+    """
+
+    check: Callable[[Any, Any], Any]
+    descriptions: list[str]
+    where: list[str]  # where each returned lifted tensor is read
+
+    def describe(self, code: int) -> str:
+        if code < 0:
+            return "the structure of the state it reads changed (an attribute, key or cell " \
+                   "disappeared)"
+        return self.descriptions[code]
+
+
+def compile_guards(w: Walk, used: list[int]) -> GuardSet:
+    """The guard function of walk ``w`` returning the lifted tensors at indices ``used``.
+
+    Each lifted tensor returned is checked for the shape, dtype and device it was traced with,
+    and for being a tensor at all.
+    """
+    lines = list(w.lines)
+    descriptions = list(w.descriptions)
+    consts = dict(w.consts)
+    out = []
+    for i in used:
+        lt = w.lifted[i]
+        t = lt.tensor
+        k = len(consts)
+        consts[f"K{k}"], consts[f"K{k + 1}"], consts[f"K{k + 2}"] = t.dtype, t.shape, t.device
+        descriptions.append(f"{lt.where} is a tensor of shape {tuple(t.shape)}, {t.dtype}, "
+                            f"on {t.device}")
+        lines.append(f"if not (isinstance({lt.var}, _Tensor) and {lt.var}.dtype is K{k} and "
+                     f"{lt.var}.shape == K{k + 1} and {lt.var}.device == K{k + 2}): "
+                     f"return {len(descriptions) - 1}")
+        out.append(lt.var)
+    body = "\n        ".join(lines) or "pass"
+    ret = f"({', '.join(out)},)" if out else "()"
+    src = ("def __xafunc_guard(F, A):\n"
+           "    try:\n"
+           f"        {body}\n"
+           "    except Exception:\n"
+           "        return -1\n"
+           f"    return {ret}\n")
+    namespace: dict[str, Any] = {**_HELPERS, **consts, "_Tensor": Tensor}
+    exec(compile(src, "<xafunc guard>", "exec"), namespace)  # noqa: S102 - generated code
+    return GuardSet(namespace["__xafunc_guard"], descriptions, [w.lifted[i].where for i in used])
