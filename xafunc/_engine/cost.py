@@ -113,15 +113,47 @@ def numel(val: Any) -> int:
         return 0
 
 
-def reverse_elements(r: int, m: int, n: int, max_numel: int) -> float:
+_VIEWS = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", "expand",
+          "unsqueeze", "squeeze", "alias", "slice", "select", "detach", "getitem"}
+
+
+def liveness(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """``(live, total)``: the most elements of values depending on ``z`` alive at once while
+    the graph runs, and all such elements (what a backward pass saves). Views allocate
+    nothing."""
+    nodes = list(gm.graph.nodes)
+    tainted = set(tainted_nodes(gm))
+    size = {}
+    for nd in tainted:
+        name = getattr(nd.target, "__name__", str(nd.target)).split(".")[0]
+        size[nd] = 0 if name in _VIEWS else numel(nd.meta.get("val"))
+    last = {}
+    for i, nd in enumerate(nodes):
+        for a in nd.all_input_nodes:
+            last[a] = i
+    dying: dict[int, list[Any]] = {}
+    for nd, i in last.items():
+        dying.setdefault(i, []).append(nd)
+    live = peak = total = 0
+    for i, nd in enumerate(nodes):
+        live += size.get(nd, 0)
+        total += size.get(nd, 0)
+        peak = max(peak, live)
+        for d in dying.get(i, ()):
+            live -= size.get(d, 0)
+    return max(peak, 1), max(total, 1)
+
+
+def reverse_elements(r: int, m: int, n: int, live: int, total: int) -> float:
     """Elements live at once while evaluating ``jacrev^r`` of the graph once.
 
-    One evaluation of the graph keeps about ``3 * max_numel`` (forward values and their
-    cotangents). A reverse level over a function with ``N`` outputs (``m`` for the first level,
-    ``m n^(k-1)`` for level ``k``) builds the ``N x N`` basis of its cotangents and runs one
-    backward pass per cotangent, vmapped, so ``mem_k = N^2 + N mem_(k-1)``.
+    One evaluation of the graph keeps ``live`` elements at once (:func:`liveness`). A reverse
+    level over a function with ``N`` outputs (``m`` for the first level, ``m n^(k-1)`` for
+    level ``k``) builds the ``N x N`` basis of its cotangents and runs one backward pass per
+    cotangent, vmapped: ``mem_k = N^2 + N mem_(k-1)``; the forward values the backward passes
+    read (``total``) are saved once (not counted here).
     """
-    mem = 3.0 * max_numel
+    mem = float(live)
     N = float(m)
     for _ in range(r):
         mem = N * N + N * mem
@@ -129,8 +161,12 @@ def reverse_elements(r: int, m: int, n: int, max_numel: int) -> float:
     return mem
 
 
+# a Taylor coefficient of each live value per direction and degree, plus the rule's temporaries
+_TAYLOR_FACTOR = 2.0
+
+
 def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float,
-             itemsize: int, max_numel: int) -> Schedule:
+             itemsize: int, live: int, total: int) -> Schedule:
     """Cost of ``r`` reverse levels followed by degree ``K - r`` Taylor propagation.
 
     A reverse level multiplies the graph cost by about 3 per cotangent (``m`` cotangents for
@@ -139,7 +175,7 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
     Memory (:func:`reverse_elements`): pure reverse mode is chunked over the cotangents of its
     outermost level (``m n^(K-1)`` of them, each with its basis row and one evaluation of the
     inner levels); Taylor propagation over ``r`` traced reverse levels keeps ``d`` coefficients
-    of every value of that graph per direction.
+    of every live value of that graph per direction.
     """
     d = order - r
     graph = flops0 if r == 0 else 3.0 * flops0 * m * (3.0 * n) ** (r - 1)
@@ -148,17 +184,19 @@ def estimate(order: int, r: int, n: int, m: int, flops0: float, seed_free: float
     dirs = num_directions(n, d) if d > 0 else 1
     flops = graph * dirs * max(d, 1)
     result = float(itemsize * m * n**order)
+    fixed = float(itemsize * total) if r else 0.0  # forward values the reverse levels save
     if d == 0:  # pure reverse: "directions" are the outermost level's cotangents
         dirs = m * n ** (r - 1)
-        per_dir = float(itemsize * (dirs + reverse_elements(r - 1, m, n, max_numel)))
-    else:
-        per_dir = float(itemsize * d * reverse_elements(r, m, n, max_numel))
-    return Schedule(r, d, dirs, flops, dirs * per_dir + result, result, per_dir)
+        per_dir = float(itemsize * (dirs + reverse_elements(r - 1, m, n, live, total)))
+    else:  # Taylor coefficients (and rule temporaries) of every live value per direction
+        factor = _TAYLOR_FACTOR if r == 0 else 1.0
+        per_dir = float(itemsize * d * factor * reverse_elements(r, m, n, live, total))
+    return Schedule(r, d, dirs, flops, dirs * per_dir + result + fixed, result + fixed, per_dir)
 
 
 def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
                      node_flops: dict[Any, float], seed_free: float, itemsize: int,
-                     max_numel: int, limit: int | None) -> list[Schedule]:
+                     live: int, limit: int | None) -> list[Schedule]:
     """Mixed schedules at the narrowest cut nodes narrower than the input (all with
     ``limit=None``)."""
     cuts = [c for c in cut_nodes(g0) if limit is None or numel(c.meta["val"]) < n]
@@ -177,7 +215,8 @@ def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
         cost += join.cost
         dirs = max(num_directions(n, order), num_directions(w, order))
         result = float(itemsize * m * n**order)
-        peak = itemsize * (w * n**order + m * w**order + 3 * dirs * order * max_numel) + result
+        peak = itemsize * (w * n**order + m * w**order
+                           + _TAYLOR_FACTOR * dirs * order * live) + result
         out.append(Schedule(0, order, dirs, cost, float(peak), result, 0.0, c, w, join))
     return out
 

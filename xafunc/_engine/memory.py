@@ -8,6 +8,8 @@ import torch
 
 # Share of the free memory a derivative computation may plan to use.
 BUDGET_FRACTION = 0.8
+_REMEDY = ("Reduce the order or the input size, or leave mode='auto' so the planner picks a "
+           "schedule that fits (xafunc.plan shows the candidates and their estimated peaks).")
 
 
 def available_bytes(device: torch.device) -> int:
@@ -59,7 +61,7 @@ def choose_chunk(name: str, *, result_bytes: float, per_direction_bytes: float,
                 if fit >= 1 else
                 f"{name}: even one direction at a time needs about "
                 f"{fmt_bytes(per_direction_bytes + result_bytes)} but only {fmt_bytes(budget)} "
-                f"of {where} is available. Reduce the order or the input size."
+                f"of {where} is available. {_REMEDY}"
             )
         return chunk_size
     if directions * per_direction_bytes <= room:
@@ -69,6 +71,6 @@ def choose_chunk(name: str, *, result_bytes: float, per_direction_bytes: float,
         raise ValueError(
             f"{name}: one direction at a time needs about "
             f"{fmt_bytes(per_direction_bytes + result_bytes)} but only {fmt_bytes(budget)} of "
-            f"{where} is available. Reduce the order or the input size."
+            f"{where} is available. {_REMEDY}"
         )
     return fit

@@ -30,7 +30,7 @@ from .._capture.request import Request, Split, write_back
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
-from .cost import Schedule, estimate, graph_flops, mixed_candidates, numel, tainted_nodes
+from .cost import Schedule, estimate, graph_flops, liveness, mixed_candidates
 from .interpolate import (
     directions,
     interpolation_constants,
@@ -293,7 +293,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
     n, m = layout.n, layout.m
     node_flops, seed_free = graph_flops(g0)
     flops0 = sum(node_flops.values())
-    max_numel = max((numel(nd.meta.get("val")) for nd in tainted_nodes(g0)), default=1)
+    live, total = liveness(g0)
     itemsize = z.element_size()
     if all_orders or mode in ("forward", "mixed"):
         candidates = [0]
@@ -301,11 +301,11 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
         candidates = [order]
     else:
         candidates = list(range(0, min(order, 2) + 1))
-    schedules = [estimate(order, r, n, m, flops0, seed_free, itemsize, max_numel)
+    schedules = [estimate(order, r, n, m, flops0, seed_free, itemsize, live, total)
                  for r in candidates]
     if not all_orders and (mode == "mixed" or (mode == "auto" and order <= 4)):
         schedules += mixed_candidates(g0, order, n, m, node_flops, seed_free, itemsize,
-                                      max_numel, limit=None if mode == "mixed" else 3)
+                                      live, limit=None if mode == "mixed" else 3)
         if mode == "mixed":
             schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
     schedules.sort(key=lambda s: s.est_flops)
