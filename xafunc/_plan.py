@@ -261,12 +261,20 @@ def fallback_allowed(name: str, reason: str | None) -> None:
                             f"forbids the fallback to nested torch.func: {reason}")
 
 
+def strict_checked(name: str, reason: str | None, run: Callable[..., Any]) -> Callable[..., Any]:
+    """``run``, refusing (on every call, cached or not) while :func:`strict` is active."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        fallback_allowed(name, reason)
+        return run(*args, **kwargs)
+
+    return checked
+
+
 def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: int | None,
                     reason: str | None, split: Split | None) -> Plan:
     """Nested torch.func on the captured graph (or on ``func`` when there is none)."""
     explicit = req.mode == "reference"
-    if not explicit:
-        fallback_allowed(req.transform, reason)
     # the function itself: nested jacrev exactly (a forward level would differentiate through
     # torch.no_grad blocks, which forward-mode AD ignores)
     levels = choose_levels(req.order, "auto" if explicit else req.mode, m, in_numel) \
@@ -311,7 +319,7 @@ def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: in
             return value, pytree.tree_unflatten(list(aux_leaves), split.layout.aux_spec)
         return value
 
-    plan.runner = run
+    plan.runner = run if explicit else strict_checked(req.transform, reason, run)
     return plan
 
 

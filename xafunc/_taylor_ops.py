@@ -27,7 +27,7 @@ from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
-from ._plan import fallback_allowed, level_local_reason
+from ._plan import level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal
 
@@ -163,13 +163,11 @@ def _jet_plan(entry: Entry) -> Callable[..., Any]:
     """The engine's propagation on the capture, or nested ``jvp`` when it cannot run."""
     cap = entry.captured
     if cap.graph is None or cap.level_local:
-        fallback_allowed("jet", cap.reason or level_local_reason(cap))
-        return _jet_reference
+        return strict_checked("jet", cap.reason or level_local_reason(cap), _jet_reference)
     output_split("jet", cap, has_aux=False)
     problems = graph_problems(cap.graph, series_inputs=cap.n_args)
     if problems:
-        fallback_allowed("jet", "; ".join(problems))
-        return _jet_reference
+        return strict_checked("jet", "; ".join(problems), _jet_reference)
     prop = Propagator(cap.graph)
     n_out = cap.n_out
 
@@ -306,19 +304,17 @@ def _operator_plan(op: _Operator, entry: Entry, args: tuple[Any, ...], kwargs: d
     int_argnums = isinstance(op.argnums, int)
     cap = entry.captured
     if cap.graph is None or cap.level_local:
-        fallback_allowed(name, cap.reason or level_local_reason(cap))
-        return _raw_reference(argnums, int_argnums)
+        return strict_checked(name, cap.reason or level_local_reason(cap),
+                              _raw_reference(argnums, int_argnums))
     split = Split(name, cap, args, kwargs, argnums, int_argnums, False)
     z, others = _examples(split, args, kwargs, lifted)
     try:
         g0 = split.flat_graph([z, *others])
     except CaptureError as e:
-        fallback_allowed(name, f"capture failed ({e})")
-        return _graph_reference(split, op.K)
+        return strict_checked(name, f"capture failed ({e})", _graph_reference(split, op.K))
     problems = graph_problems(g0)
     if problems:
-        fallback_allowed(name, "; ".join(problems))
-        return _graph_reference(split, op.K)
+        return strict_checked(name, "; ".join(problems), _graph_reference(split, op.K))
     return _collapsed_engine(split, g0, op.K, len(lifted))
 
 

@@ -309,35 +309,78 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
         if mode == "mixed":
             schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
     schedules.sort(key=lambda s: s.est_flops)
-    best = schedules[0]
-    if best.cut is not None:  # mixed schedules run unchunked: check they fit, else go forward
+    # the cheapest candidate that fits and whose graphs the engine can run
+    reasons: list[str] = []
+    memory_error: ValueError | None = None
+    for best in schedules:
         try:
-            choose_chunk(name, result_bytes=best.est_peak_bytes, per_direction_bytes=1.0,
-                         directions=1, chunk_size=None, device=z.device)
-        except ValueError:
-            schedules = [s for s in schedules if s.cut is None]
-            best = schedules[0]
-    chunk = choose_chunk(name, result_bytes=best.result_bytes,
-                         per_direction_bytes=best.per_direction_bytes,
-                         directions=best.directions, chunk_size=req.chunk_size, device=z.device)
-    graphs = {0: g0}
+            if best.cut is not None:  # mixed schedules run unchunked: they must fit whole
+                choose_chunk(name, result_bytes=best.est_peak_bytes, per_direction_bytes=1.0,
+                             directions=1, chunk_size=None, device=z.device)
+            chunk = choose_chunk(name, result_bytes=best.result_bytes,
+                                 per_direction_bytes=best.per_direction_bytes,
+                                 directions=best.directions, chunk_size=req.chunk_size,
+                                 device=z.device)
+        except ValueError as e:
+            memory_error = memory_error or e
+            continue
+        prepared = _prepare(best, g0, chunk, z, others)
+        if isinstance(prepared, str):
+            reasons.append(prepared)
+            continue
+        graphs, direct = prepared
+        ordered = [best] + [s for s in schedules if s is not best]
+        program = Program(split, order, ordered, graphs, chunk, all_orders, req.has_aux,
+                          n_static, direct)
+        return program, None, ordered
+    if memory_error is not None and not reasons:
+        raise memory_error
+    return None, "; ".join(dict.fromkeys(reasons)), []
+
+
+def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
+             others: list[Any]) -> tuple[dict[int, Any], dict[int, Any]] | str:
+    """The graphs schedule ``s`` runs (its reverse levels traced over the captured graph), or
+    why the engine cannot run them."""
+    graphs: dict[int, Any] = {0: g0}
     direct: dict[int, Callable[..., Any]] = {}
-    for s in schedules[:1]:
-        r = s.reverse_levels
-        if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
-            # pure reverse mode with chunking or several levels: tracing would unroll every
-            # chunk and level into one huge graph; torch.func runs it directly, still on the
-            # captured graph (see NOTE [Schedules])
-            direct[r] = _jacrev_levels(g0, r, chunk)
-        elif r and r not in graphs:
-            try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
-                graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
-                                                 else None), [z, *others])
-            except CaptureError as e:
-                return None, f"capture of the reverse levels failed ({e})", []
-            problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
-            if problems:
-                return None, "; ".join(problems), []
-    program = Program(split, order, schedules, graphs, chunk, all_orders, req.has_aux, n_static,
-                      direct)
-    return program, None, schedules
+    r = s.reverse_levels
+    if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
+        # pure reverse mode with chunking or several levels: tracing would unroll every
+        # chunk and level into one huge graph; torch.func runs it directly, still on the
+        # captured graph (see NOTE [Schedules])
+        direct[r] = _jacrev_levels(g0, r, chunk)
+    elif r:
+        try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
+            graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
+                                             else None), [z, *others])
+        except CaptureError as e:
+            return f"capture of the reverse levels failed ({e})"
+        problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
+        if problems:
+            return "; ".join(problems)
+    return graphs, direct
+
+
+def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
+             others: list[Any]) -> tuple[dict[int, Any], dict[int, Any]] | str:
+    """The graphs schedule ``s`` runs (its reverse levels traced over the captured graph), or
+    why the engine cannot run them."""
+    graphs: dict[int, Any] = {0: g0}
+    direct: dict[int, Callable[..., Any]] = {}
+    r = s.reverse_levels
+    if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
+        # pure reverse mode with chunking or several levels: tracing would unroll every
+        # chunk and level into one huge graph; torch.func runs it directly, still on the
+        # captured graph (see NOTE [Schedules])
+        direct[r] = _jacrev_levels(g0, r, chunk)
+    elif r:
+        try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
+            graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
+                                             else None), [z, *others])
+        except CaptureError as e:
+            return f"capture of the reverse levels failed ({e})"
+        problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
+        if problems:
+            return "; ".join(problems)
+    return graphs, direct
