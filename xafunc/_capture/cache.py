@@ -220,7 +220,7 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
         # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
         return Entry(sig, Captured(reason="; ".join(w.problems)), None), ()
     tensors = [lt.tensor for lt in w.lifted]
-    cap = capture(func, leaves, spec, tensors)
+    cap = capture(func, leaves, spec, tensors, w.value_buffers)
     used = _prune_lifted(cap, len(tensors))
     guards = compile_guards(w, used)
     lifted = guards.check(func, objects)

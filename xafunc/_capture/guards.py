@@ -151,6 +151,9 @@ class Walk:
     consts: dict[str, Any] = field(default_factory=dict)
     lifted: list[LiftedTensor] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # memory of the numpy arrays guarded by value: tensors made from them (torch.from_numpy)
+    # may be baked into the graph as constants
+    value_buffers: list[tuple[int, int]] = field(default_factory=list)
 
     def tensor_table(self) -> dict[int, LiftedTensor]:
         return {id(lt.tensor): lt for lt in self.lifted}
@@ -434,6 +437,7 @@ class _Walker:
             raise Unguardable(f"{where} is a numpy array of Python objects")
         self.guard(f"type({v}) is {self.const(type(obj))} and _np_equal({v}, "
                    f"{self.const(obj.copy())})", f"{where} has the same values")
+        self.w.value_buffers.append((obj.ctypes.data, obj.nbytes))
 
     def instance(self, obj: Any, v: str, where: str, depth: int) -> None:
         t = type(obj)

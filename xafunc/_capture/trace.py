@@ -82,9 +82,10 @@ def _swap(x: Any, table: dict[int, Tensor]) -> Any:
 class _StandIns(TorchFunctionMode):
     """Replace the caller's tensors by their graph-input stand-ins wherever they are used."""
 
-    def __init__(self, table: dict[int, Tensor]) -> None:
+    def __init__(self, table: dict[int, Tensor], value_buffers: list[tuple[int, int]]) -> None:
         super().__init__()
         self.table = table
+        self.value_buffers = value_buffers
         self.level_local: str | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
@@ -100,12 +101,21 @@ class _StandIns(TorchFunctionMode):
         args = _swap(args, self.table)
         kwargs = _swap(kwargs or {}, self.table)
         for t in pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, Tensor) and not _is_fake(t):
+            if isinstance(t, Tensor) and not _is_fake(t) and not self._guarded_value(t):
                 raise CaptureError(
                     f"it reads a tensor (shape {tuple(t.shape)}, {t.dtype}) that xafunc found no "
                     "path to (closure, global, module attribute), so it could not be re-read on "
                     "each call")
         return func(*args, **kwargs)
+
+    def _guarded_value(self, t: Tensor) -> bool:
+        """A tensor viewing the memory of a numpy array guarded by value (``from_numpy``):
+        a constant of the graph, re-captured when the array changes."""
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except RuntimeError:
+            return False
+        return any(start <= ptr < start + max(size, 1) for start, size in self.value_buffers)
 
 
 _DATA = torch._C.TensorBase.__dict__["data"]
@@ -236,16 +246,18 @@ class Captured:
 
 
 def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
-            lifted: list[Tensor]) -> Captured:
+            lifted: list[Tensor], value_buffers: list[tuple[int, int]] | None = None
+            ) -> Captured:
     """Trace ``func`` called with the pytree ``(leaves, spec)`` of ``(args, kwargs)``, reading
-    the tensors ``lifted`` (see NOTE [Capture])."""
+    the tensors ``lifted`` (see NOTE [Capture]); tensors viewing ``value_buffers`` (memory
+    guarded by value) may become constants."""
     tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     arg_tensors = [leaves[i] for i in tensor_pos]
     meta: dict[str, Any] = {}
     _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
         with preserved_rng(), _clear_functorch(), \
-                torch._subclasses.fake_tensor.FakeTensorMode():
+                torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
             stand = [_stand_in(t) for t in [*arg_tensors, *lifted]]
 
             def run(*tensors: Tensor) -> list[Tensor]:
@@ -254,7 +266,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 for i, t in zip(tensor_pos, tensors):
                     new[i] = t
                 args, kwargs = pytree.tree_unflatten(new, spec)
-                cut, stand = _NoGradCut(), _StandIns(table)
+                cut, stand = _NoGradCut(), _StandIns(table, value_buffers or [])
                 with _watch_autograd_functions() as applied, torch.enable_grad(), stand, cut:
                     out = func(*args, **kwargs)
                 out = _swap(out, table)

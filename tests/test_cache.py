@@ -1,0 +1,350 @@
+"""The shared capture cache (NOTE [The capture cache]): inline calls reuse captures, state the
+graph depends on is read afresh or guarded (never stale), the cache does not leak, and the
+engine runs under every torch.func transform.
+
+Each staleness case changes state between two calls of the same (held) transform and between
+two inline calls, and compares both with nested ``torch.func.jacrev`` of the function as it is
+then. Everything runs under ``xafunc.strict()`` unless a case is meant to fall back.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+
+import xafunc
+from tests._compare import assert_tree_close, reference_deriv
+from xafunc import xderiv, xhessian, xjacobian, xlaplacian
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    xafunc.clear_cache()
+    with xafunc.strict():
+        yield
+
+
+def _x(n: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _both(f, change, x, order=2, **kw):
+    """Call ``f``'s derivative held and inline, change state, call again: fresh both ways."""
+    held = xderiv(f, order, **kw)
+    held(x)
+    xderiv(f, order, **kw)(x)
+    change()
+    expected = reference_deriv(f, order)(x)
+    assert_tree_close(held(x), expected, msg="held transform")
+    assert_tree_close(xderiv(f, order, **kw)(x), expected, msg="inline transform")
+
+
+# ------------------------------------------------------------------- read afresh (lifted)
+W = torch.randn(4, 3, dtype=F64)
+
+
+def _global_w(x):
+    return torch.tanh(W @ x).sum()
+
+
+def test_global_tensor_rebound():
+    def change():
+        global W
+        W = torch.randn(4, 3, dtype=F64)
+
+    _both(_global_w, change, _x())
+    assert xafunc.cache_info().recaptures == 0  # read afresh, nothing to recapture
+
+
+def test_closure_tensor_updated_in_place_and_through_data():
+    w = torch.randn(3, dtype=F64)
+    f = lambda x: (x * w).sin().sum()  # noqa: E731
+    _both(f, lambda: w.mul_(2.0), _x())
+    held = xhessian(f)
+    with torch.no_grad():
+        held(_x())  # the fast path caches values computed from w ...
+    w.data = torch.randn(3, dtype=F64)  # ... keyed on its identity and storage
+    with torch.no_grad():
+        assert_tree_close(held(_x()), reference_deriv(f, 2)(_x()))
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+
+
+def test_module_parameter_replaced():
+    net = _net()
+
+    def change():
+        net[0].weight = nn.Parameter(torch.randn(8, 3, dtype=F64))
+
+    _both(net, change, _x())
+
+
+def test_load_state_dict_assign_and_in_place():
+    net, other = _net(0), _net(1)
+    _both(net, lambda: net.load_state_dict(other.state_dict(), assign=True), _x())
+
+    def step():
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(0.5).add_(0.1)  # an optimiser step
+
+    _both(net, step, _x())
+
+
+def test_buffer_replaced():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.ones(3, dtype=F64))
+
+        def forward(self, x):
+            return (x * self.scale).sin().sum()
+
+    m = Scaled()
+    _both(m, lambda: setattr(m, "scale", torch.full((3,), 2.5, dtype=F64)), _x())
+
+
+def test_parametrization_added():
+    lin = nn.Linear(3, 3).to(F64)
+    f = lambda x: torch.tanh(lin(x)).sum()  # noqa: E731
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w + w.T
+
+    _both(f, lambda: nn.utils.parametrize.register_parametrization(lin, "weight", Symmetric()),
+          _x())
+
+
+# ------------------------------------------------------------------------------ guarded
+SCALE = 2.0
+
+
+def _global_scalar(x):
+    return (x * SCALE).sin().sum()
+
+
+def test_global_scalar():
+    def change():
+        global SCALE
+        SCALE = 3.5
+
+    _both(_global_scalar, change, _x())
+
+
+CONFIG = {"act": "tanh", "scales": [1.0, 2.0]}
+
+
+def _helper(x):
+    return getattr(torch, CONFIG["act"])(x * CONFIG["scales"][1])
+
+
+def _deep(x):
+    return _helper(x).sum()
+
+
+def test_container_contents_in_a_helper():
+    _both(_deep, lambda: CONFIG["scales"].__setitem__(1, 5.0), _x())
+    _both(_deep, lambda: CONFIG.__setitem__("act", "sin"), _x())
+
+
+def test_closure_callable_swapped():
+    act = [torch.tanh]
+    f = lambda x: act[0](x).sum()  # noqa: E731
+    _both(f, lambda: act.__setitem__(0, torch.sin), _x())
+
+
+def test_module_attribute_training_flag_hooks_submodules():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3).to(F64)
+            self.alpha = 1.0
+
+        def forward(self, x):
+            return torch.sin(self.lin(x) * self.alpha)
+
+    m = Scaled()
+    _both(m, lambda: setattr(m, "alpha", 4.0), _x())
+    net = _net()
+    _both(net, lambda: net.__setitem__(1, nn.Sigmoid()), _x())
+    handle = None
+
+    def add_hook():
+        nonlocal handle
+        handle = net[2].register_forward_hook(lambda mod, i, o: o * 3)
+
+    _both(net, add_hook, _x())
+    _both(net, lambda: handle.remove(), _x())
+    gate = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Tanh()).to(F64)
+    with xafunc.strict(False):  # dropout: compare with one realisation
+        gate.eval()
+        xhessian(gate)(_x())
+        gate.train()
+        torch.manual_seed(1)
+        got = xhessian(gate)(_x())
+        torch.manual_seed(1)
+        assert_tree_close(got, reference_deriv(gate, 2)(_x()))
+
+
+def test_non_tensor_arguments_mutated_in_place():
+    class Cfg:
+        def __init__(self):
+            self.k = 1.0
+
+    cfg = Cfg()
+    f = lambda x, c: (x * c.k).sin().sum()  # noqa: E731
+    xhessian(f)(_x(), cfg)
+    cfg.k = 3.0
+    assert_tree_close(xhessian(f)(_x(), cfg), reference_deriv(lambda x: f(x, cfg), 2)(_x()))
+    arr = np.array([1.0, 2.0, 3.0])
+    g = lambda x, a: (x * torch.from_numpy(a)).sin().sum()  # noqa: E731
+    xhessian(g)(_x(), arr)
+    arr[0] = 7.0
+    assert_tree_close(xhessian(g)(_x(), arr), reference_deriv(lambda x: g(x, arr), 2)(_x()))
+
+
+def test_default_dtype_is_part_of_the_signature():
+    f = lambda x: (x * torch.ones(3)).sin().sum()  # noqa: E731 - ones() takes the default
+    x = torch.randn(3)
+    first = xhessian(f)(x)
+    assert first.dtype == torch.float32
+    torch.set_default_dtype(F64)
+    try:
+        assert_tree_close(xhessian(f)(x), reference_deriv(f, 2)(x), rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_zero_dim_tensor_read_in_python_falls_back_and_stays_fresh():
+    t = torch.tensor(2.0, dtype=F64)
+    f = lambda x: (x * t.item()).sin().sum()  # noqa: E731
+    with xafunc.strict(False):
+        assert "DataDependent" in xafunc.plan(f, 2)(_x()).fallback
+        xhessian(f)(_x())
+        t.fill_(5.0)
+        assert_tree_close(xhessian(f)(_x()), reference_deriv(f, 2)(_x()))
+
+
+def test_python_side_effects_fall_back():
+    calls = []
+
+    def f(x):
+        calls.append(1)  # state the function reads changes every call
+        return (x * len(calls)).sin().sum()
+
+    with xafunc.strict(False):
+        assert "changes Python state" in xafunc.plan(f, 1)(_x()).fallback
+
+
+# ----------------------------------------------------------------------- reuse and leaks
+def test_inline_calls_hit_the_cache():
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)).to(F64)
+    params = dict(model.named_parameters())
+    f = lambda p, x: functional_call(model, p, (x,))  # noqa: E731
+    for _ in range(4):
+        xderiv(f, 3, argnums=1)(params, _x())
+    for _ in range(3):  # a fresh lambda every time: same code object
+        xhessian(lambda x: torch.tanh(x).sum())(_x())
+    xs = torch.randn(5, 2, dtype=F64)
+    for _ in range(3):
+        vmap(xlaplacian(lambda x: model(torch.cat([x, x[:1]])).sum()))(xs)
+    info = xafunc.cache_info()
+    assert (info.misses, info.hits, info.recaptures) == (3, 7, 0), info
+    # one capture serves several requests
+    xderiv(f, 1, argnums=1)(params, _x())
+    xafunc.plan(f, 2, argnums=1)(params, _x())
+    assert xafunc.cache_info().misses == 3
+
+
+def test_partial_and_bound_methods_key_on_the_function():
+    def f(x, a):
+        return (x * a).sin().sum()
+
+    for a in (1.0, 1.0, 2.0):
+        xhessian(functools.partial(f, a=a))(_x())
+    assert xafunc.cache_info().misses == 2  # the value of ``a`` is guarded
+
+
+def test_deleted_models_are_collected():
+    net = _net()
+    ref = weakref.ref(net)
+    xhessian(net)(_x())
+
+    def closure():
+        m = _net(1)
+        return lambda x: m(x).sum(), weakref.ref(m)
+
+    f, ref2 = closure()
+    xhessian(f)(_x())
+    del net, f
+    gc.collect()
+    assert ref() is None and ref2() is None
+
+
+def test_entries_per_function_are_bounded_and_clearable():
+    from xafunc._capture.cache import CACHE, MAX_ENTRIES
+
+    f = lambda x: x.sin().sum()  # noqa: E731
+    for n in range(1, MAX_ENTRIES + 4):  # a new shape each time
+        xhessian(f)(_x(n))
+    assert len(CACHE.entries(f)) == MAX_ENTRIES
+    xafunc.clear_cache()
+    assert xafunc.cache_info() == xafunc.CacheInfo(0, 0, 0, 0, 0)
+
+
+def test_repeated_recapture_warns_once_naming_the_guard():
+    state = {"k": 0.0}
+    f = lambda x: (x + state["k"]).sin().sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            state["k"] = float(i)
+            xjacobian(f)(_x())
+    messages = [str(w.message) for w in caught if "captured again" in str(w.message)]
+    assert len(messages) == 1
+    assert "['k']" in messages[0] and "== " in messages[0]
+
+
+# ------------------------------------------------------------- under torch.func transforms
+def _pinn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(F64)
+
+
+def test_engine_runs_under_grad_with_closures_over_transformed_params():
+    u = _pinn()
+    params = dict(u.named_parameters())
+    xs = torch.randn(6, 2, dtype=F64)
+
+    def loss(p, lap):
+        return (vmap(lap(lambda x: functional_call(u, p, (x,)).squeeze(-1)))(xs) ** 2).mean()
+
+    def ref_lap(f):
+        return lambda x: torch.diagonal(jacrev(jacrev(f))(x)).sum()
+
+    assert_tree_close(grad(lambda p: loss(p, xlaplacian))(params),
+                      grad(lambda p: loss(p, ref_lap))(params))
+
+
+@pytest.mark.parametrize("outer", [jacrev, jacfwd, grad])
+def test_engine_runs_under_torch_func_transforms(outer):
+    f = lambda x: (x.sin() * x.exp()).prod()  # noqa: E731
+    x = _x()
+    inner = xjacobian(f) if outer is not grad else (lambda x: xjacobian(f)(x).sum())
+    expected = outer(reference_deriv(f, 1) if outer is not grad
+                     else (lambda x: reference_deriv(f, 1)(x).sum()))(x)
+    assert_tree_close(outer(inner)(x), expected)
