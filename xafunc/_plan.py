@@ -130,9 +130,9 @@ class Plan:
         return "\n".join(lines)
 
 
-_EXECUTION = ("execution: one compiled aten graph; constant parts cached, the rest run by "
-              "TorchScript when no gradient or torch.func transform needs its history, "
-              "else by FX")
+_EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that depend only "
+              "on the weights cached when no gradient or torch.func transform needs the "
+              "graph's history (NOTE [Fast execution])")
 
 
 def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -49,15 +49,16 @@ def test_plain_call_uses_torchscript_and_matches():
     assert [e.executor for e in _executables(net)] == ["torchscript"]
 
 
-def test_autograd_through_the_transform_uses_the_fx_graph():
-    """Weights that require grad, grad mode on: the result carries autograd history and its
-    gradient with respect to the weights matches torch.func's."""
+def test_autograd_through_the_transform_runs_the_whole_graph_by_torchscript():
+    """Weights that require grad, grad mode on: the result carries autograd history (recorded
+    op by op as eager code records it) and its gradient with respect to the weights matches
+    torch.func's."""
     net = _net(1)
     x = torch.randn(3, dtype=DT)
     h = xafunc.xhessian(net)
     out = h(x)
     assert out.requires_grad
-    assert [e.executor for e in _executables(net)] == ["fx"]
+    assert [e.executor for e in _executables(net)] == ["torchscript (autograd)"]
     params = list(net.parameters())
 
     def grads(value: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,31 +1,35 @@
 """Running a compiled graph: hoisted constant subexpressions and a TorchScript executor.
 
 NOTE [Fast execution]
-A compiled propagation (``_compile.py``) is a flat aten graph of a few dozen to a few hundred
+A compiled propagation (``compiler.py``) is a flat aten graph of a few dozen to a few hundred
 small operators. Run by its FX ``forward``, each operator costs a Python call into the
-dispatcher (about 1.5 us), which for PINN-sized problems is most of the run time. Two things
-make it faster when nothing needs the graph's autograd history:
+dispatcher (about 1.5 us), which for PINN-sized problems is most of the run time. Three
+executors run the same graph:
 
-* **Hoisting.** Nodes that depend only on the graph's constants (the caller's weights:
-  transposes, slices, products of weights with the fixed seeds) are computed once by a
-  *prologue* and cached with the constants' storage pointers and version counters; an
-  in-place update of a weight (an optimiser step) bumps its counter and ``w.data = new``
-  moves its storage, either of which recomputes the prologue on the next call. Like
-  autograd's saved-tensor check, this cannot see in-place writes through ``w.data`` (which
-  has a version counter of its own): after ``w.data.mul_(2)``, call ``w.mul_(1)`` under
-  ``no_grad`` or build a new transform.
-* **TorchScript.** The rest of the graph, with the hoisted values and constants as inputs
-  (never baked in, so in-place updates stay visible), is traced once by ``torch.jit.trace``
-  and run by its C++ interpreter: same aten kernels, same values, a fraction of the per-op
-  cost.
+* **Plain calls** (every argument a plain tensor, no ``torch.func`` transform active -- the
+  ``vmap`` fast path pops its own level first --, no gradient needed):
+  - *hoisting*: nodes that depend only on the static inputs (the caller's weights, lifted from
+    closures and modules) and constants (transposes, slices, products of weights with the
+    fixed seeds) are computed once by a *prologue* and cached with each input's identity (held
+    weakly), storage pointer and version counter; an in-place update of a weight (an optimiser
+    step) bumps its counter and ``w.data = new`` or a new tensor changes the rest, either of
+    which recomputes the prologue on the next call. Like autograd's saved-tensor check, this
+    cannot see in-place writes through ``w.data`` (which has a version counter of its own):
+    after ``w.data.mul_(2)``, call ``w.mul_(1)`` under ``no_grad``;
+  - *TorchScript*: the rest of the graph, with the hoisted values as inputs, is traced once
+    by ``torch.jit.trace`` and run by its C++ interpreter (same aten kernels, same values, a
+    fraction of the per-op cost), with pointwise ops writing into dead buffers
+    (NOTE [Buffer reuse]).
+* **Autograd and torch.func** (weights that require grad under grad mode, ``grad``/``jacrev``/
+  ``vmap`` around the transform): the whole graph, traced once by TorchScript without hoisting
+  or buffer reuse, runs under ``torch.jit.optimized_execution(False)``, so the interpreter
+  dispatches every op exactly as eager code does -- autograd records the same nodes (no
+  TorchScript autodiff) and functorch transforms the same ops -- at the interpreter's cost per
+  op instead of Python's.
+* **Anything else** (dispatch or function modes such as fake tensors and tracers, inside
+  ``torch.compile``): the FX graph, which is exactly what the other two compute.
 
-The fast path is taken only for a *plain* call: every argument a plain ``torch.Tensor``, no
-``torch.func`` transform active (the ``vmap`` fast path pops its own level first), no
-``__torch_dispatch__``/``__torch_function__`` mode, not inside ``torch.compile``, and no
-gradient needed (grad mode off, or no argument and no constant requiring grad). Anything else
--- ``grad``/``jacrev`` over the transform, autograd through it, fake tensors -- runs the FX
-graph, which is exactly what the fast path computes. If hoisting or tracing fails, the FX
-graph is used from then on.
+If tracing fails, the FX graph is used from then on.
 """
 
 from __future__ import annotations
@@ -46,16 +50,27 @@ _FAILED: Any = object()
 _HOIST_LIMIT_BYTES = 64 * 2**20
 
 
+def call_kind(args: tuple[Any, ...] | list[Any]) -> str:
+    """``"plain"``: plain tensors, no transform, mode or compiler active; ``"transformed"``:
+    torch.func transforms or functorch-wrapped tensors, nothing else; ``"other"``: modes,
+    tracers, compilers (see NOTE [Fast execution])."""
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return "other"
+    if torch.compiler.is_compiling():
+        return "other"
+    fx = torch._C._functorch
+    if not all(isinstance(a, Tensor) and (type(a) in _PLAIN or fx.is_functorch_wrapped_tensor(a))
+               for a in args):
+        return "other"
+    if fx.peek_interpreter_stack() is not None or any(
+            fx.is_functorch_wrapped_tensor(a) for a in args if isinstance(a, Tensor)):
+        return "transformed"
+    return "plain"
+
+
 def plain_call(args: tuple[Any, ...] | list[Any]) -> bool:
     """True when ``args`` are plain tensors and no transform, mode or compiler is active."""
-    fx = torch._C._functorch
-    if fx.peek_interpreter_stack() is not None:
-        return False
-    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    return all(type(a) in _PLAIN and not fx.is_functorch_wrapped_tensor(a) for a in args)
+    return call_kind(args) == "plain"
 
 
 # module parameters and buffers arrive as lifted inputs: they are plain tensors too
@@ -81,6 +96,9 @@ class Executable:
             getattr(gm, str(n.target)) for n in gm.graph.nodes
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
         self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
+        self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
+        out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        self._template = _template(out_node.args[0])[1]
         self.executor = "fx"
 
     @property
@@ -92,12 +110,20 @@ class Executable:
         return self.gm.graph
 
     def __call__(self, *args: Any) -> Any:
-        if (self._fast is not _FAILED and plain_call(args)
-                and not _needs_grad((*args, *self.consts))):
+        mode = call_kind(args)
+        if mode == "plain" and not _needs_grad((*args, *self.consts)):
             if self._fast is None:
                 self._fast = self._build(args)
             if self._fast is not _FAILED:
                 return self._fast(args)
+        elif mode != "other":
+            if self._full is None:
+                self._full = _full_trace(self.gm, args)
+                if self._full is not _FAILED:
+                    self.executor = "torchscript (autograd)"
+            if self._full is not _FAILED:
+                with torch.jit.optimized_execution(False):
+                    return _fill(self._template, self._full(*args))
         return self.gm(*args)
 
     def _build(self, args: tuple[Any, ...]) -> Any:
@@ -109,6 +135,35 @@ class Executable:
             return _FAILED
         self.executor = fast.executor
         return fast
+
+
+def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
+    """The whole graph traced by TorchScript on plain stand-ins of ``args`` (see NOTE [Fast
+    execution]), or ``_FAILED``."""
+    examples = tuple(torch.zeros(tuple(a.shape), dtype=a.dtype, device=a.device)
+                     if isinstance(a, Tensor) else a for a in args)
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat, template = _template(out_node.args[0])
+    if not all(isinstance(a, Node) for a in flat):
+        return _FAILED
+
+    def run(*a: Tensor) -> Any:
+        out = gm(*a)
+        return tuple(_flatten_like(out, template))
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(run, examples, check_trace=False)
+    except Exception:  # noqa: BLE001 - TorchScript is an accelerator, not a requirement
+        return _FAILED
+    return traced
+
+
+def _flatten_like(out: Any, template: Any) -> list[Any]:
+    if isinstance(template, int):
+        return [out]
+    return [leaf for o, t in zip(out, template) for leaf in _flatten_like(o, t)]
 
 
 class _FastPath:
