@@ -19,15 +19,22 @@ Scenarios (see ``docs/tutorials/ddp.rst`` for why these and not others):
 * ``functional``: ``torch.func.grad`` over ``functional_call(ddp.module, params, ...)`` and an
   explicit ``all_reduce`` of the gradients (DDP's hooks never fire without its ``forward``);
 * ``fsdp2``: ``fully_shard(PINNLoss(net))`` (FSDP2) on the module that calls the transform;
-  gradients and parameters are gathered with ``full_tensor()``.
+  gradients and parameters are gathered with ``full_tensor()``; ``fsdp2_order3``: the same
+  with the third-derivative residual and ``reshard_after_forward=True``.
 
-The test skips where ``torch.distributed`` or gloo is unavailable.
+``test_torchrun_recipe`` runs the documented launch command itself,
+``torchrun --standalone --nproc-per-node 2 docs/tutorials/ddp_pinn.py --check``, for a few steps.
+
+The tests skip where ``torch.distributed`` or gloo is unavailable.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -51,7 +58,7 @@ from tests._pinn import (
 WORLD = 2
 STEPS = 2
 LR = 0.05
-SCENARIOS = ("ddp_laplacian", "ddp_order3", "functional", "fsdp2")
+SCENARIOS = ("ddp_laplacian", "ddp_order3", "functional", "fsdp2", "fsdp2_order3")
 SPAWN_TIMEOUT_S = 150
 RTOL, ATOL = 1e-9, 1e-12
 
@@ -70,7 +77,8 @@ pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=str(_unavaila
 def _config(name: str) -> tuple[str, bool]:
     """(operator, boundary term) of a scenario."""
     return {"ddp_laplacian": ("laplacian", False), "ddp_order3": ("order3", True),
-            "functional": ("laplacian", True), "fsdp2": ("laplacian", True)}[name]
+            "functional": ("laplacian", True), "fsdp2": ("laplacian", True),
+            "fsdp2_order3": ("order3", True)}[name]
 
 
 # ------------------------------------------------------------------------- the workers
@@ -124,7 +132,9 @@ def _run_fsdp2(name: str, rank: int) -> list[dict[str, Any]]:
     mesh = init_device_mesh("cpu", (WORLD,))
     net = make_net()
     model = PINNLoss(net, operator, boundary)
-    fully_shard(model, mesh=mesh)  # the module that calls the transform, not its layers
+    # the module that calls the transform, not its layers (see docs/tutorials/ddp.rst)
+    fully_shard(model, mesh=mesh, **({"reshard_after_forward": True}
+                                     if name == "fsdp2_order3" else {}))
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     out = []
     for step in range(STEPS):
@@ -140,7 +150,7 @@ def _run_fsdp2(name: str, rank: int) -> list[dict[str, Any]]:
 
 
 _RUNNERS = {"ddp_laplacian": _run_ddp, "ddp_order3": _run_ddp, "functional": _run_functional,
-            "fsdp2": _run_fsdp2}
+            "fsdp2": _run_fsdp2, "fsdp2_order3": _run_fsdp2}
 
 
 def _worker(rank: int, folder: str) -> None:
@@ -242,3 +252,21 @@ def test_ranks_saw_different_data(spawned: dict[int, dict[str, Any]]) -> None:
     with pytest.raises(AssertionError):
         assert_tree_close(local[0], spawned[0]["ddp_laplacian"][0]["grads"], rtol=RTOL,
                           atol=ATOL)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_torchrun_recipe() -> None:
+    """The DDP recipe's script, launched as the docs say, passes its own gradient check."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           str(WORLD), os.path.join(ROOT, "docs", "tutorials", "ddp_pinn.py"), "--steps", "3",
+           "--interior", "64", "--boundary", "16", "--backend", "gloo", "--check"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    checks = re.findall(r"\[rank \d+/\d+, gloo\] step 0: [^\n]*? \((?:ok|MISMATCH)\)", out)
+    assert len(checks) == WORLD and all(c.endswith("(ok)") for c in checks), out[-4000:]
+    print("\n" + "\n".join(checks))
