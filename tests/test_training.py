@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -230,3 +231,37 @@ def test_pinn_tutorial_script_trains() -> None:
     assert_tree_close(tut.laplacian(net)(x), h.diagonal(dim1=-2, dim2=-1).sum(-1),
                       rtol=RTOL, atol=ATOL)
     assert elapsed < 60, f"60 tutorial steps took {elapsed:.0f} s"
+
+
+# ------------------------------------------------------- the training benchmark's strategies
+def _load_training_cases() -> Any:
+    path = os.path.join(ROOT, "asv_bench", "benchmarks", "training_cases.py")
+    spec = importlib.util.spec_from_file_location("_xafunc_bench_training_cases", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("operator", ["laplacian", "biharmonic", "order3"])
+def test_training_benchmark_strategies_compute_the_same_step(operator: str) -> None:
+    """``asv_bench/training_table.py`` compares equal work: on a small case every torch.func
+    strategy gives xafunc's residuals and parameter gradients, through both APIs."""
+    tc = _load_training_cases()
+    case = tc.TrainCase("tiny", operator, (3, 8, 8, 1), 3, 1.0, "")
+    module = case.make_module(F64)
+    x = case.make_points(F64)
+    found = tc.strategies(case, lambda p, z: module(z), F64, "cpu")
+    assert list(found)[0] == "xafunc" and len(found) >= 3
+    values = {k: vmap(f, in_dims=(None, 0))({}, x).detach() for k, f in found.items()}
+    for name, v in values.items():
+        assert_tree_close(v, values["xafunc"], rtol=RTOL, atol=ATOL, msg=name)
+    for api in tc.APIS:
+        grads = {}
+        for name in found:
+            step, g = tc.make_step(case, name, api, F64)
+            step()
+            grads[name] = g()
+        for name, g in grads.items():
+            assert_tree_close(g, grads["xafunc"], rtol=RTOL, atol=ATOL, msg=f"{api} {name}")

@@ -48,7 +48,7 @@ def check_gradients(ddp: DDP, interior: Tensor, boundary: Tensor, device: torch.
     single = PoissonLoss(P.make_model(seed=0).to(device))
     single(interior, P.forcing(interior), boundary).backward()
     worst = 0.0
-    for (name, p), q in zip(ddp.module.model.named_parameters(), single.model.parameters()):
+    for p, q in zip(ddp.module.model.parameters(), single.model.parameters()):
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         e = q.grad if q.grad is not None else torch.zeros_like(q)
         worst = max(worst, ((g - e).abs().max() / e.abs().max().clamp_min(1e-300)).item())
