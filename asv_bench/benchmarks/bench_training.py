@@ -4,8 +4,11 @@ One step is forward + backward of ``mean over the batch of (D u(x))^2`` with the
 called inline, through ``loss.backward()`` on an ``nn.Module`` (``api="backward"``) or
 ``torch.func.grad`` over ``functional_call`` parameters (``api="func_grad"``). Each class
 times xafunc (``time_xafunc``/``peakmem_xafunc``) beside the torch.func strategy named by the
-case's ``asv_baseline`` (``time_torchfunc``/``peakmem_torchfunc``). ``setup`` builds both step
-functions and runs each once, so the timings are steady-state (capture and plan excluded).
+case's ``asv_baseline`` (``time_torchfunc``/``peakmem_torchfunc``). ``setup`` builds the step
+functions and runs each once, so the timings are steady-state (capture and plan excluded) --
+except ``time_xafunc_inline``, whose step builds xafunc's transform inside the step, as
+torch.func users write ``vmap(hessian(u))(x)``, and so measures xafunc's caching across
+transform objects.
 
 The full comparison -- every torch.func strategy, ``torch.compile``'d torch.func, a float64
 gradient check, ratios and targets -- is ``python asv_bench/training_table.py``.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .training_cases import APIS, get_train_case, make_step
+from .training_cases import APIS, INLINE, get_train_case, make_step
 
 
 class _TrainingBench:
@@ -26,12 +29,17 @@ class _TrainingBench:
     def setup(self, case: str, api: str) -> None:
         c = get_train_case(case)
         self.xafunc, _ = make_step(c, "xafunc", api, torch.float32)
+        self.xafunc_inline, _ = make_step(c, INLINE, api, torch.float32)
         self.torchfunc, _ = make_step(c, c.asv_baseline, api, torch.float32)
         self.xafunc()  # capture and plan outside the timing
+        self.xafunc_inline()
         self.torchfunc()
 
     def time_xafunc(self, case: str, api: str) -> None:
         self.xafunc()
+
+    def time_xafunc_inline(self, case: str, api: str) -> None:
+        self.xafunc_inline()
 
     def time_torchfunc(self, case: str, api: str) -> None:
         self.torchfunc()

@@ -18,7 +18,8 @@ One step is forward + backward with the transform called inline, through either 
 For every case, :func:`strategies` gives xafunc's residual and every torch.func way a careful
 user would write it (nestings of ``jacfwd``/``jacrev``, ``hessian``, vmapped Hessian-vector
 products, nested ``jvp`` along the directions), each as a ``(params, x) -> D u(x)`` function of
-one point, built once. :func:`make_step` turns one into a step function of no arguments.
+one point, built once. :func:`make_step` turns one into a step function of no arguments; its
+strategy ``"xafunc inline"`` builds xafunc's transform inside every step instead.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ Residual = Callable[[Any, Tensor], Tensor]  # (params, one point) -> (1,)
 Fn2 = Callable[[Any, Tensor], Tensor]  # (params, one point) -> u, shape (1,)
 
 APIS = ("backward", "func_grad")
+INLINE = "xafunc inline"
 
 
 @dataclass(frozen=True)
@@ -148,13 +150,25 @@ def _biharmonic_dirs(n: int, dtype: torch.dtype, device: str) -> tuple[Tensor, T
     return V.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
 
 
+def xafunc_residual(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str) -> Residual:
+    """xafunc's ``(params, x) -> D u(x)``: a fresh transform on every call of this function."""
+    if case.operator == "laplacian":
+        return xafunc.xlaplacian(f, argnums=1)
+    if case.operator == "biharmonic":
+        return xafunc.xbiharmonic(f, argnums=1)
+    if case.operator == "order3":
+        C = case.coefficients(dtype, device)
+        d3x = xafunc.xderiv(f, 3, argnums=1)
+        return lambda p, x: torch.einsum("oijk,ijk->o", d3x(p, x), C)
+    raise ValueError(case.operator)
+
+
 def strategies(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str
                ) -> dict[str, Residual]:
     """``name -> (params, x) -> D u(x)`` (shape ``(1,)``): ``"xafunc"`` first, then torch.func."""
     n = case.n
-    out: dict[str, Residual] = {}
+    out: dict[str, Residual] = {"xafunc": xafunc_residual(case, f, dtype, device)}
     if case.operator == "laplacian":
-        out["xafunc"] = xafunc.xlaplacian(f, argnums=1)
         h = tf.hessian(f, argnums=1)
         out["trace(hessian)"] = lambda p, x: _trace2(h(p, x))
         rr = _nested(f, ("rev", "rev"))
@@ -165,7 +179,6 @@ def strategies(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str
         j2 = _jvp_k(f, 2)
         out["vmap(jvp(jvp))"] = lambda p, x: j2(p, x, eye).sum(0)
     elif case.operator == "biharmonic":
-        out["xafunc"] = xafunc.xbiharmonic(f, argnums=1)
         d4 = _nested(f, ("rev", "fwd", "fwd", "fwd"))
         out["einsum(jacfwd^3(jacrev))"] = lambda p, x: torch.einsum("oiijj->o", d4(p, x))
         eye = torch.eye(n, dtype=dtype, device=device)
@@ -177,8 +190,6 @@ def strategies(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str
         out["weighted vmap(jvp^4)"] = lambda p, x: (w.unsqueeze(-1) * j4(p, x, V)).sum(0)
     elif case.operator == "order3":
         C = case.coefficients(dtype, device)
-        d3x = xafunc.xderiv(f, 3, argnums=1)
-        out["xafunc"] = lambda p, x: torch.einsum("oijk,ijk->o", d3x(p, x), C)
         for levels in itertools.product(("rev", "fwd"), repeat=3):
             d3 = _nested(f, levels)
             out[_nesting_name(levels)] = (
@@ -195,14 +206,27 @@ def make_step(case: TrainCase, strategy: str, api: str, dtype: torch.dtype = tor
     """``(step, grads)``: ``step()`` runs one forward + backward (transform called inline);
     ``grads()`` returns the parameter gradients of the last step, keyed by parameter name.
 
+    ``strategy`` is a name from :func:`strategies` (the residual function is built once, before
+    the first step) or ``"xafunc inline"``: xafunc's transform is built *inside* every step,
+    ``vmap(xlaplacian(u))(x)`` as torch.func users write ``vmap(hessian(u))(x)``; it then
+    relies on xafunc's own caching across transform objects.
+
     With ``compile_backend`` the loss (``backward``) or the gradient function (``func_grad``)
     goes through ``torch.compile(..., backend=compile_backend)``.
     """
     module = case.make_module(dtype, device)
     x = case.make_points(dtype, device, batch)
+
+    def residual(f: Fn2) -> Callable[[Any, Tensor], Tensor]:
+        """The batched residual: built once, or (``"xafunc inline"``) on every call."""
+        if strategy == INLINE:
+            return lambda p, z: tf.vmap(xafunc_residual(case, f, dtype, device),
+                                        in_dims=(None, 0))(p, z)
+        return tf.vmap(strategies(case, f, dtype, device)[strategy], in_dims=(None, 0))
+
     if api == "backward":
         fn2: Fn2 = lambda p, z: module(z)  # noqa: E731
-        res = tf.vmap(strategies(case, fn2, dtype, device)[strategy], in_dims=(None, 0))
+        res = residual(fn2)
 
         def loss() -> Tensor:
             return res({}, x).pow(2).mean()
@@ -224,7 +248,7 @@ def make_step(case: TrainCase, strategy: str, api: str, dtype: torch.dtype = tor
         return step, grads
     if api == "func_grad":
         fn2 = lambda p, z: tf.functional_call(module, p, (z,))  # noqa: E731
-        res = tf.vmap(strategies(case, fn2, dtype, device)[strategy], in_dims=(None, 0))
+        res = residual(fn2)
         g = tf.grad(lambda p: res(p, x).pow(2).mean())
         gc = torch.compile(g, backend=compile_backend) if compile_backend else g
         p0 = {k: v.detach() for k, v in module.named_parameters()}
