@@ -8,7 +8,10 @@ Three things are generated at build time, never by hand, into git-ignored folder
 * ``api/generated/``: the API reference, one autosummary entry per name in ``xafunc.__all__``
   (a new public name appears without editing any page);
 * ``_generated/bench_speedup.png`` and ``_generated/bench_table.rst``: the benchmark plot and
-  table, from the measured JSON in ``_static/`` (see ``make_bench_plot.py``).
+  table, from the measured JSON in ``_static/`` (see ``make_bench_plot.py``);
+* ``_generated/pinn_loss.png`` and ``_generated/pinn_solution.png``: the PINN tutorial's loss
+  curve and solution, from a real training run of ``tutorials/pinn_poisson.py`` (about 5-10 s
+  on one core; skipped while the plots are newer than the script and the package).
 
 Intersphinx (torch, opt_einsum, Python) is used only for the inventories that can be reached
 (or are cached under ``docs/_intersphinx/<name>.inv``), so an offline ``-W`` build passes.
@@ -25,6 +28,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # document the xafunc of this checkout
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "tutorials"))  # the tutorials' scripts, for doctests
 
 import xafunc  # noqa: E402
 
@@ -156,5 +160,25 @@ def _bench_plot() -> None:
     ])
 
 
+def _newest_mtime(folder: str) -> float:
+    return max(os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(folder)
+               for f in fs if f.endswith(".py"))
+
+
+def _pinn_plots() -> None:
+    """Train the tutorial's PINN and plot it, unless the plots are newer than its sources."""
+    out = os.path.join(HERE, "_generated")
+    plots = [os.path.join(out, n) for n in ("pinn_loss.png", "pinn_solution.png")]
+    script = os.path.join(HERE, "tutorials", "pinn_poisson.py")
+    sources = max(os.path.getmtime(script), _newest_mtime(os.path.dirname(xafunc.__file__)))
+    if all(os.path.exists(p) and os.path.getmtime(p) > sources for p in plots):
+        return
+    import pinn_poisson
+
+    print("[xafunc docs] training the tutorial PINN for its plots")
+    pinn_poisson.main(["--out", out])
+
+
 _api_listing()
 _bench_plot()
+_pinn_plots()

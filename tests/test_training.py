@@ -1,0 +1,267 @@
+"""Training through xafunc transforms in one process: parameter gradients and torch.compile.
+
+* The parameter gradient of a PINN loss (Laplacian, biharmonic and third-derivative residuals
+  under ``vmap``) equals the one through nested torch.func, with ``loss.backward()`` on an
+  ``nn.Module`` and with ``torch.func.grad`` over ``functional_call`` parameters.
+* ``torch.compile(train_step)`` where ``train_step`` calls a transform runs, gives the eager
+  numbers step after step, and settles: after two warm-up steps, five more steps compile
+  nothing new (``error_on_recompile``, and dynamo's frame counter stands still).
+  The backend is ``aot_eager`` (dynamo + AOTAutograd, no code generation), which keeps the
+  test at seconds on a 2-core machine; with the default inductor backend the same step gave the
+  same numbers (to 3e-17) after a 90 s first compile.
+* The tutorial's training script (``docs/tutorials/pinn_poisson.py``) runs with few steps and
+  its loss falls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacfwd, vmap
+
+from tests._compare import assert_tree_close
+from tests._pinn import (
+    F64,
+    PINNLoss,
+    batch,
+    forcing,
+    functional_loss,
+    grads_of,
+    make_net,
+    params_of,
+)
+from xafunc import xbiharmonic, xderiv, xlaplacian
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL, ATOL = 1e-9, 1e-12
+
+
+# ------------------------------------------------------------- parameter gradients
+def _xafunc_residual(u: Callable[..., Tensor], operator: str, argnums: int
+                     ) -> Callable[..., Tensor]:
+    if operator == "laplacian":
+        return xlaplacian(u, argnums=argnums)
+    if operator == "biharmonic":
+        return xbiharmonic(u, argnums=argnums)
+    d3 = xderiv(u, 3, argnums=argnums)
+    return lambda *a: d3(*a)[..., 0, 0, 0] + d3(*a)[..., 1, 1, 1]
+
+
+def _oracle_residual(u: Callable[..., Tensor], operator: str, argnums: int
+                     ) -> Callable[..., Tensor]:
+    """Nested torch.func only: Hessian trace, trace of trace of D^4, or two entries of D^3."""
+    if operator == "laplacian":
+        h = torch.func.hessian(u, argnums)
+        return lambda *a: h(*a).diagonal(dim1=-2, dim2=-1).sum(-1)
+    if operator == "biharmonic":
+        d4 = jacfwd(jacfwd(torch.func.hessian(u, argnums), argnums), argnums)
+        return lambda *a: d4(*a).diagonal(dim1=-2, dim2=-1).sum(-1) \
+            .diagonal(dim1=-2, dim2=-1).sum(-1)
+    d3 = jacfwd(jacfwd(torch.func.jacrev(u, argnums), argnums), argnums)
+    return lambda *a: d3(*a)[..., 0, 0, 0] + d3(*a)[..., 1, 1, 1]
+
+
+@pytest.mark.parametrize("operator", ["laplacian", "biharmonic", "order3"])
+@pytest.mark.parametrize("how", ["backward", "func_grad"])
+def test_parameter_gradient_matches_torch_func(operator: str, how: str) -> None:
+    net = make_net(width=16)
+    x, _ = batch(0, n=6)
+
+    def loss_with(residual_of: Callable[..., Callable[..., Tensor]],
+                  params: dict[str, Tensor]) -> Tensor:
+        u = lambda p, xx: functional_call(net, p, (xx,))  # noqa: E731
+        r = vmap(residual_of(u, operator, 1), in_dims=(None, 0))(params, x)
+        return ((r - forcing(x)) ** 2).mean()
+
+    expected = grad(lambda p: loss_with(_oracle_residual, p))(params_of(net))
+    if how == "func_grad":
+        got = grad(lambda p: loss_with(_xafunc_residual, p))(params_of(net))
+    else:
+        d = _xafunc_residual(net, operator, 0)
+        ((vmap(d)(x) - forcing(x)) ** 2).mean().backward()
+        got = grads_of(net)
+    assert_tree_close(got, expected, rtol=RTOL, atol=ATOL)
+
+
+# -------------------------------------------------------------------- torch.compile
+def _frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def _run_compiled(make_step: Callable[[], tuple[Callable[..., Any], Callable[[], Any]]],
+                  steps_warm: int = 2, steps_steady: int = 5) -> None:
+    """Compile ``step`` (``aot_eager``), run it beside an eager twin, compare the state after
+    every step, and check that the steady steps compile nothing."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        step_c, state_c = make_step()
+        step_e, state_e = make_step()
+        compiled = torch.compile(step_c, backend="aot_eager")
+        frames_after_warmup = None
+        for i in range(steps_warm + steps_steady):
+            x, xb = batch(i)
+            if i < steps_warm:
+                out_c = compiled(x, xb)
+            else:
+                if frames_after_warmup is None:
+                    frames_after_warmup = _frames()
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    out_c = compiled(x, xb)
+            out_e = step_e(x, xb)
+            assert_tree_close(out_c, out_e, rtol=RTOL, atol=ATOL, msg=f"step {i} output")
+            assert_tree_close(state_c(), state_e(), rtol=RTOL, atol=ATOL,
+                              msg=f"step {i} parameters")
+        assert _frames() == frames_after_warmup, (
+            f"dynamo converted {_frames() - frames_after_warmup} more frames during the "
+            f"{steps_steady} steady steps")
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_backward_train_step_matches_eager() -> None:
+    """``torch.compile`` of a whole step: transform, ``loss.backward()``, ``opt.step()``."""
+    def make_step() -> tuple[Callable[..., Tensor], Callable[[], Any]]:
+        net = make_net()
+        model = PINNLoss(net, "laplacian", boundary=True)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05)
+
+        def train_step(x: Tensor, xb: Tensor) -> Tensor:
+            opt.zero_grad()
+            loss = model(x, xb)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return train_step, lambda: params_of(net)
+
+    _run_compiled(make_step)
+
+
+def test_compile_func_grad_train_step_matches_eager() -> None:
+    """``torch.compile`` of a functional step: ``torch.func.grad`` of the loss, then SGD."""
+    def make_step() -> tuple[Callable[..., dict[str, Tensor]], Callable[[], Any]]:
+        net = make_net()
+        loss_grad = grad(functional_loss(net, "laplacian", boundary=True))
+        state = {"p": params_of(net)}
+
+        def train_step(x: Tensor, xb: Tensor) -> dict[str, Tensor]:
+            g = loss_grad(state["p"], x, xb)
+            state["p"] = {k: v - 0.05 * g[k] for k, v in state["p"].items()}
+            return g
+
+        return train_step, lambda: state["p"]
+
+    _run_compiled(make_step)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "dynamo traces into xafunc's own Python on the first compiled call (capture, make_fx, "
+    "FX graph handling): 182 frames converted against 60 with the transform behind "
+    "torch.compiler.disable, and a first compile about 3x longer (9.6 s vs 3.6 s); the "
+    "transforms should be a clean graph break (or traceable)"))
+def test_compile_breaks_cleanly_around_transform() -> None:
+    """Compiling a step that calls the transform converts no more frames than compiling the
+    same step with the transform explicitly hidden behind ``torch.compiler.disable``."""
+    import torch._dynamo
+
+    def frames_for(hide: bool) -> int:
+        torch._dynamo.reset()
+        before = _frames()
+        net = make_net()
+        model = PINNLoss(net, "laplacian", boundary=True)
+        if hide:
+            model.residual = torch.compiler.disable(model.residual)
+
+        def train_step(x: Tensor, xb: Tensor) -> Tensor:
+            loss = model(x, xb)
+            loss.backward()
+            return loss.detach()
+
+        step = torch.compile(train_step, backend="aot_eager")
+        for i in range(2):
+            step(*batch(i))
+        return _frames() - before
+
+    try:
+        hidden = frames_for(hide=True)
+        raw = frames_for(hide=False)
+    finally:
+        torch._dynamo.reset()
+    assert raw <= hidden + 5, (
+        f"dynamo converted {raw} frames with the transform inline, {hidden} with it behind "
+        "torch.compiler.disable")
+
+
+# ------------------------------------------------------------------ the tutorial script
+def _load_tutorial() -> Any:
+    path = os.path.join(ROOT, "docs", "tutorials", "pinn_poisson.py")
+    spec = importlib.util.spec_from_file_location("pinn_poisson", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pinn_tutorial_script_trains() -> None:
+    """The tutorial's code, with few steps: the loss falls and the result is well formed."""
+    tut = _load_tutorial()
+    t0 = time.perf_counter()
+    result = tut.train(steps=60, seed=0)
+    elapsed = time.perf_counter() - t0
+    losses = result["loss"]
+    assert len(losses) == 60 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    # the residual the tutorial trains on is the exact Laplacian: check it at a few points
+    net: nn.Module = result["model"]
+    x = torch.rand(5, 2, dtype=F64)
+    h = vmap(torch.func.hessian(net))(x)  # (5, 1, 2, 2)
+    assert_tree_close(tut.laplacian(net)(x), h.diagonal(dim1=-2, dim2=-1).sum(-1),
+                      rtol=RTOL, atol=ATOL)
+    assert elapsed < 60, f"60 tutorial steps took {elapsed:.0f} s"
+
+
+# ------------------------------------------------------- the training benchmark's strategies
+def _load_training_cases() -> Any:
+    path = os.path.join(ROOT, "asv_bench", "benchmarks", "training_cases.py")
+    spec = importlib.util.spec_from_file_location("_xafunc_bench_training_cases", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("operator", ["laplacian", "biharmonic", "order3"])
+def test_training_benchmark_strategies_compute_the_same_step(operator: str) -> None:
+    """``asv_bench/training_table.py`` compares equal work: on a small case every torch.func
+    strategy gives xafunc's residuals and parameter gradients, through both APIs."""
+    tc = _load_training_cases()
+    case = tc.TrainCase("tiny", operator, (3, 8, 8, 1), 3, 1.0, "")
+    module = case.make_module(F64)
+    x = case.make_points(F64)
+    found = tc.strategies(case, lambda p, z: module(z), F64, "cpu")
+    assert list(found)[0] == "xafunc" and len(found) >= 3
+    values = {k: vmap(f, in_dims=(None, 0))({}, x).detach() for k, f in found.items()}
+    for name, v in values.items():
+        assert_tree_close(v, values["xafunc"], rtol=RTOL, atol=ATOL, msg=name)
+    for api in tc.APIS:
+        grads = {}
+        for name in [*found, tc.INLINE]:
+            step, g = tc.make_step(case, name, api, F64)
+            step()
+            grads[name] = g()
+        for name, g in grads.items():
+            assert_tree_close(g, grads["xafunc"], rtol=RTOL, atol=ATOL, msg=f"{api} {name}")
