@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _validate as V
-from ._capture.cache import CACHE, Entry
+from ._capture.cache import CACHE, Entry, eager_under_compile, outside_compiler
 from ._capture.request import Request, Split, output_split, write_back
 from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
@@ -151,6 +151,11 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
                                  f"primals[{i}] has shape {tuple(p.shape)}; they must match.")
     assert K is not None
 
+    return outside_compiler(_jet_run, func, primals, series, K)
+
+
+def _jet_run(func: Callable[..., Any], primals: tuple[Tensor, ...],
+             series: Sequence[Sequence[Tensor | None]], K: int) -> tuple[Any, Any]:
     entry, lifted = CACHE.lookup(func, primals, {})
     key = Request("jet", K)
     plan = entry.plans.get(key)
@@ -284,6 +289,9 @@ class _Operator:
 
     # --------------------------------------------------------------------------- calls
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return outside_compiler(self.run, *args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         entry, lifted = CACHE.lookup(self.func, args, kwargs)
         plan = entry.plans.get(self.request)
         if plan is None:
@@ -489,6 +497,7 @@ def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, me
     return wrapper
 
 
+@eager_under_compile
 def xlaplacian(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
                method: str = "exact", num_samples: int | None = None,
                generator: torch.Generator | None = None,
@@ -538,6 +547,7 @@ def xlaplacian(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
                           distribution)
 
 
+@eager_under_compile
 def xbiharmonic(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
                 method: str = "exact", num_samples: int | None = None,
                 generator: torch.Generator | None = None,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _validate as V
-from ._capture.cache import CACHE
+from ._capture.cache import CACHE, eager_under_compile, outside_compiler
 from ._capture.request import Request
 from ._plan import Plan, build_plan
 from ._typing import Argnums, Func, Mode
@@ -38,6 +38,9 @@ class _Transform:
         return plan, lifted
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return outside_compiler(self.run, *args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
         plan, lifted = self.plan_for(args, kwargs)
         return plan.run(self.func, args, kwargs, lifted)
 
@@ -66,6 +69,7 @@ def _wrap(func: Func, call: Callable[..., Any]) -> Callable[..., Any]:
         return call
 
 
+@eager_under_compile
 def xderiv(
     func: Func,
     order: int,
@@ -111,6 +115,7 @@ def xderiv(
     return _wrap(func, t.__call__)
 
 
+@eager_under_compile
 def xjacobian(
     func: Func,
     argnums: Argnums = 0,
@@ -133,6 +138,7 @@ def xjacobian(
     return _wrap(func, t.__call__)
 
 
+@eager_under_compile
 def xhessian(
     func: Func,
     argnums: Argnums = 0,
@@ -155,6 +161,7 @@ def xhessian(
     return _wrap(func, t.__call__)
 
 
+@eager_under_compile
 def xderivs(
     func: Func,
     order: int,
@@ -181,6 +188,7 @@ def xderivs(
     return _wrap(func, t.__call__)
 
 
+@eager_under_compile
 def plan(
     func: Func,
     order: int,

@@ -25,6 +25,7 @@ as torch.compile's recompile warning does. :func:`cache_info` reads the counters
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import types
@@ -91,7 +92,7 @@ def identity(func: Any) -> Any:
             return func.__code__
         if t is types.MethodType:
             func = func.__func__
-        elif isinstance(func, __import__("functools").partial):
+        elif isinstance(func, functools.partial):
             func = func.func
         else:
             return func
@@ -260,6 +261,34 @@ def _prune_lifted(cap: Captured, n_lifted: int) -> list[int]:
 
 
 CACHE = CaptureCache()
+
+
+_EAGER: Any = None
+
+
+def eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a public transform so that torch.compile treats building and calling it as
+    one graph break (see :func:`outside_compiler`)."""
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        return outside_compiler(fn, *args, **kwargs)
+
+    return inner
+
+
+def outside_compiler(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; when torch.compile is tracing the caller, through
+    ``torch._dynamo.disable`` so that the transform is one clean graph break, run eagerly
+    (dynamo would otherwise trace into the capture machinery)."""
+    if not torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
+    global _EAGER
+    if _EAGER is None:
+        from torch._dynamo import disable
+
+        _EAGER = disable(lambda f, *a, **k: f(*a, **k))
+    return _EAGER(fn, *args, **kwargs)
 
 
 def cache_info() -> CacheInfo:
