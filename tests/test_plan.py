@@ -43,6 +43,7 @@ def test_plan_records_request(order, mode):
     assert p.result_numel == 2 * 5**order
     assert len(p.schedule) == order
     assert f"order {order}" in str(p)
+    assert p.strategy == ("reference" if mode == "reference" else "engine")
     if mode == "forward":
         assert tuple(p.schedule) == ("fwd",) * order
     if mode == "reverse":
@@ -72,6 +73,8 @@ def test_plan_for_uncapturable_function_is_consistent():
 
     p = xafunc.plan(branchy, 3)(X)
     check_consistent(p)
+    assert p.strategy == "reference" and p.fallback.startswith("capture failed")
+    assert p.out_numel is None and "m = ?" in str(p)
 
 
 def test_plan_has_aux_dict_params_and_transform_name():
@@ -83,6 +86,7 @@ def test_plan_has_aux_dict_params_and_transform_name():
 
     p = xafunc.plan(f, 2, argnums=0, has_aux=True)(params, X)
     check_consistent(p)
+    assert p.strategy == "engine" and p.transform == "plan"
     assert p.in_numel == 8 and p.out_numel == 1 and p.result_numel == 64
 
 
@@ -99,4 +103,8 @@ def test_plan_does_not_mutate_or_differentiate(mode):
     p = xafunc.plan(f, 3, mode=mode)(x)
     assert_tree_equal(x, before)
     check_consistent(p)
-    assert len(calls) <= 2, "plan should trace func at most once (plus one probing call)"
+    assert len(calls) <= 1, "plan traces func at most once and runs nothing"
+    # ``calls`` is state ``f`` reads and changes: a graph could not repeat that
+    assert p.strategy == "reference"
+    if mode == "auto":
+        assert "changes Python state it reads" in p.fallback
