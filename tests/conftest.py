@@ -33,6 +33,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _engine_must_run(request: pytest.FixtureRequest):
+    """Every test runs under ``xafunc.strict()``: a request falling back to nested torch.func
+    raises, so each numeric test proves the engine ran. Tests of requests meant to fall back
+    are marked ``@pytest.mark.fallback`` and assert the plan's strategy and reason instead."""
+    import xafunc
+
+    with xafunc.strict(request.node.get_closest_marker("fallback") is None):
+        yield
+
+
 try:  # hypothesis is a test dependency, but keep collection working without it
     from hypothesis import settings
 

@@ -244,11 +244,19 @@ UNCAPTURABLE = {
 }
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("fname", list(UNCAPTURABLE))
 def test_uncapturable_functions_give_right_numbers(fname, order, mode):
     f = UNCAPTURABLE[fname]
+    plan = xafunc.plan(f, order, mode=mode)(torch.tensor([0.3, 0.5, -0.1], dtype=F64))
+    if fname == "inplace_intermediate":  # in-place ops on intermediates are functionalized
+        assert plan.strategy == ("reference" if mode == "reference" else "engine")
+    else:  # Python decides from tensor values: nothing sound to capture
+        assert plan.strategy == "reference"
+        if mode != "reference":
+            assert "DataDependent" in plan.fallback
     g = xderiv(f, order, mode=mode)  # one transform, reused: a cached plan must not go stale
     for x in (torch.tensor([0.3, 0.5, -0.1], dtype=F64),
               torch.tensor([-0.3, -0.5, 0.1], dtype=F64),   # other branch, same signature

@@ -109,6 +109,7 @@ STOP_GRADIENTS = {
 }
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("name", list(STOP_GRADIENTS))
 def test_stop_gradients_match_nested_jacrev(name, order):
@@ -132,6 +133,7 @@ def test_stop_gradients_match_nested_jacrev(name, order):
         assert_tree_close(xderiv(f, order, mode=mode)(x), expected, msg=mode)
 
 
+@pytest.mark.fallback
 @pytest.mark.parametrize("name", ["detach", "no_grad", "set_grad_enabled", "ste", "clip"])
 def test_stop_gradients_in_taylor_transforms(name):
     f, _ = STOP_GRADIENTS[name]
@@ -148,6 +150,7 @@ def test_stop_gradients_in_taylor_transforms(name):
     assert_tree_close(d1, reference_deriv(f, 1)(x) @ v)
 
 
+@pytest.mark.fallback
 def test_inference_mode_is_refused_as_torch_func_refuses_it():
     def f(x):
         with torch.inference_mode():
@@ -162,6 +165,7 @@ def test_inference_mode_is_refused_as_torch_func_refuses_it():
         xderiv(f, 1)(x)
 
 
+@pytest.mark.fallback
 def test_strict_mode_raises_on_fallback():
     f = STOP_GRADIENTS["ste"][0]
     with xafunc.strict(), pytest.raises(xafunc.FallbackError, match="autograd.Function _STE"):
@@ -235,6 +239,7 @@ def test_planning_consumes_no_random_numbers():
     assert_tree_equal(after, torch.rand(4))
 
 
+@pytest.mark.fallback
 def test_python_randomness_falls_back():
     import random
 
@@ -252,19 +257,28 @@ def _layer_norm(x, eps=1e-5):
     return (x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)
 
 
+@pytest.mark.fallback
 def test_fallback_is_right_where_torch_nested_derivatives_are_wrong():
-    """``maximum`` has no Taylor rule, so this falls back; the reference differentiates the
-    captured (decomposed) graph, not torch's layer_norm kernel whose third derivative is
+    """``logcumsumexp`` has no Taylor rule, so this falls back; the reference differentiates
+    the captured (decomposed) graph, not torch's layer_norm kernel whose third derivative is
     wrong. The oracle is the formula (NOTE [Oracle for the norms] in test_operators)."""
-    f = lambda x: torch.maximum(F.layer_norm(x, (5,)), torch.tensor(-5.0, dtype=F64)).sin()  # noqa: E731
-    oracle = lambda x: torch.maximum(_layer_norm(x), torch.tensor(-5.0, dtype=F64)).sin()  # noqa: E731
+    f = lambda x: torch.logcumsumexp(F.layer_norm(x, (5,)), 0).sin()  # noqa: E731
+    oracle = lambda x: torch.logcumsumexp(_layer_norm(x), 0).sin()  # noqa: E731
     x = _x(5)
     plan = xafunc.plan(f, 3)(x)
-    assert plan.strategy == "reference" and "maximum" in plan.fallback
+    assert plan.strategy == "reference" and "logcumsumexp" in plan.fallback
     assert "captured" in plan.details[0]
-    assert_tree_close(xderiv(f, 3)(x), reference_deriv(oracle, 3)(x))
+    expected = reference_deriv(oracle, 3)(x)
+    assert_tree_close(xderiv(f, 3)(x), expected)
+    assert_tree_close(xderiv(f, 3, mode="reference")(x), expected)
+    # the engine where it has every rule: maximum(layer_norm(x), -5)
+    g = lambda x: torch.maximum(F.layer_norm(x, (5,)), torch.tensor(-0.2, dtype=F64)).sin()  # noqa: E731
+    g_oracle = lambda x: torch.maximum(_layer_norm(x), torch.tensor(-0.2, dtype=F64)).sin()  # noqa: E731
+    with xafunc.strict():
+        assert_tree_close(xderiv(g, 3)(x), reference_deriv(g_oracle, 3)(x))
 
 
+@pytest.mark.fallback
 def test_uncapturable_function_reference_decomposes_the_norms():
     def f(x):
         if x.sum() > 0:  # data-dependent control flow: nothing to capture
@@ -279,6 +293,7 @@ def test_uncapturable_function_reference_decomposes_the_norms():
     assert_tree_close(xderiv(f, 3)(x), reference_deriv(oracle, 3)(x))
 
 
+@pytest.mark.fallback
 def test_reference_never_picks_a_nesting_that_raises():
     """``cdist`` has no forward-mode formula: a wide first-order Jacobian would pick jacfwd."""
     y = _x(4).reshape(2, 2)

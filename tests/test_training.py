@@ -151,6 +151,9 @@ def test_compile_backward_train_step_matches_eager() -> None:
     _run_compiled(make_step)
 
 
+# dynamo traces torch.func.grad's body itself, where a graph break is impossible: the
+# transform then runs inside dynamo's own functorch tracing and falls back to the reference
+@pytest.mark.fallback
 def test_compile_func_grad_train_step_matches_eager() -> None:
     """``torch.compile`` of a functional step: ``torch.func.grad`` of the loss, then SGD."""
     def make_step() -> tuple[Callable[..., dict[str, Tensor]], Callable[[], Any]]:

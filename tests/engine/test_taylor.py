@@ -133,6 +133,7 @@ def test_jet_pytree_output_zero_terms_and_orders():
                 _close(ser["b"][1][k], torch.zeros(2, 2, dtype=DT))
 
 
+@pytest.mark.fallback
 def test_jet_fallback_data_dependent_control_flow():
     def f(x):
         if x.sum() > 0:  # not capturable: nested jvp fallback
@@ -140,6 +141,8 @@ def test_jet_fallback_data_dependent_control_flow():
         return x.cos()
 
     x, v = torch.rand(3, dtype=DT), torch.randn(3, dtype=DT)
+    with xafunc.strict(), pytest.raises(xafunc.FallbackError, match="jet: .*DataDependent"):
+        jet(f, (x,), ((v, None, None),))
     y, ser = jet(f, (x,), ((v, None, None),))
     for k in range(1, 4):
         _close(ser[k - 1], _nested_jvp(torch.sin, x, v, k))
@@ -241,11 +244,14 @@ def test_laplacian_plain_vmap_tuple_argnums_and_other_ops():
            torch.stack([_hess_trace(lambda x: f(x, y), x) for x in xs]))
 
 
+@pytest.mark.fallback
 def test_laplacian_fallback_path():
     def f(x):
         return x.sin().sum() if x.sum() > 0 else x.cos().sum()
 
     x = torch.rand(4, dtype=DT)
+    with xafunc.strict(), pytest.raises(xafunc.FallbackError, match="xlaplacian: .*capture"):
+        xlaplacian(f)(x)
     _close(xlaplacian(f)(x), -x.sin().sum())
 
 
@@ -327,16 +333,20 @@ def test_biharmonic_vmap_functional_call_and_grad():
         _close(g[k], g_ref[k], rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.fallback
 def test_biharmonic_other_ops_and_fallback():
     def f(x):
         return torch.stack([F.silu(x).prod(), torch.softmax(x, 0)[0], (x.sin() / (2 + x)).sum()])
 
     x = torch.randn(3, dtype=DT)
-    _close(xbiharmonic(f)(x), _biharmonic_ref(f, x))
+    with xafunc.strict():
+        _close(xbiharmonic(f)(x), _biharmonic_ref(f, x))
 
     def g(x):
         return (x ** 3).sum() * x[0] if x.sum() > -10 else x.sum()
 
+    with xafunc.strict(), pytest.raises(xafunc.FallbackError, match="xbiharmonic: .*capture"):
+        xbiharmonic(g)(x)
     _close(xbiharmonic(g)(x), _biharmonic_ref(lambda x: (x ** 3).sum() * x[0], x))
 
 

@@ -256,7 +256,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
     meta: dict[str, Any] = {}
     _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
-        with preserved_rng(), _clear_functorch(), \
+        with preserved_rng(), _clear_functorch(), torch.inference_mode(False), \
                 torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
             stand = [_stand_in(t) for t in [*arg_tensors, *lifted]]
 
@@ -459,7 +459,9 @@ def trace(fn: Any, examples: list[Any]) -> GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
-        with _clear_functorch():  # the examples are plain: transforms around us do not apply
+        # the examples are plain: transforms around us, and the caller's inference mode, do
+        # not apply
+        with _clear_functorch(), torch.inference_mode(False):
             fakes = [torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
                      if isinstance(e, (Tensor, TensorMeta)) else e for e in examples]
             g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
