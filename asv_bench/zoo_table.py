@@ -509,7 +509,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     s["param_hessian_vs_hessian"] = ph[0]["ratio_vs_hessian"] if ph else None
     spread = {}
     for r in records:
-        if r["group"] == "mlp" and r.get("xafunc_ms"):
+        # per-sample under vmap is batch times the work: not comparable with the others
+        if r["group"] == "mlp" and r.get("xafunc_ms") and r["formulation"] != "vmap":
             spread.setdefault(r["mlp_request"], {})[r["formulation"]] = r["xafunc_ms"]
     s["formulation_spread"] = {
         req: {"min_ms": min(v.values()), "max_ms": max(v.values()),
@@ -527,7 +528,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    return "-" if x is None else (f"{x:.2f}" if x >= 0.1 else f"{x:.3f}")
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -540,10 +541,11 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _plan_cell(r: dict[str, Any]) -> str:
+    """The plan in one short cell (the fallback's full reason is listed below the table)."""
     s = r["plan_short"]
     if r.get("fallback"):
-        s += ": " + r["fallback"].splitlines()[0][:50]
-    return s
+        s += ": " + r["fallback"].splitlines()[0]
+    return s if len(s) <= 48 else s[:47] + "~"
 
 
 def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bool) -> None:
@@ -593,7 +595,8 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
         print("  peak above the best nesting's: " + ", ".join(summary["peak_above_best"]))
 
     if summary["formulation_spread"]:
-        print("\nSpread of xafunc's time across MLP formulations (max / min, target <= 1.3):")
+        print("\nSpread of xafunc's time across MLP formulations (max / min, target <= 1.3; "
+              "vmap excluded, it does batch times the work):")
         for req, s in summary["formulation_spread"].items():
             print(f"  {req:10s} {s['spread']:7.2f}x  fastest {s['fastest']} "
                   f"{_fmt_ms(s['min_ms'])} ms, slowest {s['slowest']} {_fmt_ms(s['max_ms'])} ms"
