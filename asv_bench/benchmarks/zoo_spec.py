@@ -96,7 +96,8 @@ def anchors() -> dict[str, dict[str, Any]]:
         base = {"model": "mlp", "request": "deriv", "order": spec["order"],
                 "widths": spec["widths"], "title": spec["title"]}
         out[mlp_anchor(req, "mv")] = {**base, "batch": None}
-        out[mlp_anchor(req, "vmap")] = {**base, "batch": spec["vmap_batch"]}
+        out[mlp_anchor(req, "vmap")] = {**base, "batch": spec["vmap_batch"],
+                                         "title": spec["title"] + " (vmap)"}
     for name, spec in MODELS.items():
         out[name] = {"model": name, "batch": None, **spec}
     return out
