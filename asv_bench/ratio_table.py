@@ -33,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -117,13 +118,43 @@ def _number(opts: argparse.Namespace, runner: Runner, fn: Callable[..., Any], ar
     return max(1, min(1000, math.ceil(target / max(seconds, 1e-9))))
 
 
+#: Lines the profiler writes straight to file descriptor 2 on every start and stop (kineto's
+#: USDT probes) and for memory freed that was allocated before it started (harmless here: such
+#: frees only lower the running total, which starts at zero): noise between the table's rows.
+PROFILER_NOISE = ("USDT:", "allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Run the body with file descriptor 2 captured; afterwards write back every captured
+    line but the profiler's known noise (:data:`PROFILER_NOISE`), so real errors and
+    warnings still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(n in line for n in PROFILER_NOISE):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 def cpu_peak_bytes(fn: Callable[..., Any], args: tuple) -> int:
     """Peak bytes one call of ``fn(*args)`` holds at once on CPU, from the profiler's memory
     events: each op's own allocations and frees (net of its children's) in time order, and
-    the allocations outside ops. The result counts; memory held before the call does not."""
+    the allocations outside ops. The result counts; memory held before the call does not.
+    The profiler's own chatter on stderr is filtered out (:func:`quiet_profiler`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU],
+                                   profile_memory=True) as prof:
         out = fn(*args)
         del out
     points = []
