@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from .decompositions import decomposition_table
+from .decompositions import capture_overrides, decomposition_table
 
 
 def _leaf_key(leaf: Any) -> Hashable:
@@ -118,8 +118,9 @@ def trace(fn: Any, examples: list[Any]) -> torch.fx.GraphModule:
         for e in examples
     ]
     try:
-        g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
-                     _allow_non_fake_inputs=True)(*fakes)
+        with capture_overrides():
+            g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
+                         _allow_non_fake_inputs=True)(*fakes)
         g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
                      _allow_non_fake_inputs=True)(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
