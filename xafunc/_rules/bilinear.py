@@ -368,3 +368,53 @@ def _convolution(
         coeffs.append(c)
     return Series(y0, coeffs)
 
+
+@register(aten.convolution_backward)
+def _convolution_backward(
+    grad: Any, x: Any, w: Any, bias_sizes: Any, stride: Any, padding: Any, dilation: Any,
+    transposed: bool, output_padding: Any, groups: int, output_mask: Any,
+) -> tuple[Any, Any, Any]:
+    """The reverse levels' convolution backward: ``grad_input`` is bilinear in (grad, weight),
+    ``grad_weight`` in (grad, input), ``grad_bias`` linear in grad (Leibniz rule for each,
+    every product one vmapped ``convolution_backward`` over the direction dim)."""
+    conf = (stride, padding, dilation, transposed, output_padding, groups)
+    g0, x0, w0 = primal(grad), primal(x), primal(w)
+    outs0 = aten.convolution_backward(g0, x0, w0, bias_sizes, *conf, output_mask)
+
+    def part(i: int, gp: Tensor, other: Tensor) -> Tensor:
+        """Output ``i`` for the gradient ``gp`` and the other operand (weight for the input's
+        gradient, input for the weight's), either possibly with a direction dim."""
+        mask = [j == i for j in range(3)]
+        gb, ob = gp.dim() > g0.dim(), other.dim() > (w0 if i == 0 else x0).dim()
+
+        def call(gg: Tensor, oo: Tensor) -> Tensor:
+            xx, ww = (x0, oo) if i == 0 else (oo, w0)
+            return aten.convolution_backward(gg, xx, ww, bias_sizes, *conf, mask)[i]
+
+        if not gb and not ob:
+            return call(gp, other)
+        return torch.vmap(call, in_dims=(0 if gb else None, 0 if ob else None))(gp, other)
+
+    results: list[Any] = []
+    for i, (other, sel) in enumerate(((w, output_mask[0]), (x, output_mask[1]),
+                                      (None, output_mask[2]))):
+        y0 = outs0[i]
+        if not sel or y0 is None:
+            results.append(y0)
+            continue
+        if i == 2:
+            if not isinstance(grad, Series):
+                results.append(y0)
+                continue
+            results.append(Series(y0, map_coeffs(materialize(grad), lambda c: torch.vmap(
+                lambda cc: aten.convolution_backward(cc, x0, w0, bias_sizes, *conf,
+                                                     [False, False, True])[2])(c))))
+            continue
+        if not (isinstance(grad, Series) or isinstance(other, Series)):
+            results.append(y0)
+            continue
+        K = _order(grad, other)
+        ga, ob = materialize(grad), materialize(other)
+        results.append(Series(y0, [cauchy(ga, ob, k, lambda p, q, i=i: part(i, p, q))
+                                   for k in range(1, K + 1)]))
+    return results[0], results[1], results[2]

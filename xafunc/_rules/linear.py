@@ -299,17 +299,19 @@ def _where(cond: Tensor, a: Any, b: Any) -> Series:
 
 
 # ------------------------------------------------------------------- generic vmap-batched ops
-def vmap_linear(op: Any, positions: Sequence[int] = (0,)) -> Callable[..., Any]:
+def vmap_linear(op: Any, positions: Sequence[int] = (0,), shape_only: Sequence[int] = ()
+                ) -> Callable[..., Any]:
     """Rule for ``op`` jointly linear in the tensor arguments at ``positions``.
 
     Coefficient ``k`` is ``op`` applied, under ``torch.vmap`` over the direction dim, to the
-    ``k``-th coefficients of those arguments (zero for constants there); other arguments must
-    be constants.
+    ``k``-th coefficients of those arguments (zero for constants there); the arguments at
+    ``shape_only`` are read for their shape alone (the ``self`` of ``avg_pool2d_backward``), so
+    their derivatives do not matter; other arguments must be constants.
     """
 
     def rule(*args: Any, **kwargs: Any) -> Series:
         for i, a in enumerate(args):
-            if isinstance(a, Series) and i not in positions:
+            if isinstance(a, Series) and i not in positions and i not in shape_only:
                 raise NotImplementedError(f"{op}: argument {i} may not carry derivatives")
         pargs = list(primals(args))
         y0 = op(*pargs, **kwargs)
@@ -372,6 +374,28 @@ for _op, _pos in (
     (aten.index_add, (0, 3)),
 ):
     register(_op)(vmap_linear(_op, _pos))
+
+# Backward operators of the reverse levels (jacrev of the captured graph), linear in the
+# incoming gradient; ``self`` only gives them the input's shape (``max_pool2d``'s uses the
+# saved indices, not the values).
+for _op in (aten.avg_pool2d_backward, aten.avg_pool3d_backward,
+            aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
+            aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward):
+    register(_op)(vmap_linear(_op, (0,), shape_only=(1,)))
+for _op in (aten.upsample_bilinear2d_backward, aten.upsample_nearest2d_backward,
+            aten.upsample_linear1d_backward, aten.upsample_nearest1d_backward,
+            aten.embedding_dense_backward):
+    register(_op)(vmap_linear(_op, (0,)))
+register(aten.scatter.src)(vmap_linear(aten.scatter.src, (0, 3)))
+
+
+@register(aten.scatter.value)
+def _scatter_value(x: Series, dim: int, index: Tensor, value: Any) -> Series:
+    # affine in ``self``: the scattered positions hold a constant
+    y0 = aten.scatter(x.primal, dim, index, value)
+    d = _shift(dim, x.primal.dim())
+    return Series(y0, map_coeffs(x, lambda c: aten.scatter(
+        c, d, index.unsqueeze(0).expand((c.shape[0],) + tuple(index.shape)), 0)))
 
 
 @register(aten.constant_pad_nd)

@@ -181,6 +181,28 @@ def _prod_all(x: Series, *, dtype: Any = None) -> Series:
     return _product(x, None, False)
 
 
+@register(aten.cumprod)
+def _cumprod(x: Series, dim: int, *, dtype: Any = None) -> Series:
+    """Running products along ``dim`` (one series product per entry: the polynomial itself,
+    exact also where entries are zero)."""
+    from .linear import _cat, _make_reshape_rule, _unbind
+
+    nd = x.primal.dim()
+    if nd == 0:
+        return x
+    d = dim % nd
+    unsq = _make_reshape_rule(aten.unsqueeze)
+    parts = _unbind(x, d)
+    acc = parts[0]
+    outs = [unsq(acc, d)]
+    for p in parts[1:]:
+        acc = mul_series(acc, p)
+        outs.append(unsq(acc, d))
+    out = _cat(outs, d)
+    y0 = torch.cumprod(x.primal, dim, dtype=dtype)
+    return Series(y0, [None if c is None else c.to(y0.dtype) for c in out.coeffs])
+
+
 @register(prims.prod)
 def _prims_prod(x: Series, dims: Any, *, output_dtype: Any = None) -> Series:
     acc = x
