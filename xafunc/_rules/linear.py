@@ -59,6 +59,14 @@ for _op in (
     register(_op)(_make_reshape_rule(_op))
 
 
+def _same_order(x: Series, y0: Tensor) -> Series:
+    """``x`` viewed with ``y0``'s shape, for a view that keeps the element order (the unit seed
+    stays a unit seed; other coefficients are reshaped)."""
+    shape = tuple(y0.shape)
+    return Series(y0, [c if c is None or isinstance(c, UnitSeed)
+                       else c.reshape((c.shape[0],) + shape) for c in x.coeffs])
+
+
 def _keeps_order(shape: Sequence[int], perm: Sequence[int]) -> bool:
     """Does permuting ``shape`` by ``perm`` keep the dims of size > 1 in their order? Then the
     permuted tensor has the same row-major element order, and a unit seed stays one."""
@@ -71,7 +79,7 @@ def _keeps_order(shape: Sequence[int], perm: Sequence[int]) -> bool:
 def _permute(x: Series, dims: Sequence[int]) -> Series:
     y0 = x.primal.permute(list(dims))
     if x.unit is not None and _keeps_order(x.primal.shape, dims):
-        return Series(y0, x.coeffs)
+        return _same_order(x, y0)
     x = materialize(x)
     nd = x.primal.dim()
     cdims = [0] + [_shift(d, nd) for d in dims]
@@ -87,7 +95,7 @@ def _transpose(x: Series, d0: int, d1: int) -> Series:
     if nd:
         perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
     if x.unit is not None and _keeps_order(x.primal.shape, perm):
-        return Series(y0, x.coeffs)
+        return _same_order(x, y0)
     x = materialize(x)
     a, b = _shift(d0, nd), _shift(d1, nd)
     return Series(y0, map_coeffs(x, lambda c: c.transpose(a, b)))
@@ -96,8 +104,10 @@ def _transpose(x: Series, d0: int, d1: int) -> Series:
 @register(aten.t, aten.t_copy)
 @unit_aware
 def _t(x: Series) -> Series:
-    if x.primal.dim() < 2 or (x.unit is not None and 1 in x.primal.shape):
-        return Series(x.primal.t(), x.coeffs)
+    if x.primal.dim() < 2:
+        return Series(x.primal, x.coeffs)
+    if x.unit is not None and 1 in x.primal.shape:
+        return _same_order(x, x.primal.t())
     x = materialize(x)
     return Series(x.primal.t(), map_coeffs(x, lambda c: c.transpose(1, 2)))
 
