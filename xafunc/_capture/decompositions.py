@@ -1,10 +1,218 @@
-"""The decomposition table capture traces with: composite operators into a small core set."""
+"""The decomposition table capture traces with: composite operators into a small core set.
+
+NOTE [What the table keeps and what it expands]
+PyTorch's ``core_aten_decompositions`` is written for compilers, not for Taylor propagation, and
+some of its entries are harmful here:
+
+* Matrix products must reach the engine as matrix products. The table turns ``mv`` into
+  ``(W * x).sum(1)`` (and ``dot``/``vdot`` likewise): propagated along ``B`` directions the
+  broadcast product materialises a ``(B, m, n)`` tensor per coefficient where a GEMM gives
+  ``(B, m)``, 50-80x slower for ``torch.tanh(W @ x + b)`` than for ``F.linear``. ``mv``,
+  ``dot``, ``vdot``, ``addr`` and ``baddbmm`` are therefore popped and have native rules in
+  :mod:`xafunc._rules.bilinear`, as ``mm``, ``addmm``, ``bmm`` and ``addmv`` (never in the
+  table) do. ``matmul``, ``einsum``, ``tensordot``, ``linear`` and ``inner`` stay: they expand
+  into those products plus views. ``outer``/``ger`` are composite in C++ and expand to a
+  broadcast multiply, which costs exactly the product's ``m * n`` multiplies.
+* ``hardswish``/``hardsigmoid`` are decomposed by torch into clamps whose kinks (inclusive)
+  differ from torch's own backward formulas, and ``elu``/``celu``/``selu`` into a ``where``
+  whose higher derivatives at 0 differ from ``elu_double_backward``; they get decompositions
+  that reproduce torch's formulas at every order (:func:`_hardswish`, :func:`_hardsigmoid`,
+  :func:`_elu`).
+* The recurrent cells (``rnn_tanh_cell``, ``rnn_relu_cell``, ``gru_cell``, ``lstm_cell``) are
+  composite in C++ and update a product of the (constant) hidden-state weights *in place* with
+  a traced tensor (``linear(hx, w_hh, b_hh).add_(linear(input, w_ih, b_ih))``); functionalize
+  then asserts ("mutating a non-functional tensor with a functional tensor"). They are
+  replaced by the same formulas written without in-place operators.
+* ``cdist`` picks between a matrix-product formula and ``_cdist_forward``, neither of which can
+  be differentiated beyond first order by torch (``_cdist_backward`` has no derivative). Both
+  are replaced by differences and norms with torch's first-order convention at coincident
+  points (zero derivative where the distance is zero).
+* ``rrelu`` in eval mode is ``leaky_relu`` with slope ``(lower + upper) / 2``
+  (``rrelu_with_noise_backward``); the C++ composite would route it through the mutating
+  ``rrelu_with_noise`` instead.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def _rnn_cell(nonlinearity: Any) -> Any:
+    def cell(input: Any, hx: Any, w_ih: Any, w_hh: Any, b_ih: Any = None, b_hh: Any = None
+             ) -> Any:
+        return nonlinearity(F.linear(hx, w_hh, b_hh) + F.linear(input, w_ih, b_ih))
+
+    return cell
+
+
+def _gru_cell(input: Any, hx: Any, w_ih: Any, w_hh: Any, b_ih: Any = None, b_hh: Any = None
+              ) -> Any:
+    # aten/src/ATen/native/RNN.cpp, GRUCell (CPU path)
+    ir, iz, in_ = F.linear(input, w_ih, b_ih).chunk(3, 1)
+    hr, hz, hn = F.linear(hx, w_hh, b_hh).chunk(3, 1)
+    reset = torch.sigmoid(hr + ir)
+    update = torch.sigmoid(hz + iz)
+    new = torch.tanh(in_ + hn * reset)
+    return (hx - new) * update + new
+
+
+def _lstm_cell(input: Any, hx: Any, w_ih: Any, w_hh: Any, b_ih: Any = None, b_hh: Any = None
+               ) -> Any:
+    # aten/src/ATen/native/RNN.cpp, LSTMCell (CPU path)
+    h, c = hx[0], hx[1]
+    gates = F.linear(h, w_hh, b_hh) + F.linear(input, w_ih, b_ih)
+    i, f, g, o = gates.chunk(4, 1)
+    cy = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    hy = torch.sigmoid(o) * torch.tanh(cy)
+    return hy, cy
+
+
+def _rrelu_with_noise(x: Any, noise: Any, lower: float = 0.125, upper: float = 1.0 / 3.0,
+                     training: bool = False, generator: Any = None) -> Any:
+    if training:  # a random slope per entry: traced as it is (the noise is drawn per call)
+        return NotImplemented
+    # eval: leaky_relu with the mean slope, and ``noise`` is not touched (rrelu_with_noise)
+    return torch.ops.aten.leaky_relu(x, (lower + upper) / 2)
+
+
+def _hardsigmoid(x: Any) -> Any:
+    """hardsigmoid_backward: slope 1/6 on the open interval ``-3 < x < 3`` only (derivatives.
+    yaml); every higher derivative zero. Values as the kernel, ``(x + 3) / 6`` inside."""
+    inside = (x > -3) & (x < 3)
+    return torch.where(inside, (x + 3) / 6, (x >= 3).to(x.dtype))
+
+
+def _hardswish(x: Any) -> Any:
+    """hardswish_backward (the CPU kernel): ``0`` for ``x <= -3``, ``x / 3 + 1/2`` for
+    ``-3 < x < 3``, ``1`` from 3 on; its own derivative ``1/3`` on the open interval only
+    (derivatives.yaml). The middle piece is used on the open interval only."""
+    inside = (x > -3) & (x < 3)
+    return torch.where(inside, x * (x + 3) / 6, torch.where(x >= 3, x, 0.0))
+
+
+def _elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0) -> Any:
+    """elu_backward (``is_result=False``) takes the negative branch at ``x = 0``, slope
+    ``alpha * scale * input_scale``; its derivative (elu_double_backward) masks with
+    ``x < 0``, so every higher derivative is 0 there. At ``x = 0`` the value 0 is therefore
+    continued by that line (zero curvature)."""
+    negcoef = alpha * scale
+    zero = x == 0
+    neg = torch.where(zero, x * (negcoef * input_scale), torch.expm1(x * input_scale) * negcoef)
+    return torch.where(x > 0, x * scale, neg)
+
+
+def _celu(x: Any, alpha: float = 1.0) -> Any:
+    return _elu(x, alpha, 1.0, 1.0 / alpha)
+
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def _selu(x: Any) -> Any:
+    return _elu(x, _SELU_ALPHA, _SELU_SCALE)
+
+
+def _safe_root(s: Any, root: Any) -> Any:
+    """``root(s)`` for ``s >= 0`` with value and every derivative zero where ``s == 0``
+    (``_cdist_backward`` returns 0 for coincident points)."""
+    zero = s == 0
+    return torch.where(zero, 0.0, root(torch.where(zero, 1.0, s)))
+
+
+def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
+    """``cdist`` from the differences ``x1_i - x2_j``, with the first derivatives of
+    ``_cdist_backward`` (aten/src/ATen/native/cpu/DistanceOpsKernel.cpp) at coincident points
+    and ties: zero where the distance is zero; for ``p < 1`` zero where a coordinate
+    difference is zero; for ``p = inf`` every coordinate attaining the maximum gets its full
+    sign (not a share)."""
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    if p == 0:
+        return (diff != 0).to(x1.dtype).sum(-1)
+    if p == 1:
+        return diff.abs().sum(-1)
+    if p == 2:
+        return _safe_root((diff * diff).sum(-1), torch.sqrt)
+    a = diff.abs()
+    if math.isinf(p):
+        dist = a.amax(-1)
+        ties = (a == dist.unsqueeze(-1)).to(x1.dtype)
+        through = (a * ties).sum(-1)  # the derivative _cdist_backward takes at ties
+        return dist.detach() + (through - through.detach())
+    if p < 1:
+        zero = diff == 0
+        powed = torch.where(zero, 0.0, torch.where(zero, 1.0, a) ** p)
+    else:
+        powed = a**p
+    return _safe_root(powed.sum(-1), lambda s: s ** (1.0 / p))
+
+
+def _cdist_forward(x1: Any, x2: Any, p: float, compute_mode: Any = None) -> Any:
+    return _cdist_direct(x1, x2, p)
+
+
+def _euclidean_dist(x1: Any, x2: Any) -> Any:
+    """``cdist``'s matrix-product path (p = 2, more than 25 rows): ``|x1|^2 + |x2|^2 - 2 x1
+    x2^T`` clamped at 0, with a zero derivative where that is 0 (_euclidean_dist_backward
+    masks ``res == 0``)."""
+    sq = (x1 * x1).sum(-1, keepdim=True) + (x2 * x2).sum(-1).unsqueeze(-2) \
+        - 2 * (x1 @ x2.transpose(-1, -2))
+    nonpos = sq <= 0
+    return torch.where(nonpos, 0.0, torch.sqrt(torch.where(nonpos, 1.0, sq)))
+
+
+# NOTE [Recurrent cells at capture]
+# ``rnn_tanh_cell`` & co. and the whole-sequence ``rnn_tanh``/``gru``/``lstm`` are
+# CompositeImplicitAutograd: ``make_fx`` expands them in C++ before any decomposition table is
+# consulted (torch's own Python versions of the sequence ops, registered in the table and at
+# that dispatch key, only run under the Python dispatcher, which fake-mode ``make_fx`` does not
+# enable). Their C++ kernels update ``linear(hx, w_hh, b_hh)`` in place with the traced
+# ``linear(input, ...)``; when ``hx`` and the weights are constants of the trace (a closed-over
+# hidden state, a module's weights), functionalize then asserts ("mutating a non-functional
+# tensor with a functional tensor"). :func:`capture_overrides` is a ``TorchFunctionMode`` that
+# capture enters around tracing: it sends the cells to the formulas of RNN.cpp written without
+# in-place updates, and the sequence ops to torch's own decompositions of them
+# (torch/_decomp/decompositions.py). Nothing else is touched.
+_CELLS: dict[Any, Any] = {
+    torch.rnn_tanh_cell: _rnn_cell(torch.tanh),
+    torch.rnn_relu_cell: _rnn_cell(torch.relu),
+    torch.gru_cell: _gru_cell,
+    torch.lstm_cell: _lstm_cell,
+}
+# sequence op -> (overload of the padded-input form, of the packed form, position of the
+# argument that is a list only in the padded form)
+_SEQUENCES: dict[Any, tuple[str, int]] = {
+    torch.rnn_tanh: ("rnn_tanh", 2),
+    torch.rnn_relu: ("rnn_relu", 2),
+    torch.gru: ("gru", 2),
+    torch.lstm: ("lstm", 1),
+}
+
+
+def _sequence_impl(func: Any, args: Any) -> Any:
+    name, pos = _SEQUENCES[func]
+    packet = getattr(torch.ops.aten, name)
+    overload = packet.input if isinstance(args[pos], (list, tuple)) else packet.data
+    return decomposition_table().get(overload)
+
+
+class _CaptureOverrides(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        impl = _CELLS.get(func)
+        if impl is None and func in _SEQUENCES:
+            impl = _sequence_impl(func, args)
+        return (impl or func)(*args, **(kwargs or {}))
+
+
+def capture_overrides() -> TorchFunctionMode:
+    """The context tracing runs in (see NOTE [Recurrent cells at capture])."""
+    return _CaptureOverrides()
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -16,12 +224,12 @@ def _decompositions() -> dict[Any, Any]:
         aten._softmax, aten._log_softmax, aten.gelu, aten.silu, aten.softplus, aten.elu,
         aten.native_layer_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
         aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
-        aten.nll_loss_forward, aten.mse_loss, aten.logsumexp, aten.mish, aten.hardswish,
-        aten.hardsigmoid, aten.celu, aten.selu, aten.glu, aten.huber_loss, aten.smooth_l1_loss,
+        aten.nll_loss_forward, aten.mse_loss, aten.logsumexp, aten.mish,
+        aten.celu, aten.selu, aten.glu, aten.huber_loss, aten.smooth_l1_loss,
         aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.std,
         aten.linalg_vector_norm, aten.addcmul, aten.addcdiv, aten.lerp, aten.xlogy,
         aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
-        aten.native_group_norm, aten.rrelu_with_noise, aten.frac,
+        aten.native_group_norm, aten.frac,
     ]))
     # ``detach`` has a meaning (a zero-derivative rule) and random operators must run as eager
     # code runs them (see NOTE [Capture])
@@ -31,6 +239,21 @@ def _decompositions() -> dict[Any, Any]:
     for op in (aten.var.correction, aten.var_mean.correction, aten.prod.dim_int,
                aten.prod.default, aten.mean.dim, aten.mean.default, aten.sum.default):
         table.pop(op, None)
+    # matrix products and kinks with native rules: see NOTE [What the table keeps and what it
+    # expands]
+    for op in (aten.mv.default, aten.dot.default, aten.vdot.default, aten.addr.default,
+               aten.baddbmm.default):
+        table.pop(op, None)
+    table.update({
+        aten.hardswish.default: _hardswish,
+        aten.hardsigmoid.default: _hardsigmoid,
+        aten.elu.default: _elu,
+        aten.celu.default: _celu,
+        aten.selu.default: _selu,
+        aten.rrelu_with_noise.default: _rrelu_with_noise,
+        aten._cdist_forward.default: _cdist_forward,
+        aten._euclidean_dist.default: _euclidean_dist,
+    })
     return table
 
 

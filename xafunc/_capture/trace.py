@@ -54,7 +54,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .decompositions import decomposition_table
+from .decompositions import capture_overrides, decomposition_table
 
 aten = torch.ops.aten
 
@@ -283,8 +283,9 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
 
             from torch.fx.experimental.proxy_tensor import make_fx
 
-            g1 = make_fx(run, decomposition_table=decomposition_table(),
-                         tracing_mode="real")(*stand)
+            with capture_overrides():
+                g1 = make_fx(run, decomposition_table=decomposition_table(),
+                             tracing_mode="real")(*stand)
             g2 = make_fx(torch.func.functionalize(g1), tracing_mode="real")(*stand)
     except CaptureError as e:
         return Captured(reason=str(e))
@@ -464,8 +465,9 @@ def trace(fn: Any, examples: list[Any]) -> GraphModule:
         with _clear_functorch(), torch.inference_mode(False):
             fakes = [torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
                      if isinstance(e, (Tensor, TensorMeta)) else e for e in examples]
-            g1 = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="fake",
-                         _allow_non_fake_inputs=True)(*fakes)
+            with capture_overrides():
+                g1 = make_fx(fn, decomposition_table=decomposition_table(),
+                             tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
             g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
                          _allow_non_fake_inputs=True)(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"

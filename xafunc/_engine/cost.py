@@ -52,11 +52,96 @@ _LINEAR_FREE = {"view", "reshape", "_unsafe_view", "permute", "t", "transpose", 
                 "unsqueeze", "squeeze", "alias", "slice", "select", "split_with_sizes",
                 "clone", "detach", "getitem"}
 
+# Views that keep a first-order unit seed a unit seed (see ``UnitSeed`` and the
+# unit-aware rules of xafunc/_rules/linear.py): reshapes always, permutes and transposes when
+# they keep the dims of size > 1 in order.
+_SEED_RESHAPES = {"view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "alias", "clone",
+                  "lift_fresh_copy", "flatten"}
+_SEED_PERMUTES = {"permute", "transpose", "t"}
+
+# Matrix-product family: op name -> (index of the left operand, index of the right operand,
+# how the operands are viewed as matrices: "mm" as they are, "mv" right operand a column,
+# "dot" a row times a column, "outer" a column times a row), and whether an
+# ``alpha * product + beta * bias`` adds one more pass over the output.
+_PRODUCTS = {
+    "mm": (0, 1, "mm", False), "bmm": (0, 1, "mm", False),
+    "addmm": (1, 2, "mm", True), "baddbmm": (1, 2, "mm", True),
+    "mv": (0, 1, "mv", False), "addmv": (1, 2, "mv", True),
+    "dot": (0, 1, "dot", False), "vdot": (0, 1, "dot", False),
+    "outer": (0, 1, "outer", False), "addr": (1, 2, "outer", True),
+}
+
+
+def _val(a: Any) -> Tensor | None:
+    v = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+    return v if isinstance(v, Tensor) else None
+
+
+def _matrix_shapes(kind: str, a: Tensor, b: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if kind == "mv":
+        return tuple(a.shape), (int(b.shape[0]), 1)
+    if kind == "dot":
+        return (1, int(a.shape[0])), (int(b.shape[0]), 1)
+    if kind == "outer":
+        return (int(a.shape[0]), 1), (1, int(b.shape[0]))
+    return tuple(a.shape), tuple(b.shape)
+
+
+def _keeps_order(shape: tuple[int, ...], perm: list[int]) -> bool:
+    big = [d for d in perm if shape[d] != 1]
+    return big == sorted(big)
+
+
+def _seed_view(node: torch.fx.Node, name: str, seed_views: set[Any]) -> bool:
+    """Is ``node`` a view of a seed view that the rules keep a unit seed?"""
+    if not node.args or node.args[0] not in seed_views:
+        return False
+    if name in _SEED_RESHAPES:
+        return True
+    if name in _SEED_PERMUTES:
+        src = _val(node.args[0])
+        if src is None:
+            return False
+        nd = src.dim()
+        if name == "t":
+            perm = list(range(nd))[::-1]
+        elif name == "permute":
+            perm = [d % max(nd, 1) for d in node.args[1]]
+        else:
+            perm = list(range(nd))
+            if nd:
+                d0, d1 = node.args[1] % nd, node.args[2] % nd
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+        return _keeps_order(tuple(src.shape), perm)
+    return False
+
+
+def product_flops(node: torch.fx.Node, name: str, size: int) -> tuple[float, Any, Any, Any]:
+    """``(flops, left, right, matrix shapes)`` of a matrix-product family node: two FLOPs per
+    multiply-add, plus one pass over the output for ``addmm``-like ops."""
+    ia, ib, kind, affine = _PRODUCTS[name]
+    a, b = node.args[ia], node.args[ib]
+    av, bv = _val(a), _val(b)
+    if av is None or bv is None:
+        return float(size), a, b, None
+    sa, sb = _matrix_shapes(kind, av, bv)
+    f = 2.0 * size * sa[-1] if kind != "outer" else float(size)
+    if affine:
+        f += size
+    return f, a, b, (sa, sb)
+
 
 def graph_flops(gm: torch.fx.GraphModule) -> tuple[dict[Any, float], float]:
-    """Rough FLOPs of each node that depends on ``z`` (the first input), and those of matrix
-    products whose left operand is a view of ``z`` itself (free in first-order forward mode,
-    see ``_unit_product``)."""
+    """Rough FLOPs of each node that depends on ``z`` (the first input), and the part of them
+    that first-order forward mode does not spend.
+
+    Elementwise and reduction nodes cost their output size, view-like nodes nothing, and the
+    matrix-product family (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``mv``, ``addmv``, ``dot``,
+    ``vdot``, ``outer``, ``addr``, ``convolution``) its multiply-adds, whichever way the user
+    spelled the product (see NOTE [Matrix products] in xafunc/_rules/bilinear.py). A product
+    of a constant with a view of ``z`` that keeps the unit seed costs no product in
+    first-order forward mode (``_unit_product``): a row or column seed is a slice of the
+    constant (free), any other seed a scatter of its rows (one pass over the output)."""
     flops: dict[Any, float] = {}
     seed_free = 0.0
     tainted = set(tainted_nodes(gm))
@@ -70,18 +155,29 @@ def graph_flops(gm: torch.fx.GraphModule) -> tuple[dict[Any, float], float]:
         name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         size = numel(node.meta.get("val"))
         f = 0.0
-        if name in ("mm", "addmm", "bmm"):
-            a = node.args[1] if name == "addmm" else node.args[0]
-            av = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-            f = 2.0 * size * (av.shape[-1] if isinstance(av, Tensor) else 1)
-            if a in seed_views:
-                seed_free += f
+        if name in _PRODUCTS:
+            f, a, b, shapes = product_flops(node, name, size)
+            for s, other, left in ((a, b, True), (b, a, False)):
+                if s in seed_views and other not in tainted and shapes is not None:
+                    sa, sb = shapes
+                    seed = sa if left else sb
+                    y_batch = tuple(node.meta["val"].shape[:-2]) if name in (
+                        "mm", "bmm", "addmm", "baddbmm") else ()
+                    if len(seed) < 2 or tuple(seed[:-2]) != y_batch:
+                        continue
+                    slice_ = math.prod(seed[:-2]) == 1 and (seed[-2] if left else seed[-1]) == 1
+                    seed_free += f if slice_ else max(f - size, 0.0)
+                    break
         elif name == "convolution":
-            w = node.args[1].meta.get("val")
-            f = 2.0 * size * (math.prod(w.shape[1:]) if isinstance(w, Tensor) else 1)
+            xv, w = _val(node.args[0]), _val(node.args[1])
+            per = math.prod(w.shape[1:]) if w is not None else 1
+            transposed = bool(node.args[6]) if len(node.args) > 6 else False
+            if transposed and xv is not None:
+                f = 2.0 * numel(xv) * per  # each input entry scatters into out/groups * kernel
+            else:
+                f = 2.0 * size * per
         elif name in _LINEAR_FREE:
-            if name in ("view", "reshape", "_unsafe_view", "unsqueeze", "squeeze", "alias") \
-                    and node.args and node.args[0] in seed_views:
+            if _seed_view(node, name, seed_views):
                 seed_views.add(node)
         else:
             f = float(size)

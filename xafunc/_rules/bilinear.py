@@ -7,6 +7,7 @@ direction dimensions pair up elementwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from . import register
 from .series import (
     Coeff,
     Series,
+    UnitSeed,
     cauchy,
     compose_unary,
     lift,
@@ -93,44 +95,103 @@ def _reciprocal(b: Series) -> Series:
 
 
 # ----------------------------------------------------------------------- matrix products
-def _unit_product(a: Any, b: Any) -> Coeff:
+# NOTE [Matrix products]
+# Every spelling of a matrix product reaches the engine as one of ``mm``, ``addmm``, ``bmm``,
+# ``baddbmm``, ``mv``, ``addmv``, ``dot``, ``vdot``, ``addr`` (see NOTE [What the table keeps
+# and what it expands] in xafunc/_capture/decompositions.py). Each rule views its operands as
+# (batched) matrices -- a vector ``x`` of ``mv`` is the column ``(k, 1)``, the operands of
+# ``dot`` a row and a column, those of ``addr`` a column and a row -- and runs
+# :func:`_matmul_series`: one GEMM over all directions and coefficients when one operand is a
+# constant, the Cauchy product of GEMMs when both carry series, and no product at all for a
+# first-order unit seed (:func:`_unit_product`).
+
+
+def _as_series_shape(x: Any, shape: tuple[int, ...]) -> Any:
+    """``x`` reshaped to ``shape`` (a Series keeps its unit seed: reshapes preserve it)."""
+    if not isinstance(x, Series):
+        return x.reshape(shape)
+    coeffs = [c if c is None or isinstance(c, UnitSeed) else c.reshape((c.shape[0],) + shape)
+              for c in x.coeffs]
+    return Series(x.primal.reshape(shape), coeffs)
+
+
+def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
     """First-order coefficient of ``a @ b`` when one side is a unit-vector seed.
 
-    A seed ``e_j`` reshaped to a row ``(1, n)`` times a constant ``b`` is row ``j`` of ``b``;
-    a column seed ``(n, 1)`` after a constant ``a`` is column ``j`` of ``a``. This skips
-    multiplying by an identity matrix for Jacobians of functions that start with a linear layer.
+    The seed ``c_1[t] = e_{offset + t}`` reshaped to a left operand ``(*batch, r, k)``: the
+    product ``e_j @ b`` is zero except row ``i`` of batch ``beta`` (``j = (beta, i, l)``), which is
+    row ``l`` of ``b``. For a right operand ``(*batch, k, n)`` (``j = (beta, l, q)``) it is column
+    ``q``, equal to column ``l`` of ``a``. When the seed's non-contracted dims are all 1 (a
+    row/column seed) these are plain slices of the constant; otherwise a scatter of those
+    rows into zeros. Either way no identity matrix is multiplied: Jacobians of functions that
+    start with a linear layer (any spelling) cost no product there.
     """
     for s, other, left in ((a, b, True), (b, a, False)):
         if not isinstance(s, Series) or isinstance(other, Series) or s.unit is None:
             continue
         if any(c is not None for c in s.coeffs[1:]):
             continue
+        sp, op = s.primal, other
+        if sp.dim() < 2 or op.dim() < 2 or tuple(sp.shape[:-2]) != tuple(y0.shape[:-2]):
+            continue
         B, off = s.unit.count, s.unit.offset
-        if left and s.primal.dim() == 2 and s.primal.shape[0] == 1:
-            return other[off:off + B].unsqueeze(1)
-        if not left and s.primal.dim() == 2 and s.primal.shape[1] == 1:
-            return other.t()[off:off + B].unsqueeze(-1)
+        batch = tuple(y0.shape[:-2])
+        nb = math.prod(batch)
+        if left:
+            r, k = sp.shape[-2], sp.shape[-1]
+            mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, k, op.shape[-1])
+            if r == 1 and nb == 1:  # a row seed: rows of the constant
+                return mat[0, off:off + B].reshape((B,) + tuple(y0.shape))
+            j = torch.arange(off, off + B, device=sp.device)
+            l, i, beta = j % k, (j // k) % r, j // (k * r)
+            rows = mat[beta, l]  # (B, n)
+            out = y0.new_zeros((B, nb, r, mat.shape[-1]))
+            out = out.index_put((torch.arange(B, device=sp.device), beta, i), rows)
+            return out.reshape((B,) + tuple(y0.shape))
+        k, n = sp.shape[-2], sp.shape[-1]
+        mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, op.shape[-2], k)
+        if n == 1 and nb == 1:  # a column seed: columns of the constant
+            return mat[0, :, off:off + B].t().reshape((B,) + tuple(y0.shape))
+        j = torch.arange(off, off + B, device=sp.device)
+        q, l, beta = j % n, (j // n) % k, j // (k * n)
+        cols = mat.transpose(-1, -2)[beta, l]  # (B, m)
+        out = y0.new_zeros((B, nb, n, mat.shape[-2]))
+        out = out.index_put((torch.arange(B, device=sp.device), beta, q), cols)
+        return out.transpose(-1, -2).reshape((B,) + tuple(y0.shape))
     return None
 
 
 def matmul(p: Tensor, q: Tensor) -> Tensor:
-    """``torch.matmul`` for a coefficient with a leading direction dim against a matrix.
+    """``p @ q`` where at most one side carries a leading direction dim (``B``).
 
-    Kept 3-D (or more) against 2-D so that ``torch.matmul`` folds all leading dims into one
-    GEMM -- also under ``vmap``, whose rule for a batched 2-D ``mm`` would instead expand the
-    matrix per sample into a ``bmm``. ``contiguous`` lets the fold happen without falling
-    back to one small product per direction.
+    ``p``/``q`` are matrices ``(m, k)``/``(k, n)`` or batches ``(nb, ., .)`` of them (``mm``,
+    ``bmm``), plus the direction dim on the coefficient side. Against a constant, the directions
+    are folded into the rows (or, for a constant on the left, the columns) of one GEMM per
+    batch entry -- never ``B`` small products, never the constant expanded ``B`` times (what
+    ``torch.matmul``'s broadcasting would do when it cannot fold). The folds are explicit
+    reshapes, so they hold whatever strides the coefficient has, also under ``vmap``.
     """
-    if q.dim() == 2 and p.dim() > 2:
-        return torch.matmul(p.contiguous(), q)
-    if p.dim() == 2 and q.dim() > 2:  # a @ c_b = (c_b^T @ a^T)^T
-        return torch.matmul(q.transpose(-1, -2).contiguous(), p.t()).transpose(-1, -2)
-    return torch.matmul(p, q)
+    pb, qb = p.dim() - 2, q.dim() - 2  # batch dims of each side (the direction dim included)
+    if pb > qb:  # p carries the directions: (B, [nb,] m, k) @ ([nb,] k, n)
+        if qb == 0:
+            out = torch.mm(p.reshape(-1, p.shape[-1]), q)
+            return out.reshape(p.shape[:-1] + q.shape[-1:])
+        if math.prod(q.shape[:-2]) == 1:
+            return matmul(p, q.reshape(q.shape[-2:]))
+        B, nb, m, k = p.shape[0], math.prod(q.shape[:-2]), p.shape[-2], p.shape[-1]
+        pf = p.reshape(B, nb, m, k).transpose(0, 1).reshape(nb, B * m, k)
+        out = torch.bmm(pf, q.reshape(nb, k, q.shape[-1]))  # (nb, B*m, n)
+        out = out.reshape(nb, B, m, q.shape[-1]).transpose(0, 1)
+        return out.reshape(p.shape[:-2] + (m, q.shape[-1]))
+    if qb > pb:  # q carries the directions: ([nb,] m, k) @ (B, [nb,] k, n) = (q^T @ p^T)^T
+        return matmul(q.transpose(-1, -2), p.transpose(-1, -2)).transpose(-1, -2)
+    return torch.matmul(p, q)  # both or neither: a batched product of equal batch dims
 
 
 def _matmul_series(a: Any, b: Any, y0: Tensor) -> Series:
+    """Series of ``a @ b`` (matrices or batches of them, ``y0`` their product)."""
     K = _order(a, b)
-    unit = _unit_product(a, b)
+    unit = _unit_product(a, b, y0)
     if unit is not None:
         return Series(y0, [unit] + [None] * (K - 1))
     a, b = materialize(a), materialize(b)
@@ -139,6 +200,37 @@ def _matmul_series(a: Any, b: Any, y0: Tensor) -> Series:
     if not isinstance(a, Series):
         return Series(y0, map_coeffs(b, lambda c: matmul(a, c)))
     return Series(y0, [cauchy(a, b, k, matmul) for k in range(1, K + 1)])
+
+
+def _viewed_product(a: Any, b: Any, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+                    y0: Tensor) -> Series:
+    """``a @ b`` with the operands viewed as matrices of the given shapes; the result has
+    ``y0``'s shape."""
+    am, bm = _as_series_shape(a, a_shape), _as_series_shape(b, b_shape)
+    prod = _matmul_series(am, bm, y0.reshape(a_shape[:-1] + b_shape[-1:]))
+    return _as_series_shape(prod, tuple(y0.shape))
+
+
+def _affine(y0: Tensor, prod: Series | None, bias: Any, beta: Any, alpha: Any) -> Series:
+    """``beta * bias + alpha * prod`` (``bias`` broadcast to ``y0``; ``beta = 0`` ignores it,
+    as torch does)."""
+    K = _order(*(x for x in (prod, bias) if x is not None))
+    shape = tuple(y0.shape)
+    coeffs: list[Coeff] = []
+    for k in range(1, K + 1):
+        c = prod.coeff(k) if prod is not None else None
+        if c is not None and alpha != 1:
+            c = c * alpha
+        bk = bias.coeff(k) if isinstance(bias, Series) and beta != 0 else None
+        if bk is not None:
+            bk = lift(bk if beta == 1 else bk * beta, len(shape))
+            c = bk.expand((bk.shape[0],) + shape) if c is None else c + bk
+        coeffs.append(c)
+    return Series(y0, coeffs)
+
+
+def _carries(*xs: Any) -> bool:
+    return any(isinstance(x, Series) for x in xs)
 
 
 @register(aten.mm, aten.bmm)
@@ -151,35 +243,68 @@ def _mm(a: Any, b: Any) -> Series:
 @unit_aware
 def _addmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Series:
     y0 = aten.addmm(primal(bias), primal(a), primal(b), beta=beta, alpha=alpha)
-    bias = materialize(bias)
-    prod = _matmul_series(a, b, y0) if (isinstance(a, Series) or isinstance(b, Series)) else None
-    K = _order(bias, a, b)
-    coeffs: list[Coeff] = []
-    for k in range(1, K + 1):
-        c = prod.coeff(k) if prod is not None else None
-        if c is not None and alpha != 1:
-            c = c * alpha
-        bk = bias.coeff(k) if isinstance(bias, Series) else None
-        if bk is not None:
-            bk = lift(bk * beta, 2).expand((bk.shape[0],) + tuple(y0.shape))
-            c = bk if c is None else c + bk
-        coeffs.append(c)
-    return Series(y0, coeffs)
+    prod = _matmul_series(a, b, y0) if _carries(a, b) else None
+    return _affine(y0, prod, materialize(bias), beta, alpha)
 
 
 @register(aten.baddbmm)
+@unit_aware
 def _baddbmm(bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Series:
     y0 = aten.baddbmm(primal(bias), primal(a), primal(b), beta=beta, alpha=alpha)
-    prod = _matmul_series(a, b, y0)
-    scaled = Series(y0, [None if c is None else c * alpha for c in prod.coeffs])
-    if not isinstance(bias, Series):
-        return scaled
-    from .linear import _make_add
+    prod = _matmul_series(a, b, y0) if _carries(a, b) else None
+    return _affine(y0, prod, materialize(bias), beta, alpha)
 
-    out = _make_add(aten.add, 1)(scaled, Series(primal(bias) * beta,
-                                                 [None if c is None else c * beta
-                                                  for c in bias.coeffs]))
-    return Series(y0, out.coeffs)
+
+@register(aten.mv)
+@unit_aware
+def _mv(a: Any, x: Any) -> Series:
+    y0 = aten.mv(primal(a), primal(x))
+    m, k = primal(a).shape
+    return _viewed_product(a, x, (m, k), (k, 1), y0)
+
+
+@register(aten.addmv)
+@unit_aware
+def _addmv(bias: Any, a: Any, x: Any, *, beta: Any = 1, alpha: Any = 1) -> Series:
+    y0 = aten.addmv(primal(bias), primal(a), primal(x), beta=beta, alpha=alpha)
+    m, k = primal(a).shape
+    prod = _viewed_product(a, x, (m, k), (k, 1), y0) if _carries(a, x) else None
+    return _affine(y0, prod, materialize(bias), beta, alpha)
+
+
+@register(aten.dot)
+@unit_aware
+def _dot(a: Any, b: Any) -> Series:
+    y0 = aten.dot(primal(a), primal(b))
+    k = primal(a).shape[0]
+    return _viewed_product(a, b, (1, k), (k, 1), y0)
+
+
+def _conj(x: Any) -> Any:
+    """``conj(x)`` (conj is real-linear: the coefficients are conjugated too)."""
+    if isinstance(x, Series):
+        if not x.primal.is_complex():
+            return x
+        return Series(x.primal.conj(), map_coeffs(materialize(x), torch.conj))
+    return x.conj() if x.is_complex() else x
+
+
+@register(aten.vdot)
+@unit_aware
+def _vdot(a: Any, b: Any) -> Series:
+    """``vdot(a, b) = dot(conj(a), b)`` (conj is real-linear; a no-op on real tensors)."""
+    y0 = aten.vdot(primal(a), primal(b))
+    k = primal(a).shape[0]
+    return _viewed_product(_conj(a), b, (1, k), (k, 1), y0)
+
+
+@register(aten.addr)
+@unit_aware
+def _addr(bias: Any, u: Any, v: Any, *, beta: Any = 1, alpha: Any = 1) -> Series:
+    y0 = aten.addr(primal(bias), primal(u), primal(v), beta=beta, alpha=alpha)
+    m, n = primal(u).shape[0], primal(v).shape[0]
+    prod = _viewed_product(u, v, (m, 1), (1, n), y0) if _carries(u, v) else None
+    return _affine(y0, prod, materialize(bias), beta, alpha)
 
 
 def _einsum_bilinear(spec: str) -> Callable[..., Series]:
@@ -201,8 +326,8 @@ def _einsum_bilinear(spec: str) -> Callable[..., Series]:
     return rule
 
 
-register(aten.mv)(_einsum_bilinear("ij,j->i"))
-register(aten.dot)(_einsum_bilinear("i,i->"))
+# ``outer``/``ger`` are composite (a broadcast multiply) and never reach a rule from capture;
+# kept for graphs built by hand.
 register(aten.outer)(_einsum_bilinear("i,j->ij"))
 
 
@@ -243,3 +368,53 @@ def _convolution(
         coeffs.append(c)
     return Series(y0, coeffs)
 
+
+@register(aten.convolution_backward)
+def _convolution_backward(
+    grad: Any, x: Any, w: Any, bias_sizes: Any, stride: Any, padding: Any, dilation: Any,
+    transposed: bool, output_padding: Any, groups: int, output_mask: Any,
+) -> tuple[Any, Any, Any]:
+    """The reverse levels' convolution backward: ``grad_input`` is bilinear in (grad, weight),
+    ``grad_weight`` in (grad, input), ``grad_bias`` linear in grad (Leibniz rule for each,
+    every product one vmapped ``convolution_backward`` over the direction dim)."""
+    conf = (stride, padding, dilation, transposed, output_padding, groups)
+    g0, x0, w0 = primal(grad), primal(x), primal(w)
+    outs0 = aten.convolution_backward(g0, x0, w0, bias_sizes, *conf, output_mask)
+
+    def part(i: int, gp: Tensor, other: Tensor) -> Tensor:
+        """Output ``i`` for the gradient ``gp`` and the other operand (weight for the input's
+        gradient, input for the weight's), either possibly with a direction dim."""
+        mask = [j == i for j in range(3)]
+        gb, ob = gp.dim() > g0.dim(), other.dim() > (w0 if i == 0 else x0).dim()
+
+        def call(gg: Tensor, oo: Tensor) -> Tensor:
+            xx, ww = (x0, oo) if i == 0 else (oo, w0)
+            return aten.convolution_backward(gg, xx, ww, bias_sizes, *conf, mask)[i]
+
+        if not gb and not ob:
+            return call(gp, other)
+        return torch.vmap(call, in_dims=(0 if gb else None, 0 if ob else None))(gp, other)
+
+    results: list[Any] = []
+    for i, (other, sel) in enumerate(((w, output_mask[0]), (x, output_mask[1]),
+                                      (None, output_mask[2]))):
+        y0 = outs0[i]
+        if not sel or y0 is None:
+            results.append(y0)
+            continue
+        if i == 2:
+            if not isinstance(grad, Series):
+                results.append(y0)
+                continue
+            results.append(Series(y0, map_coeffs(materialize(grad), lambda c: torch.vmap(
+                lambda cc: aten.convolution_backward(cc, x0, w0, bias_sizes, *conf,
+                                                     [False, False, True])[2])(c))))
+            continue
+        if not (isinstance(grad, Series) or isinstance(other, Series)):
+            results.append(y0)
+            continue
+        K = _order(grad, other)
+        ga, ob = materialize(grad), materialize(other)
+        results.append(Series(y0, [cauchy(ga, ob, k, lambda p, q, i=i: part(i, p, q))
+                                   for k in range(1, K + 1)]))
+    return results[0], results[1], results[2]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .series import Series, compose_unary
+from .series import Series, compose_unary, lift, primal
 
 aten = torch.ops.aten
 
@@ -195,20 +195,27 @@ def _pow_tensor(a: Any, b: Any) -> Any:
 
 
 def _power_derivs_tensor(p: Tensor, x0: Tensor, K: int) -> list[Tensor]:
+    # pow_backward_self: ``where(exponent == 0, 0, exponent * pow(self, exponent - 1))``, so
+    # the j-th derivative is zero wherever one of the factors ``p - i`` (i < j) is, even
+    # where ``pow(0, p - j)`` is infinite
     out, coef = [], torch.ones_like(p)
     for j in range(1, K + 1):
         coef = coef * (p - (j - 1))
-        out.append(coef * torch.pow(x0, p - j))
+        out.append(torch.where(coef == 0, 0, coef * torch.pow(x0, p - j)))
     return out
 
 
 @register(aten.pow.Scalar)
 def _pow_scalar_base(base: Any, x: Series) -> Series:
+    """``base ** x``: derivatives ``base**x * log(base)**j`` (pow_backward_exponent); for a
+    zero base torch returns 0 where ``x >= 0`` (every order), for a negative one NaN."""
     y0 = torch.pow(base, x.primal)
-    lb = math.log(base)
-    return compose_unary(
-        x, [y0 * (lb**j / math.factorial(j)) for j in range(1, x.order + 1)], y0
-    )
+    b = float(base)
+    lb = math.log(b) if b > 0 else (-math.inf if b == 0 else math.nan)
+    derivs = [y0 * (lb**j / math.factorial(j)) for j in range(1, x.order + 1)]
+    if b == 0:
+        derivs = [torch.where(x.primal >= 0, 0, d) for d in derivs]
+    return compose_unary(x, derivs, y0)
 
 
 def _erf_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
@@ -231,6 +238,25 @@ def _piecewise_linear(slope: Callable[[Tensor], Tensor]) -> DerivFn:
     return derivs
 
 
+def _indicator(cond: Tensor, x0: Tensor) -> Tensor:
+    """``cond`` as 0/1 in ``x0``'s dtype."""
+    return cond.to(x0.dtype)
+
+
+def _piecewise(x: Series, y0: Tensor, slope: Tensor) -> Series:
+    """Series of a piecewise-linear function with local slope ``slope`` (zero curvature)."""
+    return compose_unary(x, [slope] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+
+
+# NOTE [Kinks follow torch's backward formulas]
+# At a kink the derivative is whatever torch's own backward kernel returns there
+# (tools/autograd/derivatives.yaml and the kernels it names), because that is what nested
+# ``jacrev`` returns: relu ``result > 0`` (threshold_backward), leaky_relu ``x > 0``,
+# hardtanh strict ``min < x < max``, clamp *inclusive* ``min <= x <= max`` (clamp_backward:
+# "we return the subgradient 1" at the bounds), maximum/minimum half each at ties, fmax/fmin
+# all to ``self`` at ties. (hardswish/hardsigmoid are decomposed at capture with the same care,
+# see xafunc/_capture/decompositions.py.) Slopes are built in the input's dtype from the
+# Python scalar, never through a float32 tensor.
 register(aten.relu)(unary(aten.relu, _piecewise_linear(lambda x: (x > 0).to(x.dtype))))
 register(aten.abs)(unary(aten.abs, _piecewise_linear(torch.sign)))
 
@@ -238,27 +264,181 @@ register(aten.abs)(unary(aten.abs, _piecewise_linear(torch.sign)))
 @register(aten.leaky_relu)
 def _leaky_relu(x: Series, negative_slope: float = 0.01) -> Series:
     y0 = aten.leaky_relu(x.primal, negative_slope)
-    s = torch.where(x.primal > 0, 1.0, negative_slope).to(x.primal.dtype)
-    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+    # 1 where x > 0, negative_slope elsewhere, computed in x's dtype: a Python float times a
+    # float64 tensor is exact, where ``torch.where(c, 1.0, slope)`` would round it to float32
+    pos = _indicator(x.primal > 0, x.primal)
+    s = pos + (1 - pos) * negative_slope
+    return _piecewise(x, y0, s)
 
 
 @register(aten.hardtanh)
 def _hardtanh(x: Series, min_val: float = -1.0, max_val: float = 1.0) -> Series:
     y0 = aten.hardtanh(x.primal, min_val, max_val)
-    s = ((x.primal > min_val) & (x.primal < max_val)).to(x.primal.dtype)
-    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+    return _piecewise(x, y0, _indicator((x.primal > min_val) & (x.primal < max_val), x.primal))
 
 
-@register(aten.clamp)
+def _clamp_scalar_slope(x0: Tensor, lo: Any, hi: Any) -> Tensor:
+    inside = torch.ones_like(x0, dtype=torch.bool)
+    if lo is not None:
+        inside = inside & (x0 >= lo)
+    if hi is not None:
+        inside = inside & (x0 <= hi)
+    return _indicator(inside, x0)
+
+
+@register(aten.clamp.default)
 def _clamp(x: Series, min: Any = None, max: Any = None) -> Series:
     y0 = aten.clamp(x.primal, min, max)
-    inside = torch.ones_like(x.primal, dtype=torch.bool)
-    if min is not None:
-        inside = inside & (x.primal > min)
-    if max is not None:
-        inside = inside & (x.primal < max)
-    s = inside.to(x.primal.dtype)
-    return compose_unary(x, [s] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+    return _piecewise(x, y0, _clamp_scalar_slope(x.primal, min, max))
+
+
+@register(aten.clamp_min.default)
+def _clamp_min(x: Series, min: Any) -> Series:
+    return _piecewise(x, aten.clamp_min(x.primal, min), _clamp_scalar_slope(x.primal, min, None))
+
+
+@register(aten.clamp_max.default)
+def _clamp_max(x: Series, max: Any) -> Series:
+    return _piecewise(x, aten.clamp_max(x.primal, max), _clamp_scalar_slope(x.primal, None, max))
+
+
+def _select3(y0: Tensor, parts: list[tuple[Any, Tensor]]) -> Series:
+    """``sum_i where(mask_i, s_i, 0)`` for series/constants ``s_i`` and disjoint masks: the
+    series of a function that equals ``s_i`` on ``mask_i`` (piecewise selection)."""
+    from .linear import _expand_to
+
+    K = max(s.order for s, _ in parts if isinstance(s, Series))
+    shape = tuple(y0.shape)
+    nd = len(shape)
+    zero = y0.new_zeros(())
+    coeffs: list[Any] = []
+    for k in range(1, K + 1):
+        acc = None
+        for s, mask in parts:
+            c = s.coeff(k) if isinstance(s, Series) else None
+            if c is None:
+                continue
+            term = torch.where(mask, lift(c, nd), zero)
+            acc = term if acc is None else acc + term
+        coeffs.append(None if acc is None else _expand_to(acc, shape))
+    return Series(y0, coeffs)
+
+
+@register(aten.clamp.Tensor)
+def _clamp_tensor(x: Any, min: Any = None, max: Any = None) -> Any:
+    """clamp with tensor bounds; the bounds may carry derivatives (clamp_backward and
+    clamp_backward_min_max in derivatives.yaml)."""
+    x0, lo, hi = primal(x), primal(min), primal(max)
+    y0 = aten.clamp(x0, lo, hi)
+    parts: list[tuple[Any, Tensor]] = []
+    if lo is not None and hi is not None:
+        parts.append((x, (x0 >= lo) & (x0 <= hi)))
+        parts.append((min, (x0 < lo) & (lo < hi)))
+        parts.append((max, (x0 > hi) | (hi < lo)))
+    elif lo is not None:
+        parts += [(x, x0 >= lo), (min, x0 < lo)]
+    elif hi is not None:
+        parts += [(x, x0 <= hi), (max, x0 > hi)]
+    else:
+        parts.append((x, torch.ones_like(x0, dtype=torch.bool)))
+    return _select3(y0, parts)
+
+
+@register(aten.clamp_min.Tensor)
+def _clamp_min_tensor(x: Any, min: Any) -> Any:
+    x0, lo = primal(x), primal(min)
+    return _select3(aten.clamp_min(x0, lo), [(x, x0 >= lo), (min, x0 < lo)])
+
+
+@register(aten.clamp_max.Tensor)
+def _clamp_max_tensor(x: Any, max: Any) -> Any:
+    x0, hi = primal(x), primal(max)
+    return _select3(aten.clamp_max(x0, hi), [(x, x0 <= hi), (max, x0 > hi)])
+
+
+def _half_split(a: Any, b: Any, a_wins: Tensor, tie: Tensor, y0: Tensor) -> Series:
+    """maximum/minimum: the winner's series, the mean of both at ties (derivatives.yaml:
+    ``where(self == other, grad / 2, grad)`` masked by the loser)."""
+    from .linear import _expand_to
+
+    K = max(s.order for s in (a, b) if isinstance(s, Series))
+    shape = tuple(y0.shape)
+    nd = len(shape)
+    wa = _indicator(a_wins, y0) + _indicator(tie, y0) * 0.5
+    wb = 1 - wa
+    coeffs: list[Any] = []
+    for k in range(1, K + 1):
+        ca = a.coeff(k) if isinstance(a, Series) else None
+        cb = b.coeff(k) if isinstance(b, Series) else None
+        acc = None
+        if ca is not None:
+            acc = lift(ca, nd) * wa
+        if cb is not None:
+            t = lift(cb, nd) * wb
+            acc = t if acc is None else acc + t
+        coeffs.append(None if acc is None else _expand_to(acc, shape))
+    return Series(y0, coeffs)
+
+
+@register(aten.maximum)
+def _maximum(a: Any, b: Any) -> Series:
+    p, q = primal(a), primal(b)
+    return _half_split(a, b, p > q, p == q, aten.maximum(p, q))
+
+
+@register(aten.minimum)
+def _minimum(a: Any, b: Any) -> Series:
+    p, q = primal(a), primal(b)
+    return _half_split(a, b, p < q, p == q, aten.minimum(p, q))
+
+
+@register(aten.fmax)
+def _fmax(a: Any, b: Any) -> Series:
+    # derivatives.yaml: self gets grad where ``self >= other or other is nan`` (ties: self)
+    p, q = primal(a), primal(b)
+    a_wins = (p >= q) | q.isnan()
+    return _select3(aten.fmax(p, q), [(a, a_wins), (b, ~a_wins)])
+
+
+@register(aten.fmin)
+def _fmin(a: Any, b: Any) -> Series:
+    p, q = primal(a), primal(b)
+    a_wins = (p <= q) | q.isnan()
+    return _select3(aten.fmin(p, q), [(a, a_wins), (b, ~a_wins)])
+
+
+def _mod_rule(op: Any, rounding: str) -> Callable[..., Series]:
+    """remainder / fmod: ``self - q * other`` with the quotient ``q = div(self, other,
+    rounding_mode)`` piecewise constant. derivatives.yaml: ``self: grad``, ``other: -grad *
+    self.div(other, rounding_mode)``; every higher derivative is zero."""
+
+    def rule(a: Any, b: Any) -> Series:
+        from .linear import _expand_to
+
+        p, q = primal(a), primal(b)
+        y0 = op(p, q)
+        shape = tuple(y0.shape)
+        nd = len(shape)
+        quot = None
+        if isinstance(b, Series):
+            quot = torch.div(p, q, rounding_mode=rounding)
+        K = max(s.order for s in (a, b) if isinstance(s, Series))
+        coeffs: list[Any] = []
+        for k in range(1, K + 1):
+            ca = a.coeff(k) if isinstance(a, Series) else None
+            cb = b.coeff(k) if isinstance(b, Series) else None
+            acc = None if ca is None else lift(ca, nd)
+            if cb is not None:
+                t = lift(cb, nd) * quot
+                acc = -t if acc is None else acc - t
+            coeffs.append(None if acc is None else _expand_to(acc, shape))
+        return Series(y0, coeffs)
+
+    return rule
+
+
+register(aten.remainder)(_mod_rule(aten.remainder, "floor"))
+register(aten.fmod)(_mod_rule(aten.fmod, "trunc"))
 
 
 def generic_unary(op: Any) -> Callable[..., Series]:

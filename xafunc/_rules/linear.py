@@ -54,23 +54,51 @@ def _make_reshape_rule(op: Any) -> Callable[..., Any]:
 for _op in (
     aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze, aten.alias,
     aten.clone, aten.contiguous, aten.view_copy, aten.squeeze_copy, aten.unsqueeze_copy,
-    aten.alias_copy, aten.lift_fresh_copy, aten._reshape_alias, aten.flatten,
+    aten.alias_copy, aten.lift_fresh_copy, aten.lift_fresh, aten._reshape_alias, aten.flatten,
 ):
     register(_op)(_make_reshape_rule(_op))
 
 
+def _same_order(x: Series, y0: Tensor) -> Series:
+    """``x`` viewed with ``y0``'s shape, for a view that keeps the element order (the unit seed
+    stays a unit seed; other coefficients are reshaped)."""
+    shape = tuple(y0.shape)
+    return Series(y0, [c if c is None or isinstance(c, UnitSeed)
+                       else c.reshape((c.shape[0],) + shape) for c in x.coeffs])
+
+
+def _keeps_order(shape: Sequence[int], perm: Sequence[int]) -> bool:
+    """Does permuting ``shape`` by ``perm`` keep the dims of size > 1 in their order? Then the
+    permuted tensor has the same row-major element order, and a unit seed stays one."""
+    big = [d % max(len(shape), 1) for d in perm if shape[d % max(len(shape), 1)] != 1]
+    return big == sorted(big)
+
+
 @register(aten.permute, aten.permute_copy)
+@unit_aware
 def _permute(x: Series, dims: Sequence[int]) -> Series:
+    y0 = x.primal.permute(list(dims))
+    if x.unit is not None and _keeps_order(x.primal.shape, dims):
+        return _same_order(x, y0)
+    x = materialize(x)
     nd = x.primal.dim()
     cdims = [0] + [_shift(d, nd) for d in dims]
-    return Series(x.primal.permute(list(dims)), map_coeffs(x, lambda c: c.permute(cdims)))
+    return Series(y0, map_coeffs(x, lambda c: c.permute(cdims)))
 
 
 @register(aten.transpose, aten.transpose_copy)
+@unit_aware
 def _transpose(x: Series, d0: int, d1: int) -> Series:
     nd = x.primal.dim()
+    y0 = x.primal.transpose(d0, d1)
+    perm = list(range(nd))
+    if nd:
+        perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
+    if x.unit is not None and _keeps_order(x.primal.shape, perm):
+        return _same_order(x, y0)
+    x = materialize(x)
     a, b = _shift(d0, nd), _shift(d1, nd)
-    return Series(x.primal.transpose(d0, d1), map_coeffs(x, lambda c: c.transpose(a, b)))
+    return Series(y0, map_coeffs(x, lambda c: c.transpose(a, b)))
 
 
 @register(aten.t, aten.t_copy)
@@ -78,6 +106,8 @@ def _transpose(x: Series, d0: int, d1: int) -> Series:
 def _t(x: Series) -> Series:
     if x.primal.dim() < 2:
         return Series(x.primal, x.coeffs)
+    if x.unit is not None and 1 in x.primal.shape:
+        return _same_order(x, x.primal.t())
     x = materialize(x)
     return Series(x.primal.t(), map_coeffs(x, lambda c: c.transpose(1, 2)))
 
@@ -279,17 +309,19 @@ def _where(cond: Tensor, a: Any, b: Any) -> Series:
 
 
 # ------------------------------------------------------------------- generic vmap-batched ops
-def vmap_linear(op: Any, positions: Sequence[int] = (0,)) -> Callable[..., Any]:
+def vmap_linear(op: Any, positions: Sequence[int] = (0,), shape_only: Sequence[int] = ()
+                ) -> Callable[..., Any]:
     """Rule for ``op`` jointly linear in the tensor arguments at ``positions``.
 
     Coefficient ``k`` is ``op`` applied, under ``torch.vmap`` over the direction dim, to the
-    ``k``-th coefficients of those arguments (zero for constants there); other arguments must
-    be constants.
+    ``k``-th coefficients of those arguments (zero for constants there); the arguments at
+    ``shape_only`` are read for their shape alone (the ``self`` of ``avg_pool2d_backward``), so
+    their derivatives do not matter; other arguments must be constants.
     """
 
     def rule(*args: Any, **kwargs: Any) -> Series:
         for i, a in enumerate(args):
-            if isinstance(a, Series) and i not in positions:
+            if isinstance(a, Series) and i not in positions and i not in shape_only:
                 raise NotImplementedError(f"{op}: argument {i} may not carry derivatives")
         pargs = list(primals(args))
         y0 = op(*pargs, **kwargs)
@@ -321,7 +353,6 @@ def vmap_linear(op: Any, positions: Sequence[int] = (0,)) -> Callable[..., Any]:
 for _op, _pos in (
     (aten.gather, (0,)),
     (aten.embedding, (0,)),
-    (aten.constant_pad_nd, (0,)),
     (aten.flip, (0,)),
     (aten.roll, (0,)),
     (aten.repeat, (0,)),
@@ -351,9 +382,53 @@ for _op, _pos in (
     (aten.index_put, (0, 2)),
     (aten.scatter_add, (0, 3)),
     (aten.index_add, (0, 3)),
-    (aten.masked_fill, (0,)),
 ):
     register(_op)(vmap_linear(_op, _pos))
+
+# Backward operators of the reverse levels (jacrev of the captured graph), linear in the
+# incoming gradient; ``self`` only gives them the input's shape (``max_pool2d``'s uses the
+# saved indices, not the values).
+for _op in (aten.avg_pool2d_backward, aten.avg_pool3d_backward,
+            aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
+            aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward):
+    register(_op)(vmap_linear(_op, (0,), shape_only=(1,)))
+for _op in (aten.upsample_bilinear2d_backward, aten.upsample_nearest2d_backward,
+            aten.upsample_linear1d_backward, aten.upsample_nearest1d_backward,
+            aten.embedding_dense_backward):
+    register(_op)(vmap_linear(_op, (0,)))
+register(aten.scatter.src)(vmap_linear(aten.scatter.src, (0, 3)))
+
+
+@register(aten.scatter.value)
+def _scatter_value(x: Series, dim: int, index: Tensor, value: Any) -> Series:
+    # affine in ``self``: the scattered positions hold a constant
+    y0 = aten.scatter(x.primal, dim, index, value)
+    d = _shift(dim, x.primal.dim())
+    return Series(y0, map_coeffs(x, lambda c: aten.scatter(
+        c, d, index.unsqueeze(0).expand((c.shape[0],) + tuple(index.shape)), 0)))
+
+
+@register(aten.constant_pad_nd)
+def _constant_pad_nd(x: Series, pad: Sequence[int], value: Any = 0) -> Series:
+    # affine, not linear: the padding value is a constant, so the coefficients pad with zero
+    y0 = aten.constant_pad_nd(x.primal, pad, value)
+    return Series(y0, map_coeffs(x, lambda c: aten.constant_pad_nd(c, pad, 0)))
+
+
+@register(aten.masked_fill)
+def _masked_fill(x: Any, mask: Tensor, value: Any) -> Series:
+    # derivatives.yaml: self ``grad.masked_fill(mask, 0)``, value ``masked_fill_backward``:
+    # the filled entries follow ``value`` (zero when it is a constant), the others ``x``
+    y0 = aten.masked_fill(primal(x), mask, primal(value))
+    shape = tuple(y0.shape)
+    zero = y0.new_zeros(())
+
+    def pick(cx: Coeff, cv: Coeff) -> Tensor:
+        tx = lift(cx, len(shape)) if cx is not None else zero
+        tv = lift(cv, len(shape)) if cv is not None else zero
+        return _expand_to(torch.where(mask, tv, tx), shape)
+
+    return Series(y0, paired(x, value, pick))
 
 
 def _scatter_rule(op: Any) -> Callable[..., Any]:
@@ -403,6 +478,12 @@ NONDIFF.update({
     aten.scalar_tensor, aten.arange, aten.full, aten.zeros, aten.ones, aten.empty,
     aten.isnan, aten.isinf, aten.sym_size, aten.sym_numel, aten.sym_stride,
     aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty,
-    aten.eye, aten.lift_fresh, aten.floor_divide, aten.remainder, aten.bitwise_and,
+    aten.eye, aten.floor_divide, aten.bitwise_and,
     aten.bitwise_or, aten.bitwise_not, aten.empty_strided,
+    # boolean / integer results (derivatives.yaml: output_differentiability [False] or no
+    # differentiable output)
+    aten.logical_xor, aten.bitwise_xor, aten.isfinite, aten.isposinf, aten.isneginf,
+    aten.signbit, aten.bucketize, aten.searchsorted,
+    # fill.Scalar: ``self: zeros_like(grad)`` (fill.Tensor carries the value's derivative)
+    aten.fill.Scalar,
 })

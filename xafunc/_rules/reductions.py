@@ -181,76 +181,34 @@ def _prod_all(x: Series, *, dtype: Any = None) -> Series:
     return _product(x, None, False)
 
 
+@register(aten.cumprod)
+def _cumprod(x: Series, dim: int, *, dtype: Any = None) -> Series:
+    """Running products along ``dim`` (one series product per entry: the polynomial itself,
+    exact also where entries are zero)."""
+    from .linear import _cat, _make_reshape_rule, _unbind
+
+    nd = x.primal.dim()
+    if nd == 0:
+        return x
+    d = dim % nd
+    unsq = _make_reshape_rule(aten.unsqueeze)
+    parts = _unbind(x, d)
+    acc = parts[0]
+    outs = [unsq(acc, d)]
+    for p in parts[1:]:
+        acc = mul_series(acc, p)
+        outs.append(unsq(acc, d))
+    out = _cat(outs, d)
+    y0 = torch.cumprod(x.primal, dim, dtype=dtype)
+    return Series(y0, [None if c is None else c.to(y0.dtype) for c in out.coeffs])
+
+
 @register(prims.prod)
 def _prims_prod(x: Series, dims: Any, *, output_dtype: Any = None) -> Series:
     acc = x
     for d in sorted(_dims(dims, x.primal.dim()), reverse=True):
         acc = _product(acc, d, False)
     return acc
-
-
-def _select_binary(op: Any, greater: bool) -> Any:
-    """``maximum``/``minimum`` (``fmax``/``fmin``): the series of the selected operand, the
-    mean of both at ties (torch's derivative splits the gradient equally there)."""
-
-    def rule(a: Any, b: Any) -> Series:
-        pa, pb = (a.primal if isinstance(a, Series) else a), \
-            (b.primal if isinstance(b, Series) else b)
-        y0 = op(pa, pb)
-        shape = tuple(y0.shape)
-        wins = (pa > pb) if greater else (pa < pb)
-        ties = pa == pb
-        if op in (aten.fmax.default, aten.fmin.default):  # NaN loses to a number
-            wins = wins | pb.isnan()
-        wa = torch.where(ties, 0.5, wins.to(y0.dtype)).to(y0.dtype)
-        wa = wa.expand(shape)
-        K = max(s.order for s in (a, b) if isinstance(s, Series))
-        coeffs: list[Any] = []
-        for k in range(1, K + 1):
-            ca = a.coeff(k) if isinstance(a, Series) else None
-            cb = b.coeff(k) if isinstance(b, Series) else None
-            if ca is None and cb is None:
-                coeffs.append(None)
-                continue
-            term = 0
-            if ca is not None:
-                term = lift(ca, len(shape)) * wa
-            if cb is not None:
-                term = term + lift(cb, len(shape)) * (1 - wa)
-            coeffs.append(term.expand((term.shape[0],) + shape))
-        return Series(y0, coeffs)
-
-    return rule
-
-
-register(aten.maximum)(_select_binary(aten.maximum.default, True))
-register(aten.minimum)(_select_binary(aten.minimum.default, False))
-register(aten.fmax)(_select_binary(aten.fmax.default, True))
-register(aten.fmin)(_select_binary(aten.fmin.default, False))
-
-
-@register(aten.cumprod)
-def _cumprod(x: Series, dim: int, *, dtype: Any = None) -> Series:
-    """A running product along ``dim`` (the backward formula of ``prod`` uses it): one series
-    product per entry along that dimension."""
-    from .linear import _unbind
-
-    d = dim % max(x.primal.dim(), 1)
-    parts = _unbind(x, d)
-    acc = [parts[0]]
-    for p in parts[1:]:
-        acc.append(mul_series(acc[-1], p))
-    y0 = torch.stack([a.primal for a in acc], d)
-    coeffs: list[Any] = []
-    for k in range(x.order):
-        present = [a.coeffs[k] for a in acc if a.coeffs[k] is not None]
-        if not present:
-            coeffs.append(None)
-            continue
-        zero = torch.zeros_like(present[0])
-        coeffs.append(torch.stack([zero if a.coeffs[k] is None else a.coeffs[k]
-                                   for a in acc], d + 1))
-    return Series(y0, coeffs)
 
 
 _ = (lift, _reduce_dims)
