@@ -222,8 +222,19 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
         return Entry(sig, Captured(reason="; ".join(w.problems)), None), ()
     tensors = [lt.tensor for lt in w.lifted]
     cap = capture(func, leaves, spec, tensors, w.value_buffers)
+    baked: list[int] = []
+    if cap.graph is None and cap.reason and any(k in cap.reason for k in _DATA_DEPENDENT):
+        # values read in Python or deciding shapes: bake the small non-float (and 0-dim)
+        # tensors it reads into the graph, guarded by value, and try again
+        baked = [i for i, t in enumerate(tensors) if t.numel() <= _BAKE_LIMIT
+                 and (not t.is_floating_point() or t.dim() == 0)]
+        if baked:
+            retry = capture(func, leaves, spec, tensors, w.value_buffers, set(baked))
+            cap = retry if retry.graph is not None else cap
+            baked = baked if retry.graph is not None else []
     used = _prune_lifted(cap, len(tensors))
-    guards = compile_guards(w, used)
+    used = [i for i in used if i not in baked]
+    guards = compile_guards(w, used, baked)
     lifted = guards.check(func, objects)
     if type(lifted) is not tuple:
         # running ``func`` changed the state it reads: Python side effects a graph cannot
@@ -231,6 +242,10 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
         cap = Captured(reason=f"it changes Python state it reads ({guards.describe(lifted)})")
         return Entry(sig, cap, guards), ()
     return Entry(sig, cap, guards), lifted
+
+
+_DATA_DEPENDENT = ("DataDependentOutput", "DynamicOutputShape")  # fake-tensor exceptions
+_BAKE_LIMIT = 4096  # elements of a tensor baked into a graph (its values are guarded)
 
 
 def _prune_lifted(cap: Captured, n_lifted: int) -> list[int]:

@@ -494,6 +494,11 @@ def _np_equal(a: Any, b: Any) -> bool:
                 and ((a == b) | ((a != a) & (b != b))).all())
 
 
+def _same_tensor(t: Any, ref: Tensor) -> bool:
+    return (isinstance(t, Tensor) and t.dtype is ref.dtype and t.shape == ref.shape
+            and t.device == ref.device and bool(torch.equal(t, ref)))
+
+
 def _empty_cell(cell: Any) -> bool:
     try:
         cell.cell_contents  # noqa: B018
@@ -503,7 +508,7 @@ def _empty_cell(cell: Any) -> bool:
 
 
 _HELPERS = {"_same_float": _same_float, "_np_equal": _np_equal, "_empty_cell": _empty_cell,
-            "_function": types.FunctionType}
+            "_function": types.FunctionType, "_same_tensor": _same_tensor}
 
 
 def walk(func: Any, arg_objects: list[Any]) -> Walk:
@@ -540,15 +545,23 @@ class GuardSet:
         return self.descriptions[code]
 
 
-def compile_guards(w: Walk, used: list[int]) -> GuardSet:
+def compile_guards(w: Walk, used: list[int], baked: list[int] = ()) -> GuardSet:
     """The guard function of walk ``w`` returning the lifted tensors at indices ``used``.
 
     Each lifted tensor returned is checked for the shape, dtype and device it was traced with,
-    and for being a tensor at all.
+    and for being a tensor at all; each one at indices ``baked`` (a constant of the graph, see
+    ``capture``) for its values.
     """
     lines = list(w.lines)
     descriptions = list(w.descriptions)
     consts = dict(w.consts)
+    for i in baked:
+        lt = w.lifted[i]
+        k = len(consts)
+        consts[f"K{k}"] = lt.tensor.detach().clone()
+        descriptions.append(f"{lt.where} has the values it was captured with (they decide "
+                            "shapes or Python values in the graph)")
+        lines.append(f"if not _same_tensor({lt.var}, K{k}): return {len(descriptions) - 1}")
     out = []
     for i in used:
         lt = w.lifted[i]

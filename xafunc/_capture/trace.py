@@ -82,10 +82,12 @@ def _swap(x: Any, table: dict[int, Tensor]) -> Any:
 class _StandIns(TorchFunctionMode):
     """Replace the caller's tensors by their graph-input stand-ins wherever they are used."""
 
-    def __init__(self, table: dict[int, Tensor], value_buffers: list[tuple[int, int]]) -> None:
+    def __init__(self, table: dict[int, Tensor], value_buffers: list[tuple[int, int]],
+                 baked: dict[int, Tensor]) -> None:
         super().__init__()
         self.table = table
         self.value_buffers = value_buffers
+        self.baked = baked
         self.level_local: str | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
@@ -98,6 +100,9 @@ class _StandIns(TorchFunctionMode):
             return t
         if getattr(func, "__self__", None) is _DATA:
             self.level_local = "x.data"
+        if self.baked and any(id(t) in self.baked for t in pytree.tree_leaves((args, kwargs))
+                              if isinstance(t, Tensor)):
+            return self._with_baked(func, args, kwargs or {})
         args = _swap(args, self.table)
         kwargs = _swap(kwargs or {}, self.table)
         for t in pytree.tree_leaves((args, kwargs)):
@@ -107,6 +112,40 @@ class _StandIns(TorchFunctionMode):
                     "path to (closure, global, module attribute), so it could not be re-read on "
                     "each call")
         return func(*args, **kwargs)
+
+    def _with_baked(self, func: Any, args: Any, kwargs: Any) -> Any:
+        """An operator reading a tensor baked into the graph (see ``capture``): Python reads of
+        its values (``.item()``) return them, a boolean mask becomes the index tensors it
+        selects (a shape known now), and anywhere else it is a constant of the graph."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        # read the real values with no tracer or fake mode watching
+        untraced = _disable_current_modes
+        if func in _VALUE_READS:
+            with untraced():
+                return func(*args, **kwargs)
+
+        def constant(t: Any, as_index: bool = False) -> Any:
+            if not (isinstance(t, Tensor) and id(t) in self.baked):
+                return t
+            with untraced():
+                values = t.nonzero(as_tuple=True) if as_index and t.dtype is torch.bool \
+                    else None
+                data = [v.tolist() for v in values] if values is not None else t.tolist()
+            if values is not None:
+                return tuple(torch.tensor(d, dtype=torch.long, device=t.device) for d in data)
+            return torch.tensor(data, dtype=t.dtype, device=t.device)
+
+        if getattr(func, "__name__", None) == "__getitem__":
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            flat: list[Any] = []
+            for i in index:
+                c = constant(i, as_index=True)
+                flat.extend(c if isinstance(c, tuple) else (c,))
+            args = (args[0], tuple(flat))
+        args = pytree.tree_map(constant, args)
+        kwargs = pytree.tree_map(constant, kwargs)
+        return self.__torch_function__(func, (), args, kwargs)
 
     def _guarded_value(self, t: Tensor) -> bool:
         """A tensor viewing the memory of a numpy array guarded by value (``from_numpy``):
@@ -119,6 +158,9 @@ class _StandIns(TorchFunctionMode):
 
 
 _DATA = torch._C.TensorBase.__dict__["data"]
+# reads of a tensor's values into Python
+_VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Tensor.__bool__,
+                Tensor.__index__}
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -246,11 +288,13 @@ class Captured:
 
 
 def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
-            lifted: list[Tensor], value_buffers: list[tuple[int, int]] | None = None
-            ) -> Captured:
+            lifted: list[Tensor], value_buffers: list[tuple[int, int]] | None = None,
+            baked: set[int] = frozenset()) -> Captured:  # type: ignore[assignment]
     """Trace ``func`` called with the pytree ``(leaves, spec)`` of ``(args, kwargs)``, reading
     the tensors ``lifted`` (see NOTE [Capture]); tensors viewing ``value_buffers`` (memory
-    guarded by value) may become constants."""
+    guarded by value) may become constants, and so do the lifted tensors at indices ``baked``
+    (their values guarded by the caller): a mask or a scalar read in Python then has a value
+    while tracing."""
     tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     arg_tensors = [leaves[i] for i in tensor_pos]
     meta: dict[str, Any] = {}
@@ -261,12 +305,15 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
             stand = [_stand_in(t) for t in [*arg_tensors, *lifted]]
 
             def run(*tensors: Tensor) -> list[Tensor]:
-                table = {id(t): s for t, s in zip(lifted, tensors[len(tensor_pos):])}
+                table = {id(t): s for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))
+                         if i not in baked}
                 new = list(leaves)
                 for i, t in zip(tensor_pos, tensors):
                     new[i] = t
                 args, kwargs = pytree.tree_unflatten(new, spec)
-                cut, stand = _NoGradCut(), _StandIns(table, value_buffers or [])
+                cut = _NoGradCut()
+                stand = _StandIns(table, value_buffers or [],
+                                  {id(lifted[i]): lifted[i] for i in baked})
                 with _watch_autograd_functions() as applied, torch.enable_grad(), stand, cut:
                     out = func(*args, **kwargs)
                 out = _swap(out, table)
