@@ -229,14 +229,20 @@ def test_default_dtype_is_part_of_the_signature():
         torch.set_default_dtype(torch.float32)
 
 
-def test_zero_dim_tensor_read_in_python_falls_back_and_stays_fresh():
+def test_zero_dim_tensor_read_in_python_is_guarded_by_value():
     t = torch.tensor(2.0, dtype=F64)
     f = lambda x: (x * t.item()).sin().sum()  # noqa: E731
-    with xafunc.strict(False):
-        assert "DataDependent" in xafunc.plan(f, 2)(_x()).fallback
-        xhessian(f)(_x())
-        t.fill_(5.0)
-        assert_tree_close(xhessian(f)(_x()), reference_deriv(f, 2)(_x()))
+    assert xafunc.plan(f, 2)(_x()).strategy == "engine"
+    xhessian(f)(_x())
+    t.fill_(5.0)  # in place: the value the graph baked in changed
+    assert_tree_close(xhessian(f)(_x()), reference_deriv(f, 2)(_x()))
+    assert xafunc.cache_info().recaptures == 1
+
+
+def test_boolean_mask_is_guarded_by_value():
+    mask = torch.tensor([True, False, True, True])
+    f = lambda x: (x.sin()[mask] * x[mask].cos()).sum()  # noqa: E731
+    _both(f, lambda: mask.__setitem__(1, True), _x(4))
 
 
 def test_python_side_effects_fall_back():

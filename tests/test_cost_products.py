@@ -157,6 +157,8 @@ def test_every_spelling_plans_like_f_linear(sizes: tuple[int, ...], order: int) 
         assert p.strategy == "engine", (spelling, p.fallback)
         assert p.schedule == ref.schedule, (spelling, p.schedule, ref.schedule)
         assert p.est_flops == pytest.approx(ref.est_flops, rel=0.01), spelling
-        assert p.est_peak_bytes == pytest.approx(ref.est_peak_bytes, rel=0.01), spelling
+        # peaks follow each graph's live values (an add after mv keeps one tensor more than
+        # addmm): the same order of magnitude, not the same bytes
+        assert 0.5 <= p.est_peak_bytes / ref.est_peak_bytes <= 2.0, spelling
         actual = xafunc.xderiv(_mlp(sizes, spelling), order)(x)
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

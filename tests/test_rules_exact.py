@@ -262,9 +262,6 @@ def test_torch_func_jacrev_of_cdist_is_wrong() -> None:
     assert not torch.allclose(torch.func.jacrev(f)(x), jacobian(f, x))
 
 
-@pytest.mark.xfail(strict=True, reason="cdist p=inf gives every tied coordinate its full sign "
-                   "(as _cdist_backward) through a detach; capture records detach as alias "
-                   "(issue 9, stop-gradients), so today the ties share it instead")
 def test_cdist_inf_ties_match_autograd() -> None:
     y = _t(0.0, 0.0, 0.0).reshape(1, 3)
     x = _t(0.7, -0.7, 0.1).reshape(1, 3)  # |dx0| == |dx1| == the distance

@@ -127,6 +127,7 @@ class Plan:
         if self.fallback:
             lines.append(f"  fallback to nested torch.func: {self.fallback}")
         lines += [f"  {d}" for d in self.details]
+        lines += [f"  {d}" for d in getattr(self.program, "notes", ())]
         return "\n".join(lines)
 
 

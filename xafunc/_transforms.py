@@ -9,6 +9,7 @@ a loop cost what a held transform costs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -211,7 +212,10 @@ def plan(
         >>> p.order
         2
     """
+    # validated as ``plan``, planned as the ``xderiv`` request it describes, so the plan is
+    # the one ``xderiv`` runs (with what its first call measured)
     t = _make("plan", func, order, argnums, has_aux, mode, chunk_size)
+    t.request = dataclasses.replace(t.request, transform="xderiv")
 
     def planner(*args: Any, **kwargs: Any) -> Plan:
         return t.plan_for(args, kwargs)[0]

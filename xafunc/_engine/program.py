@@ -41,6 +41,17 @@ from .memory import choose_chunk
 from .taylor import Propagator
 
 
+def _label(s: Schedule) -> str:
+    return "mixed" if s.cut is not None else "/".join(s.levels)
+
+
+# candidates estimated within this factor of the best are timed on the first call, when the
+# best is estimated at more than TUNE_MIN_FLOPS (below that, per-call overhead dominates and
+# the estimates rank them well enough)
+TUNE_FACTOR = 2.0
+TUNE_MIN_FLOPS = 2e6
+
+
 def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
                    ) -> Callable[..., Any]:
     """``r`` nested ``jacrev`` of ``flat``; ``chunk_size`` bounds the outermost level only (the
@@ -78,6 +89,10 @@ class Program:
         self.compiler = Compiler(n_static)
         self._compiled = self.compiler.fns  # the compiled graphs, by schedule key
         self.compile_note: str | None = None
+        # schedules whose estimates are close to the best one's: timed on the first call
+        # (see NOTE [Timing close candidates])
+        self.trials: list[Schedule] = []
+        self.notes: list[str] = []
 
     def _seed(self, n: int, d: int, start: int, stop: int, z: Tensor) -> Any:
         if d == 1:
@@ -227,17 +242,43 @@ class Program:
                 results.append(self.assemble(D, k))
             value: Any = tuple(results)
         else:
-            s = self.schedules[0]
-            if s.cut is not None:
-                D, aux = self.dense_mixed(s, z, others)
-            else:
-                D, aux = self.dense(s.reverse_levels, s.forward_degree, z, others)
+            if self.trials:
+                self._time_trials(z, others)
+            D, aux = self._run_schedule(self.schedules[0], z, others)
             value = self.assemble(D, self.order)
         aux_leaves, mutations = self.split.split_aux(list(aux or ()))
         write_back(targets, mutations)
         if self.has_aux:
             return value, pytree.tree_unflatten(aux_leaves, self.layout.aux_spec)
         return value
+
+    def _run_schedule(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
+        if s.cut is not None:
+            return self.dense_mixed(s, z, others)  # type: ignore[no-any-return]
+        return self.dense(s.reverse_levels, s.forward_degree, z, others)
+
+    def _time_trials(self, z: Tensor, others: list[Tensor]) -> None:
+        """NOTE [Timing close candidates]
+        The cost model ranks schedules by estimated FLOPs, which is blind to per-op overhead,
+        kernel efficiency and memory traffic. When other candidates are estimated within
+        ``TUNE_FACTOR`` of the best and the work is large enough to matter, the first call
+        runs each once to compile it, then times one run of each and keeps the fastest (as
+        cuDNN's benchmark mode does); the plan reports the times and the choice."""
+        import time
+
+        trials, self.trials = self.trials, []
+        times = []
+        for s in trials:
+            self._run_schedule(s, z, others)  # compile
+            t = time.perf_counter()
+            self._run_schedule(s, z, others)
+            times.append(time.perf_counter() - t)
+        best = min(range(len(trials)), key=times.__getitem__)
+        chosen = trials[best]
+        self.schedules = [chosen] + [s for s in self.schedules if s is not chosen]
+        self.notes.append("timed on the first call: " + "; ".join(
+            f"{_label(s)} {1e3 * t:.3f} ms" for s, t in zip(trials, times))
+            + f" -> kept {_label(chosen)}")
 
     # ------------------------------------------------------------------- assembly
     def assemble(self, D: Tensor, k: int) -> Any:
@@ -330,12 +371,44 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
             continue
         graphs, direct = prepared
         ordered = [best] + [s for s in schedules if s is not best]
+        trials = [best]
+        if not all_orders and mode == "auto" and best.est_flops >= TUNE_MIN_FLOPS:
+            for s in ordered[1:]:
+                if len(trials) == 3 or s.est_flops > TUNE_FACTOR * best.est_flops:
+                    break
+                if not _fits(name, s, req.chunk_size, z, chunk):
+                    continue  # the program runs one chunk size for all its schedules
+                more = _prepare(s, g0, chunk, z, others)
+                if not isinstance(more, str):
+                    graphs.update(more[0])
+                    direct.update(more[1])
+                    trials.append(s)
         program = Program(split, order, ordered, graphs, chunk, all_orders, req.has_aux,
                           n_static, direct)
+        if len(trials) > 1:
+            program.trials = trials
         return program, None, ordered
     if memory_error is not None and not reasons:
         raise memory_error
     return None, "; ".join(dict.fromkeys(reasons)), []
+
+
+def _fits(name: str, s: Schedule, chunk_size: int | None, z: Tensor,
+          chunk: int | None) -> bool:
+    """Schedule ``s`` fits in memory with the chunk size ``chunk`` chosen for the best one."""
+    try:
+        return _chunk_of(name, s, z, chunk_size) == chunk
+    except ValueError:
+        return False
+
+
+def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) -> int | None:
+    if s.cut is not None:
+        choose_chunk(name, result_bytes=s.est_peak_bytes, per_direction_bytes=1.0,
+                     directions=1, chunk_size=None, device=z.device)
+    return choose_chunk(name, result_bytes=s.result_bytes,
+                        per_direction_bytes=s.per_direction_bytes, directions=s.directions,
+                        chunk_size=chunk_size, device=z.device)
 
 
 def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
@@ -360,6 +433,24 @@ def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor
         if problems:
             return "; ".join(problems)
     return graphs, direct
+
+
+def _fits(name: str, s: Schedule, chunk_size: int | None, z: Tensor,
+          chunk: int | None) -> bool:
+    """Schedule ``s`` fits in memory with the chunk size ``chunk`` chosen for the best one."""
+    try:
+        return _chunk_of(name, s, z, chunk_size) == chunk
+    except ValueError:
+        return False
+
+
+def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) -> int | None:
+    if s.cut is not None:
+        choose_chunk(name, result_bytes=s.est_peak_bytes, per_direction_bytes=1.0,
+                     directions=1, chunk_size=None, device=z.device)
+    return choose_chunk(name, result_bytes=s.result_bytes,
+                        per_direction_bytes=s.per_direction_bytes, directions=s.directions,
+                        chunk_size=chunk_size, device=z.device)
 
 
 def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
