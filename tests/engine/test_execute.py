@@ -49,23 +49,37 @@ def test_plain_call_uses_torchscript_and_matches():
     assert [e.executor for e in _executables(net)] == ["torchscript"]
 
 
-def test_autograd_through_the_transform_runs_the_whole_graph_by_torchscript():
-    """Weights that require grad, grad mode on: the result carries autograd history (recorded
-    op by op as eager code records it) and its gradient with respect to the weights matches
-    torch.func's."""
+def test_autograd_through_the_transform_recomputes_then_records():
+    """Weights that require grad, grad mode on: the result carries autograd history and its
+    gradients (first and second order) with respect to the weights match torch.func's. The
+    first call runs the fast path under one recompute node (NOTE [Recompute]); once a backward
+    pass has asked for history, calls record it directly."""
     net = _net(1)
     x = torch.randn(3, dtype=DT)
     h = xafunc.xhessian(net)
     out = h(x)
-    assert out.requires_grad
-    assert [e.executor for e in _executables(net)] == ["torchscript (autograd)"]
+    assert out.requires_grad and type(out.grad_fn).__name__ == "_RecomputeBackward"
+    (exe,) = _executables(net)
+    assert exe.executor == "torchscript" and not exe.recording
     params = list(net.parameters())
 
-    def grads(value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def grads(value: torch.Tensor, create: bool = False) -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(value.square().sum(), params, allow_unused=True,
-                                   materialize_grads=True)
+                                   materialize_grads=True, create_graph=create)
 
-    assert_tree_close(grads(out), grads(jacrev(jacrev(net))(x)))
+    expected = grads(jacrev(jacrev(net))(x))
+    assert_tree_close(grads(out), expected)
+    assert exe.recording  # the backward pass switched this graph to recording
+    again = h(x)
+    assert type(again.grad_fn).__name__ != "_RecomputeBackward"
+    assert_tree_close(grads(again), expected)
+    # double backward through the recompute node
+    fresh = _net(1)
+    w0, w1 = list(fresh.parameters())[0], list(fresh.parameters())[2]
+    g = torch.autograd.grad(xafunc.xhessian(fresh)(x).square().sum(), w0, create_graph=True)[0]
+    g_ref = torch.autograd.grad(jacrev(jacrev(fresh))(x).square().sum(), w0,
+                                create_graph=True)[0]
+    assert_tree_close(torch.autograd.grad(g.sum(), w1)[0], torch.autograd.grad(g_ref.sum(), w1)[0])
 
 
 def test_in_place_weight_updates_are_seen():

@@ -97,6 +97,7 @@ class Executable:
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
         self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
         self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
+        self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         self._template = _template(out_node.args[0])[1]
         self.executor = "fx"
@@ -111,30 +112,85 @@ class Executable:
 
     def __call__(self, *args: Any) -> Any:
         mode = call_kind(args)
-        if mode == "plain" and not _needs_grad((*args, *self.consts)):
-            if self._fast is None:
-                self._fast = self._build(args)
-            if self._fast is not _FAILED:
-                return self._fast(args)
-        elif mode != "other":
-            if self._full is None:
-                self._full = _full_trace(self.gm, args)
-                if self._full is not _FAILED:
-                    self.executor = "torchscript (autograd)"
-            if self._full is not _FAILED:
-                with torch.jit.optimized_execution(False):
-                    return _fill(self._template, self._full(*args))
+        if mode == "plain":
+            needs_grad = _needs_grad((*args, *self.consts))
+            if not (needs_grad and self.recording) and self._fast_path(args) is not _FAILED:
+                if not needs_grad:
+                    return self._fast(args)
+                # weights require grad: the result must carry autograd history, which is
+                # recorded only if a backward pass ever asks for it (NOTE [Recompute])
+                return _fill(self._template, _Recompute.apply(self, *args))
+        if mode != "other" and self._full_path(args) is not _FAILED:
+            with torch.jit.optimized_execution(False):
+                return _fill(self._template, self._full(*args))
         return self.gm(*args)
+
+    def _fast_path(self, args: tuple[Any, ...]) -> Any:
+        if self._fast is None:
+            self._fast = self._build(args)
+        return self._fast
+
+    def _full_path(self, args: tuple[Any, ...]) -> Any:
+        if self._full is None:
+            self._full = _full_trace(self.gm, args)
+            if self._full is not _FAILED and self.executor == "fx":
+                self.executor = "torchscript (autograd)"
+        return self._full
 
     def _build(self, args: tuple[Any, ...]) -> Any:
         try:
             fast = _FastPath(self.gm, self.n_static)
             fast.trace(args)
         except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
-            self.executor = "fx"
             return _FAILED
         self.executor = fast.executor
         return fast
+
+
+class _Recompute(torch.autograd.Function):
+    """NOTE [Recompute]
+    A call whose weights require grad under grad mode must return results with autograd
+    history -- torch.func's would have it -- but most such calls (evaluating derivatives of an
+    ``nn.Module``, whose parameters require grad by default) never run a backward pass, and
+    recording every op of a derivative graph costs 2-4x its run time. So the graph runs on the
+    fast path without recording, under one node of this function; its backward recomputes
+    the graph with autograd recording (the whole graph by TorchScript, as eager code would
+    record it) and differentiates that, ``create_graph`` included for double backward. The
+    first backward marks the graph as *recording*: a training loop, which backpropagates every
+    step, then records directly from the next call on instead of recomputing."""
+
+    @staticmethod
+    def forward(ctx: Any, exe: Executable, *args: Tensor) -> Any:  # type: ignore[override]
+        ctx.exe = exe
+        ctx.save_for_backward(*args)
+        with torch.no_grad():
+            flat = _flatten_like(exe._fast(args), exe._template)
+        ctx.mark_non_differentiable(*[t for t in flat if not (t.is_floating_point()
+                                                               or t.is_complex())])
+        return tuple(flat)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        exe: Executable = ctx.exe
+        exe.recording = True
+        args = ctx.saved_tensors
+        wanted = [i for i, a in enumerate(args) if a.requires_grad]
+        create = torch.is_grad_enabled()  # a double backward asks for the graph of these
+        with torch.enable_grad():
+            if exe._full_path(args) is not _FAILED:
+                with torch.jit.optimized_execution(False):
+                    outs = list(exe._full(*args))
+            else:
+                outs = _flatten_like(exe.gm(*args), exe._template)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                      [g for _, g in pairs], allow_unused=True,
+                                      create_graph=create) if pairs else ()
+        result: list[Any] = [None] * len(args)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, *result)
 
 
 def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
