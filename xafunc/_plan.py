@@ -137,9 +137,10 @@ _EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that
 
 
 def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
-               lifted: tuple[Tensor, ...]) -> Plan:
-    """Choose and prepare the computation of ``req`` for one capture (validates the call)."""
-    name = req.transform
+               lifted: tuple[Tensor, ...], name: str | None = None) -> Plan:
+    """Choose and prepare the computation of ``req`` for one capture (validates the call;
+    errors are reported under ``name``, the public transform called)."""
+    name = name or req.transform
     argnums = normalize_argnums(name, req.argnums, len(args))
     check_diff_args(name, args, argnums)
     in_numel = sum(leaf.numel() for a in argnums for leaf in pytree.tree_leaves(args[a]))
@@ -151,7 +152,7 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
         return _reference_plan(req, argnums, in_numel, None, level_local_reason(cap), None)
     split = Split(name, cap, args, kwargs, argnums, req.int_argnums, req.has_aux)
     m = split.layout.m
-    common = dict(transform=name, order=req.order, argnums=argnums, in_numel=in_numel,
+    common = dict(transform=req.transform, order=req.order, argnums=argnums, in_numel=in_numel,
                   out_numel=m, result_numel=m * in_numel ** req.order)
     if in_numel == 0 or m == 0:
         return Plan(strategy="engine", schedule=(), details=["empty result: nothing to compute"],
@@ -167,7 +168,7 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
         from ._engine.program import compile_program
 
         z, others = _examples(split, args, kwargs, lifted)
-        program, reason, schedules = compile_program(req, split, z, others, len(lifted))
+        program, reason, schedules = compile_program(req, split, z, others, len(lifted), name)
         if program is not None:
             best = schedules[0]
             details = [] if program.chunk_size is None or program.chunk_size == req.chunk_size \

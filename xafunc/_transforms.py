@@ -24,17 +24,18 @@ from ._typing import Argnums, Func, Mode
 class _Transform:
     """The callable behind every transform: a function and a :class:`Request`."""
 
-    __slots__ = ("func", "request")
+    __slots__ = ("func", "request", "name")
 
     def __init__(self, func: Func, request: Request) -> None:
         self.func = func
         self.request = request
+        self.name = request.transform  # the public name errors are reported under
 
     def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Plan, Any]:
         entry, lifted = CACHE.lookup(self.func, args, kwargs)
         plan = entry.plans.get(self.request)
         if plan is None:
-            plan = build_plan(self.request, entry, args, kwargs, lifted)
+            plan = build_plan(self.request, entry, args, kwargs, lifted, self.name)
             entry.plans[self.request] = plan
         return plan, lifted
 

@@ -313,14 +313,15 @@ class Program:
         return pytree.tree_unflatten(outs, lay.out_spec)
 
 
-def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_static: int
-                    ) -> tuple[Program | None, str | None, list[Schedule]]:
+def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_static: int,
+                    name: str | None = None) -> tuple[Program | None, str | None, list[Schedule]]:
     """Plan ``req`` on a capture; returns ``(program, None, schedules)`` or
     ``(None, reason, [])``. ``z`` and ``others`` are example inputs (shapes only).
 
     Raises ``ValueError`` when the chosen schedule cannot fit in memory even in chunks.
     """
-    name, order, mode, all_orders = req.transform, req.order, req.mode, req.all_orders
+    order, mode, all_orders = req.order, req.mode, req.all_orders
+    name = name or req.transform
     try:
         g0 = split.flat_graph([z, *others])
     except CaptureError as e:
