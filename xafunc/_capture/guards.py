@@ -263,7 +263,9 @@ class _Walker:
 
     def scalar(self, obj: Any, v: str, where: str) -> None:
         t = type(obj)
-        if t is float and (obj == 0.0 or obj != obj):  # -0.0 vs 0.0, nan
+        if t is bool:
+            self.guard(f"{v} is {obj}", f"{where} is {obj}")
+        elif t is float and (obj == 0.0 or obj != obj):  # -0.0 vs 0.0, nan
             self.guard(f"type({v}) is float and _same_float({v}, {obj!r})",
                        f"{where} == {obj!r}")
         elif t in (type(None), type(Ellipsis), type(NotImplemented)):
@@ -389,20 +391,29 @@ class _Walker:
                     self.guard(f"not {hv}", f"no global module hooks ({name})")
         d = vars(m)
         dv = self.var(f"{v}.__dict__")
-        keys = [k for k in d if k not in _MODULE_SKIP]
         self.guard(f"len({dv}) == {len(d)}", f"{where} has the same attributes")
-        for k in keys:
+        empty_hooks = [k for k in d if k.startswith("_forward") and isinstance(d[k], dict)
+                       and not d[k] and k not in _MODULE_SKIP]
+        if empty_hooks:  # one check for all the (usually empty) hook tables
+            self.guard(" or ".join(f"{dv}[{k!r}]" for k in empty_hooks).join(("not (", ")")),
+                       f"{where} has no forward hooks")
+        for k in d:
+            if k in _MODULE_SKIP or k in empty_hooks:
+                continue
             value = d[k]
-            kv = self.var(f"{dv}[{k!r}]")
             label = f"{where}.{k}"
             if k in ("_parameters", "_buffers", "_modules"):
-                self.guard(f"{_keys(kv)} == {self.const(tuple(value))}", f"{label} keys")
+                kv = self.var(f"{dv}[{k!r}]")
+                if k == "_modules":  # iteration order matters (``nn.Sequential``)
+                    self.guard(f"{_keys(kv)} == {self.const(tuple(value))}", f"{label} keys")
+                else:  # read by name: the count catches an added or removed entry
+                    self.guard(f"len({kv}) == {len(value)}", f"{label} keys")
                 for name, item in value.items():
                     self.walk(item, self.var(f"{kv}[{name!r}]"), f"{where}.{name}", depth + 1)
-            elif k.startswith("_forward") and isinstance(value, dict) and not value:
-                self.guard(f"not {kv}", f"{label} is empty")
+            elif type(value) is bool:  # the training flag and other switches
+                self.guard(f"{dv}[{k!r}] is {value}", f"{label} is {value}")
             else:
-                self.walk(value, kv, label, depth + 1)
+                self.walk(value, self.var(f"{dv}[{k!r}]"), label, depth + 1)
         if not _library_class(cls):
             self.class_body(cls, v, where, depth)
 
@@ -567,11 +578,19 @@ def compile_guards(w: Walk, used: list[int], baked: list[int] = ()) -> GuardSet:
         lt = w.lifted[i]
         t = lt.tensor
         k = len(consts)
-        consts[f"K{k}"], consts[f"K{k + 1}"], consts[f"K{k + 2}"] = t.dtype, t.shape, t.device
+        consts[f"K{k}"], consts[f"K{k + 1}"] = t.dtype, t.shape
         descriptions.append(f"{lt.where} is a tensor of shape {tuple(t.shape)}, {t.dtype}, "
                             f"on {t.device}")
+        # a tenth of the cost of comparing ``device`` objects
+        if t.device.type == "cpu":
+            where_ = f"{lt.var}.is_cpu"
+        elif t.device.type == "cuda":
+            where_ = f"{lt.var}.is_cuda and {lt.var}.get_device() == {t.get_device()}"
+        else:
+            consts[f"K{k + 2}"] = t.device
+            where_ = f"{lt.var}.device == K{k + 2}"
         lines.append(f"if not (isinstance({lt.var}, _Tensor) and {lt.var}.dtype is K{k} and "
-                     f"{lt.var}.shape == K{k + 1} and {lt.var}.device == K{k + 2}): "
+                     f"{lt.var}.shape == K{k + 1} and {where_}): "
                      f"return {len(descriptions) - 1}")
         out.append(lt.var)
     body = "\n        ".join(lines) or "pass"
