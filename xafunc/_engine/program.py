@@ -356,13 +356,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
     memory_error: ValueError | None = None
     for best in schedules:
         try:
-            if best.cut is not None:  # mixed schedules run unchunked: they must fit whole
-                choose_chunk(name, result_bytes=best.est_peak_bytes, per_direction_bytes=1.0,
-                             directions=1, chunk_size=None, device=z.device)
-            chunk = choose_chunk(name, result_bytes=best.result_bytes,
-                                 per_direction_bytes=best.per_direction_bytes,
-                                 directions=best.directions, chunk_size=req.chunk_size,
-                                 device=z.device)
+            chunk = _chunk_of(name, best, z, req.chunk_size)
         except ValueError as e:
             memory_error = memory_error or e
             continue
@@ -404,48 +398,8 @@ def _fits(name: str, s: Schedule, chunk_size: int | None, z: Tensor,
 
 
 def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) -> int | None:
-    if s.cut is not None:
-        choose_chunk(name, result_bytes=s.est_peak_bytes, per_direction_bytes=1.0,
-                     directions=1, chunk_size=None, device=z.device)
-    return choose_chunk(name, result_bytes=s.result_bytes,
-                        per_direction_bytes=s.per_direction_bytes, directions=s.directions,
-                        chunk_size=chunk_size, device=z.device)
-
-
-def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
-             others: list[Any]) -> tuple[dict[int, Any], dict[int, Any]] | str:
-    """The graphs schedule ``s`` runs (its reverse levels traced over the captured graph), or
-    why the engine cannot run them."""
-    graphs: dict[int, Any] = {0: g0}
-    direct: dict[int, Callable[..., Any]] = {}
-    r = s.reverse_levels
-    if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
-        # pure reverse mode with chunking or several levels: tracing would unroll every
-        # chunk and level into one huge graph; torch.func runs it directly, still on the
-        # captured graph (see NOTE [Schedules])
-        direct[r] = _jacrev_levels(g0, r, chunk)
-    elif r:
-        try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
-            graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
-                                             else None), [z, *others])
-        except CaptureError as e:
-            return f"capture of the reverse levels failed ({e})"
-        problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
-        if problems:
-            return "; ".join(problems)
-    return graphs, direct
-
-
-def _fits(name: str, s: Schedule, chunk_size: int | None, z: Tensor,
-          chunk: int | None) -> bool:
-    """Schedule ``s`` fits in memory with the chunk size ``chunk`` chosen for the best one."""
-    try:
-        return _chunk_of(name, s, z, chunk_size) == chunk
-    except ValueError:
-        return False
-
-
-def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) -> int | None:
+    """The chunk size schedule ``s`` runs with (``ValueError`` if it cannot fit); mixed
+    schedules run unchunked, so they must fit whole."""
     if s.cut is not None:
         choose_chunk(name, result_bytes=s.est_peak_bytes, per_direction_bytes=1.0,
                      directions=1, chunk_size=None, device=z.device)
