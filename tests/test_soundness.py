@@ -455,3 +455,16 @@ def test_request_that_cannot_fit_fails_before_allocating(monkeypatch):
     net2 = _mlp([4, 256, 4])
     with pytest.raises(ValueError, match=r"chunk_size=1000 needs about .* Pass chunk_size="):
         xderiv(net2, 3, chunk_size=1000, mode="forward")(torch.randn(4))
+
+
+def test_batch_that_cannot_fit_under_vmap_fails_before_allocating(monkeypatch):
+    import xafunc._engine.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 ** 20)
+    f = lambda x: torch.tanh(x @ torch.ones(8, 64, dtype=F64)).sum()  # noqa: E731
+    with pytest.raises(ValueError, match=r"xhessian: under vmap, a batch of 4096 samples needs "
+                                         r"about .* chunk_size=\d+ .* to torch.func.vmap"):
+        torch.func.vmap(xafunc.xhessian(f))(torch.randn(4096, 8, dtype=F64))
+    xs = torch.randn(4, 8, dtype=F64)
+    assert_tree_close(torch.func.vmap(xafunc.xhessian(f))(xs),
+                      torch.func.vmap(reference_deriv(f, 2))(xs))

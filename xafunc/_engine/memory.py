@@ -74,3 +74,19 @@ def choose_chunk(name: str, *, result_bytes: float, per_direction_bytes: float,
             f"{where} is available. {_REMEDY}"
         )
     return fit
+
+
+def check_batch(name: str, per_sample_bytes: float, batch: int, device: torch.device,
+                budget: float | None = None) -> None:
+    """Under ``vmap`` every sample's computation runs at once: refuse a batch whose estimated
+    peak cannot fit, before allocating, naming the sizes and the remedy."""
+    if budget is None:
+        budget = BUDGET_FRACTION * available_bytes(device)
+    need = per_sample_bytes * batch
+    if need > budget:
+        fit = max(int(budget // max(per_sample_bytes, 1.0)), 1)
+        raise ValueError(
+            f"{name}: under vmap, a batch of {batch} samples needs about {fmt_bytes(need)} "
+            f"({fmt_bytes(per_sample_bytes)} per sample) but only {fmt_bytes(budget)} of "
+            f"{device.type} memory is available. Pass a smaller batch, or chunk_size={fit} "
+            "(or smaller) to torch.func.vmap, or spread the batch over more processes.")

@@ -37,8 +37,22 @@ from .interpolate import (
     num_directions,
     symmetric_tensor,
 )
-from .memory import choose_chunk
+from .memory import check_batch, choose_chunk
 from .taylor import Propagator
+
+
+def _vmap_batch(t: Tensor) -> int:
+    """How many samples ``vmap`` levels around us run at once (1 outside ``vmap``)."""
+    fx = torch._C._functorch
+    batch = 1
+    while fx.is_functorch_wrapped_tensor(t):
+        if fx.is_batchedtensor(t):
+            inner = fx.get_unwrapped(t)
+            batch *= inner.shape[fx.maybe_get_bdim(t)]
+            t = inner
+        else:
+            t = fx.get_unwrapped(t)
+    return batch
 
 
 def _label(s: Schedule) -> str:
@@ -77,8 +91,10 @@ class Program:
     def __init__(self, split: Split, order: int, schedules: list[Schedule],
                  graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
                  all_orders: bool, has_aux: bool, n_static: int,
-                 direct: dict[int, Callable[..., Any]] | None = None) -> None:
+                 direct: dict[int, Callable[..., Any]] | None = None,
+                 name: str = "xderiv") -> None:
         self.split, self.layout, self.order = split, split.layout, order
+        self.name = name
         self.has_aux = has_aux
         self.schedules = schedules
         self.props = {r: Propagator(g) for r, g in graphs.items()}
@@ -230,6 +246,9 @@ class Program:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                  lifted: tuple[Tensor, ...]) -> Any:
         z, others, targets = self.split.inputs(args, kwargs, lifted)
+        batch = _vmap_batch(z)
+        if batch > 1:
+            check_batch(self.name, self.schedules[0].est_peak_bytes, batch, z.device)
         if self.all_orders:
             results = []
             aux = None
@@ -379,7 +398,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                     direct.update(more[1])
                     trials.append(s)
         program = Program(split, order, ordered, graphs, chunk, all_orders, req.has_aux,
-                          n_static, direct)
+                          n_static, direct, name)
         if len(trials) > 1:
             program.trials = trials
         return program, None, ordered
