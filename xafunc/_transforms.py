@@ -58,10 +58,21 @@ def _make(
     all_orders: bool = False,
 ) -> _Transform:
     V.check_callable(name, func)
-    request = Request(name, V.check_order(name, order), V.check_argnums(name, argnums),
-                      V.check_bool(name, "has_aux", has_aux), V.check_mode(name, mode),
-                      V.check_chunk_size(name, chunk_size), all_orders)
+    # transforms are built inline, every call: validate each distinct set of parameters once
+    # (by repr: True and 1 must not share an entry)
+    key = (name, repr(order), repr(argnums), repr(has_aux), repr(mode), repr(chunk_size),
+           all_orders)
+    request = _REQUESTS.get(key)
+    if request is None:
+        request = Request(name, V.check_order(name, order), V.check_argnums(name, argnums),
+                          V.check_bool(name, "has_aux", has_aux), V.check_mode(name, mode),
+                          V.check_chunk_size(name, chunk_size), all_orders)
+        if len(_REQUESTS) < 4096:
+            _REQUESTS[key] = request
     return _Transform(func, request)
+
+
+_REQUESTS: dict[Any, Request] = {}
 
 
 def _wrap(func: Func, call: Callable[..., Any]) -> Callable[..., Any]:
