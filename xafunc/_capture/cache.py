@@ -124,8 +124,8 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
     """``(key, leaves, spec, objects)`` of a call; ``leaves``/``spec`` are None on the fast
     path (every argument a tensor), where the arguments are the leaves."""
     if not kwargs and all(type(a) is Tensor for a in args):
-        key = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
-        return (key, _global_state()), None, None, []
+        fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
+        return (fast, _global_state()), None, None, []
     leaves, spec = pytree.tree_flatten((args, kwargs))
     objects: list[Any] = []
     key = (spec, tuple(_leaf_key(leaf, objects) for leaf in leaves))
@@ -254,8 +254,8 @@ def _prune_lifted(cap: Captured, n_lifted: int) -> list[int]:
         return []
     first_main = cap.n_args + cap.n_random
     main = [n for n in cap.graph.graph.nodes if n.op == "placeholder"][first_main:]
-    pro = [n for n in cap.prologue.graph.nodes if n.op == "placeholder"][cap.n_args:] \
-        if cap.prologue is not None else [None] * n_lifted
+    pro: list[Any] = [n for n in cap.prologue.graph.nodes if n.op == "placeholder"][
+        cap.n_args:] if cap.prologue is not None else [None] * n_lifted
     mutated = {i - cap.n_args for i in cap.mutated if i >= cap.n_args}
     used = [i for i in range(n_lifted)
             if main[i].users or (pro[i] is not None and pro[i].users) or i in mutated]

@@ -50,7 +50,7 @@ import sysconfig
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,7 +437,7 @@ class _Walker:
             raise Unguardable(f"{where} is a dict with non-scalar keys")
         self.guard(f"type({v}) is {self.const(t)} and {_keys(v)} == {self.const(keys)}",
                    f"{where} has keys {list(keys)[:8]}")
-        if t is defaultdict:
+        if isinstance(obj, defaultdict):
             self.walk(obj.default_factory, self.var(f"{v}.default_factory"),
                       f"{where}.default_factory", depth + 1)
         for k in keys:
@@ -556,7 +556,7 @@ class GuardSet:
         return self.descriptions[code]
 
 
-def compile_guards(w: Walk, used: list[int], baked: list[int] = ()) -> GuardSet:
+def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> GuardSet:
     """The guard function of walk ``w`` returning the lifted tensors at indices ``used``.
 
     Each lifted tensor returned is checked for the shape, dtype and device it was traced with,

@@ -106,11 +106,12 @@ def _seed_view(node: torch.fx.Node, name: str, seed_views: set[Any]) -> bool:
         if name == "t":
             perm = list(range(nd))[::-1]
         elif name == "permute":
-            perm = [d % max(nd, 1) for d in node.args[1]]
+            perm = [int(d) % max(nd, 1) for d in node.args[1]]  # type: ignore[union-attr,arg-type]
         else:
             perm = list(range(nd))
             if nd:
-                d0, d1 = node.args[1] % nd, node.args[2] % nd
+                d0 = int(node.args[1]) % nd  # type: ignore[arg-type]
+                d1 = int(node.args[2]) % nd  # type: ignore[arg-type]
                 perm[d0], perm[d1] = perm[d1], perm[d0]
         return _keeps_order(tuple(src.shape), perm)
     return False

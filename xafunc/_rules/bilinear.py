@@ -7,6 +7,7 @@ direction dimensions pair up elementwise.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -415,6 +416,6 @@ def _convolution_backward(
             continue
         K = _order(grad, other)
         ga, ob = materialize(grad), materialize(other)
-        results.append(Series(y0, [cauchy(ga, ob, k, lambda p, q, i=i: part(i, p, q))
-                                   for k in range(1, K + 1)]))
+        mul = functools.partial(part, i)
+        results.append(Series(y0, [cauchy(ga, ob, k, mul) for k in range(1, K + 1)]))
     return results[0], results[1], results[2]

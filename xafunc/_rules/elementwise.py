@@ -429,7 +429,7 @@ def _mod_rule(op: Any, rounding: str) -> Callable[..., Series]:
             cb = b.coeff(k) if isinstance(b, Series) else None
             acc = None if ca is None else lift(ca, nd)
             if cb is not None:
-                t = lift(cb, nd) * quot
+                t = lift(cb, nd) * quot  # type: ignore[operator]  # set when b varies
                 acc = -t if acc is None else acc - t
             coeffs.append(None if acc is None else _expand_to(acc, shape))
         return Series(y0, coeffs)
