@@ -279,7 +279,10 @@ def test_fallback_is_right_where_torch_nested_derivatives_are_wrong():
 
 
 @pytest.mark.fallback
-def test_uncapturable_function_reference_decomposes_the_norms():
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_uncapturable_function_reference_decomposes_the_norms(order):
+    """The formulas are applied from order 3 (nested jacrev of the norms is right to order 2),
+    with and without auxiliary outputs."""
     def f(x):
         if x.sum() > 0:  # data-dependent control flow: nothing to capture
             return F.layer_norm(x, (4,)).sin()
@@ -289,8 +292,11 @@ def test_uncapturable_function_reference_decomposes_the_norms():
         return _layer_norm(x).sin() if x.sum() > 0 else _layer_norm(x).cos()
 
     x = _x(4).abs() + 0.1
-    assert "capture failed" in xafunc.plan(f, 3)(x).fallback
-    assert_tree_close(xderiv(f, 3)(x), reference_deriv(oracle, 3)(x))
+    assert "capture failed" in xafunc.plan(f, order)(x).fallback
+    expected = reference_deriv(oracle, order)(x)
+    assert_tree_close(xderiv(f, order)(x), expected)
+    d, aux = xderiv(lambda x: (f(x), x * 2), order, has_aux=True)(x)
+    assert_tree_close((d, aux), (expected, x * 2))
 
 
 @pytest.mark.fallback
