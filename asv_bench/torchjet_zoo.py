@@ -7,8 +7,7 @@ It needs Python >= 3.12 and torch >= 2.10, so it runs in its own virtual environ
 this checkout on ``PYTHONPATH`` and opt_einsum)::
 
     ~/.pyenv/versions/3.12.1/bin/python -m venv /tmp/jetenv
-    /tmp/jetenv/bin/pip install torch==2.13.0 jet-for-pytorch opt_einsum   # a CPU wheel of
-                                                     # torch for cp312 is needed: see below
+    /tmp/jetenv/bin/pip install torch==2.13.0 jet-for-pytorch opt_einsum   # see below
     PYTHONPATH=. /tmp/jetenv/bin/python asv_bench/torchjet_zoo.py --json torchjet.json
     python asv_bench/zoo_table.py --load zoo.json --merge torchjet.json
 
@@ -27,10 +26,9 @@ zoo's inline calls. Each result is checked against torch.func on the same model 
 first baseline) before timing; timing is as in ``zoo_table.py`` (interleaved rounds, samples of
 about ``--sample-ms``, median of ``--repeat``).
 
-What blocks it on the project's CPU machines (2026-11): the only torch wheel on their disk is
-for CPython 3.11, and PyPI's torch 2.13.0 for cp312 on Linux x86_64 is the CUDA build (it pulls
-about 3 GB of ``nvidia-*`` packages); no CPU build for cp312 is reachable. Where one is (or the
-CUDA build is acceptable) the commands above run unchanged.
+On the project's CPU machines the only torch wheel on disk is for CPython 3.11 and no CPU
+build for cp312 is reachable, so the environment above gets PyPI's CUDA build of torch 2.13.0
+for cp312 (about 3 GB of ``nvidia-*`` packages); it runs these CPU cases unchanged.
 """
 
 from __future__ import annotations
