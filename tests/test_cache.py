@@ -354,3 +354,31 @@ def test_engine_runs_under_torch_func_transforms(outer):
     expected = outer(reference_deriv(f, 1) if outer is not grad
                      else (lambda x: reference_deriv(f, 1)(x).sum()))(x)
     assert_tree_close(outer(inner)(x), expected)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_recurrent_modules_are_captured_once(cls, dtype):
+    """``nn.LSTM``/``GRU``/``RNN`` keep a cache of their weights (``_flat_weights`` and weak
+    references to them) that every ``functional_call`` rebuilds: it must not be guarded (a
+    recapture on every call), and on CPU in float32 torch's decomposition must not emit the
+    fused oneDNN layer (no derivative rule)."""
+    torch.manual_seed(0)
+    m = cls(3, 4, batch_first=True).to(dtype)
+    p = dict(m.named_parameters())
+    x = torch.randn(1, 2, 3, dtype=dtype)
+
+    def through_functional_call(p, x):
+        return functional_call(m, p, (x,))[0].sum()
+
+    def direct(x):
+        return m(x)[0].sum()
+
+    for _ in range(3):
+        a = xderiv(through_functional_call, 2, argnums=1)(p, x)
+        b = xderiv(direct, 2)(x)
+    info = xafunc.cache_info()
+    assert (info.misses, info.recaptures, info.hits) == (2, 0, 4), info
+    tol = {} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_tree_close(a, reference_deriv(through_functional_call, 2, argnums=1)(p, x), **tol)
+    assert_tree_close(b, reference_deriv(direct, 2)(x), **tol)

@@ -13,10 +13,10 @@ carry higher-order terms. So the reference differentiates the *captured* graph w
 is one -- decomposed into core operators, whose derivatives are right -- and only otherwise the
 user's function itself, with the normalisation functions replaced by their formulas
 (:class:`SafeNorms`, from order 3: nested ``jacrev`` of the norms is right to order 2, and the
-mode costs a Python call per operator). It nests reverse levels only, except a first-order Jacobian of a wider
-output (forward mode), and falls back to pure reverse nesting if a forward level raises (e.g.
-``torch.cdist`` has no forward-mode formula), so it is never slower than plain nested
-``jacrev`` and never fails where that works.
+mode costs a Python call per operator). It nests reverse levels only, except a first-order
+Jacobian of a wider output (forward mode), and falls back to pure reverse nesting if a forward
+level raises (e.g. ``torch.cdist`` has no forward-mode formula), so it is never slower than
+plain nested ``jacrev`` and never fails where that works.
 
 ``levels`` lists the first-order transform used at each nesting level, innermost first:
 ``("rev", "fwd")`` is ``jacfwd(jacrev(f))``. Every nesting returns the same pytree: for ``k``

@@ -206,7 +206,14 @@ class _CaptureOverrides(TorchFunctionMode):
                            ) -> Any:
         impl = _CELLS.get(func)
         if impl is None and func in _SEQUENCES:
-            impl = _sequence_impl(func, args)
+            # without oneDNN: on CPU torch's ``lstm`` decomposition otherwise emits the fused
+            # ``mkldnn_rnn_layer``, which has no derivative rule
+            enabled = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+            try:
+                return _sequence_impl(func, args)(*args, **(kwargs or {}))
+            finally:
+                torch._C._set_mkldnn_enabled(enabled)
         return (impl or func)(*args, **(kwargs or {}))
 
 

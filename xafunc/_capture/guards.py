@@ -80,6 +80,9 @@ _MODULE_SKIP = frozenset({
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_backward_hooks",
     "_backward_pre_hooks", "_is_full_backward_hook", "_version",
+    # RNNBase: a cache of its weight attributes (which are lifted) that ``forward`` rebuilds
+    # whenever the weak references no longer point at them, as after every ``functional_call``
+    "_flat_weights", "_flat_weight_refs",
 })
 _GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                         "_global_forward_hooks_always_called",
