@@ -224,6 +224,33 @@ def test_inexact_pass_fuses_products():
     _bitwise(gm(*args), fn(*args))
 
 
+def test_inexact_pass_batched_product_with_a_shared_matrix_is_one_mm():
+    """``matmul`` of a non-contiguous batch by a weight expands the weight and calls ``bmm``
+    (and under autograd sums an ``(N, k, n)`` per-batch weight gradient): pass 10 makes it one
+    ``mm``, with the weight on either side; values and gradients agree, also under ``vmap``."""
+    a = torch.randn(6, 4, 5, dtype=DT).transpose(1, 2)  # (6, 5, 4), not contiguous
+    b = torch.randn(6, 3, 4, dtype=DT).transpose(1, 2)  # (6, 4, 3)
+    w_right, w_left = torch.randn(4, 3, dtype=DT), torch.randn(2, 5, dtype=DT)
+
+    def fn(a, b, w_right, w_left):
+        return torch.matmul(a, w_right), torch.matmul(w_left, a), torch.bmm(a, b)
+
+    args = (a, b, w_right, w_left)
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    assert _ops(gm).count(aten.bmm.default) == 3, gm.code
+    simplify(gm, inexact=True)
+    ops = _ops(gm)
+    assert ops.count(aten.bmm.default) == 1 and ops.count(aten.mm.default) == 2, gm.code
+    assert_tree_close(gm(*args), fn(*args))
+    loss = lambda *xs: sum(o.sin().sum() for o in gm(*xs))  # noqa: E731
+    expected = lambda *xs: sum(o.sin().sum() for o in fn(*xs))  # noqa: E731
+    assert_tree_close(grad(loss, argnums=(0, 1, 2, 3))(*args),
+                      grad(expected, argnums=(0, 1, 2, 3))(*args))
+    batch = torch.randn(2, *a.shape, dtype=DT)
+    assert_tree_close(vmap(gm, in_dims=(0, None, None, None))(batch, b, w_right, w_left),
+                      vmap(fn, in_dims=(0, None, None, None))(batch, b, w_right, w_left))
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)

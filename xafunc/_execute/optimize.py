@@ -57,7 +57,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
 10. Fewer passes over large tensors (on request; exact in real arithmetic, rounding may differ
     in the last place): ``(big * s1) * s2`` is ``big * (s1 * s2)`` for small broadcast
     operands ``s1``, ``s2`` (also through a reshape that only inserts size-1 dimensions),
-    and ``a * b + c`` is ``addcmul(c, a, b)``.
+    ``a * b + c`` is ``addcmul(c, a, b)``, and a ``bmm`` one of whose operands is the same
+    matrix expanded over the batch (what ``matmul`` of a non-contiguous batch by a weight
+    records) is one ``mm``: under autograd the ``bmm`` form would also build the weight's
+    gradient per batch entry and sum it (``_shared_matrix_bmm``).
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
@@ -568,9 +571,55 @@ def _fuse_products(gm: GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or not node.users:
             continue
-        new = _reassociate(gm, node) or _fused_add(gm, node)
+        new = _reassociate(gm, node) or _fused_add(gm, node) or _shared_matrix_bmm(gm, node)
         if new is not None:
             _swap(node, new, outputs)
+
+
+def _broadcast_matrix(gm: GraphModule, node: Any) -> Node | None:
+    """``w`` if ``node`` is ``expand(w, [N, k, n])`` of a ``(k, n)`` matrix, else None."""
+    if not isinstance(node, Node) or node.target is not aten.expand.default:
+        return None
+    src, out = node.args[0], _val(gm, node)
+    v = _val(gm, src)
+    if v is None or out is None or out.dim() != 3 or v.dim() != 2:
+        return None
+    return src if tuple(v.shape) == tuple(out.shape[1:]) else None  # type: ignore[return-value]
+
+
+def _shared_matrix_bmm(gm: GraphModule, node: Node) -> Node | None:
+    """A batched product with one operand the same matrix for every batch entry (``matmul``
+    of a non-contiguous batch by a weight expands the weight and calls ``bmm``) is one ``mm``:
+    ``bmm(a, expand(w))`` -> ``mm(a.reshape(N*m, k), w).reshape(N, m, n)`` and
+    ``bmm(expand(w), b)`` -> ``mm(w, b.permute(1, 0, 2).reshape(k, N*n))`` viewed back. Under
+    autograd the ``bmm`` form also makes the weight's gradient a per-batch ``(N, k, n)`` tensor
+    summed afterwards (a 256x larger intermediate in a PINN training step)."""
+    vals = _real_operands(gm, node, 2) if node.target is aten.bmm.default else None
+    if vals is None:
+        return None
+    (a, b), (va, vb, out) = node.args, vals
+    n_batch, m, k = va.shape
+    n = vb.shape[2]
+    g = node.graph
+    w = _broadcast_matrix(gm, b)
+    if w is not None and _broadcast_matrix(gm, a) is None:
+        with g.inserting_before(node):
+            a2 = _call(node, aten.reshape.default, (a, [n_batch * m, k]),
+                       va.reshape(n_batch * m, k))
+            prod = _call(node, aten.mm.default, (a2, w), out.reshape(n_batch * m, n))
+            return _call(node, aten.reshape.default, (prod, [n_batch, m, n]), out)
+    w = _broadcast_matrix(gm, a)
+    if w is not None and _broadcast_matrix(gm, b) is None:
+        with g.inserting_before(node):
+            bt = _call(node, aten.permute.default, (b, [1, 0, 2]), vb.permute(1, 0, 2))
+            b2 = _call(node, aten.reshape.default, (bt, [k, n_batch * n]),
+                       bt.meta["val"].reshape(k, n_batch * n))
+            prod = _call(node, aten.mm.default, (w, b2), out.new_empty((m, n_batch * n)))
+            p3 = _call(node, aten.reshape.default, (prod, [m, n_batch, n]),
+                       prod.meta["val"].reshape(m, n_batch, n))
+            return _call(node, aten.permute.default, (p3, [1, 0, 2]),
+                         p3.meta["val"].permute(1, 0, 2))
+    return None
 
 
 def _real_operands(gm: GraphModule, node: Node, n: int) -> list[torch.Tensor] | None:
