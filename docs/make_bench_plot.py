@@ -1,7 +1,7 @@
 """Plot xafunc's speedups from ``ratio_table.py --json`` and ``zoo_table.py --json``.
 
     python docs/make_bench_plot.py RESULTS.json [--out speedup.png] [--table table.rst]
-                                   [--zoo ZOO.json]
+                                   [--zoo ZOO.json] [--training TRAINING.json]
 
 Ratio table: speedup is ``best torch.func time / xafunc time`` (``1 / ratio``), one bar per case
 on a log axis, with the target speedup (``1 / target ratio``) marked on each bar. ``--table``
@@ -16,6 +16,10 @@ written next to ``--out``:
   (``W @ x + b``, ``F.linear``, ``nn.Linear``, ``einsum``, ...), as a heat map;
 * ``bench_zoo_summary.rst`` and ``bench_zoo_table.rst``: the geometric means against issue
   11's targets, and every case's numbers.
+
+Training steps (``--training``; by default ``training_results_cpu.json`` beside RESULTS.json):
+``bench_training.png`` (step time of xafunc against the best eager torch.func step, with the
+target ratio marked) and ``bench_training_table.rst``.
 
 ``docs/conf.py`` runs this at every build from the measured JSON committed under
 ``docs/_static/``; nothing in the plots is typed in by hand.
@@ -278,6 +282,67 @@ def write_zoo(path: str, outdir: str) -> None:
         fh.write(zoo_table(data))
 
 
+# ----------------------------------------------------------------------------------------
+# training steps (training_table.py --json)
+def _step_label(c: dict[str, Any]) -> str:
+    return f"{c['label']} [{c['api']}]"
+
+
+def plot_training(data: dict[str, Any], out: str) -> None:
+    """Step time per case and API: xafunc (transform built inline) against the best eager
+    torch.func step, with the issue's target ratio marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in data["cases"] if c.get("best_ms")]
+    labels = [_step_label(c) for c in cases]
+    n = len(cases)
+    fig, ax = plt.subplots(figsize=(8.5, 0.42 * n + 1.6))
+    h = 0.38
+    ys = list(range(n))
+    ax.barh([y - h / 2 for y in ys], [c["best_ms"] for c in cases], height=h,
+            color="tab:blue", label="best eager torch.func step")
+    ax.barh([y + h / 2 for y in ys], [c["xafunc_inline_ms"] for c in cases], height=h,
+            color="tab:red", label="xafunc step (transform built inline)")
+    for y, c in zip(ys, cases):
+        ax.plot([c["best_ms"] * c["target"]] * 2, [y - 0.45, y + 0.45], color="black", lw=1)
+        ax.text(c["xafunc_inline_ms"] * 1.08, y + h / 2, f"{c['ratio_inline']:.2f}",
+                va="center", fontsize=6)
+    ax.set_xscale("log")
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per training step (forward + backward; black tick: the issue's target, "
+                  "ratio printed)", fontsize=8)
+    m = data["meta"]
+    ax.set_title(f"PINN training steps: xafunc {m['xafunc']} ({m.get('commit')}), torch "
+                 f"{m['torch']}, {m['device']} {m['dtype']}, {m.get('threads')} thread(s), "
+                 f"median of {m['repeat']}", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / n - 0.05), ncol=2, fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def training_table(data: dict[str, Any]) -> str:
+    rows = [["case", "API", "xafunc inline ms", "xafunc held ms", "best torch.func",
+             "ms", "ratio (inline)", "target"]]
+    for c in data["cases"]:
+        rows.append([c["label"], c["api"], _ms(c.get("xafunc_inline_ms")),
+                     _ms(c.get("xafunc_ms")), f"``{c.get('best')}``", _ms(c.get("best_ms")),
+                     _r(c.get("ratio_inline")), f"<= {c['target']}"])
+    return _list_table(rows)
+
+
+def write_training(path: str, outdir: str) -> None:
+    data = _load(path)
+    plot_training(data, os.path.join(outdir, "bench_training.png"))
+    with open(os.path.join(outdir, "bench_training_table.rst"), "w") as fh:
+        fh.write(training_table(data))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="speedup plots from ratio_table.py / "
                                  "zoo_table.py --json")
@@ -287,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", help="output of asv_bench/zoo_table.py --json (default: "
                     "zoo_results_cpu.json beside JSON, if it exists); its plots and tables "
                     "go next to --out")
+    ap.add_argument("--training", help="output of asv_bench/training_table.py --json "
+                    "(default: training_results_cpu.json beside JSON, if it exists)")
     opts = ap.parse_args(argv)
     data = _load(opts.json)
     plot(data, opts.out)
@@ -298,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "zoo_results_cpu.json")
     if opts.zoo or os.path.exists(zoo):
         write_zoo(zoo, os.path.dirname(os.path.abspath(opts.out)))
+    training = opts.training or os.path.join(os.path.dirname(os.path.abspath(opts.json)),
+                                             "training_results_cpu.json")
+    if opts.training or os.path.exists(training):
+        write_training(training, os.path.dirname(os.path.abspath(opts.out)))
     return 0
 
 
