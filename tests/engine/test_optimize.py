@@ -15,7 +15,7 @@ import xafunc
 import xafunc._execute.compiler as compile_mod
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc._capture.cache import CACHE
-from xafunc._execute.optimize import simplify
+from xafunc._execute.optimize import for_autograd, simplify
 
 DT = torch.float64
 aten = torch.ops.aten
@@ -224,10 +224,12 @@ def test_inexact_pass_fuses_products():
     _bitwise(gm(*args), fn(*args))
 
 
-def test_inexact_pass_batched_product_with_a_shared_matrix_is_one_mm():
-    """``matmul`` of a non-contiguous batch by a weight expands the weight and calls ``bmm``
-    (and under autograd sums an ``(N, k, n)`` per-batch weight gradient): pass 10 makes it one
-    ``mm``, with the weight on either side; values and gradients agree, also under ``vmap``."""
+def test_autograd_copy_makes_batched_products_with_a_shared_matrix_one_mm():
+    """``matmul`` of a non-contiguous batch by a weight expands the weight and calls ``bmm``;
+    under autograd that sums an ``(N, k, n)`` per-batch weight gradient. The graph run when
+    autograd records (:func:`for_autograd`) has one ``mm`` instead, with the weight on either
+    side, and the original graph is untouched; values and gradients agree, also under
+    ``vmap``."""
     a = torch.randn(6, 4, 5, dtype=DT).transpose(1, 2)  # (6, 5, 4), not contiguous
     b = torch.randn(6, 3, 4, dtype=DT).transpose(1, 2)  # (6, 4, 3)
     w_right, w_left = torch.randn(4, 3, dtype=DT), torch.randn(2, 5, dtype=DT)
@@ -236,19 +238,22 @@ def test_inexact_pass_batched_product_with_a_shared_matrix_is_one_mm():
         return torch.matmul(a, w_right), torch.matmul(w_left, a), torch.bmm(a, b)
 
     args = (a, b, w_right, w_left)
-    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm = simplify(make_fx(fn, tracing_mode="fake")(*args), inexact=True)
     assert _ops(gm).count(aten.bmm.default) == 3, gm.code
-    simplify(gm, inexact=True)
-    ops = _ops(gm)
-    assert ops.count(aten.bmm.default) == 1 and ops.count(aten.mm.default) == 2, gm.code
-    assert_tree_close(gm(*args), fn(*args))
-    loss = lambda *xs: sum(o.sin().sum() for o in gm(*xs))  # noqa: E731
+    ag = for_autograd(gm)
+    assert _ops(gm).count(aten.bmm.default) == 3, gm.code
+    ops = _ops(ag)
+    assert ops.count(aten.bmm.default) == 1 and ops.count(aten.mm.default) == 2, ag.code
+    assert_tree_close(ag(*args), fn(*args))
+    loss = lambda *xs: sum(o.sin().sum() for o in ag(*xs))  # noqa: E731
     expected = lambda *xs: sum(o.sin().sum() for o in fn(*xs))  # noqa: E731
     assert_tree_close(grad(loss, argnums=(0, 1, 2, 3))(*args),
                       grad(expected, argnums=(0, 1, 2, 3))(*args))
     batch = torch.randn(2, *a.shape, dtype=DT)
-    assert_tree_close(vmap(gm, in_dims=(0, None, None, None))(batch, b, w_right, w_left),
+    assert_tree_close(vmap(ag, in_dims=(0, None, None, None))(batch, b, w_right, w_left),
                       vmap(fn, in_dims=(0, None, None, None))(batch, b, w_right, w_left))
+    plain = make_fx(lambda a, b: torch.bmm(a, b), tracing_mode="fake")(a, b)
+    assert for_autograd(plain) is plain  # nothing to change: the graph itself
 
 
 def test_mutating_graph_is_left_alone():

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 
-from .optimize import pure_op
+from .optimize import for_autograd, pure_op
 
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
@@ -132,7 +132,7 @@ class Executable:
 
     def _full_path(self, args: tuple[Any, ...]) -> Any:
         if self._full is None:
-            self._full = _full_trace(self.gm, args)
+            self._full = _full_trace(for_autograd(self.gm), args)
             if self._full is not _FAILED and self.executor == "fx":
                 self.executor = "torchscript (autograd)"
         return self._full

@@ -57,10 +57,11 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
 10. Fewer passes over large tensors (on request; exact in real arithmetic, rounding may differ
     in the last place): ``(big * s1) * s2`` is ``big * (s1 * s2)`` for small broadcast
     operands ``s1``, ``s2`` (also through a reshape that only inserts size-1 dimensions),
-    ``a * b + c`` is ``addcmul(c, a, b)``, and a ``bmm`` one of whose operands is the same
-    matrix expanded over the batch (what ``matmul`` of a non-contiguous batch by a weight
-    records) is one ``mm``: under autograd the ``bmm`` form would also build the weight's
-    gradient per batch entry and sum it (``_shared_matrix_bmm``).
+    and ``a * b + c`` is ``addcmul(c, a, b)``.
+
+:func:`for_autograd` makes the copy of a graph that runs when autograd records: there a ``bmm``
+one of whose operands is the same matrix expanded over the batch (what ``matmul`` of a
+non-contiguous batch by a weight records) is one ``mm``.
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
@@ -69,6 +70,7 @@ another output (aliasing the caller could observe) is skipped. A graph with any 
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from typing import Any
@@ -571,9 +573,34 @@ def _fuse_products(gm: GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or not node.users:
             continue
-        new = _reassociate(gm, node) or _fused_add(gm, node) or _shared_matrix_bmm(gm, node)
+        new = _reassociate(gm, node) or _fused_add(gm, node)
         if new is not None:
             _swap(node, new, outputs)
+
+
+def for_autograd(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` for runs that record autograd history (see NOTE [Fast execution]):
+    every ``bmm`` one of whose operands is a matrix expanded over the batch is one ``mm``
+    (:func:`_shared_matrix_bmm`). Without recording, the ``bmm`` form is as fast or faster (it
+    reads a transposed batch without copying it); under autograd its backward builds the
+    matrix's gradient per batch entry and sums it, an intermediate the batch size times the
+    matrix (256 x 256 x 256 in a PINN training step)."""
+    graph = copy.deepcopy(gm.graph)  # new nodes, the same meta values and constants
+    new = GraphModule(gm, graph)
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.users:
+            mm = _shared_matrix_bmm(new, node)
+            if mm is not None:
+                _swap(node, mm, outputs)
+                changed = True
+    if not changed:
+        return gm
+    graph.eliminate_dead_code()
+    new.recompile()
+    return new
 
 
 def _broadcast_matrix(gm: GraphModule, node: Any) -> Node | None:
