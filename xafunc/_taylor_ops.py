@@ -74,7 +74,8 @@ def _jvp_derivatives(g: Callable[[Tensor], Any], t: Tensor, K: int) -> tuple[Any
 
 # ===================================================================================== jet
 def jet(func: Callable[..., Any], primals: Sequence[Tensor],
-        series: Sequence[Sequence[Tensor | None]]) -> tuple[Any, Any]:
+        series: Sequence[Sequence[Tensor | None]], *, compile: bool = False
+        ) -> tuple[Any, Any]:
     """Push a truncated Taylor series through ``func`` (Taylor-mode automatic differentiation).
 
     The input curve is ``x_i(t) = primals[i] + sum_{k=1..K} series[i][k-1] t^k / k!`` and the
@@ -123,6 +124,7 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
         [0.0, 1.0, 0.0, 0.0, 0.0, -15.0]
     """
     V.check_callable("jet", func)
+    V.check_bool("jet", "compile", compile)
     if isinstance(primals, Tensor) or not isinstance(primals, (tuple, list)):
         raise TypeError("jet: primals must be a tuple of tensors, e.g. (x,), got "
                         f"{type(primals).__name__}.")
@@ -151,20 +153,21 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
                                  f"primals[{i}] has shape {tuple(p.shape)}; they must match.")
     assert K is not None
 
-    return outside_compiler(_jet_run, func, primals, series, K)
+    return outside_compiler(_jet_run, func, primals, series, K, compile)
 
 
 def _jet_run(func: Callable[..., Any], primals: tuple[Tensor, ...],
-             series: Sequence[Sequence[Tensor | None]], K: int) -> tuple[Any, Any]:
+             series: Sequence[Sequence[Tensor | None]], K: int,
+             compile: bool = False) -> tuple[Any, Any]:
     entry, lifted = CACHE.lookup(func, primals, {})
-    key = Request("jet", K)
+    key = Request("jet", K, compile=compile)
     plan = entry.plans.get(key)
     if plan is None:
-        plan = entry.plans[key] = _jet_plan(entry)
+        plan = entry.plans[key] = _jet_plan(entry, compile)
     return plan(func, primals, series, K, lifted)
 
 
-def _jet_plan(entry: Entry) -> Callable[..., Any]:
+def _jet_plan(entry: Entry, compile: bool = False) -> Callable[..., Any]:
     """The engine's propagation on the capture, or nested ``jvp`` when it cannot run."""
     cap = entry.captured
     if cap.graph is None or cap.level_local:
@@ -175,35 +178,63 @@ def _jet_plan(entry: Entry) -> Callable[..., Any]:
         return strict_checked("jet", "; ".join(problems), _jet_reference)
     prop = Propagator(cap.graph)
     n_out = cap.n_out
+    n_prim = cap.n_args
 
-    def run(func: Any, primals: tuple[Tensor, ...], series: Sequence[Sequence[Tensor | None]],
-            K: int, lifted: tuple[Tensor, ...]) -> tuple[Any, Any]:
+    def propagate(primals: Sequence[Tensor], series: Sequence[Sequence[Tensor | None]],
+                  K: int, others: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor],
+                                                             list[Tensor]]:
+        """Primal outputs, their ``K`` derivatives each (flat), mutation values."""
         inputs: list[Any] = []
         for p, s in zip(primals, series, strict=False):
             coeffs = [None if c is None else (c / math.factorial(k)).unsqueeze(0)
                       for k, c in enumerate(s, start=1)]
             inputs.append(Series(p, coeffs) if any(c is not None for c in coeffs) else p)
-        targets = [(list(primals) + list(lifted))[i] for i in cap.mutated]
-        outs = prop(*inputs, *cap.random_values(list(primals), lifted), *lifted)
+        outs = prop(*inputs, *others)
         prim, ser = [], []
         for o in outs[:n_out]:
             if isinstance(o, Series):
                 prim.append(o.primal)
-                cs = []
                 for k in range(1, K + 1):
                     c = o.coeffs[k - 1] if k <= o.order else None
                     if c is None:
-                        cs.append(torch.zeros_like(o.primal))
+                        ser.append(torch.zeros_like(o.primal))
                     else:
-                        cs.append(c.squeeze(0).expand(o.primal.shape) * math.factorial(k))
-                ser.append(tuple(cs))
+                        ser.append(c.squeeze(0).expand(o.primal.shape) * math.factorial(k))
             else:
                 prim.append(o)
-                ser.append(tuple(torch.zeros_like(o) for _ in range(K)))
-        write_back(targets, [primal(o) for o in outs[n_out:]])
-        spec = cap.out_spec  # each leaf of series_out is the K-tuple of that output's terms
-        return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(ser, spec)
+                ser += [torch.zeros_like(o) for _ in range(K)]
+        return prim, ser, [primal(o) for o in outs[n_out:]]
 
+    # compile=True: the propagation for each pattern of zero (None) coefficients is compiled
+    # like xderiv's (NOTE [Compiled propagation], NOTE [Inductor executor])
+    compiler = Compiler(cap.n_lifted, compile) if compile else None
+
+    def run(func: Any, primals: tuple[Tensor, ...], series: Sequence[Sequence[Tensor | None]],
+            K: int, lifted: tuple[Tensor, ...]) -> tuple[Any, Any]:
+        targets = [(list(primals) + list(lifted))[i] for i in cap.mutated]
+        others = [*cap.random_values(list(primals), lifted), *lifted]
+        if compiler is None:
+            prim, ser, mutations = propagate(primals, series, K, others)
+        else:
+            pattern = tuple(tuple(c is None for c in s) for s in series)
+            coeffs = [c for s in series for c in s if c is not None]
+
+            def eager(*flat: Tensor) -> list[Tensor]:
+                ps, cs = flat[:n_prim], iter(flat[n_prim:n_prim + len(coeffs)])
+                ss = [[None if none else next(cs) for none in nones] for nones in pattern]
+                p, d, m = propagate(ps, ss, K, flat[n_prim + len(coeffs):])
+                return [*p, *d, *m]
+
+            flat = [*primals, *coeffs, *others]
+            res = compiler.run(pattern, lambda: None, eager, flat[0], flat[1:])
+            prim, ser, mutations = res[:n_out], res[n_out:n_out * (K + 1)], \
+                res[n_out * (K + 1):]
+        write_back(targets, list(mutations))
+        spec = cap.out_spec  # each leaf of series_out is the K-tuple of that output's terms
+        return pytree.tree_unflatten(list(prim), spec), pytree.tree_unflatten(
+            [tuple(ser[i * K:(i + 1) * K]) for i in range(n_out)], spec)
+
+    run.compiler = compiler  # type: ignore[attr-defined]  # what runs it (tests, benchmarks)
     return run
 
 
@@ -239,8 +270,10 @@ class _Operator:
     """``sum_r w_r D^K f[v_r, ..., v_r] * scale`` for a fixed or random direction set."""
 
     def __init__(self, name: str, K: int, func: Callable[..., Any], argnums: Any, method: Any,
-                 num_samples: Any, generator: Any, distribution: Any) -> None:
+                 num_samples: Any, generator: Any, distribution: Any,
+                 compile: Any = False) -> None:
         V.check_callable(name, func)
+        V.check_bool(name, "compile", compile)
         if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)) or (
                 isinstance(argnums, tuple) and (not argnums or any(
                     isinstance(a, bool) or not isinstance(a, int) for a in argnums))):
@@ -264,7 +297,7 @@ class _Operator:
         self.method, self.num_samples = method, num_samples
         self.generator, self.distribution = generator, distribution
         self.request = Request(name, K, argnums, method=method, num_samples=num_samples,
-                               distribution=distribution)
+                               distribution=distribution, compile=compile)
 
     # ----------------------------------------------------------------------- directions
     def directions(self, n: int, dtype: torch.dtype, device: torch.device
@@ -323,7 +356,7 @@ def _operator_plan(op: _Operator, entry: Entry, args: tuple[Any, ...], kwargs: d
     problems = graph_problems(g0)
     if problems:
         return strict_checked(name, "; ".join(problems), _graph_reference(split, op.K))
-    return _collapsed_engine(split, g0, op.K, len(lifted))
+    return _collapsed_engine(split, g0, op.K, len(lifted), op.request.compile)
 
 
 def _unflatten(s: Tensor, split_layout: Any) -> Any:
@@ -340,9 +373,10 @@ def _col_primal(v: Any) -> Any:
     return v.primal if isinstance(v, (Col, Series)) else v
 
 
-def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int) -> Callable[..., Any]:
+def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int,
+                      compile: bool = False) -> Callable[..., Any]:
     runner = Collapsed(g0, K)
-    compiler = Compiler(n_static)
+    compiler = Compiler(n_static, compile)
 
     def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
@@ -365,6 +399,7 @@ def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int) -> Callable[
         write_back(targets, list(res[1:]))
         return _unflatten(res[0], split.layout)
 
+    run.compiler = compiler  # type: ignore[attr-defined]  # what runs it (tests, benchmarks)
     return run
 
 
@@ -484,8 +519,10 @@ def _biharmonic_directions(n: int, dtype: torch.dtype, device: torch.device
 
 
 def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, method: Any,
-                   num_samples: Any, generator: Any, distribution: Any) -> Callable[..., Any]:
-    op = _Operator(name, K, func, argnums, method, num_samples, generator, distribution)
+                   num_samples: Any, generator: Any, distribution: Any,
+                   compile: Any) -> Callable[..., Any]:
+    op = _Operator(name, K, func, argnums, method, num_samples, generator, distribution,
+                   compile)
 
     def wrapper(*a: Any, **k: Any) -> Any:
         return op(*a, **k)
@@ -501,7 +538,7 @@ def _make_operator(name: str, K: int, func: Callable[..., Any], argnums: Any, me
 def xlaplacian(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
                method: str = "exact", num_samples: int | None = None,
                generator: torch.Generator | None = None,
-               distribution: str = "rademacher") -> Callable[..., Any]:
+               distribution: str = "rademacher", compile: bool = False) -> Callable[..., Any]:
     """The Laplacian ``sum_i d^2 f / dx_i^2`` of every output entry of ``func``.
 
     ``xlaplacian(f)(*args)`` has the structure and shapes of ``f(*args)``; entry ``j`` is the
@@ -544,14 +581,14 @@ def xlaplacian(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
         15.0
     """
     return _make_operator("xlaplacian", 2, func, argnums, method, num_samples, generator,
-                          distribution)
+                          distribution, compile)
 
 
 @eager_under_compile
 def xbiharmonic(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
                 method: str = "exact", num_samples: int | None = None,
                 generator: torch.Generator | None = None,
-                distribution: str = "gaussian") -> Callable[..., Any]:
+                distribution: str = "gaussian", compile: bool = False) -> Callable[..., Any]:
     """The biharmonic ``lap^2 f = sum_{i,j} d^4 f / dx_i^2 dx_j^2`` of every output entry.
 
     Conventions as :func:`xlaplacian`. With ``Q(v) = D^4 f[v, v, v, v] = 24 c_4(v)``:
@@ -583,7 +620,7 @@ def xbiharmonic(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
         120.0
     """
     return _make_operator("xbiharmonic", 4, func, argnums, method, num_samples, generator,
-                          distribution)
+                          distribution, compile)
 
 
 for _f in (jet, xlaplacian, xbiharmonic):

@@ -55,18 +55,20 @@ def _make(
     has_aux: Any,
     mode: Any,
     chunk_size: Any,
+    compile: Any = False,
     all_orders: bool = False,
 ) -> _Transform:
     V.check_callable(name, func)
     # transforms are built inline, every call: validate each distinct set of parameters once
     # (by repr: True and 1 must not share an entry)
     key = (name, repr(order), repr(argnums), repr(has_aux), repr(mode), repr(chunk_size),
-           all_orders)
+           repr(compile), all_orders)
     request = _REQUESTS.get(key)
     if request is None:
         request = Request(name, V.check_order(name, order), V.check_argnums(name, argnums),
                           V.check_bool(name, "has_aux", has_aux), V.check_mode(name, mode),
-                          V.check_chunk_size(name, chunk_size), all_orders)
+                          V.check_chunk_size(name, chunk_size), all_orders,
+                          compile=V.check_bool(name, "compile", compile))
         if len(_REQUESTS) < 4096:
             _REQUESTS[key] = request
     return _Transform(func, request)
@@ -91,6 +93,7 @@ def xderiv(
     has_aux: bool = False,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., Any]:
     """The ``order``-th derivative of ``func`` with respect to the arguments at ``argnums``.
 
@@ -124,7 +127,7 @@ def xderiv(
         >>> [round(d3[i, j, k].item(), 10) for i, j, k in [(0, 0, 0), (1, 1, 1), (0, 1, 1)]]
         [6.0, 6.0, 0.0]
     """
-    t = _make("xderiv", func, order, argnums, has_aux, mode, chunk_size)
+    t = _make("xderiv", func, order, argnums, has_aux, mode, chunk_size, compile)
     return _wrap(func, t.__call__)
 
 
@@ -136,6 +139,7 @@ def xjacobian(
     has_aux: bool = False,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., Any]:
     """The Jacobian of ``func``: ``xderiv(func, 1, ...)``, like ``torch.func.jacrev``.
 
@@ -147,7 +151,7 @@ def xjacobian(
         tensor([[1., 2.],
                 [3., 4.]])
     """
-    t = _make("xjacobian", func, 1, argnums, has_aux, mode, chunk_size)
+    t = _make("xjacobian", func, 1, argnums, has_aux, mode, chunk_size, compile)
     return _wrap(func, t.__call__)
 
 
@@ -159,6 +163,7 @@ def xhessian(
     has_aux: bool = False,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., Any]:
     """The Hessian of ``func``: ``xderiv(func, 2, ...)``, like ``torch.func.hessian``.
 
@@ -170,7 +175,7 @@ def xhessian(
         tensor([[4., 2.],
                 [2., 0.]], dtype=torch.float64)
     """
-    t = _make("xhessian", func, 2, argnums, has_aux, mode, chunk_size)
+    t = _make("xhessian", func, 2, argnums, has_aux, mode, chunk_size, compile)
     return _wrap(func, t.__call__)
 
 
@@ -183,6 +188,7 @@ def xderivs(
     has_aux: bool = False,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., Any]:
     """Every derivative up to ``order`` from one call: ``(f(x), D^1 f(x), ..., D^order f(x))``.
 
@@ -197,7 +203,8 @@ def xderivs(
         >>> [round(d.item(), 10) + 0.0 for d in xderivs(torch.sin, 4)(x)]
         [0.0, 1.0, 0.0, -1.0, 0.0]
     """
-    t = _make("xderivs", func, order, argnums, has_aux, mode, chunk_size, all_orders=True)
+    t = _make("xderivs", func, order, argnums, has_aux, mode, chunk_size, compile,
+              all_orders=True)
     return _wrap(func, t.__call__)
 
 
@@ -210,6 +217,7 @@ def plan(
     has_aux: bool = False,
     mode: Mode = "auto",
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Callable[..., Plan]:
     """Return ``args -> Plan``: how ``xderiv(func, order, ...)`` would compute for these args.
 
@@ -226,7 +234,7 @@ def plan(
     """
     # validated as ``plan``, planned as the ``xderiv`` request it describes, so the plan is
     # the one ``xderiv`` runs (with what its first call measured)
-    t = _make("plan", func, order, argnums, has_aux, mode, chunk_size)
+    t = _make("plan", func, order, argnums, has_aux, mode, chunk_size, compile)
     t.request = dataclasses.replace(t.request, transform="xderiv")
 
     def planner(*args: Any, **kwargs: Any) -> Plan:
