@@ -73,6 +73,7 @@ class InductorStats:
     compiles = 0
     failures = 0
     calls = 0
+    seconds = 0.0  # spent compiling
 
 
 def call_kind(args: tuple[Any, ...] | list[Any]) -> str:
@@ -389,13 +390,15 @@ class _FastPath:
                 # a callable here (other types are for ahead-of-time compilation)
                 compiled = cast(Callable[..., Any], compile_fx(self.functional, list(inputs)))
                 compiled(*inputs)  # C++ or Triton builds may be deferred to the first run
-            self.compile_seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.compile_seconds = seconds
         except Exception as e:  # noqa: BLE001 - inductor is an accelerator, not a requirement
             InductorStats.failures += 1
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             self.failure = reason if len(reason) <= 160 else reason[:157] + "..."
             return False
         InductorStats.compiles += 1
+        InductorStats.seconds += seconds
         self._strides = [t.stride() for t in inputs]
         self.inductor = compiled
         functional = self.functional
