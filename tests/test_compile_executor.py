@@ -106,6 +106,22 @@ def test_xlaplacian() -> None:
     assert _counts() == (compiles + 1, calls + 2)
 
 
+def test_jet_compiles_its_propagation() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.tanh() * x.sum()).sin()
+
+    x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    # along a line, the k-th output coefficient is D^k f[v, ..., v]
+    expected = [torch.einsum("oi,i->o", reference_deriv(f, 1)(x), v),
+                torch.einsum("oij,i,j->o", reference_deriv(f, 2)(x), v, v)]
+    compiles, calls = _counts()
+    for _ in range(2):
+        y, series = xafunc.jet(f, (x,), ((v, None),), compile=True)
+        assert_tree_close(y, f(x))
+        assert_tree_close(list(series), expected)
+    assert _counts() == (compiles + 1, calls + 2)
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 
