@@ -328,8 +328,7 @@ class _FastPath:
             outs.append(v)
         main.output(tuple(outs))
         self.functional = GraphModule(gm, main)  # inductor's input (no in-place rewrites)
-        rewritten = Graph()
-        rewritten.output(rewritten.graph_copy(main, {}))
+        rewritten = _copy(main)
         reuse_buffers(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
         self.base = "fx"  # or "torchscript": what runs the main part without inductor
@@ -388,7 +387,9 @@ class _FastPath:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # a callable here (other types are for ahead-of-time compilation)
-                compiled = cast(Callable[..., Any], compile_fx(self.functional, list(inputs)))
+                # (on a copy: inductor's passes may rewrite the graph they are given)
+                compiled = cast(Callable[..., Any], compile_fx(
+                    GraphModule(self.functional, _copy(self.functional.graph)), list(inputs)))
                 compiled(*inputs)  # C++ or Triton builds may be deferred to the first run
             seconds = time.perf_counter() - start
             self.compile_seconds = seconds
@@ -416,6 +417,13 @@ class _FastPath:
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
         return _fill(self.out_template, self.main(*args, *self.hoisted(args)))
+
+
+def _copy(graph: Graph) -> Graph:
+    """A copy of ``graph`` (nodes and their metadata)."""
+    new = Graph()
+    new.output(new.graph_copy(graph, {}))
+    return new
 
 
 def _stamps(tensors: list[Tensor]) -> list[Any] | None:
