@@ -310,6 +310,11 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
                 xc["reason"] = "inductor failed, TorchScript runs it"
             elif not xc["inductor"]:
                 xc["reason"] = "inductor does not run the timed calls"
+            if built.plan_compile is not None:  # the schedule it kept, what ran it
+                p = built.plan_compile()
+                xc["schedule"] = list(p.schedule)
+                xc["execution"] = p.execution
+                xc["notes"] = list(getattr(p.program, "notes", []))
             if not err <= tol:
                 xc["status"] = "disagrees"
                 xc["reason"] = why or f"relative error {err:.2e} > {tol:.0e}"
@@ -711,6 +716,9 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
             if x.get("reason"):
                 state += f"  {x['reason']}"
             print(f"    {'xafunc compile=True':40s} {state}")
+            if x.get("schedule") is not None:
+                print(f"    {'':40s} schedule {'>'.join(x['schedule'])}; "
+                      + "; ".join([x.get("execution") or "", *x.get("notes", [])]))
         for name, b in r["baselines"].items():
             if b["ms"] is None:
                 print(f"    {name:40s} {'n/a':>9s}  {b['status']}: {b['reason']}")

@@ -483,6 +483,8 @@ class Built:
     project: Callable[[Any], Any] = field(default=lambda r: r)
     #: the xafunc call with ``compile=True`` (inductor executor), inline like ``xafunc``
     xafunc_compile: Callable[..., Any] | None = None
+    #: ``() -> xafunc.Plan`` of the ``compile=True`` call for one sample, or None
+    plan_compile: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -545,7 +547,7 @@ class ZooCase:
             if k == 2:
                 add("hessian", lambda: tf.hessian(f, argnums=a), est(("rev", "fwd")))
             make_x = lambda c=False: xafunc.xderiv(f, k, argnums=a, compile=c)  # noqa: E731
-            plan = lambda: xafunc.plan(f, k, argnums=a)(*sample)  # noqa: E731
+            plan = lambda c=False: xafunc.plan(f, k, argnums=a, compile=c)(*sample)  # noqa: E731
             rec = (("rev",) if n_out <= n else ("fwd",)) if k == 1 else \
                 ("rev",) + ("fwd",) * (k - 1)
             recommended = _vname(nesting_name(rec), dims)
@@ -579,7 +581,8 @@ class ZooCase:
         held = tf.vmap(make_x(), in_dims=dims) if dims else make_x()
         return Built(args=m.args, xafunc=_inline(make_x, dims), held=held, baselines=base,
                      estimates=ests, recommended=recommended, plan=plan, project=project,
-                     xafunc_compile=_inline(lambda: make_x(True), dims))
+                     xafunc_compile=_inline(lambda: make_x(True), dims),
+                     plan_compile=None if plan is None else lambda: plan(True))
 
 
 # --------------------------------------------------------------------------------------------
