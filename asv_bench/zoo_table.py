@@ -4,6 +4,7 @@
     python asv_bench/zoo_table.py --cases 'mlp_hessian_*,siren' --repeat 15 --json zoo.json
     python asv_bench/zoo_table.py --no-compile --cases models      # skip torch.compile
     python asv_bench/zoo_table.py --device cuda                    # on a GPU
+    python asv_bench/zoo_table.py --cases 'mlp_order3_mv' --xafunc-compile  # + compile=True
     python asv_bench/zoo_table.py --load zoo.json --merge jax.json --merge torchjet.json
 
 The cases (``asv_bench/benchmarks/zoo.py``, shapes in ``benchmarks/zoo_spec.py``) are tanh MLPs
@@ -39,6 +40,11 @@ Per case, in one process:
    sample being ``number`` back-to-back calls (``--number auto``: about ``--sample-ms`` each);
    the median over ``--repeat`` rounds is reported per call (helpers shared with
    ``ratio_table.py``).
+   With ``--xafunc-compile``, xafunc with ``compile=True`` (its plain fast path compiled by
+   inductor, NOTE [Inductor executor]) is one more interleaved strategy: its first call (plan,
+   trace and inductor compile; the capture is shared with the plain xafunc column) is timed
+   apart and the inductor compile time read from ``InductorStats``; its result is checked like
+   the others', and the column says whether the timed calls ran inductor's code.
 6. Peak memory of one call per strategy: ``torch.cuda.max_memory_allocated`` on CUDA, the
    profiler's memory events on CPU (``ratio_table.cpu_peak_bytes``), after the timing.
 
@@ -277,6 +283,48 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
                 timed["xafunc (held)"] = built.held
             except Exception as e:  # pragma: no cover - inline worked, so this should too
                 rec["held_error"] = _why(e)
+    xc: dict[str, Any] = {"status": None, "reason": None, "first_call_s": None,
+                          "inductor_s": None, "inductor": None, "ms": None, "rel_error": None}
+    rec["xafunc_compile"] = xc
+    if not opts.xafunc_compile:
+        xc["status"], xc["reason"] = "skipped", "no --xafunc-compile"
+    elif "xafunc" not in timed or built.xafunc_compile is None:
+        xc["status"], xc["reason"] = "unavailable", "xafunc itself is not timed"
+    else:
+        _phase("xafunc compile=True first call")
+        from xafunc._execute.executable import InductorStats
+
+        print("    xafunc compile=True: compiling ...", file=sys.stderr, flush=True)
+        seconds, failures = InductorStats.seconds, InductorStats.failures
+        try:
+            out, dt = _first_call(runner, built.xafunc_compile, args, opts.compile_timeout)
+            xc["first_call_s"] = dt
+            xc["inductor_s"] = InductorStats.seconds - seconds
+            err, why = rel_error(built.project(out), xres) if xres is not None else (0.0, None)
+            xc["rel_error"] = err
+            del out
+            calls = InductorStats.calls
+            built.xafunc_compile(*args)
+            xc["inductor"] = InductorStats.calls > calls
+            if InductorStats.failures > failures:
+                xc["reason"] = "inductor failed, TorchScript runs it"
+            elif not xc["inductor"]:
+                xc["reason"] = "inductor does not run the timed calls"
+            if built.plan_compile is not None:  # the schedule it kept, what ran it
+                p = built.plan_compile()
+                xc["schedule"] = list(p.schedule)
+                xc["execution"] = p.execution
+                xc["notes"] = list(getattr(p.program, "notes", []))
+            if not err <= tol:
+                xc["status"] = "disagrees"
+                xc["reason"] = why or f"relative error {err:.2e} > {tol:.0e}"
+            else:
+                xc["status"] = "ok"
+                timed["xafunc compile=True"] = built.xafunc_compile
+        except _Timeout:
+            xc["status"], xc["reason"] = "unavailable", f"first call > {opts.compile_timeout:g} s"
+        except Exception as e:
+            xc["status"], xc["reason"] = "unavailable", _why(e)
     timed.update(fns)
     numbers = {k: _number(opts, runner, fn, args) for k, fn in timed.items()}
     calib = {k: runner.call(fn, args)[0] for k, fn in fns.items()}
@@ -362,6 +410,8 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
             b["ms"], b["peak_bytes"], b["number"] = med[name], peaks.get(name), numbers[name]
     if "torch.compile" in med:
         comp["ms"], comp["peak_bytes"] = med["torch.compile"], peaks.get("torch.compile")
+    if "xafunc compile=True" in med:
+        xc["ms"], xc["peak_bytes"] = med["xafunc compile=True"], peaks.get("xafunc compile=True")
     rec["baselines"] = baselines
 
     ok = {k: b["ms"] for k, b in baselines.items() if b["ms"] is not None and b["status"] == "ok"}
@@ -377,6 +427,9 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
                 rec["peak_ok"] = rec["xafunc_peak_bytes"] <= rec["best_peak_bytes"]
     rec["compile_ratio"] = (rec["xafunc_ms"] / comp["ms"]
                             if comp["ms"] and rec["xafunc_ms"] is not None else None)
+    xc["ratio"] = xc["ms"] / rec["best_ms"] if xc["ms"] and rec["best_ms"] else None
+    xc["compile_ratio"] = xc["ms"] / comp["ms"] if xc["ms"] and comp["ms"] else None
+    xc["vs_xafunc"] = xc["ms"] / rec["xafunc_ms"] if xc["ms"] and rec["xafunc_ms"] else None
     if "hessian" in baselines and baselines["hessian"]["ms"] and rec["xafunc_ms"] is not None:
         rec["ratio_vs_hessian"] = rec["xafunc_ms"] / baselines["hessian"]["ms"]
     return rec
@@ -400,6 +453,8 @@ def _worker_argv(opts: argparse.Namespace, case: str, out: str, no_compile: bool
         argv.append("--no-held")
     if opts.compile_cache:
         argv.append("--compile-cache")
+    if opts.xafunc_compile:
+        argv.append("--xafunc-compile")
     return argv
 
 
@@ -505,6 +560,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "fallbacks": [[r["name"], r["fallback"]] for r in records if r.get("fallback")],
         "peak_above_best": [r["name"] for r in records if r.get("peak_ok") is False],
     }
+    def gm_xc(key: str, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        vals = [r["xafunc_compile"][key] for r in records
+                if pred(r) and (r.get("xafunc_compile") or {}).get(key)]
+        return {"value": _geomean(vals), "n": len(vals)}
+
+    s["geomean_xc_all"] = gm_xc("ratio", lambda r: True)
+    s["geomean_xc_compile_order2"] = gm_xc("compile_ratio", lambda r: r["order"] >= 2)
+    s["geomean_xc_vs_xafunc"] = gm_xc("vs_xafunc", lambda r: True)
     ph = [r for r in records if r["name"] == "param_hessian" and r.get("ratio_vs_hessian")]
     s["param_hessian_vs_hessian"] = ph[0]["ratio_vs_hessian"] if ph else None
     spread = {}
@@ -553,6 +616,11 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
     head = ["case", "k", "xafunc ms", "held ms", "plan", "best torch.func", "ms", "ratio",
             "compile ms", "ratio", "compile s", "xafunc peak", "best peak", "peak<=best",
             "check"]
+    with_xc = any((r.get("xafunc_compile") or {}).get("status") not in (None, "skipped")
+                  for r in records)
+    if with_xc:
+        head += ["xafunc compile=True ms", "vs best", "vs compile", "vs xafunc",
+                 "inductor s"]
     for fw in anchors:
         head += [f"{fw} ms", "ratio"]
     rows = []
@@ -567,6 +635,13 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
                _fmt_bytes(r.get("xafunc_peak_bytes")), _fmt_bytes(r.get("best_peak_bytes")),
                "-" if r.get("peak_ok") is None else ("yes" if r["peak_ok"] else "NO"),
                r["check"]]
+        if with_xc:
+            x = r.get("xafunc_compile") or {}
+            ms = _fmt_ms(x["ms"]) + ("" if x.get("inductor") else " (not inductor)") \
+                if x.get("ms") else (x.get("status") or "n/a")
+            row += [ms, _ratio(x.get("ratio")), _ratio(x.get("compile_ratio")),
+                    _ratio(x.get("vs_xafunc")),
+                    "-" if x.get("inductor_s") is None else f"{x['inductor_s']:.1f}"]
         for fw in anchors:
             a = r.get("anchors", {}).get(fw, {})
             row += [_fmt_ms(a.get("ms")) if a.get("ms") else "n/a", _ratio(a.get("ratio"))]
@@ -580,6 +655,14 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
         g = summary[key]
         val = "-" if g["value"] is None else f"{g['value']:.3f}"
         print(f"  {what:40s} {val:>7s}  over {g['n']:3d} cases  (target <= {TARGETS[key]})")
+    if with_xc:
+        for key, what in (("geomean_xc_all", "compile=True, all vs best eager"),
+                          ("geomean_xc_compile_order2",
+                           "compile=True, order >= 2 vs torch.compile"),
+                          ("geomean_xc_vs_xafunc", "compile=True vs xafunc (TorchScript)")):
+            g = summary[key]
+            val = "-" if g["value"] is None else f"{g['value']:.3f}"
+            print(f"  {what:40s} {val:>7s}  over {g['n']:3d} cases")
     for fw in anchors:
         g = summary[f"geomean_{fw}_order2"]
         val = "-" if g["value"] is None else f"{g['value']:.3f}"
@@ -625,6 +708,17 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
               f"{_fmt_ms(r.get('xafunc_first_call_ms'))} ms")
         if r.get("xafunc_held_ms") is not None:
             print(f"    {'xafunc (held transform)':40s} {_fmt_ms(r['xafunc_held_ms']):>9s}")
+        x = r.get("xafunc_compile") or {}
+        if x.get("status") not in (None, "skipped"):
+            state = (f"{_fmt_ms(x['ms']):>9s}  peak {_fmt_bytes(x.get('peak_bytes'))}, first "
+                     f"call {x['first_call_s']:.1f} s (inductor {x['inductor_s']:.1f} s)"
+                     if x.get("ms") else f"{'n/a':>9s}  {x['status']}")
+            if x.get("reason"):
+                state += f"  {x['reason']}"
+            print(f"    {'xafunc compile=True':40s} {state}")
+            if x.get("schedule") is not None:
+                print(f"    {'':40s} schedule {'>'.join(x['schedule'])}; "
+                      + "; ".join([x.get("execution") or "", *x.get("notes", [])]))
         for name, b in r["baselines"].items():
             if b["ms"] is None:
                 print(f"    {name:40s} {'n/a':>9s}  {b['status']}: {b['reason']}")
@@ -683,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-ms", type=float, default=20.0,
                     help="target length of one timing sample with --number auto (20)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--xafunc-compile", action="store_true",
+                    help="add the column xafunc compile=True (inductor executor)")
     ap.add_argument("--no-held", action="store_true",
                     help="skip timing the held xafunc transform (diagnostic column)")
     ap.add_argument("--compile-timeout", type=float, default=900.0,
@@ -743,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
         meta = _meta(opts)
         meta.update(script="zoo_table.py", compile=not opts.no_compile,
+                    xafunc_compile=opts.xafunc_compile,
                     compile_cache=opts.compile_cache, isolate=not opts.no_isolate,
                     first_call_timeout_s=opts.first_call_timeout)
         where = os.path.dirname(os.path.abspath(sys.modules["xafunc"].__file__ or "?"))

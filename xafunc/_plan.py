@@ -107,6 +107,17 @@ class Plan:
     runner: Runner | None = field(default=None, repr=False)
     program: Any = field(default=None, repr=False)  # the engine's Program, if it runs
 
+    @property
+    def execution(self) -> str | None:
+        """What runs the engine's compiled graph (``"inductor (compile=True), compiled in
+        1.2 s"``, ``"one compiled aten graph run by TorchScript; ..."``), or None when the
+        engine does not run. It describes the last call: with ``compile=True`` the graph is
+        compiled on the first call without gradient recording or torch.func transform."""
+        if self.program is None:
+            return None
+        text: str = self.program.execution()
+        return text.removeprefix("execution: ")
+
     def run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
         assert self.runner is not None
@@ -127,13 +138,10 @@ class Plan:
         if self.fallback:
             lines.append(f"  fallback to nested torch.func: {self.fallback}")
         lines += [f"  {d}" for d in self.details]
-        lines += [f"  {d}" for d in getattr(self.program, "notes", ())]
+        if self.program is not None:
+            lines.append(f"  {self.program.execution()}")
+            lines += [f"  {d}" for d in self.program.notes]
         return "\n".join(lines)
-
-
-_EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that depend only "
-              "on the weights cached when no gradient or torch.func transform needs the "
-              "graph's history (NOTE [Fast execution])")
 
 
 def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -178,7 +186,6 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
             if best.join is not None:
                 details += ["join contractions (opt_einsum paths):"]
                 details += [f"  {line}" for line in best.join.describe()]
-            details.append(program.compile_note or _EXECUTION)
 
             def run_engine(func: Any, a: tuple[Any, ...], k: dict[str, Any],
                            lift: tuple[Tensor, ...]) -> Any:

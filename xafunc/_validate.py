@@ -85,7 +85,8 @@ def check_chunk_size(name: str, chunk_size: Any) -> int | None:
 
 def check_bool(name: str, arg: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name}: {arg} must be a bool, got {value!r}.")
+        raise TypeError(f"{name}: {arg} must be a bool, got {value!r} of type "
+                        f"{type(value).__name__}. Pass {arg}=True or {arg}=False.")
     return value
 
 

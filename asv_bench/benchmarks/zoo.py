@@ -481,6 +481,10 @@ class Built:
     plan: Callable[[], Any] | None = None
     #: maps xafunc's result onto what the baselines return (identity but for ``jet``)
     project: Callable[[Any], Any] = field(default=lambda r: r)
+    #: the xafunc call with ``compile=True`` (inductor executor), inline like ``xafunc``
+    xafunc_compile: Callable[..., Any] | None = None
+    #: ``() -> xafunc.Plan`` of the ``compile=True`` call for one sample, or None
+    plan_compile: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -542,8 +546,8 @@ class ZooCase:
                 add(nesting_name(levels), lambda lv=levels: _nest(f, lv, a), est(levels))
             if k == 2:
                 add("hessian", lambda: tf.hessian(f, argnums=a), est(("rev", "fwd")))
-            make_x = lambda: xafunc.xderiv(f, k, argnums=a)  # noqa: E731
-            plan = lambda: xafunc.plan(f, k, argnums=a)(*sample)  # noqa: E731
+            make_x = lambda c=False: xafunc.xderiv(f, k, argnums=a, compile=c)  # noqa: E731
+            plan = lambda c=False: xafunc.plan(f, k, argnums=a, compile=c)(*sample)  # noqa: E731
             rec = (("rev",) if n_out <= n else ("fwd",)) if k == 1 else \
                 ("rev",) + ("fwd",) * (k - 1)
             recommended = _vname(nesting_name(rec), dims)
@@ -554,7 +558,7 @@ class ZooCase:
                 lambda: lambda x: _trace_last2(_nest(f, ("rev", "rev"), 0)(x)),
                 est(("rev", "rev")))
             add("vmap(hvp)", lambda: _hvp_laplacian(f), est(("rev", "fwd")))
-            make_x = lambda: xafunc.xlaplacian(f)  # noqa: E731
+            make_x = lambda c=False: xafunc.xlaplacian(f, compile=c)  # noqa: E731
             recommended = _vname("vmap(hvp)", dims)
         elif self.request == "biharmonic":
             add("einsum(D4 by jacfwd^3(jacrev))",
@@ -563,19 +567,22 @@ class ZooCase:
                 est(("rev", "fwd", "fwd", "fwd")))
             add("vmap(hvp) of vmap(hvp)", lambda: _hvp_laplacian(_hvp_laplacian(f)),
                 est(("rev", "fwd", "rev", "fwd")))
-            make_x = lambda: xafunc.xbiharmonic(f)  # noqa: E731
+            make_x = lambda c=False: xafunc.xbiharmonic(f, compile=c)  # noqa: E731
             recommended = _vname("vmap(hvp) of vmap(hvp)", dims)
         elif self.request == "jet":
             add(f"jvp^{k}", lambda: _nested_jvp(f, k), 2**k * act)
             rest = (None,) * (k - 1)
-            make_x = lambda: lambda x, v: xafunc.jet(f, (x,), ((v, *rest),))  # noqa: E731
+            make_x = lambda c=False: lambda x, v: xafunc.jet(  # noqa: E731
+                f, (x,), ((v, *rest),), compile=c)
             project = lambda r: r[1][-1]  # noqa: E731  (the k-th coefficient)
             recommended = f"jvp^{k}"
         else:
             raise ValueError(f"unknown request {self.request!r}")
         held = tf.vmap(make_x(), in_dims=dims) if dims else make_x()
         return Built(args=m.args, xafunc=_inline(make_x, dims), held=held, baselines=base,
-                     estimates=ests, recommended=recommended, plan=plan, project=project)
+                     estimates=ests, recommended=recommended, plan=plan, project=project,
+                     xafunc_compile=_inline(lambda: make_x(True), dims),
+                     plan_compile=None if plan is None else lambda: plan(True))
 
 
 # --------------------------------------------------------------------------------------------

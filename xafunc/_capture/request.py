@@ -37,6 +37,7 @@ class Request:
     method: str = "exact"  # xlaplacian / xbiharmonic
     num_samples: int | None = None
     distribution: str = "rademacher"
+    compile: bool = False  # run the plain fast path through inductor (NOTE [Inductor executor])
 
     @property
     def int_argnums(self) -> bool:

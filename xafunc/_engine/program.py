@@ -55,6 +55,11 @@ def _vmap_batch(t: Tensor) -> int:
     return batch
 
 
+EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that depend only "
+             "on the weights cached when no gradient or torch.func transform needs the "
+             "graph's history (NOTE [Fast execution])")
+
+
 def _label(s: Schedule) -> str:
     return "mixed" if s.cut is not None else "/".join(s.levels)
 
@@ -92,7 +97,7 @@ class Program:
                  graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
                  all_orders: bool, has_aux: bool, n_static: int,
                  direct: dict[int, Callable[..., Any]] | None = None,
-                 name: str = "xderiv") -> None:
+                 name: str = "xderiv", compile: bool = False) -> None:
         self.split, self.layout, self.order = split, split.layout, order
         self.name = name
         self.has_aux = has_aux
@@ -102,7 +107,7 @@ class Program:
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
-        self.compiler = Compiler(n_static)
+        self.compiler = Compiler(n_static, compile)
         self._compiled = self.compiler.fns  # the compiled graphs, by schedule key
         self.compile_note: str | None = None
         # schedules whose estimates are close to the best one's: timed on the first call
@@ -189,6 +194,24 @@ class Program:
         out = self.compiler.run(key, prepare, eager, z, others)
         self.compile_note = self.compiler.note
         return out
+
+    def execution(self) -> str:
+        """The plan's ``execution:`` line (see NOTE [Fast execution])."""
+        if self.compile_note:
+            return self.compile_note
+        if not self.compiler.wants_compile:
+            return EXECUTION
+        s = self.schedules[0]
+        if self.all_orders:
+            keys: list[Any] = [(0, k) for k in range(1, self.order + 1)]
+        elif s.cut is not None:
+            keys = [("mixed", s.cut.name)]
+        else:
+            keys = [(s.reverse_levels, s.forward_degree)]
+        if not self.all_orders and s.cut is None and s.reverse_levels in self.direct:
+            return ("execution: pure reverse levels run by torch.func, not compiled "
+                    "(compile=True has no graph to compile)")
+        return "execution: " + self.compiler.describe(keys)
 
     # ------------------------------------------------------------------ mixed schedule
     def _taylor_rows(self, n: int, d: int, z: Tensor, run: Callable[[Any], Any]) -> Tensor:
@@ -287,11 +310,17 @@ class Program:
 
         trials, self.trials = self.trials, []
         times = []
-        for s in trials:
-            self._run_schedule(s, z, others)  # compile
-            t = time.perf_counter()
-            self._run_schedule(s, z, others)
-            times.append(time.perf_counter() - t)
+        # with compile=True the candidates are timed on TorchScript and only the one kept is
+        # compiled by inductor, on its next run (seconds per compile)
+        self.compiler.set_compile(False)
+        try:
+            for s in trials:
+                self._run_schedule(s, z, others)  # compile
+                t = time.perf_counter()
+                self._run_schedule(s, z, others)
+                times.append(time.perf_counter() - t)
+        finally:
+            self.compiler.set_compile(self.compiler.wants_compile)
         best = min(range(len(trials)), key=times.__getitem__)
         chosen = trials[best]
         self.schedules = [chosen] + [s for s in self.schedules if s is not chosen]
@@ -398,7 +427,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                     direct.update(more[1])
                     trials.append(s)
         program = Program(split, order, ordered, graphs, chunk, all_orders, req.has_aux,
-                          n_static, direct, name)
+                          n_static, direct, name, req.compile)
         if len(trials) > 1:
             program.trials = trials
         return program, None, ordered

@@ -38,10 +38,40 @@ _NO_FAST_PATH: Any = object()
 class Compiler:
     """Compiled graphs of one plan's propagations, by key (and batch layout under vmap)."""
 
-    def __init__(self, n_static: int = 0) -> None:
+    def __init__(self, n_static: int = 0, compile: bool = False) -> None:
         self.fns: dict[Any, Callable[..., Any]] = {}
         self.note: str | None = None
         self.n_static = n_static  # the last inputs are static (see ``Executable``)
+        # plain calls run inductor's code (NOTE [Inductor executor]); ``set_compile`` may
+        # turn it off while candidates are timed
+        self.compile = compile
+        self.wants_compile = compile
+
+    def set_compile(self, enabled: bool) -> None:
+        """Turn the inductor executor on or off for the graphs built from now on and for
+        those already built (they compile on their next plain call)."""
+        self.compile = enabled
+        for fn in self.fns.values():
+            if isinstance(fn, Executable):
+                fn.compile = enabled
+
+    def describe(self, keys: list[Any] | None = None) -> str:
+        """What runs the compiled graphs of ``keys`` (all if None; batched variants under
+        ``vmap`` included) with ``compile=True``: ``"inductor (compile=True), compiled in
+        1.23 s"``, or why not."""
+        exes = [fn for k, fn in self.fns.items() if isinstance(fn, Executable) and (
+            keys is None or k in keys
+            or (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap" and k[0] in keys))]
+        seconds = [s for s in (e.compile_seconds for e in exes) if s is not None]
+        parts = []
+        if seconds:
+            graphs = f"{len(seconds)} graphs " if len(seconds) > 1 else ""
+            parts.append(f"inductor (compile=True), {graphs}compiled in {sum(seconds):.2f} s")
+        parts += [e.executor for e in exes if e.compile_seconds is None and e.executor != "fx"]
+        if not parts:
+            return ("inductor (compile=True), compiled on the first call without gradient "
+                    "recording or torch.func transform")
+        return "; ".join(dict.fromkeys(parts))
 
     def run(self, key: Any, prepare: Callable[[], None] | None, eager: Callable[..., Any],
             z: Tensor, others: list[Tensor]) -> Any:
@@ -88,7 +118,7 @@ class Compiler:
             prepare()
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
-                                           inexact=True), self._n_static(dims))
+                                           inexact=True), self._n_static(dims), self.compile)
             except CaptureError:
                 fn = _NO_FAST_PATH
             self.fns[bkey] = fn
@@ -117,7 +147,8 @@ class Compiler:
 
     def _trace(self, eager: Callable[..., Any], examples: list[Tensor]) -> Callable[..., Any]:
         try:
-            return Executable(simplify(trace(eager, examples), inexact=True), self.n_static)
+            return Executable(simplify(trace(eager, examples), inexact=True), self.n_static,
+                              self.compile)
         except CaptureError as e:
             self.note = f"propagation runs eagerly ({e})"
             return eager

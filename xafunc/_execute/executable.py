@@ -19,7 +19,9 @@ executors run the same graph:
   - *TorchScript*: the rest of the graph, with the hoisted values as inputs, is traced once
     by ``torch.jit.trace`` and run by its C++ interpreter (same aten kernels, same values, a
     fraction of the per-op cost), with pointwise ops writing into dead buffers
-    (NOTE [Buffer reuse]).
+    (NOTE [Buffer reuse]);
+  - or, with ``compile=True``, *inductor*: the same rest, still functional, compiled by
+    torch.compile's code generator (NOTE [Inductor executor]).
 * **Autograd and torch.func** (weights that require grad under grad mode, ``grad``/``jacrev``/
   ``vmap`` around the transform): the whole graph, traced once by TorchScript without hoisting
   or buffer reuse, runs under ``torch.jit.optimized_execution(False)``, so the interpreter
@@ -30,14 +32,28 @@ executors run the same graph:
   ``torch.compile``): the FX graph, which is exactly what the other two compute.
 
 If tracing fails, the FX graph is used from then on.
+
+NOTE [Inductor executor]
+``compile=True`` hands the plain path's main part -- a flat, functional aten graph with the
+hoisted values as inputs -- to ``torch._inductor.compile_fx.compile_fx``, the function behind
+``torch.compile(backend="inductor")``, with the call's own tensors (detached, under
+``no_grad``) as examples: no dynamo frame, no guards, so a call costs the generated code plus
+a stride check. It fuses the pointwise chains of a Taylor propagation into a few C++/Triton
+kernels that the interpreter would run one by one; inductor plans its own buffers, so the
+buffer reuse pass is not applied. It compiles once per ``Executable`` (a captured signature
+and plan: shapes, dtypes and devices are fixed); the code assumes the examples' strides, so a
+later call whose inputs are laid out differently runs the functional FX graph instead of
+recompiling. A failure to compile or to run the compiled code once falls back to TorchScript,
+and the reason is kept in ``executor``. The other executors are unchanged.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +64,16 @@ from .optimize import for_autograd, pure_op
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
 _HOIST_LIMIT_BYTES = 64 * 2**20
+
+
+class InductorStats:
+    """Process-wide counts of inductor compiles and of calls run by compiled code (what the
+    tests check to prove which executor ran)."""
+
+    compiles = 0
+    failures = 0
+    calls = 0
+    seconds = 0.0  # spent compiling
 
 
 def call_kind(args: tuple[Any, ...] | list[Any]) -> str:
@@ -89,9 +115,10 @@ class Executable:
     the graph's constants alone are hoisted into the cached prologue.
     """
 
-    def __init__(self, gm: GraphModule, n_static: int = 0) -> None:
+    def __init__(self, gm: GraphModule, n_static: int = 0, compile: bool = False) -> None:
         self.gm = gm
         self.n_static = n_static
+        self.compile = compile  # plain calls run inductor's code (NOTE [Inductor executor])
         self.consts: list[Tensor] = [
             getattr(gm, str(n.target)) for n in gm.graph.nodes
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
@@ -105,6 +132,14 @@ class Executable:
     @property
     def code(self) -> str:
         return self.gm.code
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """How long inductor took to compile this graph, or None if it does not run it."""
+        fast = self._fast
+        if fast is None or fast is _FAILED or not fast.inductor:
+            return None
+        return fast.compile_seconds  # type: ignore[no-any-return]
 
     @property
     def graph(self) -> Graph:
@@ -126,9 +161,15 @@ class Executable:
         return self.gm(*args)
 
     def _fast_path(self, args: tuple[Any, ...]) -> Any:
-        if self._fast is None:
-            self._fast = self._build(args)
-        return self._fast
+        fast = self._fast
+        if fast is None:
+            fast = self._fast = self._build(args)
+        elif self.compile and fast is not _FAILED and fast.inductor is None:
+            # compile=True was set after the fast path was built (timed candidates run
+            # TorchScript first; see NOTE [Timing close candidates])
+            fast.compile_inductor(args)
+            self.executor = fast.executor
+        return fast
 
     def _full_path(self, args: tuple[Any, ...]) -> Any:
         if self._full is None:
@@ -140,7 +181,8 @@ class Executable:
     def _build(self, args: tuple[Any, ...]) -> Any:
         try:
             fast = _FastPath(self.gm, self.n_static)
-            fast.trace(args)
+            if not (self.compile and fast.compile_inductor(args)):
+                fast.trace(args)
         except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
             return _FAILED
         self.executor = fast.executor
@@ -285,9 +327,16 @@ class _FastPath:
                 v = main.call_function(torch.ops.aten.clone.default, (v,))
             outs.append(v)
         main.output(tuple(outs))
-        reuse_buffers(main)
-        self.main: Callable[..., Any] = GraphModule(gm, main)
-        self.executor = "fx"
+        self.functional = GraphModule(gm, main)  # inductor's input (no in-place rewrites)
+        rewritten = _copy(main)
+        reuse_buffers(rewritten)
+        self.main: Callable[..., Any] = GraphModule(gm, rewritten)
+        self.base = "fx"  # or "torchscript": what runs the main part without inductor
+        self.failure: str | None = None  # why inductor could not compile, if it could not
+        # None: not tried; False: failed (the reason in ``executor``); else the compiled code
+        self.inductor: Any = None
+        self.compile_seconds: float | None = None
+        self._strides: list[tuple[int, ...]] = []
         self._cache: tuple[Any, list[Tensor]] | None = None
 
     def hoisted(self, args: tuple[Any, ...]) -> list[Tensor]:
@@ -315,10 +364,66 @@ class _FastPath:
                 traced = torch.jit.trace(run, inputs, check_trace=False)
         except Exception:  # noqa: BLE001 - TorchScript is an accelerator, not a requirement
             return
-        self.main, self.executor = traced, "torchscript"
+        self.main, self.base = traced, "torchscript"
+
+    @property
+    def executor(self) -> str:
+        if self.inductor:
+            return f"inductor (compile=True), compiled in {self.compile_seconds:.2f} s"
+        if self.failure is not None:
+            return f"{self.base} (compile=True, but inductor failed: {self.failure})"
+        return self.base
+
+    def compile_inductor(self, args: tuple[Any, ...]) -> bool:
+        """Compile the functional main part with inductor and run it once on ``args`` (see
+        NOTE [Inductor executor]); on failure keep the current executor, say why in
+        ``executor`` and return False."""
+        self.inductor = False
+        try:
+            from torch._inductor.compile_fx import compile_fx
+
+            inputs = [t.detach() for t in (*args, *self.hoisted(args))]
+            start = time.perf_counter()
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # a callable here (other types are for ahead-of-time compilation)
+                # (on a copy: inductor's passes may rewrite the graph they are given)
+                compiled = cast(Callable[..., Any], compile_fx(
+                    GraphModule(self.functional, _copy(self.functional.graph)), list(inputs)))
+                compiled(*inputs)  # C++ or Triton builds may be deferred to the first run
+            seconds = time.perf_counter() - start
+            self.compile_seconds = seconds
+        except Exception as e:  # noqa: BLE001 - inductor is an accelerator, not a requirement
+            InductorStats.failures += 1
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            self.failure = reason if len(reason) <= 160 else reason[:157] + "..."
+            return False
+        InductorStats.compiles += 1
+        InductorStats.seconds += seconds
+        self._strides = [t.stride() for t in inputs]
+        self.inductor = compiled
+        functional = self.functional
+        strides = self._strides
+
+        def run(*a: Tensor) -> Any:
+            with torch.no_grad():
+                if [t.stride() for t in a] != strides:
+                    return functional(*a)  # compiled for other strides: run them as they are
+                InductorStats.calls += 1
+                return compiled(*a)
+
+        self.main = run
+        return True
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
         return _fill(self.out_template, self.main(*args, *self.hoisted(args)))
+
+
+def _copy(graph: Graph) -> Graph:
+    """A copy of ``graph`` (nodes and their metadata)."""
+    new = Graph()
+    new.output(new.graph_copy(graph, {}))
+    return new
 
 
 def _stamps(tensors: list[Tensor]) -> list[Any] | None:

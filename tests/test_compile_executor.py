@@ -1,0 +1,162 @@
+"""``compile=True``: the plain fast path runs inductor's code (NOTE [Inductor executor]).
+
+Each inductor compile takes seconds on a CPU, so the cases are few and tiny; every test proves
+which executor ran through :class:`InductorStats` (compiles and compiled calls counted by the
+executor itself) or the plan's ``execution`` line, and compares with nested ``jacrev``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import xafunc
+from xafunc._execute.executable import InductorStats
+
+from ._compare import assert_tree_close, reference_deriv
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _inductor_works() -> None:
+    """Skip the module where inductor cannot build code (no C++ compiler, no inductor)."""
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("inductor needs a C++ compiler for CPU code; none found")
+    try:
+        from torch._inductor.compile_fx import compile_fx  # noqa: F401
+
+        torch.compile(lambda t: t.sin() + 1, backend="inductor")(torch.ones(2))
+    except Exception as e:  # noqa: BLE001 - any failure means: not on this machine
+        pytest.skip(f"inductor cannot compile here: {type(e).__name__}: {e}")
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1)).double()
+
+
+def _counts() -> tuple[int, int]:
+    return InductorStats.compiles, InductorStats.calls
+
+
+def test_order3_mlp_runs_inductor_once_and_matches_jacrev() -> None:
+    net = _mlp()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).sum()
+
+    x = torch.randn(3, dtype=torch.float64)
+    expected = reference_deriv(f, 3)(x)
+    compiles, calls = _counts()
+    assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x), expected)
+    assert _counts() == (compiles + 1, calls + 1)
+    execution = xafunc.plan(f, 3, compile=True)(x).execution
+    assert execution is not None and execution.startswith(
+        "inductor (compile=True), compiled in "), execution
+    # same signature, new tensors: the compiled code runs again, nothing is recompiled
+    x2 = torch.randn(3, dtype=torch.float64)
+    assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x2), reference_deriv(f, 3)(x2))
+    assert _counts() == (compiles + 1, calls + 2)
+    # inputs laid out unlike the examples: the FX graph runs them, still nothing recompiled
+    x3 = torch.randn(6, dtype=torch.float64)[::2]
+    assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x3), reference_deriv(f, 3)(x3))
+    assert _counts() == (compiles + 1, calls + 2)
+    # without compile=True the same function is planned (and run) apart, by TorchScript
+    assert "TorchScript" in (xafunc.plan(f, 3)(x).execution or "")
+    xafunc.xderiv(f, 3)(x)
+    assert _counts() == (compiles + 1, calls + 2)
+
+    # inside the caller's own torch.compile region the transform is a graph break and its
+    # plain call runs the code compiled above
+    @torch.compile(backend="eager", fullgraph=False)
+    def outer(x: torch.Tensor) -> torch.Tensor:
+        return xafunc.xderiv(f, 3, compile=True)(x.cos()) * 2
+
+    assert_tree_close(outer(x), reference_deriv(f, 3)(x.cos()) * 2)
+    assert _counts() == (compiles + 1, calls + 3)
+
+
+def test_hessian_under_vmap() -> None:
+    net = _mlp()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).sum()
+
+    xs = torch.randn(4, 3, dtype=torch.float64)
+    expected = torch.func.vmap(reference_deriv(f, 2))(xs)
+    compiles, calls = _counts()
+    hess = torch.func.vmap(xafunc.xhessian(f, compile=True))
+    assert_tree_close(hess(xs), expected)
+    assert _counts() == (compiles + 1, calls + 1)
+    assert_tree_close(hess(xs + 0), expected)
+    assert _counts() == (compiles + 1, calls + 2)
+
+
+def test_xlaplacian() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.sin() * x.sum()).exp()
+
+    x = torch.randn(3, dtype=torch.float64)
+    expected = reference_deriv(f, 2)(x).diagonal(dim1=1, dim2=2).sum(-1)
+    compiles, calls = _counts()
+    lap = xafunc.xlaplacian(f, compile=True)
+    assert_tree_close(lap(x), expected)
+    assert_tree_close(lap(x), expected)
+    assert _counts() == (compiles + 1, calls + 2)
+
+
+def test_jet_compiles_its_propagation() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.tanh() * x.sum()).sin()
+
+    x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    # along a line, the k-th output coefficient is D^k f[v, ..., v]
+    expected = [torch.einsum("oi,i->o", reference_deriv(f, 1)(x), v),
+                torch.einsum("oij,i,j->o", reference_deriv(f, 2)(x), v, v)]
+    compiles, calls = _counts()
+    for _ in range(2):
+        y, series = xafunc.jet(f, (x,), ((v, None),), compile=True)
+        assert_tree_close(y, f(x))
+        assert_tree_close(list(series), expected)
+    assert _counts() == (compiles + 1, calls + 2)
+
+
+def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.compile_fx as inductor
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(inductor, "compile_fx", broken)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x.tanh().sum() * x.sum()
+
+    x = torch.randn(3, dtype=torch.float64)
+    compiles, calls = _counts()
+    assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x), reference_deriv(f, 3)(x))
+    assert _counts() == (compiles, calls)
+    execution = xafunc.plan(f, 3, compile=True)(x).execution or ""
+    assert execution.startswith("torchscript (compile=True, but inductor failed: RuntimeError: "
+                                "no compiler today)"), execution
+
+
+def _transforms(compile: object) -> list[object]:
+    f = torch.sin
+    return [lambda: xafunc.xderiv(f, 2, compile=compile),
+            lambda: xafunc.xjacobian(f, compile=compile),
+            lambda: xafunc.xhessian(f, compile=compile),
+            lambda: xafunc.xderivs(f, 2, compile=compile),
+            lambda: xafunc.plan(f, 2, compile=compile),
+            lambda: xafunc.xlaplacian(f, compile=compile),
+            lambda: xafunc.xbiharmonic(f, compile=compile),
+            lambda: xafunc.jet(f, (torch.ones(()),), ((torch.ones(()),),), compile=compile)]
+
+
+@pytest.mark.parametrize("i, name", enumerate(
+    ["xderiv", "xjacobian", "xhessian", "xderivs", "plan", "xlaplacian", "xbiharmonic", "jet"]))
+def test_compile_must_be_a_bool(i: int, name: str) -> None:
+    with pytest.raises(TypeError, match=f"^{name}: compile must be a bool, got 'yes' of type "
+                                        "str. Pass compile=True or compile=False."):
+        _transforms("yes")[i]()  # type: ignore[operator]
