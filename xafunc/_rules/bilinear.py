@@ -111,6 +111,10 @@ def _as_series_shape(x: Any, shape: tuple[int, ...]) -> Any:
     """``x`` reshaped to ``shape`` (a Series keeps its unit seed: reshapes preserve it)."""
     if not isinstance(x, Series):
         return x.reshape(shape)
+    if x.unit is not None and x.unit.transposed:
+        if tuple(x.primal.shape) == shape:
+            return x
+        x = materialize(x)
     coeffs = [c if c is None or isinstance(c, UnitSeed) else c.reshape((c.shape[0],) + shape)
               for c in x.coeffs]
     return Series(x.primal.reshape(shape), coeffs)
@@ -125,7 +129,9 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
     ``q``, equal to column ``l`` of ``a``. When the seed's non-contracted dims are all 1 (a
     row/column seed) these are plain slices of the constant; otherwise a scatter of those
     rows into zeros. Either way no identity matrix is multiplied: Jacobians of functions that
-    start with a linear layer (any spelling) cost no product there.
+    start with a linear layer (any spelling) cost no product there. A ``transposed`` seed (a
+    matrix whose transpose is the seeded tensor, ``W.t()``) swaps how ``j`` splits into
+    ``(i, l)`` (left) or ``(l, q)`` (right).
     """
     for s, other, left in ((a, b, True), (b, a, False)):
         if not isinstance(s, Series) or isinstance(other, Series) or s.unit is None:
@@ -135,30 +141,38 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
         sp, op = s.primal, other
         if sp.dim() < 2 or op.dim() < 2 or tuple(sp.shape[:-2]) != tuple(y0.shape[:-2]):
             continue
-        B, off = s.unit.count, s.unit.offset
+        B, off, flip = s.unit.count, s.unit.offset, s.unit.transposed
         batch = tuple(y0.shape[:-2])
         nb = math.prod(batch)
+        if flip and (sp.dim() != 2 or nb != 1):
+            continue
         if left:
             r, k = sp.shape[-2], sp.shape[-1]
             mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, k, op.shape[-1])
-            if r == 1 and nb == 1:  # a row seed: rows of the constant
+            if r == 1 and nb == 1 and not flip:  # a row seed: rows of the constant
                 return mat[0, off:off + B].reshape((B,) + tuple(y0.shape))
             j = torch.arange(off, off + B, device=sp.device)
-            l, i, beta = j % k, (j // k) % r, j // (k * r)
+            if flip:  # seeded entry (l, i) of the (k, r) transpose
+                i, l, beta = j % r, j // r, j * 0
+            else:
+                l, i, beta = j % k, (j // k) % r, j // (k * r)
             rows = mat[beta, l]  # (B, n)
             out = y0.new_zeros((B, nb, r, mat.shape[-1]))
             out = out.index_put((torch.arange(B, device=sp.device), beta, i), rows)
             return out.reshape((B,) + tuple(y0.shape))
         k, n = sp.shape[-2], sp.shape[-1]
         mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, op.shape[-2], k)
-        if n == 1 and nb == 1:  # a column seed: columns of the constant
+        if n == 1 and nb == 1 and not flip:  # a column seed: columns of the constant
             return mat[0, :, off:off + B].t().reshape((B,) + tuple(y0.shape))
         j = torch.arange(off, off + B, device=sp.device)
-        q, l, beta = j % n, (j // n) % k, j // (k * n)
-        cols = mat.transpose(-1, -2)[beta, l]  # (B, m)
-        out = y0.new_zeros((B, nb, n, mat.shape[-2]))
-        out = out.index_put((torch.arange(B, device=sp.device), beta, q), cols)
-        return out.transpose(-1, -2).reshape((B,) + tuple(y0.shape))
+        if flip:  # seeded entry (q, l) of the (n, k) transpose
+            l, q, beta = j % k, j // k, j * 0
+        else:
+            q, l, beta = j % n, (j // n) % k, j // (k * n)
+        cols = mat[beta, :, l]  # (B, m)
+        out = y0.new_zeros((B, nb, mat.shape[-2], n))  # written in place: row-major result
+        out = aten.index_put(out, [torch.arange(B, device=sp.device), beta, None, q], cols)
+        return out.reshape((B,) + tuple(y0.shape))
     return None
 
 
@@ -173,6 +187,14 @@ def matmul(p: Tensor, q: Tensor) -> Tensor:
     reshapes, so they hold whatever strides the coefficient has, also under ``vmap``.
     """
     pb, qb = p.dim() - 2, q.dim() - 2  # batch dims of each side (the direction dim included)
+    if p.shape[-1] == 1 and pb != qb and not (p.is_complex() or q.is_complex()):
+        # inner size 1: each entry is one product, an outer product (exactly what the GEMM
+        # computes; GEMMs with k = 1 are slow): broadcast the batch dims of the lower side
+        lead = max(pb, qb) - min(pb, qb)
+        lo, hi = (q, p) if pb > qb else (p, q)
+        lo = lo.reshape((1,) * lead + tuple(lo.shape))
+        a, b = (hi, lo) if pb > qb else (lo, hi)
+        return a * b
     if pb > qb:  # p carries the directions: (B, [nb,] m, k) @ ([nb,] k, n)
         if qb == 0:
             out = torch.mm(p.reshape(-1, p.shape[-1]), q)
