@@ -508,8 +508,8 @@ def _blocked_candidates(schedules: list[Schedule], in_shapes: list[tuple[int, ..
     """Per-leaf block variants (NOTE [Blocked directions]) of the first-order Taylor
     candidates (``r <= 1`` reverse levels under degree 1) when ``z`` has several leaves."""
     blocks = leaf_blocks(in_shapes)
-    if len(blocks) < 2 or any(c == 0 for _, c in blocks) or not schedules:
-        return []
+    if len(blocks) < 2 or any(c == 0 for _, c in blocks) or not schedules or z.is_complex():
+        return []  # (complex inputs: jacrev's Hessian convention is not symmetric)
     best = min(s.est_flops for s in schedules)
     out = []
     for base in schedules:

@@ -128,7 +128,8 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
     row ``l`` of ``b``. For a right operand ``(*batch, k, n)`` (``j = (beta, l, q)``) it is column
     ``q``, equal to column ``l`` of ``a``. When the seed's non-contracted dims are all 1 (a
     row/column seed) these are plain slices of the constant; otherwise a scatter of those
-    rows into zeros. Either way no identity matrix is multiplied: Jacobians of functions that
+    rows into zeros (a ``where`` against an identity mask, one pass, when the seed covers
+    the whole operand). Either way no identity matrix is multiplied: Jacobians of functions that
     start with a linear layer (any spelling) cost no product there. A ``transposed`` seed (a
     matrix whose transpose is the seeded tensor, ``W.t()``) swaps how ``j`` splits into
     ``(i, l)`` (left) or ``(l, q)`` (right).
@@ -151,6 +152,12 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
             mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, k, op.shape[-1])
             if r == 1 and nb == 1 and not flip:  # a row seed: rows of the constant
                 return mat[0, off:off + B].reshape((B,) + tuple(y0.shape))
+            if off == 0 and B == r * k and nb == 1:  # every entry seeded: one pass
+                eye = torch.eye(r, dtype=torch.bool, device=sp.device)
+                mask = eye.reshape((1, r, r, 1) if flip else (r, 1, r, 1))
+                vals = mat[0].reshape((k, 1, 1, -1) if flip else (1, k, 1, -1))
+                out = torch.where(mask, vals, y0.new_zeros(()))
+                return out.reshape((B,) + tuple(y0.shape))
             j = torch.arange(off, off + B, device=sp.device)
             if flip:  # seeded entry (l, i) of the (k, r) transpose
                 i, l, beta = j % r, j // r, j * 0
@@ -164,6 +171,12 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
         mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, op.shape[-2], k)
         if n == 1 and nb == 1 and not flip:  # a column seed: columns of the constant
             return mat[0, :, off:off + B].t().reshape((B,) + tuple(y0.shape))
+        if off == 0 and B == k * n and nb == 1:  # every entry seeded: one pass
+            eye = torch.eye(n, dtype=torch.bool, device=sp.device)
+            mask = eye.reshape((n, 1, 1, n) if flip else (1, n, 1, n))
+            vals = mat[0].t().reshape((1, k, -1, 1) if flip else (k, 1, -1, 1))
+            out = torch.where(mask, vals, y0.new_zeros(()))
+            return out.reshape((B,) + tuple(y0.shape))
         j = torch.arange(off, off + B, device=sp.device)
         if flip:  # seeded entry (q, l) of the (n, k) transpose
             l, q, beta = j % k, j // k, j * 0
@@ -197,7 +210,13 @@ def matmul(p: Tensor, q: Tensor) -> Tensor:
         return a * b
     if pb > qb:  # p carries the directions: (B, [nb,] m, k) @ ([nb,] k, n)
         if qb == 0:
-            out = torch.mm(p.reshape(-1, p.shape[-1]), q)
+            if p.stride(-1) != 1 and p.stride(-2) == 1 and p.shape[-2] > 1:
+                # transposed matrices (a reverse pass's ``g.t() @ h``): folding them into rows
+                # would copy them; one batched GEMM reads them as they are
+                p3 = p.reshape((-1,) + tuple(p.shape[-2:]))
+                out = torch.bmm(p3, q.expand((p3.shape[0],) + tuple(q.shape)))
+            else:
+                out = torch.mm(p.reshape(-1, p.shape[-1]), q)
             return out.reshape(p.shape[:-1] + q.shape[-1:])
         if math.prod(q.shape[:-2]) == 1:
             return matmul(p, q.reshape(q.shape[-2:]))
