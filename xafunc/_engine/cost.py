@@ -48,9 +48,9 @@ class Schedule:
         text = (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
                 f"{self.directions} directions")
         if self.blocks is not None:
-            text += f" in {len(self.blocks)} per-leaf blocks (NOTE [Blocked directions])"
+            text += f" in {len(self.blocks)} per-leaf blocks"
             if self.symmetric:
-                text += ", symmetric: block a keeps gradient blocks b >= a, mirrors the rest"
+                text += ", symmetric (gradient blocks b >= a)"
         return f"{text}: {self.est_flops:.3g} FLOPs"
 
 
