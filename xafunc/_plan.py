@@ -181,6 +181,13 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
             best = schedules[0]
             details = [] if program.chunk_size is None or program.chunk_size == req.chunk_size \
                 else [f"directions processed {program.chunk_size} at a time to fit in memory"]
+            if best.blocks is not None:
+                details.append(
+                    f"directions seeded one differentiated leaf at a time ({len(best.blocks)} "
+                    "per-leaf blocks: a block skips every node its leaf does not reach"
+                    + ("; Hessian symmetry: block a computes gradient blocks b >= a only, the "
+                       "rest are mirrored" if best.symmetric else "")
+                    + "; NOTE [Blocked directions])")
             details += [f"candidate {s.describe()}, peak {fmt_bytes(s.est_peak_bytes)}"
                         for s in schedules[:4]]
             if best.join is not None:

@@ -52,6 +52,27 @@ def test_noop_reshapes_and_copies():
     assert _ops(gm) == [aten.sin.default]
 
 
+@pytest.mark.parametrize("lo,hi,kept", [
+    (2, 9, [aten.cos.default, aten.exp.default, aten.cat.default]),  # whole pieces
+    (2, 5, [aten.cos.default]),  # exactly one piece
+    (3, 5, [aten.cos.default, aten.slice.Tensor]),  # inside one piece
+])
+def test_slice_of_cat_keeps_the_pieces_it_covers(lo, hi, kept):
+    def fn(a, b, c):  # pieces of 2, 3 and 4 columns; the slice drops the sin piece
+        return torch.cat([a.sin(), b.cos(), c.exp()], 1)[:, lo:hi]
+
+    gm = _simplified(fn, torch.randn(3, 2), torch.randn(3, 3), torch.randn(3, 4))
+    assert _ops(gm) == kept, gm.code
+
+
+def test_slice_of_cat_across_a_piece_boundary_stays():
+    def fn(a, b):
+        return torch.cat([a.sin(), b.cos()], 1)[:, 1:3]
+
+    gm = _simplified(fn, torch.randn(3, 2), torch.randn(3, 3), fewer=False)
+    assert aten.slice.Tensor in _ops(gm) and aten.sin.default in _ops(gm)
+
+
 def test_reshape_chain_becomes_one_reshape():
     def fn(x):
         return x.view(2, 6).view(3, 4).unsqueeze(0).view(4, 3).sin()

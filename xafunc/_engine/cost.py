@@ -33,6 +33,8 @@ class Schedule:
     cut: Any = None  # mixed schedules: the fx node separating z from y
     width: int = 0  # its number of entries
     join: Join | None = None
+    blocks: tuple[tuple[int, int], ...] | None = None  # per-leaf direction blocks
+    symmetric: bool = False  # blocks keep gradient blocks b >= a only (mirrored)
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -43,8 +45,13 @@ class Schedule:
             return (f"mixed: Taylor degree {self.forward_degree} to {self.cut.name} "
                     f"(width {self.width}), Taylor in its {self.width} coordinates after it, "
                     f"Faà di Bruno join over set partitions: {self.est_flops:.3g} FLOPs")
-        return (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
-                f"{self.directions} directions: {self.est_flops:.3g} FLOPs")
+        text = (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
+                f"{self.directions} directions")
+        if self.blocks is not None:
+            text += f" in {len(self.blocks)} per-leaf blocks"
+            if self.symmetric:
+                text += ", symmetric (gradient blocks b >= a)"
+        return f"{text}: {self.est_flops:.3g} FLOPs"
 
 
 

@@ -30,6 +30,7 @@ from .._capture.request import Request, Split, write_back
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
+from .blocked import blocked_candidate, leaf_blocks, mirror_pieces
 from .cost import Schedule, estimate, graph_flops, liveness, mixed_candidates
 from .interpolate import (
     directions,
@@ -61,7 +62,9 @@ EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that 
 
 
 def _label(s: Schedule) -> str:
-    return "mixed" if s.cut is not None else "/".join(s.levels)
+    if s.cut is not None:
+        return "mixed"
+    return "/".join(s.levels) + (" blocked" if s.blocks is not None else "")
 
 
 # candidates estimated within this factor of the best are timed on the first call, when the
@@ -206,12 +209,73 @@ class Program:
             keys: list[Any] = [(0, k) for k in range(1, self.order + 1)]
         elif s.cut is not None:
             keys = [("mixed", s.cut.name)]
+        elif s.blocks is not None:
+            keys = [("blocked", s.reverse_levels, s.symmetric)]
         else:
             keys = [(s.reverse_levels, s.forward_degree)]
         if not self.all_orders and s.cut is None and s.reverse_levels in self.direct:
             return ("execution: pure reverse levels run by torch.func, not compiled "
                     "(compile=True has no graph to compile)")
         return "execution: " + self.compiler.describe(keys)
+
+    # ------------------------------------------------------------------ blocked directions
+    def _blocked_eager(self, s: Schedule, z: Tensor, *others: Tensor) -> tuple[Any, Any]:
+        """First-order Taylor along each leaf's unit directions in turn (NOTE [Blocked
+        directions]): ``D (m, n)`` (``r = 0``) or, for a Hessian, the row blocks of ``D (m, n,
+        n)`` as the blocks of the result (see :func:`mirror_pieces`)."""
+        assert s.blocks is not None
+        prop, r, n, m = self.props[s.reverse_levels], s.reverse_levels, z.shape[0], self.layout.m
+        rows, aux = [], None
+        for offset, count in s.blocks:
+            lo = offset if s.symmetric else 0
+            parts = []
+            for start, stop in self._chunks(count, 1):
+                out, aux = prop(Series(z, [UnitSeed(offset + start, stop - start)]), *others)
+                c = out.coeffs[0] if isinstance(out, Series) else None
+                p = out.primal if isinstance(out, Series) else out
+                B = stop - start
+                if c is None:
+                    c = p.new_zeros((B,) + tuple(p.shape))
+                c = c.reshape(B, m, -1) if r else c.reshape(B, m)
+                parts.append(c.narrow(2, lo, n - lo) if r and lo else c)
+            rows.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
+        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        if r == 0:  # D[i, p] = rows[a][p - o_a, i]
+            return [row.t().contiguous() for row in rows], aux
+        if s.symmetric:
+            return mirror_pieces(rows, list(s.blocks)), aux
+        return [[row[:, :, ob:ob + cb].permute(1, 2, 0).contiguous() for row in rows]
+                for ob, cb in s.blocks], aux
+
+    def blocked(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Any, Any]:
+        """The blocks of ``D^(r+1) y`` by the per-leaf schedule ``s``, and aux."""
+
+        def eager(z: Tensor, *others: Tensor) -> Any:
+            return self._blocked_eager(s, z, *others)
+
+        key = ("blocked", s.reverse_levels, s.symmetric)
+        return self._run(key, lambda: None, eager, z, others)  # type: ignore[no-any-return]
+
+    def assemble_blocks(self, pieces: Any, k: int) -> Any:
+        """The pytree ``k`` nested ``jacrev`` calls return, from per-leaf blocks: ``pieces[a]``
+        ``(m, n_a)`` (``k = 1``) or ``pieces[b][a]`` ``(m, n_b, n_a)`` (``k = 2``)."""
+        lay, in_dtype = self.layout, self.split.in_dtype
+
+        def nest(piece: Any, lo: int, hi: int, shape: tuple[int, ...], level: int,
+                 lead: tuple[int, ...]) -> Any:
+            if level == k:
+                t = piece[lo:hi].reshape(shape + lead)
+                return t if t.dtype == in_dtype else t.to(in_dtype)
+            return pytree.tree_unflatten(
+                [nest(piece[i], lo, hi, shape, level + 1, lead + tuple(s))
+                 for i, s in enumerate(lay.in_shapes)], lay.in_spec)
+
+        outs, offset = [], 0
+        for shape in lay.out_shapes:
+            size = math.prod(shape)
+            outs.append(nest(pieces, offset, offset + size, tuple(shape), 0, ()))
+            offset += size
+        return pytree.tree_unflatten(outs, lay.out_spec)
 
     # ------------------------------------------------------------------ mixed schedule
     def _taylor_rows(self, n: int, d: int, z: Tensor, run: Callable[[Any], Any]) -> Tensor:
@@ -286,8 +350,10 @@ class Program:
         else:
             if self.trials:
                 self._time_trials(z, others)
-            D, aux = self._run_schedule(self.schedules[0], z, others)
-            value = self.assemble(D, self.order)
+            best = self.schedules[0]
+            D, aux = self._run_schedule(best, z, others)
+            value = self.assemble_blocks(D, self.order) if best.blocks is not None \
+                else self.assemble(D, self.order)
         aux_leaves, mutations = self.split.split_aux(list(aux or ()))
         write_back(targets, mutations)
         if self.has_aux:
@@ -297,6 +363,8 @@ class Program:
     def _run_schedule(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
         if s.cut is not None:
             return self.dense_mixed(s, z, others)  # type: ignore[no-any-return]
+        if s.blocks is not None:
+            return self.blocked(s, z, others)
         return self.dense(s.reverse_levels, s.forward_degree, z, others)
 
     def _time_trials(self, z: Tensor, others: list[Tensor]) -> None:
@@ -398,6 +466,10 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                                       live, limit=None if mode == "mixed" else 3)
         if mode == "mixed":
             schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
+    traced: dict[int, torch.fx.GraphModule] = {}  # reverse levels traced once, shared
+    if not all_orders and mode in ("auto", "forward"):
+        schedules += _blocked_candidates(schedules, layout.in_shapes, order, g0, z, others,
+                                         traced)
     schedules.sort(key=lambda s: s.est_flops)
     # the cheapest candidate that fits and whose graphs the engine can run
     reasons: list[str] = []
@@ -408,7 +480,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
         except ValueError as e:
             memory_error = memory_error or e
             continue
-        prepared = _prepare(best, g0, chunk, z, others)
+        prepared = _prepare(best, g0, chunk, z, others, traced)
         if isinstance(prepared, str):
             reasons.append(prepared)
             continue
@@ -421,7 +493,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                     break
                 if not _fits(name, s, req.chunk_size, z, chunk):
                     continue  # the program runs one chunk size for all its schedules
-                more = _prepare(s, g0, chunk, z, others)
+                more = _prepare(s, g0, chunk, z, others, traced)
                 if not isinstance(more, str):
                     graphs.update(more[0])
                     direct.update(more[1])
@@ -456,8 +528,48 @@ def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) 
                         chunk_size=chunk_size, device=z.device)
 
 
+# a blocked variant is only estimated (its reverse level traced) for candidates estimated
+# within this factor of the best one: blocks rarely save more
+BLOCKED_FACTOR = 8.0
+
+
+def _blocked_candidates(schedules: list[Schedule], in_shapes: list[tuple[int, ...]],
+                        order: int, g0: torch.fx.GraphModule, z: Tensor, others: list[Any],
+                        traced: dict[int, torch.fx.GraphModule]) -> list[Schedule]:
+    """Per-leaf block variants (NOTE [Blocked directions]) of the first-order Taylor
+    candidates (``r <= 1`` reverse levels under degree 1) when ``z`` has several leaves."""
+    blocks = leaf_blocks(in_shapes)
+    if len(blocks) < 2 or any(c == 0 for _, c in blocks) or not schedules or z.is_complex():
+        return []  # (complex inputs: jacrev's Hessian convention is not symmetric)
+    best = min(s.est_flops for s in schedules)
+    out = []
+    for base in schedules:
+        r = base.reverse_levels
+        if base.cut is not None or base.forward_degree != 1 or r > 1 or \
+                base.est_flops > BLOCKED_FACTOR * best:
+            continue
+        g = g0 if r == 0 else _traced_reverse(g0, r, z, others, traced)
+        if isinstance(g, str):
+            continue
+        out.append(blocked_candidate(base, g, blocks, symmetric=r == 1 and order == 2))
+    return out
+
+
+def _traced_reverse(g0: torch.fx.GraphModule, r: int, z: Tensor, others: list[Any],
+                    traced: dict[int, torch.fx.GraphModule]) -> torch.fx.GraphModule | str:
+    """``jacrev^r`` of the captured graph, traced (once per ``r``), or why it cannot be."""
+    g = traced.get(r)
+    if g is None:
+        try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
+            g = traced[r] = trace(_jacrev_levels(g0, r, None), [z, *others])
+        except CaptureError as e:
+            return f"capture of the reverse levels failed ({e})"
+    return g
+
+
 def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor,
-             others: list[Any]) -> tuple[dict[int, Any], dict[int, Any]] | str:
+             others: list[Any], traced: dict[int, torch.fx.GraphModule] | None = None
+             ) -> tuple[dict[int, Any], dict[int, Any]] | str:
     """The graphs schedule ``s`` runs (its reverse levels traced over the captured graph), or
     why the engine cannot run them."""
     graphs: dict[int, Any] = {0: g0}
@@ -468,12 +580,11 @@ def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor
         # chunk and level into one huge graph; torch.func runs it directly, still on the
         # captured graph (see NOTE [Schedules])
         direct[r] = _jacrev_levels(g0, r, chunk)
-    elif r:
-        try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
-            graphs[r] = trace(_jacrev_levels(g0, r, chunk if s.forward_degree == 0
-                                             else None), [z, *others])
-        except CaptureError as e:
-            return f"capture of the reverse levels failed ({e})"
+    elif r:  # one level, unchunked (chunking the directions of a Taylor level above)
+        g = _traced_reverse(g0, r, z, others, {} if traced is None else traced)
+        if isinstance(g, str):
+            return g
+        graphs[r] = g
         problems = graph_problems(graphs[r], series_inputs=int(s.forward_degree > 0))
         if problems:
             return "; ".join(problems)

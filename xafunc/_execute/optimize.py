@@ -32,7 +32,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    Also exact: ``x + x`` is ``x * 2``, ``(x * a) * b`` is ``x * (a * b)`` when ``a`` or ``b``
    is ``+-1``, and the only piece of a ``split_with_sizes`` into one piece is its input.
    ``(big * small) * 2^k`` becomes ``big * (small * 2^k)`` (one pass over the large tensor
-   fewer; exact short of over- or underflow).
+   fewer; exact short of over- or underflow). A slice of a ``cat`` along its dim that covers
+   whole pieces is the ``cat`` of those pieces (a slice inside one piece, a slice of it): the
+   pieces it drops become dead code (how a symmetric block prunes its reverse pass, NOTE
+   [Blocked directions]).
 5. Common subexpressions: a pure aten call (not mutating, not random, not ``empty``) with the
    same target, arguments and keyword arguments as an earlier one reuses it. ``mul``/``add``
    of two real tensors are put in a canonical operand order first (IEEE ``+``/``*`` commute
@@ -410,6 +413,19 @@ def _sweep(gm: GraphModule) -> bool:
                 and _replace(node, src.args[0], outputs)):
             changed = True
             continue
+        # 4d. a slice of a cat along the cat's dim that covers whole pieces (or lies in one)
+        narrowed = _slice_of_cat(gm, node)
+        if narrowed is not None:
+            target, nargs = narrowed
+            if target is None:
+                if _replace(node, nargs[0], outputs):
+                    changed = True
+                    continue
+            else:
+                new = _new(node, target, nargs)
+                _swap(node, new, outputs)
+                changed = True
+                continue
         # 5. common subexpressions
         if not pure_op(t):
             continue
@@ -430,6 +446,57 @@ def _sweep(gm: GraphModule) -> bool:
         elif _replace(node, first, outputs):
             changed = True
     return changed
+
+
+def _slice_of_cat(gm: GraphModule, node: Node) -> tuple[Any, tuple[Any, ...]] | None:
+    """``slice(cat(pieces, d), d, start, end)`` (step 1) as ``(target, args)``: the ``cat`` of
+    the pieces it covers when its bounds fall on piece boundaries (``target=None``: the one
+    such piece itself), or a slice of the one piece it lies in. Exact: the same entries."""
+    if node.target is not aten.slice.Tensor:
+        return None
+    args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    src, dim, start, end, step = args[:5]
+    if step != 1 or not isinstance(src, Node) or src.op != "call_function" or \
+            src.target is not aten.cat.default or src.kwargs:
+        return None
+    val, out = _val(gm, src), _val(gm, node)
+    pieces = list(src.args[0])  # type: ignore[arg-type]
+    vals = [_val(gm, p) for p in pieces]
+    if val is None or out is None or not val.dim() or any(v is None for v in vals) or \
+            not all(isinstance(p, Node) for p in pieces):
+        return None
+    cat_dim = src.args[1] if len(src.args) > 1 else 0
+    if not all(isinstance(a, int) or a is None for a in (start, end)) or \
+            not isinstance(dim, int) or not isinstance(cat_dim, int):
+        return None
+    nd = val.dim()
+    d = dim % nd
+    size = int(val.shape[d])
+    if d != cat_dim % nd or any(v.dim() != nd for v in vals):  # type: ignore[union-attr]
+        return None
+    lo = start if isinstance(start, int) else 0
+    hi = end if isinstance(end, int) else size
+    lo, hi = (lo + size if lo < 0 else lo), (hi + size if hi < 0 else hi)
+    lo, hi = max(0, min(lo, size)), max(0, min(hi, size))
+    if (lo, hi) == (0, size) or hi <= lo:
+        return None
+    bounds, b = [], 0
+    for v in vals:
+        bounds.append((b, b + int(v.shape[d])))  # type: ignore[union-attr]
+        b += int(v.shape[d])  # type: ignore[union-attr]
+    inside = [i for i, (b0, b1) in enumerate(bounds) if b0 <= lo and hi <= b1]
+    if inside:
+        i = inside[0]
+        b0, b1 = bounds[i]
+        if (lo, hi) == (b0, b1):
+            return (None, (pieces[i],)) if _same_meta(vals[i], out) else None
+        return aten.slice.Tensor, (pieces[i], d, lo - b0, hi - b0)
+    starts = [b0 for b0, _ in bounds]
+    ends = [b1 for _, b1 in bounds]
+    if lo not in starts or hi not in ends:
+        return None
+    covered = pieces[starts.index(lo):ends.index(hi) + 1]
+    return aten.cat.default, (covered, d)
 
 
 # ------------------------------------------------------------------- constant subgraphs

@@ -111,6 +111,10 @@ def _as_series_shape(x: Any, shape: tuple[int, ...]) -> Any:
     """``x`` reshaped to ``shape`` (a Series keeps its unit seed: reshapes preserve it)."""
     if not isinstance(x, Series):
         return x.reshape(shape)
+    if x.unit is not None and x.unit.transposed:
+        if tuple(x.primal.shape) == shape:
+            return x
+        x = materialize(x)
     coeffs = [c if c is None or isinstance(c, UnitSeed) else c.reshape((c.shape[0],) + shape)
               for c in x.coeffs]
     return Series(x.primal.reshape(shape), coeffs)
@@ -124,8 +128,11 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
     row ``l`` of ``b``. For a right operand ``(*batch, k, n)`` (``j = (beta, l, q)``) it is column
     ``q``, equal to column ``l`` of ``a``. When the seed's non-contracted dims are all 1 (a
     row/column seed) these are plain slices of the constant; otherwise a scatter of those
-    rows into zeros. Either way no identity matrix is multiplied: Jacobians of functions that
-    start with a linear layer (any spelling) cost no product there.
+    rows into zeros (a ``where`` against an identity mask, one pass, when the seed covers
+    the whole operand). Either way no identity matrix is multiplied: Jacobians of functions that
+    start with a linear layer (any spelling) cost no product there. A ``transposed`` seed (a
+    matrix whose transpose is the seeded tensor, ``W.t()``) swaps how ``j`` splits into
+    ``(i, l)`` (left) or ``(l, q)`` (right).
     """
     for s, other, left in ((a, b, True), (b, a, False)):
         if not isinstance(s, Series) or isinstance(other, Series) or s.unit is None:
@@ -135,30 +142,50 @@ def _unit_product(a: Any, b: Any, y0: Tensor) -> Coeff:
         sp, op = s.primal, other
         if sp.dim() < 2 or op.dim() < 2 or tuple(sp.shape[:-2]) != tuple(y0.shape[:-2]):
             continue
-        B, off = s.unit.count, s.unit.offset
+        B, off, flip = s.unit.count, s.unit.offset, s.unit.transposed
         batch = tuple(y0.shape[:-2])
         nb = math.prod(batch)
+        if flip and (sp.dim() != 2 or nb != 1):
+            continue
         if left:
             r, k = sp.shape[-2], sp.shape[-1]
             mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, k, op.shape[-1])
-            if r == 1 and nb == 1:  # a row seed: rows of the constant
+            if r == 1 and nb == 1 and not flip:  # a row seed: rows of the constant
                 return mat[0, off:off + B].reshape((B,) + tuple(y0.shape))
+            if off == 0 and B == r * k and nb == 1:  # every entry seeded: one pass
+                eye = torch.eye(r, dtype=torch.bool, device=sp.device)
+                mask = eye.reshape((1, r, r, 1) if flip else (r, 1, r, 1))
+                vals = mat[0].reshape((k, 1, 1, -1) if flip else (1, k, 1, -1))
+                out = torch.where(mask, vals, y0.new_zeros(()))
+                return out.reshape((B,) + tuple(y0.shape))
             j = torch.arange(off, off + B, device=sp.device)
-            l, i, beta = j % k, (j // k) % r, j // (k * r)
+            if flip:  # seeded entry (l, i) of the (k, r) transpose
+                i, l, beta = j % r, j // r, j * 0
+            else:
+                l, i, beta = j % k, (j // k) % r, j // (k * r)
             rows = mat[beta, l]  # (B, n)
             out = y0.new_zeros((B, nb, r, mat.shape[-1]))
             out = out.index_put((torch.arange(B, device=sp.device), beta, i), rows)
             return out.reshape((B,) + tuple(y0.shape))
         k, n = sp.shape[-2], sp.shape[-1]
         mat = op.expand(batch + tuple(op.shape[-2:])).reshape(nb, op.shape[-2], k)
-        if n == 1 and nb == 1:  # a column seed: columns of the constant
+        if n == 1 and nb == 1 and not flip:  # a column seed: columns of the constant
             return mat[0, :, off:off + B].t().reshape((B,) + tuple(y0.shape))
+        if off == 0 and B == k * n and nb == 1:  # every entry seeded: one pass
+            eye = torch.eye(n, dtype=torch.bool, device=sp.device)
+            mask = eye.reshape((n, 1, 1, n) if flip else (1, n, 1, n))
+            vals = mat[0].t().reshape((1, k, -1, 1) if flip else (k, 1, -1, 1))
+            out = torch.where(mask, vals, y0.new_zeros(()))
+            return out.reshape((B,) + tuple(y0.shape))
         j = torch.arange(off, off + B, device=sp.device)
-        q, l, beta = j % n, (j // n) % k, j // (k * n)
-        cols = mat.transpose(-1, -2)[beta, l]  # (B, m)
-        out = y0.new_zeros((B, nb, n, mat.shape[-2]))
-        out = out.index_put((torch.arange(B, device=sp.device), beta, q), cols)
-        return out.transpose(-1, -2).reshape((B,) + tuple(y0.shape))
+        if flip:  # seeded entry (q, l) of the (n, k) transpose
+            l, q, beta = j % k, j // k, j * 0
+        else:
+            q, l, beta = j % n, (j // n) % k, j // (k * n)
+        cols = mat[beta, :, l]  # (B, m)
+        out = y0.new_zeros((B, nb, mat.shape[-2], n))  # written in place: row-major result
+        out = aten.index_put(out, [torch.arange(B, device=sp.device), beta, None, q], cols)
+        return out.reshape((B,) + tuple(y0.shape))
     return None
 
 
@@ -173,9 +200,23 @@ def matmul(p: Tensor, q: Tensor) -> Tensor:
     reshapes, so they hold whatever strides the coefficient has, also under ``vmap``.
     """
     pb, qb = p.dim() - 2, q.dim() - 2  # batch dims of each side (the direction dim included)
+    if p.shape[-1] == 1 and pb != qb and not (p.is_complex() or q.is_complex()):
+        # inner size 1: each entry is one product, an outer product (exactly what the GEMM
+        # computes; GEMMs with k = 1 are slow): broadcast the batch dims of the lower side
+        lead = max(pb, qb) - min(pb, qb)
+        lo, hi = (q, p) if pb > qb else (p, q)
+        lo = lo.reshape((1,) * lead + tuple(lo.shape))
+        a, b = (hi, lo) if pb > qb else (lo, hi)
+        return a * b
     if pb > qb:  # p carries the directions: (B, [nb,] m, k) @ ([nb,] k, n)
         if qb == 0:
-            out = torch.mm(p.reshape(-1, p.shape[-1]), q)
+            if p.stride(-1) != 1 and p.stride(-2) == 1 and p.shape[-2] > 1:
+                # transposed matrices (a reverse pass's ``g.t() @ h``): folding them into rows
+                # would copy them; one batched GEMM reads them as they are
+                p3 = p.reshape((-1,) + tuple(p.shape[-2:]))
+                out = torch.bmm(p3, q.expand((p3.shape[0],) + tuple(q.shape)))
+            else:
+                out = torch.mm(p.reshape(-1, p.shape[-1]), q)
             return out.reshape(p.shape[:-1] + q.shape[-1:])
         if math.prod(q.shape[:-2]) == 1:
             return matmul(p, q.reshape(q.shape[-2:]))

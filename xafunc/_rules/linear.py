@@ -42,6 +42,8 @@ def _shift(dim: int, ndim: int) -> int:
 def _make_reshape_rule(op: Any) -> Callable[..., Any]:
     @unit_aware
     def rule(x: Any, *args: Any, **kwargs: Any) -> Series:
+        if x.unit is not None and x.unit.transposed:
+            x = materialize(x)
         y0 = op(x.primal, *args, **kwargs)
         shape = tuple(y0.shape)
         coeffs = [c if c is None or isinstance(c, UnitSeed) else c.reshape((c.shape[0],) + shape)
@@ -62,6 +64,8 @@ for _op in (
 def _same_order(x: Series, y0: Tensor) -> Series:
     """``x`` viewed with ``y0``'s shape, for a view that keeps the element order (the unit seed
     stays a unit seed; other coefficients are reshaped)."""
+    if x.unit is not None and x.unit.transposed:
+        x = materialize(x)
     shape = tuple(y0.shape)
     return Series(y0, [c if c is None or isinstance(c, UnitSeed)
                        else c.reshape((c.shape[0],) + shape) for c in x.coeffs])
@@ -74,12 +78,23 @@ def _keeps_order(shape: Sequence[int], perm: Sequence[int]) -> bool:
     return big == sorted(big)
 
 
+def _transposed_unit(x: Series, y0: Tensor) -> Series | None:
+    """The transpose ``y0`` of a matrix carrying a first-order unit seed, its seed flagged
+    ``transposed`` (toggled): the matrix-product rules then still need no product."""
+    if x.unit is None or x.primal.dim() != 2 or x.order != 1:
+        return None
+    return Series(y0, [UnitSeed(x.unit.offset, x.unit.count, not x.unit.transposed)])
+
+
 @register(aten.permute, aten.permute_copy)
 @unit_aware
 def _permute(x: Series, dims: Sequence[int]) -> Series:
     y0 = x.primal.permute(list(dims))
     if x.unit is not None and _keeps_order(x.primal.shape, dims):
         return _same_order(x, y0)
+    flagged = _transposed_unit(x, y0)
+    if flagged is not None:
+        return flagged
     x = materialize(x)
     nd = x.primal.dim()
     cdims = [0] + [_shift(d, nd) for d in dims]
@@ -96,6 +111,9 @@ def _transpose(x: Series, d0: int, d1: int) -> Series:
         perm[d0 % nd], perm[d1 % nd] = perm[d1 % nd], perm[d0 % nd]
     if x.unit is not None and _keeps_order(x.primal.shape, perm):
         return _same_order(x, y0)
+    flagged = _transposed_unit(x, y0) if perm != list(range(nd)) else None
+    if flagged is not None:
+        return flagged
     x = materialize(x)
     a, b = _shift(d0, nd), _shift(d1, nd)
     return Series(y0, map_coeffs(x, lambda c: c.transpose(a, b)))
@@ -108,6 +126,9 @@ def _t(x: Series) -> Series:
         return Series(x.primal, x.coeffs)
     if x.unit is not None and 1 in x.primal.shape:
         return _same_order(x, x.primal.t())
+    flagged = _transposed_unit(x, x.primal.t())
+    if flagged is not None:
+        return flagged
     x = materialize(x)
     return Series(x.primal.t(), map_coeffs(x, lambda c: c.transpose(1, 2)))
 
@@ -152,13 +173,43 @@ def _index(x: Any, indices: Sequence[Any]) -> Series:
 
 
 @register(aten.split_with_sizes, aten.split, aten.split_with_sizes_copy, aten.split_copy)
-def _split(x: Series, sizes: Any, dim: int = 0) -> list[Series]:
+@unit_aware
+def _split(x: Series, sizes: Any, dim: int = 0) -> list[Any]:
     outs = torch.split(x.primal, sizes, dim)
+    if x.unit is not None:
+        blocked = _split_unit(x, outs, dim)
+        if blocked is not None:
+            return blocked
+        x = materialize(x)
     d = _shift(dim, x.primal.dim())
     parts = [None if c is None else torch.split(c, sizes, d) for c in x.coeffs]
     return [
         Series(o, [None if p is None else p[i] for p in parts]) for i, o in enumerate(outs)
     ]
+
+
+def _split_unit(x: Series, outs: Sequence[Tensor], dim: int) -> list[Any] | None:
+    """Pieces of a unit seed split along its leading dim: the piece holding every seeded
+    entry keeps a unit seed (offset shifted), the others are constants (zero coefficients),
+    so a propagation seeded in one differentiated leaf never touches the other leaves'
+    tangents (see NOTE [Blocked directions]). ``None`` when the seed straddles pieces."""
+    seed = x.unit
+    assert seed is not None
+    if seed.transposed or x.order != 1 or (x.primal.dim() and dim % x.primal.dim() != 0):
+        return None
+    start, stop = seed.offset, seed.offset + seed.count
+    pieces: list[Any] = []
+    begin = 0
+    for o in outs:
+        end = begin + o.numel()
+        if begin <= start and stop <= end:
+            pieces.append(Series(o, [UnitSeed(start - begin, seed.count)]))
+        elif stop <= begin or end <= start:
+            pieces.append(o)
+        else:
+            return None
+        begin = end
+    return pieces
 
 
 @register(aten.unbind)

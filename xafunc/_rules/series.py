@@ -31,12 +31,17 @@ class UnitSeed:
     matrix-product rules turn ``e_j @ W`` into row ``j`` of ``W`` (see ``_unit_product``), so
     a function that starts with a linear layer never multiplies by an identity matrix. Every
     other rule sees it materialised (:func:`materialize`).
+
+    ``transposed``: the primal is a matrix ``(p, q)`` (both sizes above 1) whose *transpose*
+    ``(q, p)`` is the seeded row-major tensor, e.g. ``W.t()`` of a seeded weight ``W`` (what
+    ``nn.Linear`` multiplies by). Transposes toggle it, the matrix-product rules read it, and
+    reshapes materialise such a seed first (its element order is not the primal's).
     """
 
-    __slots__ = ("offset", "count")
+    __slots__ = ("offset", "count", "transposed")
 
-    def __init__(self, offset: int, count: int) -> None:
-        self.offset, self.count = offset, count
+    def __init__(self, offset: int, count: int, transposed: bool = False) -> None:
+        self.offset, self.count, self.transposed = offset, count, transposed
 
     @property
     def shape(self) -> tuple[int]:
@@ -97,12 +102,21 @@ def _materialize_one(x: Any) -> Any:
     seed, p = x.unit, x.primal
     eye = p.new_zeros((seed.count, p.numel()))
     eye.diagonal(seed.offset).fill_(1)
-    return Series(p, [eye.reshape((seed.count,) + tuple(p.shape))] + x.coeffs[1:])
+    if seed.transposed:  # seeded in the transpose's row-major order
+        c = eye.reshape((seed.count,) + tuple(p.shape)[::-1]).transpose(1, 2)
+    else:
+        c = eye.reshape((seed.count,) + tuple(p.shape))
+    return Series(p, [c] + x.coeffs[1:])
 
 
 def materialize(x: Any) -> Any:
     """``x`` with any :class:`UnitSeed` (also inside lists/tuples) replaced by real tensors."""
     return nested_map(x, _materialize_one)
+
+
+def plain_unit(c: Any) -> bool:
+    """Is ``c`` a unit seed in the row-major order of its primal (one that reshapes keep)?"""
+    return isinstance(c, UnitSeed) and not c.transposed
 
 
 def unit_aware(fn: Callable[..., Any]) -> Callable[..., Any]:
