@@ -198,7 +198,9 @@ def _sequence_impl(func: Any, args: Any) -> Any:
     name, pos = _SEQUENCES[func]
     packet = getattr(torch.ops.aten, name)
     overload = packet.input if isinstance(args[pos], (list, tuple)) else packet.data
-    return decomposition_table().get(overload)
+    from torch._decomp import decomposition_table as registered
+
+    return registered[overload]
 
 
 class _CaptureOverrides(TorchFunctionMode):
