@@ -177,6 +177,10 @@ def plot_zoo_formulations(data: dict[str, Any], out: str) -> None:
             grid[reqs.index(c["mlp_request"])][forms.index(c["formulation"])] = c["ratio"]
     vals = [v for row in grid for v in row if v == v]
     fig, ax = plt.subplots(figsize=(9.5, 0.5 * len(reqs) + 2.0))
+    if not cases:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no MLP formulation cases in this run (zoo_table.py --cases mlp)",
+                ha="center", va="center", fontsize=9)
     if vals:
         lim = max(max(vals), 1 / min(vals), 1.01)
         im = ax.imshow(grid, cmap="RdYlGn_r", norm=LogNorm(1 / lim, lim), aspect="auto")
