@@ -343,12 +343,10 @@ def _rsub(a: Any, b: Any, *, alpha: Any = 1) -> Series:
     return Series(y0, out.coeffs)
 
 
-@register(aten.where)
-def _where(cond: Tensor, a: Any, b: Any) -> Series:
-    if isinstance(cond, Series):
-        cond = cond.primal
-    y0 = torch.where(cond, primal(a), primal(b))
-    shape = y0.shape
+def _selected(cond: Tensor, a: Any, b: Any, y0: Tensor) -> Series:
+    """``y0 = where(cond, a, b)`` as a series: each coefficient is picked entrywise from
+    ``a``'s where ``cond`` holds and from ``b``'s elsewhere (zero for a constant)."""
+    shape = tuple(y0.shape)
     zero = y0.new_zeros(())
 
     def pick(ca: Coeff, cb: Coeff) -> Tensor:
@@ -357,6 +355,13 @@ def _where(cond: Tensor, a: Any, b: Any) -> Series:
         return _expand_to(torch.where(cond, ta, tb), shape)
 
     return Series(y0, paired(a, b, pick))
+
+
+@register(aten.where)
+def _where(cond: Tensor, a: Any, b: Any) -> Series:
+    if isinstance(cond, Series):
+        cond = cond.primal
+    return _selected(cond, a, b, torch.where(cond, primal(a), primal(b)))
 
 
 # ------------------------------------------------------------------- generic vmap-batched ops
@@ -470,16 +475,7 @@ def _constant_pad_nd(x: Series, pad: Sequence[int], value: Any = 0) -> Series:
 def _masked_fill(x: Any, mask: Tensor, value: Any) -> Series:
     # derivatives.yaml: self ``grad.masked_fill(mask, 0)``, value ``masked_fill_backward``:
     # the filled entries follow ``value`` (zero when it is a constant), the others ``x``
-    y0 = aten.masked_fill(primal(x), mask, primal(value))
-    shape = tuple(y0.shape)
-    zero = y0.new_zeros(())
-
-    def pick(cx: Coeff, cv: Coeff) -> Tensor:
-        tx = lift(cx, len(shape)) if cx is not None else zero
-        tv = lift(cv, len(shape)) if cv is not None else zero
-        return _expand_to(torch.where(mask, tv, tx), shape)
-
-    return Series(y0, paired(x, value, pick))
+    return _selected(mask, value, x, aten.masked_fill(primal(x), mask, primal(value)))
 
 
 def _scatter_rule(op: Any) -> Callable[..., Any]:
