@@ -228,3 +228,60 @@ def test_buffer_reuse_rewrites_only_dead_owned_buffers():
         assert n.args[0].target is not torch.ops.aten.expand.default
     assert_tree_close(gm(*args), fn(*args), rtol=0.0, atol=0.0)
     assert_tree_close(list(args), before, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_scalar_operands_become_inputs_of_the_op_dtype(dtype):
+    """NOTE [Scalar operands]: Python numbers in CPU float32/float64 arithmetic become 0-dim
+    inputs of the result dtype (no per-call conversion of a wrapped number), numbers first
+    included (``1 - x`` is ``sub(1, x)``), with exactly the values eager dispatch gives;
+    integer operands promote as they would; half precision is left alone."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xafunc._execute.executable import scalar_inputs
+
+    def fn(x, n):
+        a = torch.ops.aten.sub.Tensor(1, x * 1.3333333333333333)
+        b = torch.ops.aten.div.Tensor(x, 3) + torch.ops.aten.mul.Tensor(0.1, x)
+        c = torch.ops.aten.add.Tensor(x, 2.5, alpha=2)  # alpha: left as it is
+        return a, b, c, n * 0.7, torch.ops.aten.div.Tensor(n, 3)
+
+    args = (torch.randn(5, dtype=dtype), torch.arange(5))
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    graph = gm.graph
+    values = scalar_inputs(graph)
+    new = torch.fx.GraphModule(gm, graph)
+    numbers = [a for n in graph.nodes if n.op == "call_function" for a in n.args
+               if type(a) in (int, float)]
+    # one input per distinct (dtype, number); the integer tensor's ops compute in float32
+    expected = [(torch.float32, 0.7), (torch.float32, 3)]
+    if dtype == torch.float16:
+        assert 2.5 in numbers and 1.3333333333333333 in numbers
+    else:
+        assert numbers == [2.5], new.code  # only the alpha case keeps its number
+        expected += [(dtype, 1), (dtype, 1.3333333333333333), (dtype, 3), (dtype, 0.1)]
+    assert sorted((str(v.dtype), v.item()) for v in values) == sorted(
+        {(str(t), torch.tensor(v, dtype=t).item()) for t, v in expected})
+    got = new(*args, *values)
+    assert_tree_close(list(got), list(fn(*args)), rtol=0.0, atol=0.0)
+    assert [t.dtype for t in got] == [t.dtype for t in fn(*args)]
+
+
+def test_plain_calls_convert_no_scalars():
+    """Through the transforms, a TorchScript-run Taylor propagation dispatches no ``to``
+    (NOTE [Scalar operands]); plain and autograd paths agree with the oracle."""
+    from torch.profiler import profile
+
+    net = _net(8).float()
+    x = torch.randn(3)
+    d = xafunc.xderiv(net, 3)
+    with torch.no_grad():
+        d(x)
+        with profile() as prof:
+            fast = d(x)
+    names = [e.name for e in prof.events()]
+    assert "aten::tanh_" in names or "aten::tanh" in names  # the compiled graph ran
+    assert "aten::to" not in names, sorted(set(names))
+    assert [e.executor for e in _executables(net)] == ["torchscript"]
+    assert_tree_close(fast, jacrev(jacrev(jacrev(net.double())))(x.double()).float().detach(),
+                      rtol=1e-4, atol=1e-5)

@@ -161,6 +161,15 @@ def test_jet_cache_and_composition_with_vmap_and_grad():
     _close(g, g_ref)
     # the program was captured once for this signature
     assert len(CACHE.entries(f)) >= 1
+    # a plain call runs the compiled propagation (TorchScript), with the same numbers
+    x, v = xs[0], vs[0]
+    with torch.no_grad():
+        for _ in range(2):
+            _close(jet(f, (x,), ((v, None, None),))[1][2], _nested_jvp(f, x, v, 3))
+    runs = [p for e in CACHE.entries(f) for p in e.plans.values()]
+    executors = {fn.executor for r in runs for fn in r.compiler.fns.values()
+                 if hasattr(fn, "executor")}
+    assert "torchscript" in executors, executors
 
 
 def test_jet_validation():

@@ -244,18 +244,23 @@ def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     flat, template = _template(out_node.args[0])
     if not all(isinstance(a, Node) for a in flat):
         return _FAILED
+    graph = _copy(gm.graph)
+    scalars = scalar_inputs(graph)  # NOTE [Scalar operands]
+    full = GraphModule(gm, graph)
 
     def run(*a: Tensor) -> Any:
-        out = gm(*a)
+        out = full(*a)
         return tuple(_flatten_like(out, template))
 
     try:
         with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(run, examples, check_trace=False)
+            traced = torch.jit.trace(run, (*examples, *scalars), check_trace=False)
     except Exception:  # noqa: BLE001 - TorchScript is an accelerator, not a requirement
         return _FAILED
-    return traced
+    if not scalars:
+        return traced
+    return lambda *a: traced(*a, *scalars)
 
 
 def _flatten_like(out: Any, template: Any) -> list[Any]:
@@ -330,6 +335,8 @@ class _FastPath:
         self.functional = GraphModule(gm, main)  # inductor's input (no in-place rewrites)
         rewritten = _copy(main)
         reuse_buffers(rewritten)
+        # trailing inputs of ``main`` (NOTE [Scalar operands]); inductor's graph has none
+        self.scalars = scalar_inputs(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
         self.base = "fx"  # or "torchscript": what runs the main part without inductor
         self.failure: str | None = None  # why inductor could not compile, if it could not
@@ -351,7 +358,7 @@ class _FastPath:
 
     def trace(self, args: tuple[Any, ...]) -> None:
         """Trace the main part with TorchScript; keep the FX main part if that fails."""
-        inputs = (*args, *self.hoisted(args))
+        inputs = (*args, *self.hoisted(args), *self.scalars)
         main = self.main
 
         def run(*a: Tensor) -> Any:
@@ -412,11 +419,11 @@ class _FastPath:
                 InductorStats.calls += 1
                 return compiled(*a)
 
-        self.main = run
+        self.main, self.scalars = run, []
         return True
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
-        return _fill(self.out_template, self.main(*args, *self.hoisted(args)))
+        return _fill(self.out_template, self.main(*args, *self.hoisted(args), *self.scalars))
 
 
 def _copy(graph: Graph) -> Graph:
@@ -491,6 +498,53 @@ def reuse_buffers(graph: Graph) -> None:
         elif (target in _RESHAPES and isinstance(x, Node) and x in owned
               and len(x.users) == 1):
             owned.add(node)  # the only view of a buffer nobody else reads, or a copy
+
+
+# NOTE [Scalar operands]
+# FX graphs keep Python numbers in tensor slots (``aten.mul.Tensor(x, 0.5)``); dispatch wraps
+# each as a double (or long) "wrapped number" tensor, and a float32 op converts it on every
+# call (``to`` -> ``_to_copy`` -> ``empty_strided`` -> ``copy_``: four dispatches around one
+# multiply, a third of the calls of a Taylor propagation). TorchScript does the same with the
+# constants it records, whatever their dtype. The graphs TorchScript runs therefore take each
+# number as an extra input: a 0-dim tensor of the op's result dtype, made once. Only where that
+# is the same arithmetic: CPU ops with a float32/float64 result (the wrapped number, and an
+# integer tensor operand, are cast to exactly that dtype before they are used; a 0-dim float
+# operand decides the result dtype just as the wrapped number does); half precision types
+# compute with the scalar in float32 and are left alone.
+_SCALAR_OPS = {getattr(torch.ops.aten, name).Tensor
+               for name in ("mul", "add", "sub", "div", "mul_", "add_", "sub_", "div_")}
+_SCALAR_DTYPES = (torch.float32, torch.float64)
+
+
+def scalar_inputs(graph: Graph) -> list[Tensor]:
+    """Replace the Python-number operands of CPU float arithmetic in ``graph`` by new trailing
+    inputs (NOTE [Scalar operands]); their values, in input order."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    made: dict[tuple[Any, ...], Node] = {}
+    values: list[Tensor] = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SCALAR_OPS \
+                or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        val = node.meta.get("val")
+        if not (isinstance(val, Tensor) and val.dtype in _SCALAR_DTYPES
+                and val.device.type == "cpu"):
+            continue
+        args = list(node.args)
+        for i, (a, other) in enumerate((args, args[::-1])):
+            if type(a) in (int, float) and isinstance(other, Node):
+                key = (val.dtype, type(a), a)
+                if key not in made:
+                    anchor = placeholders[-1] if placeholders else None
+                    with graph.inserting_after(anchor) if anchor is not None else \
+                            graph.inserting_before(next(iter(graph.nodes))):
+                        made[key] = p = graph.placeholder(f"_scalar{len(made)}")
+                    placeholders.append(p)
+                    values.append(torch.tensor(a, dtype=val.dtype))
+                args[i] = made[key]
+                node.args = tuple(args)
+                break
+    return values
 
 
 def _small(node: Node) -> bool:
