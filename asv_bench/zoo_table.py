@@ -396,9 +396,14 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
         # 5. peaks
         _phase("peak memory")
         peaks: dict[str, int | None] = {}
+        peak_errors: dict[str, str] = {}
         for k, fn in timed.items():
             _phase(f"peak memory {k}")
-            peaks[k] = cuda_peaks.get(k) if runner.cuda else cpu_peak_bytes(fn, args)
+            try:
+                peaks[k] = cuda_peaks.get(k) if runner.cuda else cpu_peak_bytes(fn, args)
+            except Exception as e:  # torch's own bugs under the profiler: no peak, no crash
+                peaks[k] = None
+                peak_errors[k] = _why(e)
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
     rec["xafunc_ms"] = med.get("xafunc")
@@ -408,6 +413,8 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
     for name, b in baselines.items():
         if name in med:
             b["ms"], b["peak_bytes"], b["number"] = med[name], peaks.get(name), numbers[name]
+        if name in peak_errors:
+            b["peak_error"] = peak_errors[name]
     if "torch.compile" in med:
         comp["ms"], comp["peak_bytes"] = med["torch.compile"], peaks.get("torch.compile")
     if "xafunc compile=True" in med:

@@ -285,3 +285,29 @@ def test_plain_calls_convert_no_scalars():
     assert [e.executor for e in _executables(net)] == ["torchscript"]
     assert_tree_close(fast, jacrev(jacrev(jacrev(net.double())))(x.double()).float().detach(),
                       rtol=1e-4, atol=1e-5)
+
+
+def test_batched_weights_are_row_major_in_the_prologue():
+    """A weight that ``vmap`` broadcasts over the batch for ``bmm`` (``expand(permute(w))``)
+    is copied to row-major once, in the cached prologue, before it is expanded; the numbers
+    are the oracle's."""
+    torch.manual_seed(9)
+    w1, w2 = torch.randn(16, 3, dtype=DT), torch.randn(16, 16, dtype=DT)
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(torch.tanh(x @ w1.T) @ w2.T)).sum(-1, keepdim=True)
+
+    xs = torch.randn(8, 3, dtype=DT)
+    lap = vmap(xafunc.xlaplacian(u))
+    with torch.no_grad():
+        got = lap(xs)
+        assert_tree_close(lap(xs), got, rtol=0.0, atol=0.0)
+    expected = vmap(lambda x: jacrev(jacrev(u))(x).diagonal(dim1=-2, dim2=-1).sum(-1))(xs)
+    assert_tree_close(got, expected.detach())
+    fast = [fn._fast for e in CACHE.entries(u) for p in e.plans.values()
+            for fn in p.compiler.fns.values() if isinstance(fn, Executable)]
+    assert fast, "the batched fast path did not run"
+    expands = [n for f in fast for n in f.prologue.graph.nodes
+               if n.target is torch.ops.aten.expand.default]
+    assert expands and all(n.args[0].target is torch.ops.aten.clone.default for n in expands), \
+        fast[0].prologue.code

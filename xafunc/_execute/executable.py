@@ -306,6 +306,7 @@ class _FastPath:
         for n in graph.nodes:
             if n in static and n.op not in ("get_attr", "placeholder"):
                 env[n] = pro.node_copy(n, lambda a: env[a])
+        _row_major_batched_weights(pro, env, hoisted)
         pro.output(tuple(env[n] for n in hoisted))
         pro.eliminate_dead_code()
         self.prologue = GraphModule(gm, pro)
@@ -424,6 +425,25 @@ class _FastPath:
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
         return _fill(self.out_template, self.main(*args, *self.hoisted(args), *self.scalars))
+
+
+def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[Node]) -> None:
+    """A weight broadcast over a batch for ``bmm`` (``expand(permute(w), [N, k, n])``, what
+    ``vmap`` makes of ``x @ w.T``) is hoisted; copy the transposed matrix to row-major in the
+    prologue before expanding it (once per weight update): ``bmm`` over a batch of transposed
+    matrices runs 1.6-1.9x slower than over row-major ones (as fast as one ``mm``, measured
+    at 128 x (12 x 192) @ (192 x 192) on one CPU thread). Values are unchanged."""
+    for n in hoisted:
+        src = n.args[0] if n.target is torch.ops.aten.expand.default else None
+        val = src.meta.get("val") if isinstance(src, Node) else None
+        if (not isinstance(val, Tensor) or val.dim() != 2 or val.is_contiguous()
+                or not all(u.target is torch.ops.aten.bmm.default for u in n.users)):
+            continue
+        expand = env[n]
+        with pro.inserting_before(expand):
+            copy = pro.call_function(torch.ops.aten.clone.default, (expand.args[0],),
+                                     {"memory_format": torch.contiguous_format})
+        expand.replace_input_with(expand.args[0], copy)
 
 
 def _copy(graph: Graph) -> Graph:
