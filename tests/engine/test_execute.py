@@ -311,3 +311,23 @@ def test_batched_weights_are_row_major_in_the_prologue():
                if n.target is torch.ops.aten.expand.default]
     assert expands and all(n.args[0].target is torch.ops.aten.clone.default for n in expands), \
         fast[0].prologue.code
+
+
+def test_vmap_of_a_function_slicing_its_input_runs_the_batched_fast_path():
+    """``x[k:]`` records ``end=2**63 - 1``; capture clamps slice bounds to the dimension, so
+    the batched trace of the propagation (whose reverse level scatters into slices) succeeds
+    and ``vmap`` runs the plain batched graph, not the functorch one. Open, negative and
+    out-of-range bounds keep their meaning."""
+    torch.manual_seed(10)
+    w = torch.randn(4, 3, dtype=DT)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        a, b, c = x[:3], x[3:], x[-2:100]
+        return (torch.tanh(w @ a).sum() * b.exp().sum() + c.sin().prod()).reshape(())
+
+    xs = torch.randn(5, 6, dtype=DT)
+    with torch.no_grad():
+        got = vmap(xafunc.xhessian(f))(xs)
+    assert_tree_close(got, vmap(jacrev(jacrev(f)))(xs))
+    executors = [e.executor for e in _executables(f)]
+    assert executors and all(e == "torchscript" for e in executors), executors

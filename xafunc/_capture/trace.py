@@ -522,6 +522,37 @@ def trace(fn: Any, examples: list[Any]) -> GraphModule:
     return canonicalize(g2)
 
 
+# op -> (position of dim, position of start; end follows), and how to read the sliced size
+_SLICES = {aten.slice.Tensor: (1, 2), aten.slice_scatter.default: (2, 3),
+           aten.slice_backward.default: (2, 3)}
+
+
+def _clamp_slice(node: Node) -> None:
+    """Normalise a slice's ``start``/``end`` to ``0 <= start <= end <= size`` as torch does."""
+    dim_at, start_at = _SLICES[node.target]  # type: ignore[index]
+    schema = node.target._schema.arguments  # type: ignore[union-attr]
+    args = list(node.args) + [node.kwargs.get(a.name, a.default_value)
+                              for a in schema[len(node.args):]]
+    if node.target is aten.slice_backward.default:
+        sizes = args[1]
+    else:
+        val = args[0].meta.get("val") if isinstance(args[0], Node) else None
+        sizes = tuple(val.shape) if isinstance(val, Tensor) else None
+    dim, start, end = args[dim_at], args[start_at], args[start_at + 1]
+    if not (isinstance(sizes, (tuple, list)) and isinstance(dim, int)
+            and all(type(v) is int for v in sizes)):
+        return
+    size = sizes[dim]
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if type(start) is not int or type(end) is not int:
+        return
+    start = min(max(start + size if start < 0 else start, 0), size)
+    end = min(max(end + size if end < 0 else end, start), size)
+    args[start_at], args[start_at + 1] = start, end
+    node.args, node.kwargs = tuple(args), {}
+
+
 def canonicalize(gm: GraphModule) -> GraphModule:
     """Rewrite operators whose traced form is fragile into equivalent robust ones.
 
@@ -532,6 +563,10 @@ def canonicalize(gm: GraphModule) -> GraphModule:
     * functional ``copy(dst, src)`` (from functionalization) -> ``expand(_to_copy(src))`` to
       ``dst``'s shape and dtype: same values, and differentiable (torch has no derivative for
       ``aten::copy``, which reverse levels over the captured graph need).
+    * ``slice``/``slice_scatter``/``slice_backward`` bounds clamped to the dimension
+      (``x[k:]`` records ``end=2**63 - 1``): the same slice, and functorch's batching of the
+      scatter forms otherwise builds an ``arange`` to that end and fails, which sent ``vmap``
+      of a function slicing its input off the batched fast path.
     """
     graph = gm.graph
     for node in list(graph.nodes):
@@ -539,6 +574,8 @@ def canonicalize(gm: GraphModule) -> GraphModule:
             continue
         if node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
+        elif node.target in _SLICES:
+            _clamp_slice(node)
         elif node.target is aten.copy.default and all(
                 isinstance(a, Node) for a in node.args[:2]):
             dst = node.args[0].meta.get("val")
