@@ -277,6 +277,34 @@ def test_autograd_copy_makes_batched_products_with_a_shared_matrix_one_mm():
     assert for_autograd(plain) is plain  # nothing to change: the graph itself
 
 
+def test_small_batches_of_a_shared_matrix_become_one_mm():
+    """Pass 11: the reverse level of ``einsum("oi,i->o", w, h)`` multiplies each of the output
+    directions by the weight expanded over them (``bmm`` reading the matrix once per
+    direction, a matrix-vector product each); with the batch no larger than the matrix it is
+    one ``mm``, row-major like ``jacrev``'s result, with the oracle's values. A large batch
+    keeps its ``bmm`` (the test above)."""
+    torch.manual_seed(3)
+    w1, w2 = torch.randn(32, 256, dtype=DT), torch.randn(4, 32, dtype=DT)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oi,i->o", w2, torch.tanh(torch.einsum("oi,i->o", w1, x)))
+
+    x = torch.randn(256, dtype=DT)
+    jac = xafunc.xjacobian(f)
+    with torch.no_grad():
+        got = jac(x)
+    assert_tree_close(got, jacrev(f)(x))
+    assert got.is_contiguous()
+    plans = [p for e in CACHE.entries(f) for p in e.plans.values()]
+    assert [p.strategy for p in plans] == ["engine"]
+    graphs = [fn.gm for p in plans for fn in p.program.compiler.fns.values()
+              if hasattr(fn, "gm")]
+    batched = [n for g in graphs for n in g.graph.nodes if n.target is aten.bmm.default
+               and n.meta["val"].shape[0] > 1]  # the forward einsum is a bmm of batch 1
+    assert graphs and not batched, graphs[0].code
+    assert any(aten.mm.default in _ops(g) for g in graphs)
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)

@@ -435,15 +435,17 @@ def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[
     at 128 x (12 x 192) @ (192 x 192) on one CPU thread). Values are unchanged."""
     for n in hoisted:
         src = n.args[0] if n.target is torch.ops.aten.expand.default else None
-        val = src.meta.get("val") if isinstance(src, Node) else None
+        if not isinstance(src, Node) or src not in env:
+            continue
+        val = src.meta.get("val")
         if (not isinstance(val, Tensor) or val.dim() != 2 or val.is_contiguous()
                 or not all(u.target is torch.ops.aten.bmm.default for u in n.users)):
             continue
-        expand = env[n]
+        expand, source = env[n], env[src]
         with pro.inserting_before(expand):
-            copy = pro.call_function(torch.ops.aten.clone.default, (expand.args[0],),
+            copy = pro.call_function(torch.ops.aten.clone.default, (source,),
                                      {"memory_format": torch.contiguous_format})
-        expand.replace_input_with(expand.args[0], copy)
+        expand.replace_input_with(source, copy)
 
 
 def _copy(graph: Graph) -> Graph:

@@ -61,6 +61,12 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
     in the last place): ``(big * s1) * s2`` is ``big * (s1 * s2)`` for small broadcast
     operands ``s1``, ``s2`` (also through a reshape that only inserts size-1 dimensions),
     and ``a * b + c`` is ``addcmul(c, a, b)``.
+11. Shared-matrix batches (on request, the same products summed by another kernel): a ``bmm``
+    of a batch of operands no larger than the matrix it multiplies, that matrix expanded over
+    the batch (``einsum("oi,i->o", w, h)`` under a Jacobian's directions), is one ``mm``
+    (:func:`_shared_matrix_bmm`): ``bmm`` reads the matrix once per batch entry, as a
+    matrix-vector product each (6x slower on a 1024 -> 256 -> 8 Jacobian), and copying the
+    small operand where its reshape cannot be a view costs less than one read of the matrix.
 
 :func:`for_autograd` makes the copy of a graph that runs when autograd records: there a ``bmm``
 one of whose operands is the same matrix expanded over the batch (what ``matmul`` of a
@@ -105,7 +111,7 @@ _LAYOUT_COPY = "xafunc_layout_copy"
 
 def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
     """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it; with
-    ``inexact``, also passes 9 and 10 (for derivative graphs: their rounding may differ in the
+    ``inexact``, also passes 9 to 11 (for derivative graphs: their rounding may differ in the
     last place, as any two ways of computing a derivative do)."""
     graph = gm.graph
     for node in graph.nodes:
@@ -117,6 +123,8 @@ def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
     _sweeps(gm)
     _contiguous_broadcast_operands(gm)
     if inexact:
+        _small_batches_of_a_shared_matrix(gm)
+        _sweeps(gm)
         _contiguous_outputs(gm)
         _sweeps(gm)
         _fuse_products(gm)
@@ -648,8 +656,9 @@ def _fuse_products(gm: GraphModule) -> None:
 def for_autograd(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` for runs that record autograd history (see NOTE [Fast execution]):
     every ``bmm`` one of whose operands is a matrix expanded over the batch is one ``mm``
-    (:func:`_shared_matrix_bmm`). Without recording, the ``bmm`` form is as fast or faster (it
-    reads a transposed batch without copying it); under autograd its backward builds the
+    (:func:`_shared_matrix_bmm`). Without recording, the ``bmm`` form of a batch larger than
+    the matrix is as fast or faster (it reads a transposed batch without copying it; smaller
+    batches are one ``mm`` in every graph, pass 11); under autograd its backward builds the
     matrix's gradient per batch entry and sums it, an intermediate the batch size times the
     matrix (256 x 256 x 256 in a PINN training step)."""
     graph = copy.deepcopy(gm.graph)  # new nodes, the same meta values and constants
@@ -671,14 +680,36 @@ def for_autograd(gm: GraphModule) -> GraphModule:
 
 
 def _broadcast_matrix(gm: GraphModule, node: Any) -> Node | None:
-    """``w`` if ``node`` is ``expand(w, [N, k, n])`` of a ``(k, n)`` matrix, else None."""
-    if not isinstance(node, Node) or node.target is not aten.expand.default:
+    """The source of a ``(k, n)`` matrix that ``node`` broadcasts over a batch ``[N, k, n]``,
+    or None: ``expand(w, [N, k, n])``, or ``reshape(expand(w, [N, 1, ..., k, n]), [N, k, n])``
+    (an einsum's form) of a ``w`` with ``k * n`` entries that varies along neither the batch
+    nor the size-1 dimensions. Every batch entry is then ``w.reshape(k, n)``."""
+    if not isinstance(node, Node):
         return None
-    src, out = node.args[0], _val(gm, node)
+    out = _val(gm, node)
+    if out is None or out.dim() != 3:
+        return None
+    if node.target is aten.reshape.default and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if node.target is not aten.expand.default or not isinstance(node.args[0], Node):
+        return None
+    src, shape = node.args[0], list(node.args[1])
     v = _val(gm, src)
-    if v is None or out is None or out.dim() != 3 or v.dim() != 2:
+    if (v is None or len(shape) < 3 or shape[0] != out.shape[0]
+            or shape[-2:] != list(out.shape[1:]) or math.prod(shape[1:-2]) != 1
+            or v.dim() > len(shape) or v.numel() != out.shape[1] * out.shape[2]):
         return None
-    return src if tuple(v.shape) == tuple(out.shape[1:]) else None  # type: ignore[return-value]
+    aligned = [1] * (len(shape) - v.dim()) + list(v.shape)
+    return src if aligned[0] == 1 and aligned[1:] == shape[1:] else None
+
+
+def _matrix(node: Node, src: Node, k: int, n: int) -> Node:
+    """``src`` (see :func:`_broadcast_matrix`) as a ``(k, n)`` matrix, inserted before
+    ``node``."""
+    v = src.meta["val"]
+    if tuple(v.shape) == (k, n):
+        return src
+    return _call(node, aten.reshape.default, (src, [k, n]), v.reshape(k, n))
 
 
 def _shared_matrix_bmm(gm: GraphModule, node: Node) -> Node | None:
@@ -695,16 +726,25 @@ def _shared_matrix_bmm(gm: GraphModule, node: Node) -> Node | None:
     n_batch, m, k = va.shape
     n = vb.shape[2]
     g = node.graph
-    w = _broadcast_matrix(gm, b)
-    if w is not None and _broadcast_matrix(gm, a) is None:
+    src = _broadcast_matrix(gm, b)
+    if src is not None and _broadcast_matrix(gm, a) is None:
         with g.inserting_before(node):
+            w = _matrix(node, src, k, n)
             a2 = _call(node, aten.reshape.default, (a, [n_batch * m, k]),
                        va.reshape(n_batch * m, k))
             prod = _call(node, aten.mm.default, (a2, w), out.reshape(n_batch * m, n))
             return _call(node, aten.reshape.default, (prod, [n_batch, m, n]), out)
-    w = _broadcast_matrix(gm, a)
-    if w is not None and _broadcast_matrix(gm, b) is None:
+    src = _broadcast_matrix(gm, a)
+    if src is not None and _broadcast_matrix(gm, b) is None:
         with g.inserting_before(node):
+            w = _matrix(node, src, m, k)
+            if n == 1:  # a batch of vectors: (b (N, k) @ w.T).reshape(N, m, 1), row-major
+                b2 = _call(node, aten.reshape.default, (b, [n_batch, k]),
+                           vb.reshape(n_batch, k))
+                wt = _call(node, aten.permute.default, (w, [1, 0]),
+                           w.meta["val"].permute(1, 0))
+                prod = _call(node, aten.mm.default, (b2, wt), out.reshape(n_batch, m))
+                return _call(node, aten.reshape.default, (prod, [n_batch, m, 1]), out)
             bt = _call(node, aten.permute.default, (b, [1, 0, 2]), vb.permute(1, 0, 2))
             b2 = _call(node, aten.reshape.default, (bt, [k, n_batch * n]),
                        bt.meta["val"].reshape(k, n_batch * n))
@@ -714,6 +754,27 @@ def _shared_matrix_bmm(gm: GraphModule, node: Node) -> Node | None:
             return _call(node, aten.permute.default, (p3, [1, 0, 2]),
                          p3.meta["val"].permute(1, 0, 2))
     return None
+
+
+def _small_batches_of_a_shared_matrix(gm: GraphModule) -> None:
+    """Pass 11 of NOTE [Graph simplification]."""
+    graph = gm.graph
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.bmm.default or not node.users:
+            continue
+        a, b = node.args
+        wa, wb = _broadcast_matrix(gm, a), _broadcast_matrix(gm, b)
+        if (wa is None) == (wb is None):
+            continue
+        w, other = (wa, b) if wa is not None else (wb, a)
+        vw, vo = _val(gm, w), _val(gm, other)
+        if vw is None or vo is None or vo.numel() > vw.numel():
+            continue
+        mm = _shared_matrix_bmm(gm, node)
+        if mm is not None:
+            _swap(node, mm, outputs)
 
 
 def _real_operands(gm: GraphModule, node: Node, n: int) -> list[torch.Tensor] | None:
