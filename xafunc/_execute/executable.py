@@ -541,7 +541,8 @@ _SCALAR_DTYPES = (torch.float32, torch.float64)
 def scalar_inputs(graph: Graph) -> list[Tensor]:
     """Replace the Python-number operands of CPU float arithmetic in ``graph`` by new trailing
     inputs (NOTE [Scalar operands]); their values, in input order."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # new inputs go after the existing ones (before the first node that is not an input)
+    first = next((n for n in graph.nodes if n.op != "placeholder"), None)
     made: dict[tuple[Any, ...], Node] = {}
     values: list[Tensor] = []
     for node in list(graph.nodes):
@@ -557,11 +558,8 @@ def scalar_inputs(graph: Graph) -> list[Tensor]:
             if type(a) in (int, float) and isinstance(other, Node):
                 key = (val.dtype, type(a), a)
                 if key not in made:
-                    anchor = placeholders[-1] if placeholders else None
-                    with graph.inserting_after(anchor) if anchor is not None else \
-                            graph.inserting_before(next(iter(graph.nodes))):
-                        made[key] = p = graph.placeholder(f"_scalar{len(made)}")
-                    placeholders.append(p)
+                    with graph.inserting_before(first):
+                        made[key] = graph.placeholder(f"_scalar{len(made)}")
                     values.append(torch.tensor(a, dtype=val.dtype))
                 args[i] = made[key]
                 node.args = tuple(args)
