@@ -553,9 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             val = f"{s['ms']:.3g} ms" if s["ms"] is not None else f"n/a ({s.get('reason')})"
             flag = "" if s["status"] == "ok" else f"  {s['status'].upper()}"
             print(f"    {key:44s} {val}{flag}")
+        if opts.json:  # rewritten after each case: a run cut short keeps what it measured
+            with open(opts.json, "w") as fh:
+                json.dump({"meta": meta, "anchors": out}, fh, indent=1)
     if opts.json:
-        with open(opts.json, "w") as fh:
-            json.dump({"meta": meta, "anchors": out}, fh, indent=1)
         print(f"\nwrote {opts.json}")
     return 0
 

@@ -865,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
             records.append(measure_case(case, opts) if opts.no_isolate else
                            run_isolated(case, opts))
             records[-1]["wall_s"] = time.perf_counter() - t0
+            if opts.json:  # what is done so far survives a run cut short (--load prints it)
+                with open(opts.json, "w") as fh:
+                    json.dump({"meta": meta, "cases": records}, fh, indent=1, default=str)
     anchor_meta = {}
     for path in opts.merge:
         with open(path) as fh:
