@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see CONTRIBUTING: "CUDA"): the CUDA tests, then the model zoo
-# on cuda against eager torch.func and JAX, each step under its own time limit so that a slow
-# step leaves the others their share. Logs and JSON go to $OUT (default /tmp/gpu_check).
+# One call on a lent GPU machine: the CUDA tests, CUDA-graph replay on/off over the zoo's
+# models, the zoo against eager torch.func, JAX, and a torch.compile subset -- each step under
+# its own time limit, so a slow step leaves the others their share. Logs and JSON go to $OUT
+# (default /tmp/gpu_check). STEPS picks steps (default all, in this order):
 #
-#   T_TESTS=180 T_ZOO=180 T_JAX=90 T_COMPILE=90 bash asv_bench/gpu_check.sh
+#   STEPS="tests ab zoo jax compile" T_TESTS=180 T_AB=150 T_ZOO=180 T_JAX=90 T_COMPILE=90 \
+#       TESTS=tests AB_CASES=models JAX_CASES=resmlp,siren bash asv_bench/gpu_check.sh
 #
 # The machine's own python3 holds a CUDA build of torch (whatever version it ships); xafunc
 # runs from the working tree through PYTHONPATH, nothing is installed.
@@ -13,34 +15,47 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PY:-python3}
+STEPS=${STEPS:-tests ab zoo jax compile}
+MODELS=resmlp,siren,fourier_pinn,convnet,transformer,lstm,gru,flow,mpnn,vmap_hessians
+MODELS=$MODELS,vmap_laplacian,param_hessian,biharmonic,jet6
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 $PY -c "import sys, torch; print(sys.version.split()[0], torch.__version__,
 torch.version.cuda, torch.cuda.get_device_name(0), torch.get_num_threads())" \
     | tee -a "$OUT/env.txt"
 
-echo "== CUDA tests"
-timeout "${T_TESTS:-180}" $PY -m pytest -q -n "${WORKERS:-12}" -k cuda -p no:cacheprovider \
-    -o addopts="-ra" tests > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
-
-echo "== zoo on cuda (eager torch.func, xafunc)"
-timeout "${T_ZOO:-180}" $PY asv_bench/zoo_table.py --cases models --device cuda --no-compile \
-    --repeat 5 --json "$OUT/zoo_cuda.json" > "$OUT/zoo.log" 2>&1
-echo "zoo rc=$?"
-tail -45 "$OUT/zoo.log"
-
-MODELS=resmlp,siren,fourier_pinn,convnet,transformer,lstm,gru,flow,mpnn,vmap_hessians
-MODELS=$MODELS,vmap_laplacian,param_hessian,biharmonic,jet6
-echo "== JAX zoo on its default device"
-timeout "${T_JAX:-90}" $PY asv_bench/jax_zoo.py --cases "$MODELS" --repeat 5 \
-    --json "$OUT/jax_cuda.json" > "$OUT/jax.log" 2>&1
-echo "jax rc=$?"
-tail -25 "$OUT/jax.log"
-
-echo "== torch.compile'd nestings, a few order >= 2 cases"
-timeout "${T_COMPILE:-90}" $PY asv_bench/zoo_table.py --cases siren,vmap_hessians,jet6 \
-    --device cuda --repeat 5 --json "$OUT/zoo_cuda_compile.json" > "$OUT/compile.log" 2>&1
-echo "compile rc=$?"
-tail -20 "$OUT/compile.log"
+for step in $STEPS; do
+  case $step in
+  tests)
+    echo "== CUDA tests"
+    timeout "${T_TESTS:-180}" $PY -m pytest -q -n "${WORKERS:-12}" -k cuda \
+        -p no:cacheprovider -o addopts="-ra" ${TESTS:-tests} > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40 ;;
+  ab)
+    echo "== CUDA-graph replay on/off, interleaved"
+    timeout "${T_AB:-150}" $PY asv_bench/cuda_graph_ab.py --cases "${AB_CASES:-models}" \
+        --json "$OUT/cuda_graph_ab.json" > "$OUT/ab.log" 2>&1
+    echo "ab rc=$?"
+    tail -18 "$OUT/ab.log" ;;
+  zoo)
+    echo "== zoo on cuda (eager torch.func, xafunc)"
+    timeout "${T_ZOO:-180}" $PY asv_bench/zoo_table.py --cases models --device cuda \
+        --no-compile --repeat 5 --json "$OUT/zoo_cuda.json" > "$OUT/zoo.log" 2>&1
+    echo "zoo rc=$?"
+    tail -45 "$OUT/zoo.log" ;;
+  jax)
+    echo "== JAX zoo on its default device"
+    timeout "${T_JAX:-90}" $PY asv_bench/jax_zoo.py --cases "${JAX_CASES:-$MODELS}" --repeat 5 \
+        --json "$OUT/jax_cuda.json" > "$OUT/jax.log" 2>&1
+    echo "jax rc=$?"
+    tail -25 "$OUT/jax.log" ;;
+  compile)
+    echo "== torch.compile'd nestings, a few order >= 2 cases"
+    timeout "${T_COMPILE:-90}" $PY asv_bench/zoo_table.py --cases siren,vmap_hessians,jet6 \
+        --device cuda --repeat 5 --json "$OUT/zoo_cuda_compile.json" > "$OUT/compile.log" 2>&1
+    echo "compile rc=$?"
+    tail -20 "$OUT/compile.log" ;;
+  *) echo "unknown step $step" ;;
+  esac
+done

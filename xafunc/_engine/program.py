@@ -203,6 +203,8 @@ class Program:
         if self.compile_note:
             return self.compile_note
         if not self.compiler.wants_compile:
+            if any("CUDA graph" in e.executor for e in self.compiler.executables()):
+                return EXECUTION + "; on the GPU, replayed as CUDA graphs (NOTE [CUDA graphs])"
             return EXECUTION
         s = self.schedules[0]
         if self.all_orders:

@@ -55,6 +55,10 @@ class Compiler:
             if isinstance(fn, Executable):
                 fn.compile = enabled
 
+    def executables(self) -> list[Executable]:
+        """The compiled graphs built so far."""
+        return [fn for fn in self.fns.values() if isinstance(fn, Executable)]
+
     def describe(self, keys: list[Any] | None = None) -> str:
         """What runs the compiled graphs of ``keys`` (all if None; batched variants under
         ``vmap`` included) with ``compile=True``: ``"inductor (compile=True), compiled in

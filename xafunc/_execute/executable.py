@@ -21,7 +21,9 @@ executors run the same graph:
     fraction of the per-op cost), with pointwise ops writing into dead buffers
     (NOTE [Buffer reuse]);
   - or, with ``compile=True``, *inductor*: the same rest, still functional, compiled by
-    torch.compile's code generator (NOTE [Inductor executor]).
+    torch.compile's code generator (NOTE [Inductor executor]);
+  - on a GPU, the rest is replayed as one CUDA graph from its third call on
+    (NOTE [CUDA graphs] in ``cuda_graph.py``).
 * **Autograd and torch.func** (weights that require grad under grad mode, ``grad``/``jacrev``/
   ``vmap`` around the transform): the whole graph, traced once by TorchScript without hoisting
   or buffer reuse, runs under ``torch.jit.optimized_execution(False)``, so the interpreter
@@ -59,6 +61,7 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 
+from . import cuda_graph
 from .optimize import for_autograd, pure_op
 
 _FAILED: Any = object()
@@ -127,7 +130,13 @@ class Executable:
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         self._template = _template(out_node.args[0])[1]
-        self.executor = "fx"
+        self._executor = "fx"
+
+    @property
+    def executor(self) -> str:
+        """What runs plain calls (the fast path, once built) or else autograd's calls."""
+        fast = self._fast
+        return fast.executor if fast is not None and fast is not _FAILED else self._executor
 
     @property
     def code(self) -> str:
@@ -168,14 +177,13 @@ class Executable:
             # compile=True was set after the fast path was built (timed candidates run
             # TorchScript first; see NOTE [Timing close candidates])
             fast.compile_inductor(args)
-            self.executor = fast.executor
         return fast
 
     def _full_path(self, args: tuple[Any, ...]) -> Any:
         if self._full is None:
             self._full = _full_trace(for_autograd(self.gm), args)
-            if self._full is not _FAILED and self.executor == "fx":
-                self.executor = "torchscript (autograd)"
+            if self._full is not _FAILED and self._executor == "fx":
+                self._executor = "torchscript (autograd)"
         return self._full
 
     def _build(self, args: tuple[Any, ...]) -> Any:
@@ -185,7 +193,6 @@ class Executable:
                 fast.trace(args)
         except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
             return _FAILED
-        self.executor = fast.executor
         return fast
 
 
@@ -339,6 +346,11 @@ class _FastPath:
         # trailing inputs of ``main`` (NOTE [Scalar operands]); inductor's graph has none
         self.scalars = scalar_inputs(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
+        # NOTE [CUDA graphs]: why the main part cannot be replayed (None: it can be, once it
+        # has run ``_WARM_UP`` times), or the captured graph
+        self.why_not_graph = cuda_graph.why_not(rewritten)
+        self.cuda_graph: cuda_graph.CudaGraph | None = None
+        self._calls = 0
         self.base = "fx"  # or "torchscript": what runs the main part without inductor
         self.failure: str | None = None  # why inductor could not compile, if it could not
         # None: not tried; False: failed (the reason in ``executor``); else the compiled code
@@ -380,6 +392,8 @@ class _FastPath:
             return f"inductor (compile=True), compiled in {self.compile_seconds:.2f} s"
         if self.failure is not None:
             return f"{self.base} (compile=True, but inductor failed: {self.failure})"
+        if self.cuda_graph is not None:
+            return f"{self.base}, replayed as a CUDA graph"
         return self.base
 
     def compile_inductor(self, args: tuple[Any, ...]) -> bool:
@@ -424,7 +438,34 @@ class _FastPath:
         return True
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
-        return _fill(self.out_template, self.main(*args, *self.hoisted(args), *self.scalars))
+        hoisted = self.hoisted(args)
+        inputs = (*args, *hoisted, *self.scalars)
+        if self.why_not_graph is None and not self.inductor:
+            out = self._replay(inputs, len(args), hoisted)
+            if out is not None:
+                return _fill(self.out_template, out)
+        return _fill(self.out_template, self.main(*inputs))
+
+    def _replay(self, inputs: tuple[Any, ...], n_args: int, hoisted: Any) -> Any:
+        """The outputs by the CUDA graph (captured once the main part has run ``_WARM_UP``
+        times), or None: run the interpreter (NOTE [CUDA graphs])."""
+        if not cuda_graph.capturable(inputs):
+            return None
+        graph = self.cuda_graph
+        if graph is None:
+            self._calls += 1
+            if self._calls < cuda_graph._WARM_UP:
+                return None
+            try:
+                graph = cuda_graph.CudaGraph(self.main, inputs, n_args, hoisted)
+            except Exception as e:  # noqa: BLE001 - replay is an accelerator
+                cuda_graph.ReplayStats.failures += 1
+                reason = " ".join(f"{type(e).__name__}: {e}".split())
+                self.why_not_graph = f"capture failed: {reason[:160]}"
+                return None
+            cuda_graph.ReplayStats.captures += 1
+            self.cuda_graph = graph
+        return graph(inputs, hoisted)
 
 
 def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[Node]) -> None:

@@ -1,0 +1,131 @@
+"""CUDA-graph replay on and off, interleaved in one process, over the zoo's models (NOTE [CUDA
+graphs]): inline xafunc calls as users write them, each replay result checked against the
+interpreter's, and what ran.
+
+    python asv_bench/cuda_graph_ab.py --cases models --json out.json     # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the zoo, and the xafunc of this checkout
+
+from benchmarks.zoo import select  # noqa: E402
+
+import xafunc  # noqa: E402
+from xafunc._execute import cuda_graph  # noqa: E402
+from xafunc._execute.executable import Executable  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn, args, number: int) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn(*args)
+    _sync()
+    return (time.perf_counter() - t0) / number * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="models")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--number", type=int, default=50)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json")
+    opts = ap.parse_args()
+    rows = []
+    for case in select(opts.cases):
+        xafunc.clear_cache()
+        import gc
+
+        gc.collect()
+        built = case.build(torch.float32, opts.device)
+        args = built.args
+        fn = built.xafunc
+        try:
+            for _ in range(cuda_graph._WARM_UP + 2):
+                out_on = fn(*args)
+            cuda_graph.ENABLED = False
+            out_off = fn(*args)
+            cuda_graph.ENABLED = True
+            flat_on = [t for t in torch.utils._pytree.tree_leaves(out_on)
+                       if isinstance(t, torch.Tensor)]
+            flat_off = [t for t in torch.utils._pytree.tree_leaves(out_off)
+                        if isinstance(t, torch.Tensor)]
+            err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                      for a, b in zip(flat_on, flat_off)) if flat_on else 0.0
+            on, off = [], []
+            for _ in range(opts.repeat):
+                cuda_graph.ENABLED = True
+                on.append(_time(fn, args, opts.number))
+                cuda_graph.ENABLED = False
+                off.append(_time(fn, args, opts.number))
+            cuda_graph.ENABLED = True
+            best = min(built.baselines, key=lambda k: _time(built.baselines[k], args, 3)
+                       if _try(built.baselines[k], args) else float("inf"))
+            eager = statistics.median(_time(built.baselines[best], args, 5) for _ in range(3))
+            execs = sorted(set(_executors()))
+            row = {"name": case.name, "on_ms": statistics.median(on),
+                   "off_ms": statistics.median(off), "eager_best": best, "eager_ms": eager,
+                   "rel_diff_on_off": err, "executors": execs}
+        except Exception as e:  # noqa: BLE001
+            row = {"name": case.name, "error": f"{type(e).__name__}: {e}"[:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if opts.json:
+            with open(opts.json, "w") as fh:
+                json.dump({"device": opts.device, "torch": torch.__version__,
+                           "rows": rows}, fh, indent=1)
+    print(f"\n{'case':16s} {'replay ms':>10s} {'interp ms':>10s} {'ratio':>6s} "
+          f"{'eager ms':>9s}  executor")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:16s} ERROR {r['error']}")
+            continue
+        print(f"{r['name']:16s} {r['on_ms']:10.3f} {r['off_ms']:10.3f} "
+              f"{r['on_ms'] / r['off_ms']:6.2f} {r['eager_ms']:9.3f}  "
+              f"{'; '.join(r['executors'])[:150]}  (diff {r['rel_diff_on_off']:.1e})")
+    return 0
+
+
+def _try(fn, args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _executors() -> list[str]:
+    """Executor names of every live compiled graph (the cache is cleared before each case)."""
+    out = []
+    for fn in _all_executables():
+        fast = fn._fast
+        why = getattr(fast, "why_not_graph", None) if fast is not None else None
+        out.append(fn.executor + (f" [not replayed: {why}]" if why else ""))
+    return out
+
+
+def _all_executables() -> list[Executable]:
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, Executable)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
