@@ -251,3 +251,31 @@ def test_peak_bytes_frees_each_value_after_its_last_use() -> None:
         nodes[-1].meta["val"] = torch.empty(1000, device="meta")
     graph.output((nodes[-1],))
     assert cuda_graph.peak_bytes(graph) == 2 * 4000
+
+
+@cuda_only
+@pytest.mark.parametrize("operator", ["laplacian", "order3"])
+def test_training_then_evaluation_match_torch_func(operator: str) -> None:
+    """SGD on a PINN loss with inline transforms and ``loss.backward()`` (recorded graphs, not
+    replayed: NOTE [Recompute]), then evaluation without gradients (replayed): the
+    parameters after every step and the evaluated residuals equal a nested-torch.func twin's."""
+    from tests._pinn import batch, forcing, make_net, oracle_residual, residual_fn
+
+    net, twin = make_net(width=16).cuda(), make_net(width=16).cuda()
+    opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=1e-3) for m in (net, twin))
+    for step in range(4):
+        x = batch(step)[0].cuda()
+        for o, residual in ((opt, residual_fn(net, operator)),
+                            (opt_twin, lambda xx: oracle_residual(twin, operator, xx))):
+            o.zero_grad()
+            ((residual(x) - forcing(x)) ** 2).mean().backward()
+            o.step()
+        assert_tree_close(dict(net.named_parameters()), dict(twin.named_parameters()),
+                          rtol=1e-9, atol=1e-12, msg=f"step {step}")
+    before = ReplayStats.replays
+    with torch.no_grad():
+        for step in range(4, 9):
+            x = batch(step)[0].cuda()
+            assert_tree_close(residual_fn(net, operator)(x), oracle_residual(twin, operator, x),
+                              rtol=1e-9, atol=1e-12, msg=f"evaluation {step}")
+    assert ReplayStats.replays > before
