@@ -553,6 +553,10 @@ def _clamp_slice(node: Node) -> None:
     node.args, node.kwargs = tuple(args), {}
 
 
+_SCALAR_OVERLOADS = {aten.mul.Scalar: aten.mul.Tensor, aten.div.Scalar: aten.div.Tensor,
+                     aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor}
+
+
 def canonicalize(gm: GraphModule) -> GraphModule:
     """Rewrite operators whose traced form is fragile into equivalent robust ones.
 
@@ -567,6 +571,11 @@ def canonicalize(gm: GraphModule) -> GraphModule:
       (``x[k:]`` records ``end=2**63 - 1``): the same slice, and functorch's batching of the
       scatter forms otherwise builds an ``arange`` to that end and fails, which sent ``vmap``
       of a function slicing its input off the batched fast path.
+    * ``mul``/``div``/``add``/``sub`` ``.Scalar`` -> ``.Tensor`` with the same Python number:
+      torch implements the former as the latter on the number wrapped as a tensor, so the
+      values are identical, and the graph passes (``x * 1`` is ``x``, common subexpressions,
+      NOTE [Scalar operands]) see one form (addmm's decomposition scales its bias by
+      ``mul.Scalar(b, 1)``).
     """
     graph = gm.graph
     for node in list(graph.nodes):
@@ -574,6 +583,9 @@ def canonicalize(gm: GraphModule) -> GraphModule:
             continue
         if node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
+        elif node.target in _SCALAR_OVERLOADS and len(node.args) == 2 \
+                and type(node.args[1]) in (int, float) and isinstance(node.args[0], Node):
+            node.target = _SCALAR_OVERLOADS[node.target]
         elif node.target in _SLICES:
             _clamp_slice(node)
         elif node.target is aten.copy.default and all(
