@@ -108,3 +108,42 @@ def test_plan_does_not_mutate_or_differentiate(mode):
     assert p.strategy == "reference"
     if mode == "auto":
         assert "changes Python state it reads" in p.fallback
+
+
+def test_timing_keeps_one_candidate_of_each_kind_and_the_plan_shows_the_kept_one(monkeypatch):
+    """NOTE [Timing close candidates]: the order-3 Jacobian of a 24 -> 48 -> 48 -> 6 MLP has
+    r=0, two mixed cuts estimated alike (after ``addmm`` and after its reshape) and r=1 within
+    the timing factor; one mixed cut is timed, so r=1 is too. The schedule the timing keeps
+    is the plan's ``schedule`` (here r=1, made the fastest), and the result is the oracle's."""
+    from tests._compare import assert_tree_close, reference_deriv
+    from xafunc._engine import program as P
+
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(48, 24, generator=g, dtype=torch.float64) / 5,
+          torch.randn(48, 48, generator=g, dtype=torch.float64) / 10,
+          torch.randn(6, 48, generator=g, dtype=torch.float64) / 10]
+
+    def f(x):
+        h = torch.tanh(torch.nn.functional.linear(x, ws[0]))
+        h = torch.tanh(torch.nn.functional.linear(h, ws[1]))
+        return torch.nn.functional.linear(h, ws[2])
+
+    timed: list[str] = []
+    run = P.Program._run_schedule
+
+    def slow_unless_reverse(self, s, z, others):
+        timed.append(P._label(s))
+        if s.reverse_levels == 0:
+            import time
+            time.sleep(0.02)  # every other schedule looks slower than r=1
+        return run(self, s, z, others)
+
+    monkeypatch.setattr(P.Program, "_run_schedule", slow_unless_reverse)
+    x = torch.randn(24, generator=g, dtype=torch.float64)
+    t = xafunc.xderiv(f, 3)
+    out = t(x)
+    plan = xafunc.plan(f, 3)(x)
+    assert timed.count("mixed") <= 3 and "rev/fwd/fwd" in timed, timed  # compile + 2 rounds
+    assert plan.schedule == ("rev", "fwd", "fwd"), str(plan)
+    assert "kept rev/fwd/fwd" in str(plan)
+    assert_tree_close(out, reference_deriv(f, 3)(x))

@@ -118,6 +118,11 @@ class Plan:
         text: str = self.program.execution()
         return text.removeprefix("execution: ")
 
+    def choose(self, s: Any) -> None:
+        """Show the engine's schedule ``s`` (a ``Schedule``) as this plan's."""
+        self.schedule = (("mixed",) if s.cut is not None else ()) + s.levels
+        self.est_flops, self.est_peak_bytes = s.est_flops, s.est_peak_bytes
+
     def run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
         assert self.runner is not None
@@ -198,13 +203,11 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
                            lift: tuple[Tensor, ...]) -> Any:
                 return program(a, k, lift)
 
-            return Plan(
-                strategy="engine",
-                schedule=(("mixed",) if best.cut is not None else ()) + best.levels,
-                est_flops=best.est_flops, est_peak_bytes=best.est_peak_bytes,
-                details=details, runner=run_engine, program=program,
-                **common,  # type: ignore[arg-type]
-            )
+            plan = Plan(strategy="engine", schedule=(), details=details, runner=run_engine,
+                        program=program, **common)  # type: ignore[arg-type]
+            plan.choose(best)
+            program.on_choose = plan.choose  # the schedule timing keeps on the first call
+            return plan
     return _reference_plan(req, argnums, in_numel, m, reason, split)
 
 
