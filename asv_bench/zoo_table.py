@@ -200,7 +200,6 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
         "formulation": case.formulation, "mlp_request": case.mlp_request, "anchor": case.anchor,
         "sizes": case.sizes, "recommended": built.recommended, "tolerance": tol,
     }
-    rec.update(_plan_info(built))
 
     # 1. xafunc, first call of the process for this function (capture + plan + run)
     _phase("xafunc first call")
@@ -214,6 +213,8 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
         rec["xafunc_first_call_ms"] = None
         rec["xafunc_error"] = _why(e)
         rec["xafunc_traceback"] = traceback.format_exc()
+    # after the first call: it may time close candidates and keep another schedule
+    rec.update(_plan_info(built))
 
     # 2. every eager torch.func strategy: warm-up, availability, correctness
     fns: dict[str, Callable[..., Any]] = {}
