@@ -72,6 +72,7 @@ def _label(s: Schedule) -> str:
 # the estimates rank them well enough)
 TUNE_FACTOR = 2.0
 TUNE_MIN_FLOPS = 2e6
+TUNE_MAX = 3  # candidates timed at most, one of each kind
 
 
 def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
@@ -498,7 +499,7 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
         trials = [best]
         if not all_orders and mode == "auto" and best.est_flops >= TUNE_MIN_FLOPS:
             for s in ordered[1:]:
-                if len(trials) == 3 or s.est_flops > TUNE_FACTOR * best.est_flops:
+                if len(trials) == TUNE_MAX or s.est_flops > TUNE_FACTOR * best.est_flops:
                     break
                 if _label(s) in {_label(t) for t in trials}:
                     continue  # one of each kind: two mixed cuts estimated alike (after
