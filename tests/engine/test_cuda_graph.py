@@ -279,3 +279,39 @@ def test_training_then_evaluation_match_torch_func(operator: str) -> None:
             assert_tree_close(residual_fn(net, operator)(x), oracle_residual(twin, operator, x),
                               rtol=1e-9, atol=1e-12, msg=f"evaluation {step}")
     assert ReplayStats.replays > before
+
+
+def test_math_modes_follow_the_flags() -> None:
+    before = cuda_graph.math_modes()
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not old
+        assert cuda_graph.math_modes() != before
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert cuda_graph.math_modes() == before
+
+
+@cuda_only
+def test_a_changed_math_mode_captures_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 turned on after capture: the next call captures again (the interpreter would
+    pick TF32 kernels now) and equals the interpreter's result under the same setting."""
+    w = torch.randn(64, 64, device="cuda") / 8
+
+    def f(x):
+        return torch.tanh(w @ torch.tanh(w @ x)).sum()
+
+    t = xafunc.xhessian(f)
+    x = torch.randn(64, device="cuda")
+    for _ in range(4):
+        t(x)
+    captures = ReplayStats.captures
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for _ in range(4):
+            out = t(x)
+        assert ReplayStats.captures > captures
+        assert_tree_close(out, _interpreted(monkeypatch, t, x), rtol=1e-3, atol=1e-5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -32,6 +32,9 @@ What makes the replay return exactly what the interpreter would, every call:
   gets the interpreter's kernels, captured into its graph.
 * **Streams**: a replay runs on the current stream; a call from another stream first waits
   for the previous call's copies, so two streams never share the buffers at once.
+* **Math modes** read when a kernel is chosen (TF32 and reduced-precision reductions for
+  matrix products, TF32 for cuDNN, deterministic algorithms) are recorded at capture; a call
+  under other settings captures again, as the interpreter would choose other kernels.
 
 Any failure to capture (an op that synchronises after all, an allocator refusal) keeps the
 interpreter for that graph, with the reason in ``why_not``. ``XAFUNC_CUDA_GRAPHS=0`` turns
@@ -135,6 +138,28 @@ def capturable(inputs: Sequence[Any]) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
+def _getter(private: str, public: Callable[[], Any]) -> Callable[[], Any]:
+    """torch's C getter (0.1 us) where this torch has it, else the public property (1 us)."""
+    return getattr(torch._C, private, None) or public
+
+
+_MODES = (
+    torch.get_float32_matmul_precision,
+    _getter("_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
+    _getter("_get_cublas_allow_fp16_reduced_precision_reduction",
+            lambda: torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
+    _getter("_get_cublas_allow_bf16_reduced_precision_reduction",
+            lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+    _getter("_get_cudnn_allow_tf32", lambda: torch.backends.cudnn.allow_tf32),
+    torch.are_deterministic_algorithms_enabled,
+)
+
+
+def math_modes() -> tuple[Any, ...]:
+    """The global settings that change which kernels a graph's ops launch."""
+    return tuple(get() for get in _MODES)
+
+
 def _dense(t: Tensor) -> bool:
     """Each element of ``t`` at its own place in one block of ``numel`` elements (a
     permutation of a contiguous layout)."""
@@ -215,6 +240,7 @@ class CudaGraph:
         self.hoisted = hoisted  # the hoisted list copied in (held: identity is the check)
         self.stream: Any = None
         self.done = torch.cuda.Event()
+        self.modes = math_modes()  # the settings the captured kernels were chosen under
 
     def _plan(self, indices: range) -> tuple[list[Tensor], list[int], list[int]]:
         by_value = [i for i in indices if self.slots[i].by_value]

@@ -452,6 +452,9 @@ class _FastPath:
         if not cuda_graph.capturable(inputs):
             return None
         graph = self.cuda_graph
+        if graph is not None and graph.modes != cuda_graph.math_modes():
+            graph = self.cuda_graph = None  # other kernels now: capture again
+            self._calls = cuda_graph._WARM_UP - 1
         if graph is None:
             self._calls += 1
             if self._calls < cuda_graph._WARM_UP:
