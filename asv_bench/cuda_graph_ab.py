@@ -58,7 +58,7 @@ def main() -> int:
         args = built.args
         fn = built.xafunc
         try:
-            for _ in range(cuda_graph._WARM_UP + 2):
+            for _ in range(cuda_graph.WARM_UP + 2):
                 out_on = fn(*args)
             cuda_graph.ENABLED = False
             out_off = fn(*args)

@@ -58,7 +58,7 @@ ENABLED = os.environ.get("XAFUNC_CUDA_GRAPHS", "1") != "0"
 # the graph's memory pool holds all its intermediates; larger graphs are not launch-bound
 _LIMIT_BYTES = 256 * 2**20
 # interpreter calls before capture (TorchScript profiles and optimises on its first runs)
-_WARM_UP = 3
+WARM_UP = 3
 
 
 class ReplayStats:
@@ -178,11 +178,11 @@ class _Slot:
     expanded weight: copying its span keeps it small), contiguous otherwise."""
 
     def __init__(self, t: Tensor) -> None:
-        self.by_value = _dense(t) or not any(
-            st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))
+        dense = _dense(t)
+        self.by_value = dense or not any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride()))
         if self.by_value:  # loaded by value: ``copy_`` takes any layout of a later argument
-            stride = t.stride() if _dense(t) else torch.empty(t.shape, device="meta").stride()
-            self.view = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+            self.view = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) \
+                if dense else torch.empty(t.shape, dtype=t.dtype, device=t.device)
             return
         self.stride = t.stride()
         self.span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))

@@ -347,7 +347,7 @@ class _FastPath:
         self.scalars = scalar_inputs(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
         # NOTE [CUDA graphs]: why the main part cannot be replayed (None: it can be, once it
-        # has run ``_WARM_UP`` times), or the captured graph
+        # has run ``WARM_UP`` times), or the captured graph
         self.why_not_graph = cuda_graph.why_not(rewritten)
         self.cuda_graph: cuda_graph.CudaGraph | None = None
         self._calls = 0
@@ -447,17 +447,17 @@ class _FastPath:
         return _fill(self.out_template, self.main(*inputs))
 
     def _replay(self, inputs: tuple[Any, ...], n_args: int, hoisted: Any) -> Any:
-        """The outputs by the CUDA graph (captured once the main part has run ``_WARM_UP``
+        """The outputs by the CUDA graph (captured once the main part has run ``WARM_UP``
         times), or None: run the interpreter (NOTE [CUDA graphs])."""
         if not cuda_graph.capturable(inputs):
             return None
         graph = self.cuda_graph
         if graph is not None and graph.modes != cuda_graph.math_modes():
             graph = self.cuda_graph = None  # other kernels now: capture again
-            self._calls = cuda_graph._WARM_UP - 1
+            self._calls = cuda_graph.WARM_UP - 1
         if graph is None:
             self._calls += 1
-            if self._calls < cuda_graph._WARM_UP:
+            if self._calls < cuda_graph.WARM_UP:
                 return None
             try:
                 graph = cuda_graph.CudaGraph(self.main, inputs, n_args, hoisted)
