@@ -17,6 +17,8 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    ``unsqueeze``/``alias``/``clone`` whose output shape equals the input's are the input.
    ``clone`` may go because the graph is functional (``functionalize``): nothing writes into
    the clone or its source afterwards. ``detach`` stays: it has autograd meaning.
+   A ``select`` of a size-1 dimension is a ``reshape`` dropping it (its derivative is
+   a reshape too, where ``select``'s scatters into zeros).
 2. Reshape chains: ``view(view(x, s1), s2)`` (any mix of the reshape family) is one
    ``reshape(x, s2)``. Every member reshapes in row-major order, so only the last shape
    matters. ``reshape``, not ``view``: the strides seen while tracing need not be the ones
@@ -360,6 +362,13 @@ def _sweep(gm: GraphModule) -> bool:
             if _same_meta(_val(gm, src), out) and _replace(node, src, outputs):
                 changed = True
                 continue
+        # 1b. a select of a size-1 dimension is a reshape (which pass 2 then merges)
+        if t is aten.select.int and isinstance(src, Node) and out is not None:
+            src_val = _val(gm, src)
+            if src_val is not None and src_val.shape[node.args[1]] == 1:
+                new = _new(node, aten.reshape.default, (src, list(out.shape)))
+                _swap(node, new, outputs)
+                node, t, changed = new, new.target, True
         # 2. reshape chains: reshape the chain's root once
         if (t in _RESHAPES and isinstance(src, Node) and src.op == "call_function"
                 and src.target in _RESHAPES and out is not None):
