@@ -26,7 +26,7 @@ from ._capture.request import Request, Split, output_split, write_back
 from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
-from ._execute.compiler import Compiler
+from ._execute.compiler import Compiler, outside_transforms
 from ._plan import level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal
@@ -381,7 +381,13 @@ def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int,
     def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
         z, others, targets = split.inputs(args, kwargs, lifted)
-        dirs, weights, scale, unit_offset = op.directions(z.shape[0], z.dtype, z.device)
+        def directions() -> Any:
+            return op.directions(z.shape[0], z.dtype, z.device)
+
+        # fixed directions are constants of the compiled graph: plain tensors, made outside
+        # any transform; random ones are drawn where the caller's transforms apply
+        dirs, weights, scale, unit_offset = (
+            outside_transforms(directions) if op.method == "exact" else directions())
 
         def eager(z: Tensor, *others: Tensor) -> list[Tensor]:
             first: Any = dirs if unit_offset is None else UnitSeed(unit_offset, dirs.shape[0])

@@ -13,11 +13,12 @@ NOTE [Batched fast path]
 Run per sample under ``vmap``, every operator of the compiled graph goes through functorch's
 batching rules. When the innermost transform is the ``vmap`` that batches our inputs, we
 instead trace ``vmap(eager)`` on the underlying batched tensors once (``make_fx`` turns it into
-plain batched operators) and run that, re-attaching the batch dimension to the results. When
-that ``vmap`` is the only transform active, its level is popped while the graph runs, so the
-plain tensors do not pass through functorch's dispatch layer and the fast executor applies.
-Anything else (other transforms in between, inputs batched at different levels) takes the
-general path.
+plain batched operators) and run that, re-attaching the batch dimension to the results. Its
+level is popped while the graph runs, so the tensors it batched do not pass through its
+batching rules: alone, the fast executor applies; under ``grad`` levels (a PINN loss
+differentiated by ``torch.func.grad``), the tensors are the grad levels' and the graph is
+applied there as one operation (NOTE [Backward graphs]); under other transforms it runs op by
+op through them. Inputs batched at different levels take the general path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ from .executable import Executable, map_tensors
 from .optimize import simplify
 
 _NO_FAST_PATH: Any = object()
+
+
+def outside_transforms(make: Callable[[], Any]) -> Any:
+    """``make()`` run with no torch.func transform active, so that the constants it makes
+    for a trace are plain tensors (under a grad level even a factory's result is wrapped at
+    that level, which outlives it in a cache and breaks later traces)."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    with temporarily_clear_interpreter_stack():
+        return make()
 
 
 class Compiler:
@@ -91,7 +102,7 @@ class Compiler:
             if prepare is None:
                 fn = eager
             else:
-                prepare()
+                outside_transforms(prepare)
                 fn = self._trace(eager, [z, *others])
             self.fns[key] = fn
         return fn(z, *others)
@@ -112,14 +123,12 @@ class Compiler:
                 inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
             else:
                 inner, bdim = v, None
-            if fx.is_functorch_wrapped_tensor(inner):
-                return None
             phys.append(inner)
             dims.append(bdim)
         bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
         fn = self.fns.get(bkey)
         if fn is None:
-            prepare()
+            outside_transforms(prepare)
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
                                            inexact=True), self._n_static(dims), self.compile)
@@ -128,16 +137,14 @@ class Compiler:
             self.fns[bkey] = fn
         if fn is _NO_FAST_PATH:
             return None
-        if fx.get_dynamic_layer_stack_depth() == 1:
-            # ours is the only transform: run the plain graph outside it (no per-op trip
-            # through functorch's dispatch layer; see NOTE [Fast execution])
-            saved = fx.pop_dynamic_layer_stack()
-            try:
-                out = fn(*phys)
-            finally:
-                fx.push_dynamic_layer_stack(saved)
-        else:
+        # ours is the innermost transform: run the batched graph outside it, on the tensors
+        # it batches (plain, or wrapped by the transforms around it, which still apply): no
+        # per-op trip through its batching rules (see NOTE [Fast execution])
+        saved = fx.pop_dynamic_layer_stack()
+        try:
             out = fn(*phys)
+        finally:
+            fx.push_dynamic_layer_stack(saved)
         return map_tensors(lambda t: fx._add_batch_dim(t, 0, level), out)
 
     def _n_static(self, dims: list[int | None]) -> int:
