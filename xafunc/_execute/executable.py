@@ -51,6 +51,7 @@ and the reason is kept in ``executor``. The other executors are unchanged.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 import weakref
@@ -59,9 +60,12 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 
 from . import cuda_graph
+from .backward import vjp_graph
 from .optimize import for_autograd, pure_op
 
 _FAILED: Any = object()
@@ -128,6 +132,12 @@ class Executable:
         self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
         self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
+        # backward graphs by the inputs they differentiate (NOTE [Backward graphs])
+        self._backward: dict[tuple[int, ...], tuple[Executable, list[int]]] = {}
+        # set on a backward graph: the function it was traced from (differentiable by
+        # autograd) and the one that computes it composably under any transform
+        self.source: Callable[..., list[Any]] | None = None
+        self.composable: Callable[..., list[Any]] | None = None
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         self._template = _template(out_node.args[0])[1]
         self._executor = "fx"
@@ -156,18 +166,77 @@ class Executable:
 
     def __call__(self, *args: Any) -> Any:
         mode = call_kind(args)
+        if self.composable is not None and _differentiating(args):
+            # a backward graph is never differentiated through its own operators
+            # (NOTE [Backward graphs])
+            if mode == "other" or not _grad_levels_only(live=False):
+                return _fill(self._template, self.composable(*args))
+            return _fill(self._template, _GraphFunction.apply(self, *args))
         if mode == "plain":
             needs_grad = _needs_grad((*args, *self.consts))
             if not (needs_grad and self.recording) and self._fast_path(args) is not _FAILED:
                 if not needs_grad:
                     return self._fast(args)
+                if self._fast.why_not_graph is None and cuda_graph.capturable(args):
+                    # on a GPU the forward and the backward graph are replayed as CUDA graphs
+                    # (launch-bound otherwise; NOTE [Backward graphs])
+                    return _fill(self._template, _GraphFunction.apply(self, *args))
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
                 return _fill(self._template, _Recompute.apply(self, *args))
+        if mode == "transformed" and _grad_levels_only():
+            # one Function at the grad levels: the plain fast path beneath them, and a
+            # backward graph (NOTE [Backward graphs])
+            return _fill(self._template, _GraphFunction.apply(self, *args))
+        return self.op_by_op(args, mode)
+
+    def composable_call(self, args: tuple[Any, ...]) -> Any:
+        """What this graph computes, differentiable by autograd and any torch.func transform:
+        its operators one by one, or for a backward graph (whose traced operators are not
+        differentiable), ``torch.func.vjp`` of the graph it differentiates (NOTE [Backward
+        graphs])."""
+        if self.composable is not None:
+            return _fill(self._template, self.composable(*args))
+        return self.op_by_op(args, call_kind(args))
+
+    def op_by_op(self, args: tuple[Any, ...], mode: str) -> Any:
+        """The whole graph run operator by operator, so that autograd and every torch.func
+        transform see each operator (TorchScript's interpreter, or FX under modes)."""
         if mode != "other" and self._full_path(args) is not _FAILED:
             with torch.jit.optimized_execution(False):
                 return _fill(self._template, self._full(*args))
         return self.gm(*args)
+
+    def run_plain(self, args: tuple[Any, ...]) -> list[Any]:
+        """The flat outputs for plain ``args`` without autograd history: the fast path, or
+        the FX graph where there is none."""
+        if self._fast_path(args) is not _FAILED:
+            return _flatten_like(self._fast(args), self._template)
+        return _flatten_like(self.gm(*args), self._template)
+
+    def backward_graph(self, wanted: tuple[int, ...]) -> tuple[Executable, list[int]]:
+        """The compiled backward graph for the inputs at ``wanted`` and the outputs whose
+        cotangents it takes (NOTE [Backward graphs]), built on first use."""
+        got = self._backward.get(wanted)
+        if got is None:
+            graph = self.gm.graph
+            ins = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
+            out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+            outs = [n.meta.get("val") if isinstance(n, Node) else n
+                    for n in _template(out_node.args[0])[0]]
+            if self.source is not None:
+                source = self.source
+            else:
+                gm, template = for_autograd(self.gm), self._template
+
+                def source(*a: Tensor) -> list[Any]:
+                    return _flatten_like(gm(*a), template)
+            traced, cot_at, fn = vjp_graph(source, ins, outs, wanted, self.n_static)
+            back = Executable(traced, self.n_static, self.compile)
+            back.source = lambda *a: list(fn(*a))
+            back.composable = functools.partial(_composable_vjp, self, wanted, cot_at)
+            got = self._backward[wanted] = (back, cot_at)
+        return got
 
     def _fast_path(self, args: tuple[Any, ...]) -> Any:
         fast = self._fast
@@ -240,6 +309,80 @@ class _Recompute(torch.autograd.Function):
         for i, g in zip(wanted, got):
             result[i] = g
         return (None, *result)
+
+
+class BackwardStats:
+    """Process-wide count of backward graphs run (what the tests check to prove the path
+    of NOTE [Backward graphs] ran)."""
+
+    calls = 0
+
+
+class _GraphFunction(torch.autograd.Function):
+    """A compiled graph applied at torch.func's grad levels as one operation: its forward on
+    the plain tensors beneath them, its backward by the backward graph (NOTE [Backward
+    graphs])."""
+
+    @staticmethod
+    def forward(exe: Executable, *args: Tensor) -> Any:  # type: ignore[override]
+        return tuple(exe.run_plain(args))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.exe = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.mark_non_differentiable(*[t for t in output if isinstance(t, Tensor) and not (
+            t.is_floating_point() or t.is_complex())])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        exe: Executable = ctx.exe
+        args = ctx.saved_tensors
+        wanted = tuple(i for i, need in enumerate(ctx.needs_input_grad[1:]) if need)
+        result: list[Any] = [None] * len(args)
+        if wanted:
+            back, cot_at = exe.backward_graph(wanted)
+            BackwardStats.calls += 1
+            n_dyn = len(args) - exe.n_static
+            got = back(*args[:n_dyn], *(grads[i] for i in cot_at), *args[n_dyn:])
+            for i, g in zip(wanted, got):
+                result[i] = g
+        return (None, *result)
+
+
+def _composable_vjp(exe: Executable, wanted: tuple[int, ...], cot_at: list[int],
+                    *a: Tensor) -> list[Any]:
+    """What ``exe``'s backward graph for ``wanted`` computes, by ``torch.func.vjp`` of
+    ``exe`` itself: differentiable by any transform around it (NOTE [Backward graphs])."""
+    n_cot = len(cot_at)
+    n_dyn = len(a) - exe.n_static - n_cot
+    args, cots = [*a[:n_dyn], *a[n_dyn + n_cot:]], a[n_dyn:n_dyn + n_cot]
+
+    def outputs(*w: Tensor) -> tuple[Any, ...]:
+        full = list(args)
+        for i, t in zip(wanted, w):
+            full[i] = t
+        flat = _flatten_like(exe.composable_call(tuple(full)), exe._template)
+        return tuple(flat[i] for i in cot_at)
+
+    pull = torch.func.vjp(outputs, *[args[i] for i in wanted])[1]
+    return list(pull(tuple(cots)))
+
+
+def _differentiating(args: tuple[Any, ...]) -> bool:
+    """True when autograd records the call or a torch.func transform that differentiates
+    (``grad``, ``vjp``, ``jvp`` and the ``jac*`` built on them) is active."""
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return True
+    return any(lv.key() in (TransformType.Grad, TransformType.Jvp)
+               for lv in retrieve_all_functorch_interpreters())
+
+
+def _grad_levels_only(live: bool = True) -> bool:
+    """True when every torch.func transform active is a grad level (``grad``, ``vjp``,
+    ``jacrev``'s forward), and (``live``) there is one."""
+    levels = retrieve_all_functorch_interpreters()
+    return (bool(levels) or not live) and all(lv.key() == TransformType.Grad for lv in levels)
 
 
 def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:

@@ -1,0 +1,199 @@
+"""Gradients through compiled graphs at torch.func's grad levels (NOTE [Backward graphs]).
+
+Under ``torch.func.grad``/``vjp``/``jacrev`` a compiled graph is applied as one
+``autograd.Function``: its forward by the plain fast path, its backward by a second compiled
+graph (the vector-Jacobian product, traced once). These tests prove that path runs (counted by
+``BackwardStats``) and that every composition a user writes around it -- first and second
+derivatives, ``jacrev`` of ``grad``, ``hessian`` (forward over reverse), ``vmap`` over
+cotangents, a double backward by plain autograd -- equals the same computation by nested
+torch.func (float64), including the compositions that differentiate the backward graph
+itself, which must never be differentiated through its own operators.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
+
+from tests._compare import assert_tree_close
+from xafunc import xderiv, xjacobian, xlaplacian
+from xafunc._execute.executable import BackwardStats
+
+F64 = torch.float64
+RTOL, ATOL = 1e-9, 1e-12
+
+
+def _net(width: int = 8, seed: int = 0) -> torch.nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(2, width), torch.nn.Tanh(),
+                              torch.nn.Linear(width, width), torch.nn.Tanh(),
+                              torch.nn.Linear(width, 1)).to(F64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(p.shape[-1]))
+    return net
+
+
+NET = _net()
+POINTS = torch.rand(5, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def u(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    return functional_call(NET, p, (x,))
+
+
+def params(device: str = "cpu") -> dict[str, Tensor]:
+    return {k: v.detach().to(device) for k, v in NET.named_parameters()}
+
+
+def _lap_ref(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = jacrev(jacrev(u, argnums=1), argnums=1)(p, x)  # (1, 2, 2)
+    return h.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _loss(residual, device: str = "cpu") -> object:  # type: ignore[no-untyped-def]
+    points = POINTS.to(device)
+    return lambda p: vmap(residual, in_dims=(None, 0))(p, points).pow(2).mean()
+
+
+XAFUNC_LOSS = _loss(xlaplacian(u, argnums=1))
+REF_LOSS = _loss(_lap_ref)
+
+
+def _counted(fn):  # type: ignore[no-untyped-def]
+    """``fn()`` and how many backward graphs ran while it did."""
+    before = BackwardStats.calls
+    out = fn()
+    return out, BackwardStats.calls - before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_runs_a_backward_graph_and_matches_torch_func(device: str) -> None:
+    p = params(device)
+    xloss = _loss(xlaplacian(u, argnums=1), device)
+    rloss = _loss(_lap_ref, device)
+    got, ran = _counted(lambda: grad(xloss)(p))
+    assert ran >= 1
+    assert_tree_close(got, grad(rloss)(p), rtol=RTOL, atol=ATOL)
+    # and on later calls (cached graphs; replayed from the third on a GPU), with changed
+    # weights
+    for scale in (1.1, 0.9, 1.3):
+        p2 = {k: v * scale for k, v in p.items()}
+        assert_tree_close(grad(xloss)(p2), grad(rloss)(p2), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_training_steps_match_torch_func(device: str) -> None:
+    """``loss.backward()`` on the module's own parameters, SGD steps (on a GPU through the
+    backward graph, both graphs replayed), against the same steps by nested torch.func."""
+    net_x, net_r = _net().to(device), _net().to(device)
+    points = POINTS.to(device)
+    lap_x = vmap(xlaplacian(lambda x: net_x(x)), in_dims=0)
+    opt_x = torch.optim.SGD(net_x.parameters(), lr=0.05)
+    opt_r = torch.optim.SGD(net_r.parameters(), lr=0.05)
+
+    def lap_r(x: Tensor) -> Tensor:
+        h = jacrev(jacrev(lambda z: net_r(z)))(x)
+        return h.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    before = BackwardStats.calls
+    for _ in range(5):
+        for opt, lap in ((opt_x, lap_x), (opt_r, vmap(lap_r))):
+            opt.zero_grad()
+            lap(points).pow(2).mean().backward()
+            opt.step()
+        assert_tree_close(dict(net_x.named_parameters()), dict(net_r.named_parameters()),
+                          rtol=RTOL, atol=ATOL)
+    # the GPU runs the backward graph; the CPU records the forward instead (faster there)
+    assert (BackwardStats.calls > before) == (device == "cuda")
+
+
+def test_jacrev_over_a_vmapped_residual() -> None:
+    """One jacrev: the backward graph runs under jacrev's vmap over the cotangents."""
+    p = params()
+    xres = vmap(xlaplacian(u, argnums=1), in_dims=(None, 0))
+    rres = vmap(_lap_ref, in_dims=(None, 0))
+    assert_tree_close(jacrev(xres)(p, POINTS), jacrev(rres)(p, POINTS), rtol=RTOL, atol=ATOL)
+
+
+def _scaled_loss(loss):  # type: ignore[no-untyped-def]
+    """A loss of two scalars ``(a, b)`` scaling the first and last weights."""
+    p0 = params()
+
+    def f(ab: Tensor) -> Tensor:
+        p = dict(p0)
+        p["0.weight"] = p0["0.weight"] * ab[0]
+        p["4.weight"] = p0["4.weight"] * ab[1]
+        return loss(p)
+
+    return f
+
+
+AB = torch.tensor([0.9, 1.2], dtype=F64)
+
+
+@pytest.mark.parametrize("second", ["jacrev(grad)", "grad(grad)", "hessian", "jacfwd(grad)"])
+def test_second_derivatives_differentiate_the_backward_graph_correctly(second: str) -> None:
+    """Second derivatives whose outer level differentiates the backward graph: the answer
+    must come from a differentiable formulation, never from the traced backward operators
+    (whose saved values are detached)."""
+    fx, fr = _scaled_loss(XAFUNC_LOSS), _scaled_loss(REF_LOSS)
+    if second == "jacrev(grad)":
+        got, want = jacrev(grad(fx))(AB), jacrev(grad(fr))(AB)
+    elif second == "grad(grad)":
+        got = grad(lambda ab: grad(fx)(ab)[0])(AB)
+        want = grad(lambda ab: grad(fr)(ab)[0])(AB)
+    elif second == "hessian":
+        got, want = hessian(fx)(AB), hessian(fr)(AB)
+    else:
+        got, want = jacfwd(grad(fx))(AB), jacfwd(grad(fr))(AB)
+    assert_tree_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_double_backward_by_plain_autograd_over_grad() -> None:
+    """``torch.func.grad`` inside, ``loss.backward()`` outside (a gradient penalty)."""
+    ab_x = AB.clone().requires_grad_()
+    ab_r = AB.clone().requires_grad_()
+    gx = grad(_scaled_loss(XAFUNC_LOSS))(ab_x)
+    gr = grad(_scaled_loss(REF_LOSS))(ab_r)
+    gx.pow(2).sum().backward()
+    gr.pow(2).sum().backward()
+    assert_tree_close(ab_x.grad, ab_r.grad, rtol=RTOL, atol=ATOL)
+
+
+def test_vjp_with_a_cotangent_and_an_unused_input() -> None:
+    """``vjp`` of a two-output function where one input reaches only one output."""
+    def fx(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        j = xjacobian(lambda z: torch.tanh(z * w).sum(), argnums=0)(x)
+        return j, x.sum() * 2.0
+
+    def fr(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        j = jacrev(lambda z: torch.tanh(z * w).sum(), argnums=0)(x)
+        return j, x.sum() * 2.0
+
+    x = torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    cot = (torch.randn(4, dtype=F64, generator=torch.Generator().manual_seed(5)),
+           torch.tensor(0.7, dtype=F64))
+    (_, px), (_, pr) = vjp(fx, x, w), vjp(fr, x, w)
+    assert_tree_close(px(cot), pr(cot), rtol=RTOL, atol=ATOL)
+
+
+def test_third_order_residual_under_grad() -> None:
+    p = params()
+
+    def res_x(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return xderiv(u, 3, argnums=1)(p, x)[..., 0, 0, 0]
+
+    def res_r(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return jacrev(jacrev(jacrev(u, argnums=1), argnums=1), argnums=1)(p, x)[..., 0, 0, 0]
+
+    got, ran = _counted(lambda: grad(_loss(res_x))(p))
+    assert ran >= 1
+    assert_tree_close(got, grad(_loss(res_r))(p), rtol=RTOL, atol=ATOL)

@@ -1,0 +1,81 @@
+"""The backward graph of a compiled graph, for gradients taken through it.
+
+NOTE [Backward graphs]
+Under ``torch.func.grad``/``vjp``/``jacrev`` a compiled graph run op by op through the
+TorchScript interpreter pays functorch's per-op price twice: every operator of the forward
+is wrapped, recorded and unwrapped at the grad level, and every node of its backward again.
+Instead, such a call applies the graph as one ``torch.autograd.Function``
+(``executable._GraphFunction``): functorch runs its ``forward`` on the plain tensors beneath
+every level, so the plain fast path (hoisting, TorchScript, buffer reuse, CUDA-graph replay)
+computes the values, and its ``backward`` runs *another compiled graph*: the vector-Jacobian
+product of this one, traced once by ``make_fx`` through ``torch.autograd.grad`` of the graph
+(:func:`vjp_graph`) -- the backward operators autograd itself would run, simplified like any
+propagation. It takes the inputs and the cotangents and recomputes the forward values it needs
+(nothing is saved between the two calls but the inputs).
+
+Called at a grad level, that backward graph is itself a compiled graph applied as a
+``Function``, so a second derivative taken through it (``jacrev(grad(...))``, a double
+backward) runs its backward graph in turn, built on first use; a ``vmap`` over the
+cotangents (what ``jacrev`` does) runs it as any graph under ``vmap``. The rules are autograd's:
+a gradient is computed for the inputs that need one, an output that does not depend on them
+contributes nothing, and an integer output is not differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule
+
+from .._capture.trace import TensorMeta, trace
+from .optimize import simplify
+
+
+def _differentiable(v: Any) -> bool:
+    return isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
+
+
+def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
+              wanted: tuple[int, ...], n_static: int
+              ) -> tuple[GraphModule, list[int], Callable[..., tuple[Tensor, ...]]]:
+    """The backward graph of ``fn`` for the inputs at ``wanted`` (see NOTE [Backward graphs]),
+    the indices of ``fn``'s flat outputs whose cotangents it takes, and the function it was
+    traced from (differentiable by autograd: what its own backward graph is traced from).
+
+    ``fn`` maps tensors like ``ins`` to flat outputs like ``outs`` (tensors or fake tensors:
+    only their shapes, dtypes and devices are read), differentiably. The backward graph's
+    inputs are ``fn``'s dynamic inputs, then one cotangent per differentiable output, then
+    ``fn``'s ``n_static`` static inputs (still last, so their products are hoisted as in any
+    compiled graph); its outputs are the gradients of the inputs at ``wanted``, in order (zeros
+    where an input does not influence the outputs)."""
+    cot_at = [i for i, o in enumerate(outs) if _differentiable(o)]
+    n_in, n_cot = len(ins), len(cot_at)
+    n_dyn = n_in - n_static
+
+    def vjp(*a: Tensor) -> tuple[Tensor, ...]:
+        args = [*a[:n_dyn], *a[n_dyn + n_cot:]]
+        cots = a[n_dyn:n_dyn + n_cot]
+        with torch.enable_grad():
+            # an input that already requires grad is differentiated in place, not detached:
+            # when this function is differentiated in turn (its own backward graph is traced
+            # through it), the gradients must stay functions of it
+            xs = [x.detach().requires_grad_() if i in wanted and not x.requires_grad else x
+                  for i, x in enumerate(args)]
+            values = fn(*xs)
+            pairs = [(values[i], c) for i, c in zip(cot_at, cots) if values[i].requires_grad]
+            # create_graph: this function is differentiated in turn for a second derivative
+            got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
+                                      [c for _, c in pairs], allow_unused=True,
+                                      create_graph=True) if pairs else [None] * len(wanted)
+        return tuple(g if g is not None else torch.zeros_like(xs[i])
+                     for i, g in zip(wanted, got))
+
+    def meta(v: Tensor) -> TensorMeta:
+        return TensorMeta(tuple(v.shape), v.dtype, v.device)
+
+    examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
+                *map(meta, ins[n_dyn:])]
+    return simplify(trace(vjp, examples), inexact=True), cot_at, vjp
