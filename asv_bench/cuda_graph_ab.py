@@ -1,8 +1,13 @@
 """CUDA-graph replay on and off, interleaved in one process, over the zoo's models (NOTE [CUDA
 graphs]): inline xafunc calls as users write them, each replay result checked against the
-interpreter's, and what ran.
+interpreter's, and what ran. With ``--training``, over PINN training steps instead
+(``benchmarks/training_cases.py``, both APIs): replay on runs the forward and the backward
+graph replayed (NOTE [Backward graphs]), replay off the autograd-recorded interpreter; the
+parameter gradients of the two are compared, and the torch.func strategy of the asv suite is
+timed beside them.
 
     python asv_bench/cuda_graph_ab.py --cases models --json out.json     # on a GPU
+    python asv_bench/cuda_graph_ab.py --training lap_2_64,d3_2_64 --json train.json
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ def main() -> int:
     ap.add_argument("--number", type=int, default=50)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")
+    ap.add_argument("--training", help="comma-separated training cases (or 'all')")
     opts = ap.parse_args()
+    if opts.training:
+        return training(opts)
     rows = []
     for case in select(opts.cases):
         xafunc.clear_cache()
@@ -100,6 +108,61 @@ def main() -> int:
         print(f"{r['name']:16s} {r['on_ms']:10.3f} {r['off_ms']:10.3f} "
               f"{r['on_ms'] / r['off_ms']:6.2f} {r['eager_ms']:9.3f}  "
               f"{'; '.join(r['executors'])[:150]}  (diff {r['rel_diff_on_off']:.1e})")
+    return 0
+
+
+def training(opts: argparse.Namespace) -> int:
+    from benchmarks.training_cases import TRAIN_CASES, get_train_case, make_step
+
+    names = [c.name for c in TRAIN_CASES] if opts.training == "all" else \
+        opts.training.split(",")
+    rows = []
+    for name in names:
+        case = get_train_case(name)
+        for api in ("backward", "func_grad"):
+            try:
+                step, grads = make_step(case, "xafunc", api, torch.float32, opts.device)
+                base, _ = make_step(case, case.asv_baseline, api, torch.float32, opts.device)
+                for _ in range(cuda_graph.WARM_UP + 2):
+                    step()
+                g_on = {k: v.clone() for k, v in grads().items()}
+                cuda_graph.ENABLED = False
+                step()
+                g_off = grads()
+                cuda_graph.ENABLED = True
+                err = max(((g_on[k] - g_off[k]).abs().max()
+                           / g_off[k].abs().max().clamp_min(1e-30)).item() for k in g_on)
+                base()
+                on, off, tf = [], [], []
+                number = max(opts.number // 5, 3)
+                for _ in range(opts.repeat):
+                    cuda_graph.ENABLED = True
+                    on.append(_time(step, (), number))
+                    cuda_graph.ENABLED = False
+                    off.append(_time(step, (), number))
+                    tf.append(_time(base, (), max(number // 3, 2)))
+                cuda_graph.ENABLED = True
+                row = {"name": name, "api": api, "on_ms": statistics.median(on),
+                       "off_ms": statistics.median(off), "torch_func": case.asv_baseline,
+                       "torch_func_ms": statistics.median(tf), "rel_diff_on_off": err}
+            except Exception as e:  # noqa: BLE001
+                cuda_graph.ENABLED = True
+                row = {"name": name, "api": api, "error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if opts.json:
+                with open(opts.json, "w") as fh:
+                    json.dump({"device": opts.device, "torch": torch.__version__,
+                               "training": rows}, fh, indent=1)
+    print(f"\n{'case':16s} {'api':10s} {'replay ms':>10s} {'recorded ms':>11s} {'ratio':>6s} "
+          f"{'torch.func ms':>13s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:16s} {r['api']:10s} ERROR {r['error']}")
+            continue
+        print(f"{r['name']:16s} {r['api']:10s} {r['on_ms']:10.3f} {r['off_ms']:11.3f} "
+              f"{r['on_ms'] / r['off_ms']:6.2f} {r['torch_func_ms']:13.3f}  "
+              f"({r['torch_func']}; diff {r['rel_diff_on_off']:.1e})")
     return 0
 
 

@@ -4,8 +4,9 @@
 # its own time limit, so a slow step leaves the others their share. Logs and JSON go to $OUT
 # (default /tmp/gpu_check). STEPS picks steps (default all, in this order):
 #
-#   STEPS="tests ab zoo jax compile" T_TESTS=180 T_AB=150 T_ZOO=180 T_JAX=90 T_COMPILE=90 \
-#       TESTS=tests AB_CASES=models JAX_CASES=resmlp,siren bash asv_bench/gpu_check.sh
+#   STEPS="tests ab train zoo jax compile" T_TESTS=180 T_AB=150 T_TRAIN=150 T_ZOO=180 \
+#       T_JAX=90 T_COMPILE=90 TESTS=tests AB_CASES=models TRAIN_CASES=lap_2_64,d3_2_64 \
+#       JAX_CASES=resmlp,siren bash asv_bench/gpu_check.sh
 #
 # The machine's own python3 holds a CUDA build of torch (whatever version it ships); xafunc
 # runs from the working tree through PYTHONPATH, nothing is installed.
@@ -15,7 +16,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-tests ab zoo jax compile}
+STEPS=${STEPS:-tests ab train zoo jax compile}
 MODELS=resmlp,siren,fourier_pinn,convnet,transformer,lstm,gru,flow,mpnn,vmap_hessians
 MODELS=$MODELS,vmap_laplacian,param_hessian,biharmonic,jet6
 
@@ -38,6 +39,12 @@ for step in $STEPS; do
         --json "$OUT/cuda_graph_ab.json" > "$OUT/ab.log" 2>&1
     echo "ab rc=$?"
     tail -18 "$OUT/ab.log" ;;
+  train)
+    echo "== training steps: replayed forward and backward graphs vs the recorded interpreter"
+    timeout "${T_TRAIN:-150}" $PY asv_bench/cuda_graph_ab.py --training "${TRAIN_CASES:-all}" \
+        --repeat 5 --json "$OUT/train_ab.json" > "$OUT/train.log" 2>&1
+    echo "train rc=$?"
+    tail -16 "$OUT/train.log" ;;
   zoo)
     echo "== zoo on cuda (eager torch.func, xafunc)"
     timeout "${T_ZOO:-180}" $PY asv_bench/zoo_table.py --cases models --device cuda \
