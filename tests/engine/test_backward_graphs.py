@@ -1,13 +1,15 @@
-"""Gradients through compiled graphs at torch.func's grad levels (NOTE [Backward graphs]).
+"""Gradients through compiled graphs with backward graphs (NOTE [Backward graphs]).
 
-Under ``torch.func.grad``/``vjp``/``jacrev`` a compiled graph is applied as one
-``autograd.Function``: its forward by the plain fast path, its backward by a second compiled
-graph (the vector-Jacobian product, traced once). These tests prove that path runs (counted by
-``BackwardStats``) and that every composition a user writes around it -- first and second
-derivatives, ``jacrev`` of ``grad``, ``hessian`` (forward over reverse), ``vmap`` over
-cotangents, a double backward by plain autograd -- equals the same computation by nested
-torch.func (float64), including the compositions that differentiate the backward graph
-itself, which must never be differentiated through its own operators.
+On a GPU, under ``torch.func.grad``/``vjp``/``jacrev`` and under autograd, a compiled graph is
+applied as one ``autograd.Function``: its forward by the plain fast path, its backward by a
+second compiled graph (the vector-Jacobian product, traced once), both replayed. These tests
+run that path on every device (``BACKWARD_GRAPHS = "always"``; on a CPU it is not the default,
+which one test checks), prove it ran (counted by ``BackwardStats``) and that every composition
+a user writes around it -- first and second derivatives, ``jacrev`` of ``grad``, ``hessian``
+(forward over reverse), ``vmap`` over cotangents, a double backward by plain autograd --
+equals the same computation by nested torch.func (float64), including the compositions that
+differentiate the backward graph itself, which must never be differentiated through its own
+operators.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
 from tests._compare import assert_tree_close
 from xafunc import xderiv, xjacobian, xlaplacian
+from xafunc._execute import executable
 from xafunc._execute.executable import BackwardStats
 
 F64 = torch.float64
@@ -64,6 +67,12 @@ def _loss(residual, device: str = "cpu") -> object:  # type: ignore[no-untyped-d
 
 XAFUNC_LOSS = _loss(xlaplacian(u, argnums=1))
 REF_LOSS = _loss(_lap_ref)
+
+
+@pytest.fixture(autouse=True)
+def _backward_graphs_everywhere(request, monkeypatch):  # type: ignore[no-untyped-def]
+    if "default_policy" not in request.node.name:
+        monkeypatch.setattr(executable, "BACKWARD_GRAPHS", "always")
 
 
 def _counted(fn):  # type: ignore[no-untyped-def]
@@ -110,8 +119,22 @@ def test_module_training_steps_match_torch_func(device: str) -> None:
             opt.step()
         assert_tree_close(dict(net_x.named_parameters()), dict(net_r.named_parameters()),
                           rtol=RTOL, atol=ATOL)
-    # the GPU runs the backward graph; the CPU records the forward instead (faster there)
-    assert (BackwardStats.calls > before) == (device == "cuda")
+    assert BackwardStats.calls > before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_policy_uses_backward_graphs_on_the_gpu_only(device: str) -> None:
+    """By default a GPU runs backward graphs (replayed); a CPU runs the forward recorded
+    operator by operator instead, which is faster there (no recomputation)."""
+    p = params(device)
+    xloss = _loss(xlaplacian(u, argnums=1), device)
+    got, ran = _counted(lambda: grad(xloss)(p))
+    assert (ran > 0) == (device == "cuda")
+    assert_tree_close(got, grad(_loss(_lap_ref, device))(p), rtol=RTOL, atol=ATOL)
+    net = _net().to(device)
+    _, ran = _counted(lambda: vmap(xlaplacian(lambda x: net(x)))(POINTS.to(device))
+                      .pow(2).mean().backward())
+    assert (ran > 0) == (device == "cuda")
 
 
 def test_jacrev_over_a_vmapped_residual() -> None:

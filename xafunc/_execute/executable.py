@@ -177,14 +177,14 @@ class Executable:
             if not (needs_grad and self.recording) and self._fast_path(args) is not _FAILED:
                 if not needs_grad:
                     return self._fast(args)
-                if self._fast.why_not_graph is None and cuda_graph.capturable(args):
+                if backward_graphs(args, replayed=self._fast.why_not_graph is None):
                     # on a GPU the forward and the backward graph are replayed as CUDA graphs
                     # (launch-bound otherwise; NOTE [Backward graphs])
                     return _fill(self._template, _GraphFunction.apply(self, *args))
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
                 return _fill(self._template, _Recompute.apply(self, *args))
-        if mode == "transformed" and _grad_levels_only():
+        if mode == "transformed" and _grad_levels_only() and backward_graphs(args):
             # one Function at the grad levels: the plain fast path beneath them, and a
             # backward graph (NOTE [Backward graphs])
             return _fill(self._template, _GraphFunction.apply(self, *args))
@@ -376,6 +376,23 @@ def _differentiating(args: tuple[Any, ...]) -> bool:
         return True
     return any(lv.key() in (TransformType.Grad, TransformType.Jvp)
                for lv in retrieve_all_functorch_interpreters())
+
+
+#: where a compiled graph differentiated by autograd or at torch.func's grad levels runs as one
+#: Function with a backward graph (NOTE [Backward graphs]): ``"cuda"``, on a GPU with CUDA-graph
+#: replay on (both graphs replayed; on a CPU the forward recorded operator by operator is faster,
+#: the backward graph recomputing the forward values it needs), or ``"always"`` (the tests)
+BACKWARD_GRAPHS = "cuda"
+
+
+def backward_graphs(args: Any, replayed: bool = True) -> bool:
+    """Whether a graph differentiated on ``args`` (plain or functorch-wrapped tensors) runs
+    with a backward graph (see :data:`BACKWARD_GRAPHS`); ``replayed``: its forward can be
+    replayed as a CUDA graph."""
+    if BACKWARD_GRAPHS == "always":
+        return True
+    return replayed and cuda_graph.ENABLED and bool(args) and all(
+        isinstance(a, Tensor) and a.is_cuda for a in args)
 
 
 def _grad_levels_only(live: bool = True) -> bool:
