@@ -137,6 +137,8 @@ def training(opts: argparse.Namespace) -> int:
                 number = max(opts.number // 5, 3)
                 for _ in range(opts.repeat):
                     cuda_graph.ENABLED = True
+                    for exe in _all_executables():  # the recorded run marked them recording
+                        exe.recording = False
                     on.append(_time(step, (), number))
                     cuda_graph.ENABLED = False
                     off.append(_time(step, (), number))
