@@ -220,3 +220,26 @@ def test_third_order_residual_under_grad() -> None:
     got, ran = _counted(lambda: grad(_loss(res_x))(p))
     assert ran >= 1
     assert_tree_close(got, grad(_loss(res_r))(p), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_by_plain_double_backward(device: str) -> None:
+    """``autograd.grad(..., create_graph=True)`` then ``backward()`` of the gradient's norm,
+    all by plain autograd on an ``nn.Module``: the backward graph is differentiated in turn."""
+    net_x, net_r = _net().to(device), _net().to(device)
+    points = POINTS.to(device)
+
+    def lap_r(x: Tensor) -> Tensor:
+        h = jacrev(jacrev(lambda z: net_r(z)))(x)
+        return h.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    for net, lap in ((net_x, vmap(xlaplacian(lambda x: net_x(x)))), (net_r, vmap(lap_r))):
+        loss = lap(points).pow(2).mean()
+        # the last bias does not reach a Laplacian
+        g = torch.autograd.grad(loss, list(net.parameters()), create_graph=True,
+                                allow_unused=True)
+        sum(t.pow(2).sum() for t in g if t is not None).backward()
+    # the last bias's gradient stays None, as torch's does
+    assert net_x[-1].bias.grad is None and net_r[-1].bias.grad is None
+    assert_tree_close([p.grad for p in list(net_x.parameters())[:-1]],
+                      [p.grad for p in list(net_r.parameters())[:-1]], rtol=RTOL, atol=ATOL)

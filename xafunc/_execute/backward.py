@@ -42,19 +42,23 @@ def _differentiable(v: Any) -> bool:
 
 
 def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
-              wanted: tuple[int, ...], n_static: int
-              ) -> tuple[GraphModule, list[int], Callable[..., tuple[Tensor, ...]]]:
-    """The backward graph of ``fn`` for the inputs at ``wanted`` (see NOTE [Backward graphs]),
-    the indices of ``fn``'s flat outputs whose cotangents it takes, and the function it was
-    traced from (differentiable by autograd: what its own backward graph is traced from).
+              wanted: tuple[int, ...], given: tuple[int, ...], n_static: int
+              ) -> tuple[GraphModule, list[int], Callable[..., tuple[Tensor, ...]], list[bool]]:
+    """The backward graph of ``fn`` for the inputs at ``wanted`` and cotangents of the outputs
+    at ``given`` (see NOTE [Backward graphs]), the indices of ``fn``'s flat outputs whose
+    cotangents it takes (the differentiable ones of ``given``), the function it was traced from
+    (differentiable by autograd: what its own backward graph is traced from), and for each input
+    at ``wanted`` whether it reaches those outputs at all (autograd leaves the gradient of one
+    that does not ``None``, as torch.func does).
 
     ``fn`` maps tensors like ``ins`` to flat outputs like ``outs`` (tensors or fake tensors:
     only their shapes, dtypes and devices are read), differentiably. The backward graph's
-    inputs are ``fn``'s dynamic inputs, then one cotangent per differentiable output, then
-    ``fn``'s ``n_static`` static inputs (still last, so their products are hoisted as in any
-    compiled graph); its outputs are the gradients of the inputs at ``wanted``, in order (zeros
-    where an input does not influence the outputs)."""
-    cot_at = [i for i, o in enumerate(outs) if _differentiable(o)]
+    inputs are ``fn``'s dynamic inputs, then one cotangent per output it takes, then ``fn``'s
+    ``n_static`` static inputs (still last, so their products are hoisted as in any compiled
+    graph); its outputs are the gradients of the inputs at ``wanted``, in order (zeros where an
+    input does not reach the outputs)."""
+    cot_at = [i for i in given if _differentiable(outs[i])]
+    reached: list[bool] = []
     n_in, n_cot = len(ins), len(cot_at)
     n_dyn = n_in - n_static
 
@@ -73,6 +77,7 @@ def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
             got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
                                       [c for _, c in pairs], allow_unused=True,
                                       create_graph=True) if pairs else [None] * len(wanted)
+        reached[:] = [g is not None for g in got]
         return tuple(g if g is not None else torch.zeros_like(xs[i])
                      for i, g in zip(wanted, got))
 
@@ -81,4 +86,4 @@ def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
 
     examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
                 *map(meta, ins[n_dyn:])]
-    return simplify(trace(vjp, examples), inexact=True), cot_at, vjp
+    return simplify(trace(vjp, examples), inexact=True), cot_at, vjp, reached

@@ -133,7 +133,7 @@ class Executable:
         self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         # backward graphs by the inputs they differentiate (NOTE [Backward graphs])
-        self._backward: dict[tuple[int, ...], tuple[Executable, list[int]]] = {}
+        self._backward: dict[Any, tuple[Executable, list[int], list[bool]]] = {}
         # set on a backward graph: the function it was traced from (differentiable by
         # autograd) and the one that computes it composably under any transform
         self.source: Callable[..., list[Any]] | None = None
@@ -214,10 +214,12 @@ class Executable:
             return _flatten_like(self._fast(args), self._template)
         return _flatten_like(self.gm(*args), self._template)
 
-    def backward_graph(self, wanted: tuple[int, ...]) -> tuple[Executable, list[int]]:
-        """The compiled backward graph for the inputs at ``wanted`` and the outputs whose
-        cotangents it takes (NOTE [Backward graphs]), built on first use."""
-        got = self._backward.get(wanted)
+    def backward_graph(self, wanted: tuple[int, ...], given: tuple[int, ...]
+                       ) -> tuple[Executable, list[int], list[bool]]:
+        """The compiled backward graph for the inputs at ``wanted`` and cotangents of the
+        outputs at ``given``, the outputs whose cotangents it takes and which of those inputs
+        reach them (NOTE [Backward graphs]), built on first use."""
+        got = self._backward.get((wanted, given))
         if got is None:
             graph = self.gm.graph
             ins = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
@@ -231,11 +233,12 @@ class Executable:
 
                 def source(*a: Tensor) -> list[Any]:
                     return _flatten_like(gm(*a), template)
-            traced, cot_at, fn = vjp_graph(source, ins, outs, wanted, self.n_static)
+            traced, cot_at, fn, reached = vjp_graph(source, ins, outs, wanted, given,
+                                                    self.n_static)
             back = Executable(traced, self.n_static, self.compile)
             back.source = lambda *a: list(fn(*a))
             back.composable = functools.partial(_composable_vjp, self, wanted, cot_at)
-            got = self._backward[wanted] = (back, cot_at)
+            got = self._backward[wanted, given] = (back, cot_at, reached)
         return got
 
     def _fast_path(self, args: tuple[Any, ...]) -> Any:
@@ -331,6 +334,7 @@ class _GraphFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.exe = inputs[0]
         ctx.save_for_backward(*inputs[1:])
+        ctx.set_materialize_grads(False)  # an unused output contributes nothing, as in autograd
         ctx.mark_non_differentiable(*[t for t in output if isinstance(t, Tensor) and not (
             t.is_floating_point() or t.is_complex())])
 
@@ -339,14 +343,15 @@ class _GraphFunction(torch.autograd.Function):
         exe: Executable = ctx.exe
         args = ctx.saved_tensors
         wanted = tuple(i for i, need in enumerate(ctx.needs_input_grad[1:]) if need)
+        given = tuple(i for i, g in enumerate(grads) if g is not None)
         result: list[Any] = [None] * len(args)
-        if wanted:
-            back, cot_at = exe.backward_graph(wanted)
+        if wanted and given:
+            back, cot_at, reached = exe.backward_graph(wanted, given)
             BackwardStats.calls += 1
             n_dyn = len(args) - exe.n_static
             got = back(*args[:n_dyn], *(grads[i] for i in cot_at), *args[n_dyn:])
-            for i, g in zip(wanted, got):
-                result[i] = g
+            for i, g, r in zip(wanted, got, reached):
+                result[i] = g if r else None
         return (None, *result)
 
 
