@@ -93,12 +93,7 @@ def main() -> int:
                    "rel_diff_on_off": err, "executors": execs}
         except Exception as e:  # noqa: BLE001
             row = {"name": case.name, "error": f"{type(e).__name__}: {e}"[:300]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if opts.json:
-            with open(opts.json, "w") as fh:
-                json.dump({"device": opts.device, "torch": torch.__version__,
-                           "rows": rows}, fh, indent=1)
+        _keep(rows, row, opts, "rows")
     print(f"\n{'case':16s} {'replay ms':>10s} {'interp ms':>10s} {'ratio':>6s} "
           f"{'eager ms':>9s}  executor")
     for r in rows:
@@ -109,6 +104,16 @@ def main() -> int:
               f"{r['on_ms'] / r['off_ms']:6.2f} {r['eager_ms']:9.3f}  "
               f"{'; '.join(r['executors'])[:150]}  (diff {r['rel_diff_on_off']:.1e})")
     return 0
+
+
+def _keep(rows: list, row: dict, opts: argparse.Namespace, key: str) -> None:
+    """Add ``row``, print it, and rewrite the JSON (a run cut short keeps its rows)."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump({"device": opts.device, "torch": torch.__version__, key: rows}, fh,
+                      indent=1)
 
 
 def training(opts: argparse.Namespace) -> int:
@@ -150,12 +155,7 @@ def training(opts: argparse.Namespace) -> int:
             except Exception as e:  # noqa: BLE001
                 cuda_graph.ENABLED = True
                 row = {"name": name, "api": api, "error": f"{type(e).__name__}: {e}"[:300]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if opts.json:
-                with open(opts.json, "w") as fh:
-                    json.dump({"device": opts.device, "torch": torch.__version__,
-                               "training": rows}, fh, indent=1)
+            _keep(rows, row, opts, "training")
     print(f"\n{'case':16s} {'api':10s} {'replay ms':>10s} {'recorded ms':>11s} {'ratio':>6s} "
           f"{'torch.func ms':>13s}")
     for r in rows:
