@@ -16,12 +16,18 @@ too. It takes the inputs and the cotangents and recomputes the forward values it
 more than recording saves (measured: 0.9-1.6x the recorded step), so a CPU records
 (``executable.BACKWARD_GRAPHS``).
 
-Called at a grad level, that backward graph is itself a compiled graph applied as a
-``Function``, so a second derivative taken through it (``jacrev(grad(...))``, a double
-backward) runs its backward graph in turn, built on first use; a ``vmap`` over the
-cotangents (what ``jacrev`` does) runs it as any graph under ``vmap``. The rules are autograd's:
-a gradient is computed for the inputs that need one, an output that does not depend on them
-contributes nothing, and an integer output is not differentiable.
+A backward graph is never differentiated through its own operators: the trace records
+autograd's saved values as ``detach``, so its operators compute the right values but not the
+right derivatives. Differentiated where it runs as a ``Function`` (a grad level, or autograd:
+``jacrev(grad(...))``, ``grad(grad(...))``, a double backward), its own backward graph is traced
+from the function it was traced from (``Executable.source``, differentiable by autograd:
+``create_graph``, and inputs that already require grad are not detached); under any other
+differentiating transform (``jvp``, or ``jacrev``'s ``vmap`` over the cotangents with a grad
+level outside) it is computed by ``torch.func.vjp`` of the forward graph run operator by
+operator (``Executable.composable``). Under ``vmap`` alone it runs as any graph. The rules are
+autograd's: a gradient is computed for the inputs that need one, an output without a
+cotangent contributes nothing, an input that reaches none of the outputs with one gets
+``None``, and an integer output is not differentiable.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ executors run the same graph:
   dispatches every op exactly as eager code does -- autograd records the same nodes (no
   TorchScript autodiff) and functorch transforms the same ops -- at the interpreter's cost per
   op instead of Python's.
+  On a GPU, calls differentiated by autograd or at torch.func's grad levels instead apply
+  the graph as one Function whose backward is a compiled graph too, both replayed (NOTE
+  [Backward graphs] in ``backward.py``).
 * **Anything else** (dispatch or function modes such as fake tensors and tracers, inside
   ``torch.compile``): the FX graph, which is exactly what the other two compute.
 
@@ -322,9 +325,9 @@ class BackwardStats:
 
 
 class _GraphFunction(torch.autograd.Function):
-    """A compiled graph applied at torch.func's grad levels as one operation: its forward on
-    the plain tensors beneath them, its backward by the backward graph (NOTE [Backward
-    graphs])."""
+    """A compiled graph applied as one operation where it is differentiated (autograd, or
+    torch.func's grad levels): its forward on the plain tensors beneath every level, its
+    backward by the backward graph (NOTE [Backward graphs])."""
 
     @staticmethod
     def forward(exe: Executable, *args: Tensor) -> Any:  # type: ignore[override]
