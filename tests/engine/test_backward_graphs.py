@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vjp, vmap
 
+import xafunc
 from tests._compare import assert_tree_close
 from xafunc import xderiv, xjacobian, xlaplacian
 from xafunc._execute import executable
@@ -243,3 +244,15 @@ def test_gradient_penalty_by_plain_double_backward(device: str) -> None:
     assert net_x[-1].bias.grad is None and net_r[-1].bias.grad is None
     assert_tree_close([p.grad for p in list(net_x.parameters())[:-1]],
                       [p.grad for p in list(net_r.parameters())[:-1]], rtol=RTOL, atol=ATOL)
+
+
+def test_the_plan_says_when_backward_graphs_ran() -> None:
+    net = _net()
+
+    def f(z: Tensor) -> Tensor:
+        return net(z)
+
+    before = str(xafunc.plan(f, 3)(POINTS[0])).splitlines()[-1]
+    assert "backward graphs" not in before
+    vmap(xderiv(f, 3))(POINTS)[..., 0, 0, 0].pow(2).mean().backward()
+    assert "compiled backward graphs" in str(xafunc.plan(f, 3)(POINTS[0])).splitlines()[-1]

@@ -206,9 +206,14 @@ class Program:
         if self.compile_note:
             return self.compile_note
         if not self.compiler.wants_compile:
-            if any("CUDA graph" in e.executor for e in self.compiler.executables()):
-                return EXECUTION + "; on the GPU, replayed as CUDA graphs (NOTE [CUDA graphs])"
-            return EXECUTION
+            exes = self.compiler.executables()
+            line = EXECUTION
+            if any("CUDA graph" in e.executor for e in exes):
+                line += "; on the GPU, replayed as CUDA graphs (NOTE [CUDA graphs])"
+            if any(e.has_backward_graphs for e in exes):
+                line += ("; differentiated through compiled backward graphs (NOTE [Backward "
+                         "graphs])")
+            return line
         s = self.schedules[0]
         if self.all_orders:
             keys: list[Any] = [(0, k) for k in range(1, self.order + 1)]

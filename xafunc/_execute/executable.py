@@ -152,6 +152,12 @@ class Executable:
         return fast.executor if fast is not None and fast is not _FAILED else self._executor
 
     @property
+    def has_backward_graphs(self) -> bool:
+        """Whether gradients through this graph have run a backward graph (NOTE [Backward
+        graphs])."""
+        return bool(self._backward)
+
+    @property
     def code(self) -> str:
         return self.gm.code
 
