@@ -94,16 +94,20 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             row = {"name": case.name, "error": f"{type(e).__name__}: {e}"[:300]}
         _keep(rows, row, opts, "rows")
-    print(f"\n{'case':16s} {'replay ms':>10s} {'interp ms':>10s} {'ratio':>6s} "
-          f"{'eager ms':>9s}  executor")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']:16s} ERROR {r['error']}")
-            continue
-        print(f"{r['name']:16s} {r['on_ms']:10.3f} {r['off_ms']:10.3f} "
-              f"{r['on_ms'] / r['off_ms']:6.2f} {r['eager_ms']:9.3f}  "
-              f"{'; '.join(r['executors'])[:150]}  (diff {r['rel_diff_on_off']:.1e})")
+    _table(rows, f"{'case':16s} {'replay ms':>10s} {'interp ms':>10s} {'ratio':>6s} "
+                 f"{'eager ms':>9s}  executor",
+           lambda r: f"{r['name']:16s}",
+           lambda r: f"{r['on_ms']:10.3f} {r['off_ms']:10.3f} {r['on_ms'] / r['off_ms']:6.2f} "
+                     f"{r['eager_ms']:9.3f}  {'; '.join(r['executors'])[:150]}  "
+                     f"(diff {r['rel_diff_on_off']:.1e})")
     return 0
+
+
+def _table(rows: list, header: str, key, cells) -> None:  # type: ignore[no-untyped-def]
+    """Print ``rows``: ``key(r)`` then ``cells(r)``, or the error a row carries."""
+    print("\n" + header)
+    for r in rows:
+        print(f"{key(r)} " + (f"ERROR {r['error']}" if "error" in r else cells(r)))
 
 
 def _keep(rows: list, row: dict, opts: argparse.Namespace, key: str) -> None:
@@ -156,15 +160,12 @@ def training(opts: argparse.Namespace) -> int:
                 cuda_graph.ENABLED = True
                 row = {"name": name, "api": api, "error": f"{type(e).__name__}: {e}"[:300]}
             _keep(rows, row, opts, "training")
-    print(f"\n{'case':16s} {'api':10s} {'replay ms':>10s} {'recorded ms':>11s} {'ratio':>6s} "
-          f"{'torch.func ms':>13s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']:16s} {r['api']:10s} ERROR {r['error']}")
-            continue
-        print(f"{r['name']:16s} {r['api']:10s} {r['on_ms']:10.3f} {r['off_ms']:11.3f} "
-              f"{r['on_ms'] / r['off_ms']:6.2f} {r['torch_func_ms']:13.3f}  "
-              f"({r['torch_func']}; diff {r['rel_diff_on_off']:.1e})")
+    _table(rows, f"{'case':16s} {'api':10s} {'replay ms':>10s} {'recorded ms':>11s} "
+                 f"{'ratio':>6s} {'torch.func ms':>13s}",
+           lambda r: f"{r['name']:16s} {r['api']:10s}",
+           lambda r: f"{r['on_ms']:10.3f} {r['off_ms']:11.3f} {r['on_ms'] / r['off_ms']:6.2f} "
+                     f"{r['torch_func_ms']:13.3f}  ({r['torch_func']}; "
+                     f"diff {r['rel_diff_on_off']:.1e})")
     return 0
 
 

@@ -193,7 +193,7 @@ class Executable:
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
                 return _fill(self._template, _Recompute.apply(self, *args))
-        if mode == "transformed" and _grad_levels_only() and backward_graphs(args):
+        if mode == "transformed" and backward_graphs(args) and _grad_levels_only():
             # one Function at the grad levels: the plain fast path beneath them, and a
             # backward graph (NOTE [Backward graphs])
             return _fill(self._template, _GraphFunction.apply(self, *args))
