@@ -256,7 +256,7 @@ def test_uncapturable_functions_give_right_numbers(fname, order, mode):
     else:  # Python decides from tensor values: nothing sound to capture
         assert plan.strategy == "reference"
         if mode != "reference":
-            assert "DataDependent" in plan.fallback
+            assert "depends on the values of a traced tensor" in plan.fallback
     g = xderiv(f, order, mode=mode)  # one transform, reused: a cached plan must not go stale
     for x in (torch.tensor([0.3, 0.5, -0.1], dtype=F64),
               torch.tensor([-0.3, -0.5, 0.1], dtype=F64),   # other branch, same signature

@@ -204,8 +204,7 @@ def test_results_are_row_major_like_torch_func():
 def test_buffer_reuse_rewrites_only_dead_owned_buffers():
     """NOTE [Buffer reuse]: ops write into operands nothing else reads; inputs, values read
     twice and expanded views are never written."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
+    from xafunc._capture.tracer import record
     from xafunc._execute.executable import reuse_buffers
 
     def fn(a, b, c):
@@ -217,7 +216,7 @@ def test_buffer_reuse_rewrites_only_dead_owned_buffers():
 
     args = (torch.randn(1, 3), torch.randn(4, 3), torch.randn(4, 1, 3))
     before = [a.clone() for a in args]
-    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm = record(fn, [*args])
     reuse_buffers(gm.graph)
     gm.recompile()
     mutated = [n for n in gm.graph.nodes if n.op == "call_function"
@@ -236,8 +235,7 @@ def test_scalar_operands_become_inputs_of_the_op_dtype(dtype):
     inputs of the result dtype (no per-call conversion of a wrapped number), numbers first
     included (``1 - x`` is ``sub(1, x)``), with exactly the values eager dispatch gives;
     integer operands promote as they would; half precision is left alone."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
+    from xafunc._capture.tracer import record
     from xafunc._execute.executable import scalar_inputs
 
     def fn(x, n):
@@ -247,7 +245,7 @@ def test_scalar_operands_become_inputs_of_the_op_dtype(dtype):
         return a, b, c, n * 0.7, torch.ops.aten.div.Tensor(n, 3)
 
     args = (torch.randn(5, dtype=dtype), torch.arange(5))
-    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm = record(fn, [*args])
     graph = gm.graph
     values = scalar_inputs(graph)
     new = torch.fx.GraphModule(gm, graph)

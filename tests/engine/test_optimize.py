@@ -15,6 +15,7 @@ import xafunc
 import xafunc._execute.compiler as compile_mod
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc._capture.cache import CACHE
+from xafunc._capture.tracer import record
 from xafunc._execute.optimize import for_autograd, simplify
 
 DT = torch.float64
@@ -31,7 +32,7 @@ def _bitwise(a: object, b: object) -> None:
 
 def _simplified(fn, *xs, fewer: bool = True):
     """Trace ``fn`` (fake mode), simplify, check the node count and bitwise outputs."""
-    gm = make_fx(fn, tracing_mode="fake")(*xs)
+    gm = record(fn, [*xs])
     before = len(_ops(gm))
     expected = fn(*xs)
     simplify(gm)
@@ -152,7 +153,7 @@ def test_random_ops_are_not_merged_or_dropped():
         torch.rand_like(x)  # dead, but it advances the generator
         return torch.rand_like(x) + torch.rand_like(x)
 
-    gm = make_fx(fn, tracing_mode="fake")(torch.randn(3))
+    gm = record(fn, [torch.randn(3)])
     simplify(gm)
     assert _ops(gm).count(aten.rand_like.default) == 3
     torch.manual_seed(1)
@@ -199,14 +200,16 @@ def test_small_broadcast_operand_is_made_row_major():
         return h * w.t()
 
     assert not fn(h).is_contiguous()
-    gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(h)
+    gm = record(fn, [h])
     simplify(gm)
     assert aten.clone.default in _ops(gm)
     out = gm(h)
     assert out.is_contiguous()
     _bitwise(out, fn(h))
     # a large operand keeps its layout: nothing to gain from copying it
-    gm = make_fx(lambda a, b: a * b, tracing_mode="fake")(torch.randn(64, 8).t(), torch.randn(8, 1))
+    # strides as given (``record`` makes its inputs contiguous, as every trace of xafunc's)
+    gm = make_fx(lambda a, b: a * b, tracing_mode="fake")(torch.randn(64, 8).t(),
+                                                          torch.randn(8, 1))
     simplify(gm)
     assert aten.clone.default not in _ops(gm)
 
@@ -224,7 +227,7 @@ def test_inexact_pass_fuses_products():
         return torch.mm(u.reshape(24, 16), w) + bias
 
     args = (big, s1, s2, w, bias)
-    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm = record(fn, [*args])
     simplify(gm, inexact=True)
     ops = _ops(gm)
     big_products = [n for n in gm.graph.nodes if n.target is aten.mul.Tensor
@@ -235,11 +238,11 @@ def test_inexact_pass_fuses_products():
     # a factor that expands the product (here along dim 2) is not a small operand of it
     e = torch.randn(8, 1, 5, 16, dtype=DT)
     expand = lambda big, s2, e: (big * s2).reshape(8, 3, 1, 16) * e  # noqa: E731
-    gm = make_fx(expand, tracing_mode="fake")(big, s2, e)
+    gm = record(expand, [big, s2, e])
     simplify(gm, inexact=True)
     assert_tree_close(gm(big, s2, e), expand(big, s2, e))
     # without inexact=True the graph keeps every product (bit-for-bit passes only)
-    gm = make_fx(fn, tracing_mode="fake")(*args)
+    gm = record(fn, [*args])
     simplify(gm)
     assert aten.addcmul.default not in _ops(gm)
     _bitwise(gm(*args), fn(*args))
@@ -259,6 +262,7 @@ def test_autograd_copy_makes_batched_products_with_a_shared_matrix_one_mm():
         return torch.matmul(a, w_right), torch.matmul(w_left, a), torch.bmm(a, b)
 
     args = (a, b, w_right, w_left)
+    # strides as given (``record`` makes its inputs contiguous, as every trace of xafunc's)
     gm = simplify(make_fx(fn, tracing_mode="fake")(*args), inexact=True)
     assert _ops(gm).count(aten.bmm.default) == 3, gm.code
     ag = for_autograd(gm)
@@ -311,7 +315,7 @@ def test_mutating_graph_is_left_alone():
         y.add_(1.0)
         return y * 1.0
 
-    gm = make_fx(fn, tracing_mode="fake")(torch.randn(3))
+    gm = record(fn, [torch.randn(3)])
     before = [(n.op, n.target) for n in gm.graph.nodes]
     simplify(gm)
     assert [(n.op, n.target) for n in gm.graph.nodes] == before

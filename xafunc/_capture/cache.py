@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import threading
 import types
 import warnings
@@ -41,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from .guards import _SCALARS, GuardSet, compile_guards, walk
 from .trace import Captured, capture, capturing
+from .tracer import VALUE_DEPENDENT
 
 #: captures kept per function (least recently used evicted)
 MAX_ENTRIES = 8
@@ -246,7 +248,7 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     tensors = [lt.tensor for lt in w.lifted]
     cap = capture(func, leaves, spec, tensors, w.value_buffers)
     baked: list[int] = []
-    if cap.graph is None and cap.reason and any(k in cap.reason for k in _DATA_DEPENDENT):
+    if cap.graph is None and cap.reason and VALUE_DEPENDENT in cap.reason:
         # values read in Python or deciding shapes: bake the small non-float (and 0-dim)
         # tensors it reads into the graph, guarded by value, and try again
         baked = [i for i, t in enumerate(tensors) if t.numel() <= _BAKE_LIMIT
@@ -267,7 +269,6 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     return Entry(sig, cap, guards), lifted
 
 
-_DATA_DEPENDENT = ("DataDependentOutput", "DynamicOutputShape")  # fake-tensor exceptions
 _BAKE_LIMIT = 4096  # elements of a tensor baked into a graph (its values are guarded)
 
 
@@ -316,10 +317,11 @@ def eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def outside_compiler(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; when torch.compile is tracing the caller, through
-    ``torch._dynamo.disable`` so that the transform is one clean graph break, run eagerly
-    (dynamo would otherwise trace into the capture machinery)."""
-    if not torch.compiler.is_compiling():
+    """``fn(*args, **kwargs)``, never traced by torch.compile: once ``torch._dynamo`` is loaded,
+    through ``torch._dynamo.disable``, so that a transform in a compiled function is one clean
+    graph break, run eagerly (dynamo would otherwise trace into the capture machinery, while it
+    compiles the caller and at run time, when a graph break hands it every frame called)."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before it is imported
         return fn(*args, **kwargs)
     global _EAGER
     if _EAGER is None:

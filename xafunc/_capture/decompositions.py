@@ -168,10 +168,10 @@ def _euclidean_dist(x1: Any, x2: Any) -> Any:
 
 # NOTE [Recurrent cells at capture]
 # ``rnn_tanh_cell`` & co. and the whole-sequence ``rnn_tanh``/``gru``/``lstm`` are
-# CompositeImplicitAutograd: ``make_fx`` expands them in C++ before any decomposition table is
-# consulted (torch's own Python versions of the sequence ops, registered in the table and at
-# that dispatch key, only run under the Python dispatcher, which fake-mode ``make_fx`` does not
-# enable). Their C++ kernels update ``linear(hx, w_hh, b_hh)`` in place with the traced
+# CompositeImplicitAutograd: tracing (NOTE [Tracer]) sees them expanded in C++ before any
+# decomposition table is consulted (torch's own Python versions of the sequence ops, registered
+# in the table and at that dispatch key, only run under the Python dispatcher, which tracing
+# does not enable). Their C++ kernels update ``linear(hx, w_hh, b_hh)`` in place with the traced
 # ``linear(input, ...)``; when ``hx`` and the weights are constants of the trace (a closed-over
 # hidden state, a module's weights), functionalize then asserts ("mutating a non-functional
 # tensor with a functional tensor"). :func:`capture_overrides` is a ``TorchFunctionMode`` that

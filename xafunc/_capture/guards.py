@@ -489,10 +489,12 @@ def _keys(v: str) -> str:
 
 
 def _plain_like(t: Tensor) -> bool:
-    """FakeTensors and functorch wrappers behave as plain tensors for capture."""
+    """Tensors of a trace (ours, or torch's fake ones) behave as plain tensors for capture."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor)
+    from .tracer import is_traced
+
+    return isinstance(t, FakeTensor) or is_traced(t)
 
 
 def _same_float(a: float, b: float) -> bool:

@@ -1,13 +1,12 @@
 """Tracing: a function and the tensors it reads, as one functional aten graph.
 
 NOTE [Capture]
-``make_fx`` records the aten operators ``func`` runs for given shapes without computing
-anything (every tensor is a ``FakeTensor``); data-dependent Python control flow
-(``if x.sum() > 0``, ``.item()``) cannot be traced that way and raises, which sends the request
-to the reference strategy instead of silently baking in one branch. Composite operators are
-decomposed into a small core set (:mod:`.decompositions`), then a second ``make_fx`` pass under
-``functionalize`` removes in-place operators. :func:`capture` adds what makes the graph *mean*
-what ``func`` means under torch.func:
+The tracer (:func:`~.tracer.record`, NOTE [Tracer]) records the aten operators ``func`` runs;
+data-dependent Python control flow (``if x.sum() > 0``, ``.item()``) cannot be traced and
+raises, which sends the request to the reference strategy instead of silently baking in one
+branch. Composite operators are decomposed into a small core set (:mod:`.decompositions`), then
+a second recording under ``functionalize`` removes in-place operators. :func:`capture` adds
+what makes the graph *mean* what ``func`` means under torch.func:
 
 * **Lifted tensors.** Every tensor ``func`` reads besides its arguments (closures, globals,
   module parameters and buffers, attributes; found by :func:`~.guards.walk`) is replaced, at
@@ -52,9 +51,9 @@ from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .decompositions import capture_overrides, decomposition_table
+from .tracer import DispatchMode, is_traced, record
 
 aten = torch.ops.aten
 
@@ -88,6 +87,7 @@ class _StandIns(TorchFunctionMode):
         self.table = table
         self.value_buffers = value_buffers
         self.baked = baked
+        self.made: dict[int, Tensor] = {}  # constants made from the baked tensors
         self.level_local: str | None = None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
@@ -98,7 +98,8 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
-        if getattr(func, "__self__", None) is _DATA:
+        data = getattr(func, "__self__", None) is _DATA
+        if data:
             self.level_local = "x.data"
         if self.baked and any(id(t) in self.baked for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, Tensor)):
@@ -106,11 +107,16 @@ class _StandIns(TorchFunctionMode):
         args = _swap(args, self.table)
         kwargs = _swap(kwargs or {}, self.table)
         for t in pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, Tensor) and not _is_fake(t) and not self._guarded_value(t):
+            if isinstance(t, Tensor) and not is_traced(t) and id(t) not in self.made \
+                    and not self._guarded_value(t):
                 raise CaptureError(
                     f"it reads a tensor (shape {tuple(t.shape)}, {t.dtype}) that xafunc found no "
                     "path to (closure, global, module attribute), so it could not be re-read on "
                     "each call")
+        if data and getattr(func, "__name__", None) == "__get__":
+            # a stop-gradient, recorded as one: the tracer takes the other shallow copies of a
+            # tensor (autograd's saved values) for the tensor itself (NOTE [Tracer])
+            return args[0].detach()
         return func(*args, **kwargs)
 
     def _with_baked(self, func: Any, args: Any, kwargs: Any) -> Any:
@@ -128,13 +134,12 @@ class _StandIns(TorchFunctionMode):
         def constant(t: Any, as_index: bool = False) -> Any:
             if not (isinstance(t, Tensor) and id(t) in self.baked):
                 return t
-            with untraced():
-                values = t.nonzero(as_tuple=True) if as_index and t.dtype is torch.bool \
-                    else None
-                data = [v.tolist() for v in values] if values is not None else t.tolist()
-            if values is not None:
-                return tuple(torch.tensor(d, dtype=torch.long, device=t.device) for d in data)
-            return torch.tensor(data, dtype=t.dtype, device=t.device)
+            with untraced():  # copies of the values: constants of the graph
+                made = t.nonzero(as_tuple=True) if as_index and t.dtype is torch.bool \
+                    else t.detach().clone()
+            for c in made if isinstance(made, tuple) else (made,):
+                self.made[id(c)] = c
+            return made
 
         if getattr(func, "__name__", None) == "__getitem__":
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
@@ -163,18 +168,7 @@ _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Te
                 Tensor.__index__}
 
 
-def _is_fake(t: Tensor) -> bool:
-    """A tensor of the trace (fake), possibly inside torch.func wrappers of nested
-    transforms the traced function runs."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    fx = torch._C._functorch
-    while fx.is_functorch_wrapped_tensor(t):
-        t = fx.get_unwrapped(t)
-    return isinstance(t, FakeTensor)
-
-
-class _NoGradCut(TorchDispatchMode):
+class _NoGradCut(DispatchMode):
     """Detach the outputs of operators that run with grad mode off (see NOTE [Capture])."""
 
     def __init__(self) -> None:
@@ -240,12 +234,6 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _stand_in(t: Tensor) -> Tensor:
-    return torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device,
-                       requires_grad=bool(t.requires_grad) and (t.is_floating_point()
-                                                               or t.is_complex()))
-
-
 # --------------------------------------------------------------------------------- capture
 class TensorMeta(NamedTuple):
     """Shape, dtype and device of a traced tensor."""
@@ -300,9 +288,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
     meta: dict[str, Any] = {}
     _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
-        with preserved_rng(), _clear_functorch(), torch.inference_mode(False), \
-                torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
-            stand = [_stand_in(t) for t in [*arg_tensors, *lifted]]
+        with preserved_rng(), _clear_functorch(), torch.inference_mode(False):
 
             def run(*tensors: Tensor) -> list[Tensor]:
                 table = {id(t): s for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))
@@ -328,12 +314,10 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 meta["leaves"] = out_leaves
                 return [v for v in out_leaves if isinstance(v, Tensor)]
 
-            from torch.fx.experimental.proxy_tensor import make_fx
-
+            examples = [*arg_tensors, *lifted]
             with capture_overrides():
-                g1 = make_fx(run, decomposition_table=decomposition_table(),
-                             tracing_mode="real")(*stand)
-            g2 = make_fx(torch.func.functionalize(g1), tracing_mode="real")(*stand)
+                g1 = record(run, examples, decomposition_table(), requires_grad=True)
+            g2 = record(torch.func.functionalize(g1), examples, requires_grad=True)
     except CaptureError as e:
         return Captured(reason=str(e))
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
@@ -504,19 +488,13 @@ def _hoist_random(gm: GraphModule, n_args: int) -> tuple[GraphModule | None, int
 def trace(fn: Any, examples: list[Any]) -> GraphModule:
     """Trace ``fn(*examples)`` (tensors or other values) into a functional aten graph: the
     engine's own traces of propagations and reverse levels over a captured graph."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     try:
         # the examples are plain: transforms around us, and the caller's inference mode, do
         # not apply
         with _clear_functorch(), torch.inference_mode(False):
-            fakes = [torch.empty(tuple(e.shape), dtype=e.dtype, device=e.device)
-                     if isinstance(e, (Tensor, TensorMeta)) else e for e in examples]
             with capture_overrides():
-                g1 = make_fx(fn, decomposition_table=decomposition_table(),
-                             tracing_mode="fake", _allow_non_fake_inputs=True)(*fakes)
-            g2 = make_fx(torch.func.functionalize(g1), tracing_mode="fake",
-                         _allow_non_fake_inputs=True)(*fakes)
+                g1 = record(fn, examples, decomposition_table())
+            g2 = record(torch.func.functionalize(g1), examples)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"
         raise CaptureError(_first_line(e)) from None
     return canonicalize(g2)
@@ -560,8 +538,8 @@ _SCALAR_OVERLOADS = {aten.mul.Scalar: aten.mul.Tensor, aten.div.Scalar: aten.div
 def canonicalize(gm: GraphModule) -> GraphModule:
     """Rewrite operators whose traced form is fragile into equivalent robust ones.
 
-    * ``view``/``_unsafe_view`` -> ``reshape``: ``make_fx`` records ``reshape`` as ``view``
-      when the traced (fake) strides allowed it; real tensors -- batched under ``vmap``, or
+    * ``view``/``_unsafe_view`` -> ``reshape``: tracing records ``reshape`` as ``view``
+      when the traced (contiguous) strides allowed it; real tensors -- batched under ``vmap``, or
       produced by kernels that choose other layouts -- may not. ``reshape`` is a view whenever
       one is possible and a copy otherwise.
     * functional ``copy(dst, src)`` (from functionalization) -> ``expand(_to_copy(src))`` to

@@ -75,16 +75,45 @@ TUNE_MIN_FLOPS = 2e6
 TUNE_MAX = 3  # candidates timed at most, one of each kind
 
 
-def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None
-                   ) -> Callable[..., Any]:
-    """``r`` nested ``jacrev`` of ``flat``; ``chunk_size`` bounds the outermost level only (the
-    one with the most cotangents) -- chunking every level multiplies the number of sequential
-    calls level by level."""
+def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None,
+                   traced: bool = False) -> Callable[..., Any]:
+    """``r`` nested ``jacrev(..., argnums=0, has_aux=True)`` of ``flat``; ``chunk_size`` bounds
+    the outermost level only (the one with the most cotangents) -- chunking every level
+    multiplies the number of sequential calls level by level. ``traced``: to be traced (see
+    :func:`_traced_jacrev`)."""
     g = flat
     for level in range(r):
         chunk = chunk_size if level == r - 1 else None
-        g = torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk)
+        g = _traced_jacrev(g, chunk) if traced else torch.func.jacrev(
+            g, argnums=0, has_aux=True, chunk_size=chunk)
     return g
+
+
+def _traced_jacrev(g: Callable[..., Any], chunk_size: int | None) -> Callable[..., Any]:
+    """``torch.func.jacrev(g, argnums=0, has_aux=True, chunk_size=chunk_size)`` on the plain
+    inputs of a trace: ``vmap`` of ``autograd.grad`` over the rows of the identity, as
+    ``jacrev`` computes it, but without its ``vjp`` wrapper (which imports ``torch._dynamo`` on
+    first use, NOTE [Tracer])."""
+
+    def jac(z: Tensor, *others: Any) -> tuple[Tensor, Any]:
+        with torch.enable_grad():
+            # the trace's own input, marked in place: a ``detach`` would be recorded, and it is
+            # a zero-derivative operator to the Taylor rules pushed through this graph later
+            x = z if z.requires_grad else z.requires_grad_()
+            y, aux = g(x, *others)
+            n = y.numel()
+            if not y.requires_grad or n == 0:
+                return y.new_zeros(*y.shape, *z.shape), aux
+            rows = torch.eye(n, dtype=y.dtype, device=y.device).reshape(n, *y.shape)
+
+            def row(v: Tensor) -> Tensor:
+                return torch.autograd.grad(y, x, v, create_graph=True,
+                                           materialize_grads=True)[0]
+
+            J = torch.vmap(row, chunk_size=chunk_size)(rows)
+        return J.reshape(*y.shape, *z.shape), aux
+
+    return jac
 
 
 def _shaped(seed: Any, v: Tensor) -> Any:
@@ -579,7 +608,7 @@ def _traced_reverse(g0: torch.fx.GraphModule, r: int, z: Tensor, others: list[An
     g = traced.get(r)
     if g is None:
         try:  # differentiate the captured (decomposed) graph: see NOTE [Schedules]
-            g = traced[r] = trace(_jacrev_levels(g0, r, None), [z, *others])
+            g = traced[r] = trace(_jacrev_levels(g0, r, None, traced=True), [z, *others])
         except CaptureError as e:
             return f"capture of the reverse levels failed ({e})"
     return g

@@ -9,7 +9,7 @@ applies the graph as one ``torch.autograd.Function`` (``executable._GraphFunctio
 functorch runs its ``forward`` on the plain tensors beneath every level, so the plain fast
 path (hoisting, TorchScript, buffer reuse, CUDA-graph replay) computes the values, and its
 ``backward`` runs *another compiled graph*: the vector-Jacobian product of this one, traced
-once by ``make_fx`` through ``torch.autograd.grad`` of the graph (:func:`vjp_graph`) -- the
+once (NOTE [Tracer]) through ``torch.autograd.grad`` of the graph (:func:`vjp_graph`) -- the
 backward operators autograd itself would run, simplified like any propagation -- replayed
 too. It takes the inputs and the cotangents and recomputes the forward values it needs
 (nothing is saved between the two calls but the inputs). On a CPU the recomputation costs

@@ -2,7 +2,7 @@
 
 NOTE [Compiled propagation]
 The first call traces the whole propagation -- every rule, the interpolation, the joins -- into
-one flat aten graph (``make_fx``), simplified by :func:`~xafunc._execute.optimize.simplify`,
+one flat aten graph (NOTE [Tracer]), simplified by :func:`~xafunc._execute.optimize.simplify`,
 so later calls run generated code: no rule dispatch, no ``None`` bookkeeping, no Python per
 coefficient; the graph runs through :class:`~xafunc._execute.executable.Executable` (NOTE
 [Fast execution]). Constants (seeds, interpolation matrices) must be built by ``prepare``
@@ -12,7 +12,7 @@ before tracing so that they enter the graph as constants. If the propagation can
 NOTE [Batched fast path]
 Run per sample under ``vmap``, every operator of the compiled graph goes through functorch's
 batching rules. When the innermost transform is the ``vmap`` that batches our inputs, we
-instead trace ``vmap(eager)`` on the underlying batched tensors once (``make_fx`` turns it into
+instead trace ``vmap(eager)`` on the underlying batched tensors once (tracing turns it into
 plain batched operators) and run that, re-attaching the batch dimension to the results. Its
 level is popped while the graph runs, so the tensors it batched do not pass through its
 batching rules: alone, the fast executor applies; on a GPU under ``grad`` levels (a PINN loss

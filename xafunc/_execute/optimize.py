@@ -1,7 +1,7 @@
 """Peephole simplification of the traced propagation graphs (:func:`simplify`).
 
 NOTE [Graph simplification]
-``make_fx`` records every aten call the Taylor rules make, including bookkeeping that costs a
+Tracing records every aten call the Taylor rules make, including bookkeeping that costs a
 dispatch per call and computes nothing: views back to the shape they came from, chains of
 reshapes, ``x * 1.0``, the same product built twice, dead ``detach``/``alias`` results. For
 small problems that per-op overhead is the run time (more so under ``vmap``, where every op

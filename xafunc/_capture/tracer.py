@@ -1,0 +1,354 @@
+"""Recording a function's aten operators into an FX graph.
+
+NOTE [Tracer]
+Every graph xafunc builds -- the capture of the user's function, the engine's traces of Taylor
+propagations and reverse levels, batched (``vmap``) graphs, backward graphs -- is recorded by
+:func:`record`. It does what torch's ``make_fx`` does: run the function once, below autograd
+and functorch, and write down each aten operator that reaches the dispatcher, with the
+decomposition table applied first (a decomposed operator is recorded as the operators its
+decomposition runs). ``make_fx``, ``FakeTensorMode`` and every meta kernel written in Python
+import ``torch._dynamo`` on first use: 1-2 s of a fresh process's first call, for a compiler
+xafunc does not use. So the recording runs on values, through the same C++ kernels eager code
+runs, and needs only the dispatcher:
+
+* Each tensor of the trace is a :class:`_Traced`, a wrapper holding the value computed for it
+  and the graph node that computes it. Autograd and functorch (``functionalize``, ``vmap``) run
+  above it as they do above any tensor, so what they dispatch is what gets recorded.
+* **Stop-gradients.** A ``detach()`` is recorded (a zero-derivative operator to the Taylor
+  rules). Autograd also reaches the dispatcher with ``detach`` when it saves a tensor for
+  backward (a shallow copy, made in C++ outside its own view handling, that it re-attaches to
+  the graph when unpacking it under ``create_graph``): that is the tensor itself, not a cut,
+  and is told apart by the dispatch state -- a real ``detach()`` arrives below
+  ``ADInplaceOrView``. ``x.data`` is such a shallow copy too, so capture turns it into a
+  ``detach()`` before it reaches the tracer (``trace._StandIns``).
+* The inputs' values are copies of the examples (zeros for a shape-only example): a trace never
+  writes to the caller's tensors, and values exist only while the function runs -- the graph
+  keeps a :class:`ShapeTensor` (shape, dtype, strides, device; no data) in each node's
+  ``meta["val"]``.
+* A tensor that is not traced (``torch.tensor(...)`` data, a constant of the engine) becomes a
+  constant of the graph. An operator whose tensor inputs are all constants is computed now and
+  is a constant too (deterministic, nothing written: the same values on every call), so
+  ``torch.tensor(2.0).item()`` reads 2.0 while tracing.
+* **Values never steer the graph.** An operator that hands the values of a traced tensor to
+  Python (``.item()``, ``bool(x.sum() > 0)``, ``torch.equal``) or whose output *shape* depends
+  on them (``nonzero``, boolean masks, ``unique``) raises :class:`TraceError`, so the request
+  runs the reference strategy instead of a graph that baked in one branch -- exactly as if the
+  tensor had no values.
+* Random operators draw while tracing (their values are unused); the caller's RNG state is
+  restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import Graph, GraphModule, Node
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+aten = torch.ops.aten
+
+
+class TraceError(Exception):
+    """An operator could not be recorded; the message says which and why."""
+
+
+# the message of a trace that needed values (capture then retries with small tensors baked in)
+VALUE_DEPENDENT = "Python control flow or a shape depends on the values of a traced tensor"
+
+
+class ShapeTensor(Tensor):
+    """A tensor with a shape, dtype, strides and device but no values: what a recorded graph
+    keeps of each node (``node.meta["val"]``). Operators on it compute only layouts."""
+
+    @staticmethod
+    def __new__(cls, shape: Any, stride: Any, dtype: torch.dtype, device: torch.device,
+                storage_offset: Any = 0) -> ShapeTensor:
+        return Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
+            cls, tuple(shape), strides=tuple(stride), storage_offset=storage_offset,
+            dtype=dtype, device=device, requires_grad=False)
+
+    @staticmethod
+    def like(t: Tensor) -> ShapeTensor:
+        return ShapeTensor(t.shape, t.stride(), t.dtype, t.device, t.storage_offset())
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"ShapeTensor({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
+                           kwargs: Any = None) -> Any:
+        # a graph pass deriving a rewritten node's layout from its input's (``t()``,
+        # ``permute``, ``contiguous``, ...): computed on storage-less tensors of the same layout
+        device = next(t.device for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, Tensor))
+
+        def unwrap(x: Any) -> Any:
+            if isinstance(x, ShapeTensor):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype,
+                                           device="meta").as_strided(
+                    x.shape, x.stride(), x.storage_offset())
+            return x
+
+        out = func(*pytree.tree_map(unwrap, args or ()),
+                   **pytree.tree_map(unwrap, kwargs or {}))
+        return pytree.tree_map(
+            lambda t: ShapeTensor(t.shape, t.stride(), t.dtype, device, t.storage_offset())
+            if isinstance(t, Tensor) else t, out)
+
+
+class _Traced(Tensor):
+    """A tensor of a trace: its value now, and the node that computes it (NOTE [Tracer])."""
+
+    _value: Tensor
+    _node: Node | None  # None: a constant not used by the graph yet
+    _recorder: _Recorder
+
+    @staticmethod
+    def __new__(cls, value: Tensor, node: Node | None, recorder: _Recorder,
+                requires_grad: bool = False) -> _Traced:
+        t = Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, value.size(), strides=value.stride(), storage_offset=value.storage_offset(),
+            dtype=value.dtype, layout=value.layout, device=value.device,
+            requires_grad=requires_grad)
+        t._value, t._node, t._recorder = value, node, recorder
+        return t  # type: ignore[no-any-return]
+
+    @property
+    def constant(self) -> bool:
+        """Its value is the same on every call (made from constants only)."""
+        return self._node is None or self._node.op == "get_attr"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"Traced({tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
+                           kwargs: Any = None) -> Any:
+        # reached without the recorder's mode (a copy autograd makes of a saved tensor)
+        recorder = next(t._recorder for t in pytree.tree_leaves((args, kwargs))
+                        if isinstance(t, _Traced))
+        if not recorder.active:
+            raise TraceError("a tensor of a finished trace was used")
+        return recorder.dispatch(func, args, kwargs or {})
+
+
+def is_traced(t: Any) -> bool:
+    """``t`` is a tensor of a running trace, possibly inside torch.func's wrappers."""
+    if not isinstance(t, Tensor):
+        return False
+    fx = torch._C._functorch
+    while fx.is_functorch_wrapped_tensor(t):
+        t = fx.get_unwrapped(t)
+    if torch._is_functional_tensor(t):
+        t = torch._from_functional_tensor(t)
+    return isinstance(t, (_Traced, ShapeTensor))
+
+
+_BELOW_AUTOGRAD = torch._C.DispatchKey.ADInplaceOrView
+_DATA_DEPENDENT = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+# operators returning Python values that depend only on layouts
+_LAYOUT_QUERIES = {aten.is_same_size.default, aten.sym_size.int, aten.sym_stride.int,
+                   aten.sym_numel.default, aten.sym_storage_offset.default}
+
+
+def _reads_values(func: Any, args: Any) -> bool:
+    """``func`` hands values to Python, or the shape of its output depends on them."""
+    if func in _LAYOUT_QUERIES:
+        return False
+    if not any(t in func.tags for t in _DATA_DEPENDENT):
+        return not any("Tensor" in str(r.type) for r in func._schema.returns) \
+            and not func._schema.is_mutable
+    if func is aten.index.Tensor:  # integer indices: the shape is the indices'
+        return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8)
+                   for i in args[1] if i is not None)
+    return True
+
+
+class DispatchMode(TorchDispatchMode):
+    """A ``TorchDispatchMode`` of xafunc's tracing. torch wraps a mode's ``__torch_dispatch__``
+    in ``torch._dynamo.disable`` unless the mode says no, which imports dynamo on first use
+    (NOTE [Tracer]); xafunc's transforms never run under dynamo (``outside_compiler``)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class _Recorder(DispatchMode):
+    """Write every operator that reaches the dispatcher into ``graph`` (see NOTE [Tracer])."""
+
+    def __init__(self, decompositions: dict[Any, Any]) -> None:
+        super().__init__()
+        self.graph = Graph()
+        self.root = torch.nn.Module()
+        self.decompositions = decompositions
+        self.constants: dict[int, Node] = {}
+        self.keep: list[Tensor] = []  # constants stay alive (their ids key ``constants``)
+        self.active = False
+
+    def placeholder(self, name: str, example: Any, requires_grad: bool) -> Any:
+        node = self.graph.placeholder(name)
+        if not isinstance(example, Tensor) and not _is_meta(example):
+            return example
+        if type(example) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and not (
+                torch._C._functorch.is_functorch_wrapped_tensor(example)
+                or torch._is_functional_tensor(example)):
+            with torch.no_grad():
+                value = example.detach().clone(memory_format=torch.contiguous_format)
+        else:  # shape-only, or wrapped by a transform (whose values are not this shape's)
+            value = torch.zeros(tuple(example.shape), dtype=example.dtype,
+                                device=example.device)
+        node.meta["val"] = ShapeTensor.like(value)
+        grad = requires_grad and bool(getattr(example, "requires_grad", False)) and (
+            value.is_floating_point() or value.is_complex())
+        return _Traced(value, node, self, grad)
+
+    def _node(self, x: Any) -> Any:
+        if isinstance(x, _Traced):
+            if x._recorder is not self:
+                raise TraceError("a tensor of another trace reached this one")
+            if x._node is None:
+                x._node = self._node(x._value)
+            return x._node
+        if isinstance(x, ShapeTensor):
+            raise TraceError("a shape-only tensor reached an operator")
+        if isinstance(x, Tensor):
+            node = self.constants.get(id(x))
+            if node is None:
+                name = f"_tensor_constant{len(self.constants)}"
+                setattr(self.root, name, x)
+                first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
+                with self.graph.inserting_before(first):
+                    node = self.graph.get_attr(name)
+                node.meta["val"] = ShapeTensor.like(x)
+                self.constants[id(x)] = node
+                self.keep.append(x)
+            return node
+        return x
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        return self.dispatch(func, args, kwargs or {})
+
+    def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        decomposition = self.decompositions.get(func)
+        if decomposition is not None:
+            with self:
+                out = decomposition(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        with self:
+            out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+        if func is aten.detach.default and isinstance(args[0], _Traced) and \
+                not torch._C._dispatch_tls_is_dispatch_key_excluded(_BELOW_AUTOGRAD):
+            # not a ``detach()`` (which reaches here below autograd's view handling) but a
+            # shallow copy autograd makes of a tensor it saves: the same value, differentiable
+            # again when autograd unpacks it, so the same node
+            return _Traced(args[0]._value.detach(), args[0]._node, self)
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        traced = any(isinstance(t, _Traced) and not t.constant for t in leaves)
+        random = torch.Tag.nondeterministic_seeded in func.tags
+        if not traced and leaves and not random:
+            if func._schema.is_mutable:
+                raise TraceError(f"it writes to a constant tensor in place ({func})")
+            # constants only: computed now, a constant (a graph input only where used)
+            out = func(*pytree.tree_map(_value, args), **pytree.tree_map(_value, kwargs))
+            return pytree.tree_map(
+                lambda v: _Traced(v, None, self) if isinstance(v, Tensor) else v, out)
+        if traced and _reads_values(func, args):
+            raise TraceError(f"{VALUE_DEPENDENT} ({func})")
+        node_args, node_kwargs = pytree.tree_map(self._node, (tuple(args), kwargs))
+        values: dict[int, _Traced] = {}
+
+        def value(x: Any) -> Any:
+            if isinstance(x, _Traced):
+                values[id(x._value)] = x
+                return x._value
+            return x
+
+        out = func(*pytree.tree_map(value, args), **pytree.tree_map(value, kwargs))
+        node = self.graph.create_node("call_function", func, node_args, node_kwargs,
+                                      name=func.overloadpacket.__name__)
+        node.meta["val"] = pytree.tree_map(
+            lambda v: ShapeTensor.like(v) if isinstance(v, Tensor) else v, out)
+
+        def wrap(v: Tensor, at: Node) -> _Traced:
+            same = values.get(id(v))
+            if same is not None:  # written in place: later uses read the new node
+                same._node = at
+                return same
+            return _Traced(v, at, self)
+
+        if torch.Tag.inplace_view in func.tags:
+            # the wrapper takes the new shape as well (what ``return_and_correct_aliasing``
+            # does for torch's own wrapper tensors)
+            from torch.utils._mode_utils import no_dispatch
+
+            with no_dispatch():
+                func(*args, **kwargs)
+        if isinstance(out, Tensor):
+            return wrap(out, node)
+        if isinstance(out, (tuple, list)):
+            items = []
+            for i, v in enumerate(out):
+                if isinstance(v, Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    item.meta["val"] = ShapeTensor.like(v)
+                    v = wrap(v, item)
+                items.append(v)
+            return type(out)(items)
+        return out
+
+
+def _value(x: Any) -> Any:
+    return x._value if isinstance(x, _Traced) else x
+
+
+def _is_meta(x: Any) -> bool:
+    return all(hasattr(x, a) for a in ("shape", "dtype", "device")) and not isinstance(x, type)
+
+
+@contextlib.contextmanager
+def _same_rng() -> Iterator[None]:
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def record(fn: Callable[..., Any], examples: list[Any],
+           decompositions: dict[Any, Any] | None = None, requires_grad: bool = False
+           ) -> GraphModule:
+    """``fn(*examples)`` recorded as a graph with one input per example and ``fn``'s output
+    (a pytree) as its output. Tensor examples, or shape-only ones (anything with ``shape``,
+    ``dtype`` and ``device``), are traced from copies of their values (zeros for shape-only
+    ones; with ``requires_grad``, they require grad where the examples do); other values are
+    passed as they are and their inputs go unused."""
+    recorder = _Recorder(decompositions or {})
+    with _disable_current_modes(), _same_rng():
+        traced = [recorder.placeholder(f"arg{i}_1", e, requires_grad)
+                  for i, e in enumerate(examples)]
+        recorder.active = True
+        try:
+            with recorder:
+                out = fn(*traced)
+            recorder.graph.output(pytree.tree_map(recorder._node, out))
+        finally:
+            recorder.active = False
+    return GraphModule(recorder.root, recorder.graph)
