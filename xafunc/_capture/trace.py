@@ -33,8 +33,8 @@ what makes the graph *mean* what ``func`` means under torch.func:
   inputs of the main graph, drawn once per call in program order by the same kernels eager
   code runs (``rand_like(x)`` becomes ``rand`` of ``x``'s shape, a fused ``native_dropout``
   becomes its mask times the input), so every part of a schedule sees one realisation and the
-  draws match torch.func's after ``torch.manual_seed``. Tracing itself draws nothing, and the
-  caller's RNG state is restored around it anyway.
+  draws match torch.func's after ``torch.manual_seed``. Tracing runs on values and draws too;
+  the caller's RNG state is restored around it (NOTE [Tracer]).
 """
 
 from __future__ import annotations
@@ -221,19 +221,6 @@ def _watch_autograd_functions() -> Iterator[list[str]]:
         _WATCH.seen = None
 
 
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Tracing must not consume or change the caller's random state."""
-    cpu = torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
 # --------------------------------------------------------------------------------- capture
 class TensorMeta(NamedTuple):
     """Shape, dtype and device of a traced tensor."""
@@ -288,7 +275,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
     meta: dict[str, Any] = {}
     _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
-        with preserved_rng(), _clear_functorch(), torch.inference_mode(False):
+        with _clear_functorch(), torch.inference_mode(False):
 
             def run(*tensors: Tensor) -> list[Tensor]:
                 table = {id(t): s for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))

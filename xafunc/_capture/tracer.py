@@ -322,6 +322,7 @@ def _is_meta(x: Any) -> bool:
 
 @contextlib.contextmanager
 def _same_rng() -> Iterator[None]:
+    """Tracing must not consume or change the caller's random state."""
     cpu = torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
