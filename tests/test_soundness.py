@@ -474,3 +474,26 @@ def test_batch_that_cannot_fit_under_vmap_fails_before_allocating(monkeypatch):
     xs = torch.randn(4, 8, dtype=F64)
     assert_tree_close(torch.func.vmap(xafunc.xhessian(f))(xs),
                       torch.func.vmap(reference_deriv(f, 2))(xs))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_a_function_differentiating_itself_with_autograd(order):
+    """A function that takes the gradient of its own input with ``torch.autograd.grad`` (the
+    PINN idiom ``x if x.requires_grad else x.detach().requires_grad_()``): inside nested
+    ``jacrev`` the input requires grad, so it is differentiated, never detached; the capture
+    traces it the same way (differentiated arguments require grad), and autograd's own copies
+    of the tensors it saves are the tensors themselves, not stop-gradients (NOTE [Tracer])."""
+    torch.manual_seed(0)
+    W = torch.randn(5, 3, dtype=F64)
+
+    def f(x):
+        with torch.enable_grad():
+            y = x if x.requires_grad else x.detach().requires_grad_()
+            u = (torch.tanh(W @ y) ** 2).sum()
+            return torch.autograd.grad(u, y, create_graph=True)[0]
+
+    x = _x(3)
+    with xafunc.strict():
+        assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
+        assert_tree_close(xderiv(f, order, mode="forward")(x), reference_deriv(f, order)(x))
+    assert xafunc.plan(f, order)(x).strategy == "engine"

@@ -166,12 +166,18 @@ class CaptureCache:
         self.hits = self.misses = self.recaptures = 0
 
     def lookup(self, func: Callable[..., Any], args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> tuple[Entry, tuple[Tensor, ...]]:
-        """The capture for this call and its lifted tensors, read now."""
+               kwargs: dict[str, Any], differentiated: tuple[int, ...] = ()
+               ) -> tuple[Entry, tuple[Tensor, ...]]:
+        """The capture for this call and its lifted tensors, read now. ``differentiated``:
+        the positional arguments a reverse-mode request differentiates, which require grad
+        while ``func`` is traced, as they do inside nested ``torch.func.jacrev`` (a function
+        may test ``x.requires_grad``, or differentiate itself with ``torch.autograd.grad``)."""
         if capturing():  # see ``capturing``: a fresh, uncached reference entry
             return Entry(None, Captured(reason="called inside a function being captured"),
                          None), ()
         sig, leaves, spec, objects = signature(args, kwargs)
+        if differentiated:
+            sig = (sig, differentiated)
         key = identity(func)
         try:
             slot = self._slots.get(key)
@@ -194,7 +200,8 @@ class CaptureCache:
             self.misses += 1
             if leaves is None:
                 leaves, spec = pytree.tree_flatten((args, kwargs))
-            entry, lifted = _capture_entry(func, sig, leaves, spec, objects)
+            grad = _leaves_of(args, differentiated) if differentiated else frozenset()
+            entry, lifted = _capture_entry(func, sig, leaves, spec, objects, grad)
             if key is None or entry.guards is None:
                 return entry, lifted
             if slot is None:
@@ -239,14 +246,32 @@ def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or type(func).__qualname__
 
 
+def _leaves_of(args: tuple[Any, ...], positions: tuple[int, ...]) -> frozenset[int]:
+    """Indices, among the leaves of ``(args, kwargs)``, of those of ``args`` at ``positions``."""
+    out: list[int] = []
+    start = 0
+    for i, a in enumerate(args):
+        n = len(pytree.tree_leaves(a))
+        if i in positions:
+            out.extend(range(start, start + n))
+        start += n
+    return frozenset(out)
+
+
 def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], spec: Any,
-                   objects: list[Any]) -> tuple[Entry, tuple[Tensor, ...]]:
+                   objects: list[Any], grad: frozenset[int]
+                   ) -> tuple[Entry, tuple[Tensor, ...]]:
     w = walk(func, objects)
     if w.problems:
         # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
         return Entry(sig, Captured(reason="; ".join(w.problems)), None), ()
     tensors = [lt.tensor for lt in w.lifted]
-    cap = capture(func, leaves, spec, tensors, w.value_buffers)
+    cap = capture(func, leaves, spec, tensors, w.value_buffers, grad=grad)
+    if cap.graph is None and grad and cap.reason and _WRITES_GRAD_LEAF in cap.reason:
+        # it writes to an argument it differentiates, which torch.func refuses too: traced
+        # without requires_grad, the request reports that write (``request.Split``)
+        grad = frozenset()
+        cap = capture(func, leaves, spec, tensors, w.value_buffers)
     baked: list[int] = []
     if cap.graph is None and cap.reason and VALUE_DEPENDENT in cap.reason:
         # values read in Python or deciding shapes: bake the small non-float (and 0-dim)
@@ -254,7 +279,7 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
         baked = [i for i, t in enumerate(tensors) if t.numel() <= _BAKE_LIMIT
                  and (not t.is_floating_point() or t.dim() == 0)]
         if baked:
-            retry = capture(func, leaves, spec, tensors, w.value_buffers, set(baked))
+            retry = capture(func, leaves, spec, tensors, w.value_buffers, set(baked), grad)
             cap = retry if retry.graph is not None else cap
             baked = baked if retry.graph is not None else []
     used = _prune_lifted(cap, len(tensors))
@@ -269,6 +294,7 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     return Entry(sig, cap, guards), lifted
 
 
+_WRITES_GRAD_LEAF = "leaf Variable that requires grad is being used in an in-place operation"
 _BAKE_LIMIT = 4096  # elements of a tensor baked into a graph (its values are guarded)
 
 

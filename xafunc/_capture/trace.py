@@ -20,7 +20,7 @@ what makes the graph *mean* what ``func`` means under torch.func:
   x.data``), so requests beyond first order on such a function run the reference
   (``Captured.level_local``). Operators that run while grad mode
   is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their outputs detached
-  (``_NoGradCut``), exactly what autograd does; ``torch.inference_mode`` and
+  (the tracer's ``no_grad_cut``), exactly what autograd does; ``torch.inference_mode`` and
   ``torch.autograd.Function`` subclasses (a custom backward defines the derivative, which a
   Taylor rule cannot see) make the capture fail, so the reference honours them as torch.func
   does.
@@ -53,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .decompositions import capture_overrides, decomposition_table
-from .tracer import DispatchMode, is_traced, record
+from .tracer import is_traced, record
 
 aten = torch.ops.aten
 
@@ -168,27 +168,6 @@ _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Te
                 Tensor.__index__}
 
 
-class _NoGradCut(DispatchMode):
-    """Detach the outputs of operators that run with grad mode off (see NOTE [Capture])."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inference = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                           kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if torch.is_inference_mode_enabled():
-            self.inference = True
-        if (not torch.is_grad_enabled() and func is not aten.detach.default
-                and not func._schema.is_mutable):
-            out = pytree.tree_map(
-                lambda t: aten.detach.default(t)
-                if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) else t,
-                out)
-        return out
-
-
 _WATCH = threading.local()
 _TRACING = threading.local()
 
@@ -264,12 +243,14 @@ class Captured:
 
 def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
             lifted: list[Tensor], value_buffers: list[tuple[int, int]] | None = None,
-            baked: set[int] = frozenset()) -> Captured:  # type: ignore[assignment]
+            baked: set[int] = frozenset(),  # type: ignore[assignment]
+            grad: frozenset[int] = frozenset()) -> Captured:
     """Trace ``func`` called with the pytree ``(leaves, spec)`` of ``(args, kwargs)``, reading
     the tensors ``lifted`` (see NOTE [Capture]); tensors viewing ``value_buffers`` (memory
     guarded by value) may become constants, and so do the lifted tensors at indices ``baked``
     (their values guarded by the caller): a mask or a scalar read in Python then has a value
-    while tracing."""
+    while tracing. The argument tensors at (leaf) indices ``grad`` require grad while it is
+    traced, as they do under nested ``torch.func.jacrev``."""
     tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     arg_tensors = [leaves[i] for i in tensor_pos]
     meta: dict[str, Any] = {}
@@ -284,10 +265,9 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 for i, t in zip(tensor_pos, tensors):
                     new[i] = t
                 args, kwargs = pytree.tree_unflatten(new, spec)
-                cut = _NoGradCut()
                 stand = _StandIns(table, value_buffers or [],
                                   {id(lifted[i]): lifted[i] for i in baked})
-                with _watch_autograd_functions() as applied, torch.enable_grad(), stand, cut:
+                with _watch_autograd_functions() as applied, torch.enable_grad(), stand:
                     out = func(*args, **kwargs)
                 out = _swap(out, table)
                 meta["level_local"] = stand.level_local
@@ -295,16 +275,17 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                     raise CaptureError(
                         f"it applies the torch.autograd.Function {applied[0]}, whose custom "
                         "backward defines its derivative")
-                if cut.inference:
-                    raise CaptureError("it uses torch.inference_mode")
                 out_leaves, meta["spec"] = pytree.tree_flatten(out)
                 meta["leaves"] = out_leaves
                 return [v for v in out_leaves if isinstance(v, Tensor)]
 
             examples = [*arg_tensors, *lifted]
+            flags = [i in grad or bool(leaves[i].requires_grad) for i in tensor_pos] + [
+                bool(t.requires_grad) for t in lifted]
             with capture_overrides():
-                g1 = record(run, examples, decomposition_table(), requires_grad=True)
-            g2 = record(torch.func.functionalize(g1), examples, requires_grad=True)
+                g1 = record(run, examples, decomposition_table(), requires_grad=flags,
+                            no_grad_cut=True)
+            g2 = record(torch.func.functionalize(g1), examples, requires_grad=flags)
     except CaptureError as e:
         return Captured(reason=str(e))
     except Exception as e:  # noqa: BLE001 - any tracing failure means "fall back"

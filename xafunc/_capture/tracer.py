@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -174,21 +174,19 @@ def _reads_values(func: Any, args: Any) -> bool:
     return True
 
 
-class DispatchMode(TorchDispatchMode):
-    """A ``TorchDispatchMode`` of xafunc's tracing. torch wraps a mode's ``__torch_dispatch__``
-    in ``torch._dynamo.disable`` unless the mode says no, which imports dynamo on first use
-    (NOTE [Tracer]); xafunc's transforms never run under dynamo (``outside_compiler``)."""
+class _Recorder(TorchDispatchMode):
+    """Write every operator that reaches the dispatcher into ``graph`` (see NOTE [Tracer])."""
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's ``__torch_dispatch__`` in ``torch._dynamo.disable`` unless the
+        # mode says no, which imports dynamo on first use; xafunc's transforms never run under
+        # dynamo (``outside_compiler``)
         return False
 
-
-class _Recorder(DispatchMode):
-    """Write every operator that reaches the dispatcher into ``graph`` (see NOTE [Tracer])."""
-
-    def __init__(self, decompositions: dict[Any, Any]) -> None:
+    def __init__(self, decompositions: dict[Any, Any], no_grad_cut: bool) -> None:
         super().__init__()
+        self.no_grad_cut = no_grad_cut
         self.graph = Graph()
         self.root = torch.nn.Module()
         self.decompositions = decompositions
@@ -209,8 +207,7 @@ class _Recorder(DispatchMode):
             value = torch.zeros(tuple(example.shape), dtype=example.dtype,
                                 device=example.device)
         node.meta["val"] = ShapeTensor.like(value)
-        grad = requires_grad and bool(getattr(example, "requires_grad", False)) and (
-            value.is_floating_point() or value.is_complex())
+        grad = requires_grad and (value.is_floating_point() or value.is_complex())
         return _Traced(value, node, self, grad)
 
     def _node(self, x: Any) -> Any:
@@ -240,7 +237,26 @@ class _Recorder(DispatchMode):
                            kwargs: Any = None) -> Any:
         return self.dispatch(func, args, kwargs or {})
 
+    def _cut(self, func: Any, out: Any) -> Any:
+        """With ``no_grad_cut``, an operator run with grad mode off has its outputs detached,
+        exactly what autograd does (see NOTE [Capture])."""
+        if not self.no_grad_cut or torch.is_grad_enabled() or func is aten.detach.default \
+                or func._schema.is_mutable:
+            return out
+
+        def cut(t: Any) -> Any:
+            if not isinstance(t, _Traced) or not (t.is_floating_point() or t.is_complex()):
+                return t
+            node = self.graph.create_node("call_function", aten.detach.default,
+                                          (self._node(t),), {}, name="detach")
+            node.meta["val"] = ShapeTensor.like(t._value)
+            return _Traced(t._value.detach(), node, self)
+
+        return pytree.tree_map(cut, out)
+
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if self.no_grad_cut and torch.is_inference_mode_enabled():
+            raise TraceError("it uses torch.inference_mode")
         decomposition = self.decompositions.get(func)
         if decomposition is not None:
             with self:
@@ -299,7 +315,7 @@ class _Recorder(DispatchMode):
             with no_dispatch():
                 func(*args, **kwargs)
         if isinstance(out, Tensor):
-            return wrap(out, node)
+            return self._cut(func, wrap(out, node))
         if isinstance(out, (tuple, list)):
             items = []
             for i, v in enumerate(out):
@@ -308,7 +324,7 @@ class _Recorder(DispatchMode):
                     item.meta["val"] = ShapeTensor.like(v)
                     v = wrap(v, item)
                 items.append(v)
-            return type(out)(items)
+            return self._cut(func, type(out)(items))
         return out
 
 
@@ -334,17 +350,21 @@ def _same_rng() -> Iterator[None]:
 
 
 def record(fn: Callable[..., Any], examples: list[Any],
-           decompositions: dict[Any, Any] | None = None, requires_grad: bool = False
+           decompositions: dict[Any, Any] | None = None,
+           requires_grad: Sequence[bool] | None = None, no_grad_cut: bool = False
            ) -> GraphModule:
     """``fn(*examples)`` recorded as a graph with one input per example and ``fn``'s output
     (a pytree) as its output. Tensor examples, or shape-only ones (anything with ``shape``,
     ``dtype`` and ``device``), are traced from copies of their values (zeros for shape-only
-    ones; with ``requires_grad``, they require grad where the examples do); other values are
-    passed as they are and their inputs go unused."""
-    recorder = _Recorder(decompositions or {})
+    ones; floating-point ones require grad where ``requires_grad`` says so, none by
+    default); other values are passed as they are and their inputs go unused.
+    ``no_grad_cut`` (capture): outputs of operators run with grad mode off are detached, and
+    ``torch.inference_mode`` fails the trace."""
+    recorder = _Recorder(decompositions or {}, no_grad_cut)
     with _disable_current_modes(), _same_rng():
-        traced = [recorder.placeholder(f"arg{i}_1", e, requires_grad)
-                  for i, e in enumerate(examples)]
+        flags = requires_grad or [False] * len(examples)
+        traced = [recorder.placeholder(f"arg{i}_1", e, g)
+                  for i, (e, g) in enumerate(zip(examples, flags))]
         recorder.active = True
         try:
             with recorder:
