@@ -14,9 +14,11 @@ def test_third_derivative_of_cube_closed_form():
 
 def test_a_fresh_process_traces_without_importing_torch_compiler():
     """NOTE [Tracer]: the README quick start's first calls, in a fresh process, run the engine
-    (strict) -- forward and reverse schedules, ``vmap``, ``xlaplacian`` -- without importing
-    ``torch._dynamo`` (1-2 s of a first call: make_fx, fake tensors, Python meta kernels and
-    torch.func's ``jacrev`` all import it), and equal nested jacrev."""
+    (strict) -- forward and reverse schedules, ``vmap``, ``xlaplacian``, and torch's own
+    decompositions of GELU, LayerNorm and softplus (NOTE [Decompositions without dynamo's
+    guard]) -- without importing ``torch._dynamo`` (1-2 s of a first call: make_fx, fake
+    tensors, Python meta kernels and torch.func's ``jacrev`` all import it), and equal nested
+    jacrev."""
     import subprocess
     import sys
 
@@ -35,9 +37,13 @@ with xafunc.strict():
     hs = torch.vmap(xafunc.xhessian(f, argnums=1), in_dims=(None, 0))(params, xs)
     lap = torch.vmap(xafunc.xlaplacian(lambda x: f(params, x)))(xs)
     y, d1, d2 = xafunc.xderivs(f, 2, argnums=1)(params, x)
+    # torch's reference decompositions (GELU, LayerNorm, softplus) without dynamo's guard
+    m2 = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.LayerNorm(8),
+                             torch.nn.Softplus(), torch.nn.Linear(8, 1))
+    h2 = xafunc.xhessian(lambda x: m2(x).sum())(x)
 assert "torch._dynamo" not in sys.modules, "the first call imported torch._dynamo"
-torch.save({"d3": d3, "hs": hs, "lap": lap, "d2": d2, "x": x, "xs": xs,
-            "state": model.state_dict()}, sys.argv[1])
+torch.save({"d3": d3, "hs": hs, "lap": lap, "d2": d2, "h2": h2, "x": x, "xs": xs,
+            "state": model.state_dict(), "state2": m2.state_dict()}, sys.argv[1])
 """
     import tempfile
 
@@ -58,3 +64,8 @@ torch.save({"d3": d3, "hs": hs, "lap": lap, "d2": d2, "x": x, "xs": xs,
     assert_tree_close(got["hs"], hs, rtol=1e-4, atol=1e-5)
     assert_tree_close(got["lap"], hs.diagonal(dim1=-2, dim2=-1).sum(-1), rtol=1e-4, atol=1e-5)
     assert_tree_close(got["d2"], jacrev(jacrev(f))(got["x"]).detach(), rtol=1e-4, atol=1e-5)
+    m2 = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.GELU(), torch.nn.LayerNorm(8),
+                             torch.nn.Softplus(), torch.nn.Linear(8, 1))
+    m2.load_state_dict(got["state2"])
+    h2 = jacrev(jacrev(lambda x: m2(x).sum()))(got["x"]).detach()  # order 2: jacrev is right
+    assert_tree_close(got["h2"], h2, rtol=1e-4, atol=1e-5)

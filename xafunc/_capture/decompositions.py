@@ -266,7 +266,35 @@ def _decompositions() -> dict[Any, Any]:
         aten._cdist_forward.default: _cdist_forward,
         aten._euclidean_dist.default: _euclidean_dist,
     })
-    return table
+    return {op: _unguarded(fn) for op, fn in table.items()}
+
+
+# NOTE [Decompositions without dynamo's guard]
+# Many of torch's reference decompositions (``torch._refs``: gelu, softplus, logsumexp, lerp,
+# addcmul, frac, ...) sit under wrappers -- ``out=`` handling, Python-scalar arguments, type
+# promotion and upcasting of half precision -- one of which is ``torch._disable_dynamo``, which
+# imports ``torch._dynamo`` on its first call (1-2 s of a first call, NOTE [Tracer]). When the
+# tensor arguments are all float32 or all float64 and there is no ``out=``, none of those
+# wrappers changes anything (nothing to promote, cast, upcast or copy), so the decomposition's
+# own body runs; any other call goes through the wrappers as torch registered them.
+_PLAIN_FLOATS = (torch.float32, torch.float64)
+
+
+def _unguarded(fn: Any) -> Any:
+    body = fn
+    while getattr(body, "__wrapped__", None) is not None:
+        body = body.__wrapped__
+    if body is fn:
+        return fn
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        dtypes = {t.dtype for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        if kwargs.get("out") is None and len(dtypes) == 1 and dtypes <= set(_PLAIN_FLOATS):
+            return body(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
 
 
 _DECOMP: dict[Any, Any] | None = None
