@@ -20,7 +20,11 @@ runs, and needs only the dispatcher:
   the graph when unpacking it under ``create_graph``): that is the tensor itself, not a cut,
   and is told apart by the dispatch state -- a real ``detach()`` arrives below
   ``ADInplaceOrView``. ``x.data`` is such a shallow copy too, so capture turns it into a
-  ``detach()`` before it reaches the tracer (``trace._StandIns``).
+  ``detach()`` before it reaches the tracer (``trace._StandIns``). No dispatch mode may sit
+  between the tracer and autograd (one that calls the operator again sends it back through
+  autograd, and every copy would look like a ``detach()``): the capture's cut of what runs
+  under ``no_grad`` is done here (``no_grad_cut``), and the recorder tells torch not to wrap it
+  in dynamo's guard (``_should_skip_dynamo``).
 * The inputs' values are copies of the examples (zeros for a shape-only example): a trace never
   writes to the caller's tensors, and values exist only while the function runs -- the graph
   keeps a :class:`ShapeTensor` (shape, dtype, strides, device; no data) in each node's
@@ -134,7 +138,7 @@ class _Traced(Tensor):
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
                            kwargs: Any = None) -> Any:
-        # reached without the recorder's mode (a copy autograd makes of a saved tensor)
+        # reached with the recorder's mode set aside (code that disables the current modes)
         recorder = next(t._recorder for t in pytree.tree_leaves((args, kwargs))
                         if isinstance(t, _Traced))
         if not recorder.active:
