@@ -32,10 +32,8 @@ class _Transform:
         self.name = request.transform  # the public name errors are reported under
 
     def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Plan, Any]:
-        argnums = self.request.argnums
-        n = len(args)
-        differentiated = tuple(sorted({a % n for a in (
-            argnums if isinstance(argnums, tuple) else (argnums,)) if -n <= a < n}))
+        differentiated = tuple(sorted(V.normalize_argnums(self.name, self.request.argnums,
+                                                          len(args))))
         entry, lifted = CACHE.lookup(self.func, args, kwargs, differentiated)
         plan = entry.plans.get(self.request)
         if plan is None:
