@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 import xafunc
 from tests._compare import assert_tree_close, clone_tree, reference_deriv
 from xafunc import xderiv, xderivs, xhessian, xjacobian
+from xafunc._capture.cache import CACHE
 
 F64 = torch.float64
 ALL_MODES = ["auto", "forward", "reverse", "reference"]
@@ -390,6 +391,37 @@ def test_closed_over_tensor_updated_in_place_between_calls():
     assert_tree_close(second, reference_deriv(lambda x: m(x).sum(), 2)(x),
                       msg="after the parameters changed in place")
     assert not torch.allclose(first, second)
+
+
+def test_argument_weights_updated_between_calls():
+    """Weights passed as a non-differentiated argument (a ``functional_call`` parameter dict)
+    are static inputs whose products are hoisted out of the per-call graph: an optimiser step,
+    a new dict and a ``.data`` swap between calls must all be seen."""
+    m = small_model("cpu")
+    params = {k: v.detach().clone() for k, v in m.named_parameters()}
+    f = lambda p, x: functional_call(m, p, (x,)).sum()  # noqa: E731
+    x = t(2, seed=3)
+    results = []
+
+    def check(msg):
+        got = xhessian(f, argnums=1)(params, x)
+        assert_tree_close(got, reference_deriv(f, 2, 1)(params, x), msg=msg)
+        results.append(got)
+
+    check("first call")
+    check("same weights")
+    plans = [p for e in CACHE.entries(f) for p in e.plans.values() if p.program is not None]
+    static = {e.n_static for p in plans for e in p.program.compiler.executables()}
+    assert static == {len(params)}, "the weight arguments are static inputs"
+    with torch.no_grad():
+        for v in params.values():
+            v.mul_(1.5).add_(0.1)  # an optimiser step, in place
+    check("after an in-place update")
+    params = {k: v * 0.5 for k, v in params.items()}
+    check("a new dict of new tensors")
+    params["0.weight"].data = params["0.weight"].data * -2.0
+    check("after a .data swap")
+    assert not any(torch.allclose(a, b) for a, b in zip(results, results[2:]))
 
 
 def test_module_train_eval_toggle_between_calls():

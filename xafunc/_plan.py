@@ -181,7 +181,8 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
         from ._engine.program import compile_program
 
         z, others = _examples(split, args, kwargs, lifted)
-        program, reason, schedules = compile_program(req, split, z, others, len(lifted), name)
+        program, reason, schedules = compile_program(req, split, z, others,
+                                                         split.n_static(len(lifted)), name)
         if program is not None:
             best = schedules[0]
             details = [] if program.chunk_size is None or program.chunk_size == req.chunk_size \
@@ -224,7 +225,7 @@ def _examples(split: Split, args: tuple[Any, ...], kwargs: dict[str, Any],
         for node in out_node.args[0]:
             v = node.meta["val"]
             random.append(TensorMeta(tuple(v.shape), v.dtype, v.device))
-    return z, [tensors[i] for i in split.rest] + random + list(lifted)
+    return z, random + [tensors[i] for i in split.rest] + list(lifted)
 
 
 def _empty_runner(req: Request, split: Split) -> Runner:

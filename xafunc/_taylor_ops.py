@@ -356,7 +356,7 @@ def _operator_plan(op: _Operator, entry: Entry, args: tuple[Any, ...], kwargs: d
     problems = graph_problems(g0)
     if problems:
         return strict_checked(name, "; ".join(problems), _graph_reference(split, op.K))
-    return _collapsed_engine(split, g0, op.K, len(lifted), op.request.compile)
+    return _collapsed_engine(split, g0, op.K, split.n_static(len(lifted)), op.request.compile)
 
 
 def _unflatten(s: Tensor, split_layout: Any) -> Any:

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .guards import _SCALARS
 from .trace import Captured, TensorMeta, trace
 
 
@@ -48,7 +49,24 @@ def arg_tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """The tensor leaves of ``(args, kwargs)`` in flattening order (the capture's inputs)."""
     if not kwargs and all(type(a) is Tensor for a in args):
         return list(args)
+    out: list[Any] = []
+    if _plain_tensors((args, kwargs), out):
+        return out
     return [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+
+
+def _plain_tensors(obj: Any, out: list[Any]) -> bool:
+    """Append the tensors of ``obj`` to ``out`` in torch's pytree order; False when ``obj``
+    holds other containers (namedtuples, registered pytree nodes), which ``arg_tensors``
+    leaves to torch's pytree (several times slower). The same walk as the cache's
+    ``_structure``."""
+    t = type(obj)
+    if t is dict or t is list or t is tuple:
+        return all(_plain_tensors(v, out) for v in (obj.values() if t is dict else obj))
+    if isinstance(obj, Tensor):
+        out.append(obj)
+        return True
+    return t in _SCALARS
 
 
 @dataclass
@@ -161,8 +179,8 @@ class Split:
     def inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                lifted: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """``(z, others, targets)``: the differentiated vector, the graph's other inputs
-        (constant arguments, random values, lifted tensors) and the tensors mutations are
-        written back to."""
+        (random values, constant arguments, lifted tensors: the last :meth:`n_static` are
+        static) and the tensors mutations are written back to."""
         tensors = arg_tensors(args, kwargs)
         if len(self.diff) == 1:
             z = tensors[self.diff[0]]
@@ -170,13 +188,20 @@ class Split:
         else:
             z = torch.cat([tensors[i].reshape(-1) for i in self.diff])
         random = self.cap.random_values(tensors, lifted)
-        others = [tensors[i] for i in self.rest] + random + list(lifted)
+        others = random + [tensors[i] for i in self.rest] + list(lifted)
         targets = [(tensors + list(lifted))[i] for i in self.cap.mutated]
         return z, others, targets
 
+    def n_static(self, n_lifted: int) -> int:
+        """How many of the flat function's last inputs are *static* (see ``Executable``): the
+        constant arguments and the lifted tensors, which usually stay the same between calls
+        (weights, passed in a dict to ``functional_call`` or read from closures and modules),
+        so the values computed from them alone are hoisted out of the per-call graph."""
+        return len(self.rest) + n_lifted
+
     def flat_graph(self, examples: list[Tensor]) -> GraphModule:
         """``(z, *others) -> (y, aux + mutations)`` traced from the capture (``examples``:
-        ``[z, *others]`` for shapes)."""
+        ``[z, *others]`` for shapes; ``others`` ordered as :meth:`inputs` gives them)."""
         if self._flat is None:
             self._flat = trace(self.flat_function(), examples)
         return self._flat
@@ -184,7 +209,7 @@ class Split:
     def flat_function(self) -> Callable[..., Any]:
         cap, diff, rest, sizes, shapes = self.cap, self.diff, self.rest, self.sizes, \
             self.in_shapes
-        n_args, n_rest, n_y = cap.n_args, len(rest), self.n_y
+        n_args, n_random, n_y = cap.n_args, cap.n_random, self.n_y
         graph = cap.graph
         assert graph is not None
 
@@ -193,9 +218,10 @@ class Split:
             parts = torch.split(z, sizes) if len(sizes) > 1 else (z,)
             for pos, part, shape in zip(diff, parts, shapes):
                 tensors[pos] = part.reshape(shape)
-            for pos, t in zip(rest, others):
+            for pos, t in zip(rest, others[n_random:]):
                 tensors[pos] = t
-            outs = graph(*tensors, *others[n_rest:])  # then random values, lifted tensors
+            # the capture's inputs: argument tensors, random values, lifted tensors
+            outs = graph(*tensors, *others[:n_random], *others[n_random + len(rest):])
             ys = outs[:n_y]
             y = torch.cat([t.reshape(-1) for t in ys]) if len(ys) != 1 else ys[0].reshape(-1)
             return y, list(outs[n_y:])

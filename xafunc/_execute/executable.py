@@ -8,8 +8,9 @@ executors run the same graph:
 
 * **Plain calls** (every argument a plain tensor, no ``torch.func`` transform active -- the
   ``vmap`` fast path pops its own level first --, no gradient needed):
-  - *hoisting*: nodes that depend only on the static inputs (the caller's weights, lifted from
-    closures and modules) and constants (transposes, slices, products of weights with the
+  - *hoisting*: nodes that depend only on the static inputs (the caller's weights: lifted from
+    closures and modules, or passed as non-differentiated arguments, such as the parameter
+    dict of ``functional_call``) and constants (transposes, slices, products of weights with the
     fixed seeds) are computed once by a *prologue* and cached with each input's identity (held
     weakly), storage pointer and version counter; an in-place update of a weight (an optimiser
     step) bumps its counter and ``w.data = new`` or a new tensor changes the rest, either of
@@ -121,8 +122,9 @@ class Executable:
     """A simplified graph, callable like its ``GraphModule`` (see NOTE [Fast execution]).
 
     The last ``n_static`` inputs are *static*: tensors that usually stay the same between calls
-    (the caller's weights, lifted from closures and modules), so values computed from them and
-    the graph's constants alone are hoisted into the cached prologue.
+    (the caller's weights, lifted from closures and modules or passed as non-differentiated
+    arguments), so values computed from them and the graph's constants alone are hoisted into
+    the cached prologue.
     """
 
     def __init__(self, gm: GraphModule, n_static: int = 0, compile: bool = False) -> None:
@@ -142,7 +144,11 @@ class Executable:
         self.source: Callable[..., list[Any]] | None = None
         self.composable: Callable[..., list[Any]] | None = None
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        self._template = _template(out_node.args[0])[1]
+        outs, self._template = _template(out_node.args[0])
+        # every output is a floating-point or complex tensor (none is non-differentiable)
+        self.float_outputs = all(
+            isinstance(v := getattr(o, "meta", {}).get("val"), Tensor)
+            and (v.is_floating_point() or v.is_complex()) for o in outs)
         self._executor = "fx"
 
     @property
@@ -192,7 +198,7 @@ class Executable:
                     return _fill(self._template, _GraphFunction.apply(self, *args))
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
-                return _fill(self._template, _Recompute.apply(self, *args))
+                return _fill(self._template, _apply_recompute(self, *args))
         if mode == "transformed" and backward_graphs(args) and _grad_levels_only():
             # one Function at the grad levels: the plain fast path beneath them, and a
             # backward graph (NOTE [Backward graphs])
@@ -220,7 +226,7 @@ class Executable:
         """The flat outputs for plain ``args`` without autograd history: the fast path, or
         the FX graph where there is none."""
         if self._fast_path(args) is not _FAILED:
-            return _flatten_like(self._fast(args), self._template)
+            return list(self._fast.flat(args))
         return _flatten_like(self.gm(*args), self._template)
 
     def backward_graph(self, wanted: tuple[int, ...], given: tuple[int, ...]
@@ -293,10 +299,10 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx: Any, exe: Executable, *args: Tensor) -> Any:  # type: ignore[override]
         ctx.exe = exe
         ctx.save_for_backward(*args)
-        with torch.no_grad():
-            flat = _flatten_like(exe._fast(args), exe._template)
-        ctx.mark_non_differentiable(*[t for t in flat if not (t.is_floating_point()
-                                                               or t.is_complex())])
+        flat = exe._fast.flat(args)  # (a Function's forward runs without grad mode)
+        if not exe.float_outputs:
+            ctx.mark_non_differentiable(*[t for t in flat if not (t.is_floating_point()
+                                                                   or t.is_complex())])
         return tuple(flat)
 
     @staticmethod
@@ -321,6 +327,11 @@ class _Recompute(torch.autograd.Function):
         for i, g in zip(wanted, got):
             result[i] = g
         return (None, *result)
+
+
+# ``_Recompute.apply`` without ``Function.apply``'s Python prelude, which only matters under
+# torch.func transforms (never active on the plain path that applies it): a few us a call
+_apply_recompute = super(torch.autograd.Function, _Recompute).apply
 
 
 class BackwardStats:
@@ -612,13 +623,17 @@ class _FastPath:
         return True
 
     def __call__(self, args: tuple[Any, ...]) -> Any:
+        return _fill(self.out_template, self.flat(args))
+
+    def flat(self, args: tuple[Any, ...]) -> Any:
+        """The graph's outputs for ``args``, flat (a sequence)."""
         hoisted = self.hoisted(args)
         inputs = (*args, *hoisted, *self.scalars)
         if self.why_not_graph is None and not self.inductor:
             out = self._replay(inputs, len(args), hoisted)
             if out is not None:
-                return _fill(self.out_template, out)
-        return _fill(self.out_template, self.main(*inputs))
+                return out
+        return self.main(*inputs)
 
     def _replay(self, inputs: tuple[Any, ...], n_args: int, hoisted: Any) -> Any:
         """The outputs by the CUDA graph (captured once the main part has run ``WARM_UP``
