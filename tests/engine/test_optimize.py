@@ -74,6 +74,41 @@ def test_slice_of_cat_across_a_piece_boundary_stays():
     assert aten.slice.Tensor in _ops(gm) and aten.sin.default in _ops(gm)
 
 
+def test_split_undone_by_a_cat_and_cat_undone_by_a_split():
+    """Pass 4e: what a chain of linear ops does to a series' coefficients."""
+    def fn(a, b):
+        x = torch.cat([a.sin(), b.cos()])  # pieces of 2 and 3 rows
+        p, q = torch.split(x.t(), [4, 1], 1)  # along another dim: stays
+        u, v = torch.split(x, [2, 3])  # the cat's own pieces
+        w = torch.cat(torch.split(x * 2, [1, 4]))  # every piece, in order
+        return u.exp(), v.tan(), w, p, q
+
+    gm = _simplified(fn, torch.randn(2, 4), torch.randn(3, 4))
+    ops = _ops(gm)
+    assert ops.count(aten.split_with_sizes.default) == 1, gm.code  # only the t() one stays
+    assert ops.count(aten.cat.default) == 1, gm.code
+    # pieces in another order, or not all of them, stay
+    gm = _simplified(lambda x: torch.cat(torch.split(x, [1, 2])[::-1]).sin(), torch.randn(3),
+                     fewer=False)
+    assert aten.cat.default in _ops(gm)
+    def other_sizes(a, b):
+        u, v = torch.split(torch.cat([a, b]), [3, 2])
+        return u.sin(), v.cos()
+
+    gm = _simplified(other_sizes, torch.randn(2), torch.randn(3), fewer=False)
+    assert aten.split_with_sizes.default in _ops(gm)
+
+
+def test_permute_of_unit_dims_is_a_reshape():
+    def fn(x):  # (8, 1, 5) -> (8, 5, 1) -> (8, 5): the chain mm -> view -> permute -> view
+        return x.view(8, 1, 5).permute(0, 2, 1).reshape(8, 5).sin()
+
+    gm = _simplified(fn, torch.randn(40))
+    assert _ops(gm) == [aten.reshape.default, aten.sin.default], gm.code
+    gm = _simplified(lambda x: x.permute(1, 0, 2).sin(), torch.randn(2, 3, 4), fewer=False)
+    assert aten.permute.default in _ops(gm)  # real transposes stay
+
+
 def test_reshape_chain_becomes_one_reshape():
     def fn(x):
         return x.view(2, 6).view(3, 4).unsqueeze(0).view(4, 3).sin()

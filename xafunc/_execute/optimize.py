@@ -24,7 +24,8 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    matters. ``reshape``, not ``view``: the strides seen while tracing need not be the ones
    at run time (batched tensors, caller's inputs), see ``_capture._views_to_reshapes``.
 3. Permutes: ``transpose``/``t``/``permute`` compose into one ``permute``; an identity
-   permutation is the input.
+   permutation is the input, and one that only moves size-1 dims is a ``reshape`` (which
+   pass 2 then merges with its neighbours).
 4. Arithmetic identities with a Python scalar or a ``full``/``ones``/``zeros``/
    ``scalar_tensor`` operand: ``x * 1``, ``1 * x``, ``x / 1``, ``x - 0`` and ``x + 0`` are
    ``x`` (also with a constant of pass 6 whose entries are all ``1`` or ``0``) when the
@@ -37,7 +38,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    fewer; exact short of over- or underflow). A slice of a ``cat`` along its dim that covers
    whole pieces is the ``cat`` of those pieces (a slice inside one piece, a slice of it): the
    pieces it drops become dead code (how a symmetric block prunes its reverse pass, NOTE
-   [Blocked directions]).
+   [Blocked directions]). A ``cat`` of all the pieces of a ``split_with_sizes`` along its dim
+   is the split's input, and a piece of a split of a ``cat`` into the cat's pieces is that
+   piece (a chain of linear ops, each concatenating a series' coefficients and splitting
+   them again).
 5. Common subexpressions: a pure aten call (not mutating, not random, not ``empty``) with the
    same target, arguments and keyword arguments as an earlier one reuses it. ``mul``/``add``
    of two real tensors are put in a canonical operand order first (IEEE ``+``/``*`` commute
@@ -188,6 +192,12 @@ def _new(node: Node, target: Any, args: tuple[Any, ...]) -> Node:
         new = graph.call_function(target, args)
     new.meta.update(node.meta)
     return new
+
+
+def _moves_unit_dims(shape: Any, p: list[int]) -> bool:
+    """Whether permutation ``p`` of ``shape`` keeps the dims larger than 1 in their order."""
+    big = [d for d in p if shape[d] != 1]
+    return big == sorted(big)
 
 
 def _perm(gm: GraphModule, node: Node) -> list[int] | None:
@@ -392,10 +402,18 @@ def _sweep(gm: GraphModule) -> bool:
                     inner = _perm(gm, src)
                     if inner is not None and isinstance(src.args[0], Node):
                         root, p = src.args[0], [inner[i] for i in p]
+                root_val = _val(gm, root)
                 if p == list(range(len(p))):
-                    if _same_meta(_val(gm, root), out) and _replace(node, root, outputs):
+                    if _same_meta(root_val, out) and _replace(node, root, outputs):
                         changed = True
                         continue
+                elif root_val is not None and out is not None and _moves_unit_dims(
+                        root_val.shape, p):
+                    # 3b. only size-1 dims move: the same elements in the same order
+                    new = _new(node, aten.reshape.default, (root, list(out.shape)))
+                    _swap(node, new, outputs)
+                    changed = True
+                    continue
                 elif root is not src:
                     new = _new(node, aten.permute.default, (root, p))
                     _swap(node, new, outputs)
@@ -443,6 +461,11 @@ def _sweep(gm: GraphModule) -> bool:
                 _swap(node, new, outputs)
                 changed = True
                 continue
+        # 4e. a split undone by a cat, or a cat undone by a split
+        undone = _split_of_cat(gm, node)
+        if undone is not None and _replace(node, undone, outputs):
+            changed = True
+            continue
         # 5. common subexpressions
         if not pure_op(t):
             continue
@@ -514,6 +537,55 @@ def _slice_of_cat(gm: GraphModule, node: Node) -> tuple[Any, tuple[Any, ...]] | 
         return None
     covered = pieces[starts.index(lo):ends.index(hi) + 1]
     return aten.cat.default, (covered, d)
+
+
+def _dim_of(node: Node, i: int, default: int, nd: int) -> int | None:
+    d = node.args[i] if len(node.args) > i else node.kwargs.get("dim", default)
+    return d % nd if isinstance(d, int) and nd else None
+
+
+def _split_of_cat(gm: GraphModule, node: Node) -> Node | None:
+    """Pass 4e: ``cat`` of every piece of one ``split_with_sizes``, in order and along the
+    same dim, is the split's input; piece ``i`` of a ``split_with_sizes`` of a ``cat`` along
+    the same dim, with the cat's piece sizes, is the cat's piece ``i`` (what a chain of linear
+    ops does to a Taylor series whose coefficients its rule concatenates). Exact."""
+    out = _val(gm, node)
+    if out is None or not out.dim():
+        return None
+    nd = out.dim()
+    if node.target is aten.cat.default and len(node.args[0]) > 1:  # type: ignore[arg-type]
+        pieces = list(node.args[0])  # type: ignore[arg-type]
+        split = pieces[0].args[0] if isinstance(pieces[0], Node) and \
+            pieces[0].target is operator.getitem else None
+        if not (isinstance(split, Node) and split.op == "call_function"
+                and split.target is aten.split_with_sizes.default
+                and len(split.args[1]) == len(pieces)  # type: ignore[arg-type]
+                and all(isinstance(p, Node) and p.target is operator.getitem
+                        and p.args == (split, i) for i, p in enumerate(pieces))
+                and _dim_of(node, 1, 0, nd) == _dim_of(split, 2, 0, nd) is not None
+                and isinstance(split.args[0], Node)
+                and _same_meta(_val(gm, split.args[0]), out)):
+            return None
+        return split.args[0]
+    if node.target is operator.getitem:
+        split, i = node.args
+        if not (isinstance(split, Node) and split.op == "call_function"
+                and split.target is aten.split_with_sizes.default):
+            return None
+        cat = split.args[0]
+        if not (isinstance(cat, Node) and cat.op == "call_function"
+                and cat.target is aten.cat.default and isinstance(i, int)):
+            return None
+        pieces = list(cat.args[0])  # type: ignore[arg-type]
+        vals = [_val(gm, p) if isinstance(p, Node) else None for p in pieces]
+        d = _dim_of(split, 2, 0, nd)
+        if (d is None or d != _dim_of(cat, 1, 0, nd) or any(v is None or v.dim() != nd
+                                                           for v in vals)
+                or [int(v.shape[d]) for v in vals] != list(split.args[1])  # type: ignore
+                or not _same_meta(vals[i], out)):
+            return None
+        return pieces[i]  # type: ignore[no-any-return]
+    return None
 
 
 # ------------------------------------------------------------------- constant subgraphs
