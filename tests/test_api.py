@@ -292,6 +292,24 @@ def test_xderivs_order1():
     assert_tree_close(out[1], torch.diag(x.cos()))
 
 
+def test_transforms_wrap_func_like_functools_wraps():
+    """Like torch.func's transforms, the returned callable carries ``func``'s name, docstring,
+    module and signature (``__wrapped__``)."""
+    import inspect
+
+    def energy(x, scale=2.0):
+        """The energy."""
+        return (scale * x.sin()).sum()
+
+    for transform in (xderiv(energy, 3), xjacobian(energy), xhessian(energy),
+                      xderivs(energy, 2)):
+        assert transform.__name__ == "energy" and transform.__doc__ == "The energy."
+        assert transform.__module__ == energy.__module__ and transform.__wrapped__ is energy
+        assert str(inspect.signature(transform)) == "(x, scale=2.0)"
+    assert xhessian(nn.Linear(2, 1)).__name__ == "Linear"
+    assert_tree_close(xhessian(energy)(t(3)), reference_deriv(energy, 2)(t(3)))
+
+
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_xjacobian_xhessian(mode, device):
     x, y = t(3, device=device, seed=1), t(2, device=device, seed=2)

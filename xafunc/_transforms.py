@@ -22,7 +22,9 @@ from ._typing import Argnums, Func, Mode
 
 
 class _Transform:
-    """The callable behind every transform: a function and a :class:`Request`."""
+    """The callable every transform returns: a function and a :class:`Request`. It wraps
+    ``func`` as ``functools.wraps`` would (``__wrapped__``, ``__name__``, ``__doc__``, ...,
+    read from ``func`` when asked), without copying them on every call of the transform."""
 
     __slots__ = ("func", "request", "name")
 
@@ -30,6 +32,25 @@ class _Transform:
         self.func = func
         self.request = request
         self.name = request.transform  # the public name errors are reported under
+
+    @property
+    def __wrapped__(self) -> Func:
+        return self.func
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return getattr(self.func, "__name__", type(self.func).__name__)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return getattr(self.func, "__doc__", None)
+
+    @property
+    def __module__(self) -> str | None:  # type: ignore[override]
+        return getattr(self.func, "__module__", None)
+
+    def __repr__(self) -> str:
+        return f"<xafunc.{self.name} of {self.func!r}>"
 
     def plan_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Plan, Any]:
         differentiated = tuple(sorted(V.normalize_argnums(self.name, self.request.argnums,
@@ -138,7 +159,7 @@ def xderiv(
         [6.0, 6.0, 0.0]
     """
     t = _make("xderiv", func, order, argnums, has_aux, mode, chunk_size, compile)
-    return _wrap(func, t.__call__)
+    return t
 
 
 @eager_under_compile
@@ -164,7 +185,7 @@ def xjacobian(
                 [3., 4.]])
     """
     t = _make("xjacobian", func, 1, argnums, has_aux, mode, chunk_size, compile)
-    return _wrap(func, t.__call__)
+    return t
 
 
 @eager_under_compile
@@ -190,7 +211,7 @@ def xhessian(
                 [2., 0.]], dtype=torch.float64)
     """
     t = _make("xhessian", func, 2, argnums, has_aux, mode, chunk_size, compile)
-    return _wrap(func, t.__call__)
+    return t
 
 
 @eager_under_compile
@@ -220,7 +241,7 @@ def xderivs(
     """
     t = _make("xderivs", func, order, argnums, has_aux, mode, chunk_size, compile,
               all_orders=True)
-    return _wrap(func, t.__call__)
+    return t
 
 
 @eager_under_compile

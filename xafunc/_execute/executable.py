@@ -95,14 +95,15 @@ def call_kind(args: tuple[Any, ...] | list[Any]) -> str:
         return "other"
     if torch.compiler.is_compiling():
         return "other"
-    fx = torch._C._functorch
-    if not all(isinstance(a, Tensor) and (type(a) in _PLAIN or fx.is_functorch_wrapped_tensor(a))
-               for a in args):
-        return "other"
-    if fx.peek_interpreter_stack() is not None or any(
-            fx.is_functorch_wrapped_tensor(a) for a in args if isinstance(a, Tensor)):
-        return "transformed"
-    return "plain"
+    kind = "plain" if _peek_interpreter() is None else "transformed"
+    for a in args:
+        if not isinstance(a, Tensor):
+            return "other"
+        if _is_wrapped(a):  # (a functorch wrapper's type is Tensor)
+            kind = "transformed"
+        elif type(a) not in _PLAIN:
+            return "other"
+    return kind
 
 
 def plain_call(args: tuple[Any, ...] | list[Any]) -> bool:
@@ -110,6 +111,8 @@ def plain_call(args: tuple[Any, ...] | list[Any]) -> bool:
     return call_kind(args) == "plain"
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_peek_interpreter = torch._C._functorch.peek_interpreter_stack
 # module parameters and buffers arrive as lifted inputs: they are plain tensors too
 _PLAIN = (Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", Tensor))
 
