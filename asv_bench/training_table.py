@@ -3,7 +3,7 @@
     python asv_bench/training_table.py [--cases lap_2_64,...] [--apis backward,func_grad]
                                        [--dtype float32] [--repeat 7] [--sample-ms 50]
                                        [--compile inductor|aot_eager|none] [--threads N]
-                                       [--compile-tries 3]
+                                       [--compile-tries 3] [--xafunc-compile]
                                        [--json out.json]
 
 Each case (``asv_bench/benchmarks/training_cases.py``) is a PINN training step -- forward and
@@ -30,6 +30,11 @@ For every case and API:
    cannot compile it (higher-order functorch nestings often fail), the next fastest, up to
    ``--compile-tries``; after its compile (timed and reported, as are the failures), a second
    round-robin of xafunc, that eager step and the compiled step.
+
+With ``--xafunc-compile`` the round-robin also times ``"xafunc inline compile=True"``: the
+inline transform with ``compile=True``, whose derivative graph and its backward run inductor's
+code (with ``backward``, from the second step on: the first step's backward marks the graph as
+trained; its first-step time in brackets includes that second step and the compiles).
 
 Ratios are xafunc / best eager torch.func, for both ways of building the transform, with the
 issue's target (0.35 for Laplacians, 0.2 for order >= 3; ``pass`` needs both), and xafunc /
@@ -61,6 +66,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the cases, and the xafunc of t
 from benchmarks.training_cases import (  # noqa: E402
     APIS,
     INLINE,
+    INLINE_COMPILE,
     TRAIN_CASES,
     TrainCase,
     get_train_case,
@@ -72,7 +78,7 @@ import xafunc  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GRAD_RTOL = 1e-9
-XAFUNC = ("xafunc", INLINE)
+XAFUNC = ("xafunc", INLINE, INLINE_COMPILE)
 
 
 def _sync(device: str) -> None:
@@ -144,7 +150,8 @@ def measure(case: TrainCase, api: str, opts: argparse.Namespace) -> dict[str, An
     first: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     names = list(strategies(case, lambda p, z: z, dtype, device))
-    for name in names[:1] + [INLINE] + names[1:]:
+    ours = [INLINE, INLINE_COMPILE] if opts.xafunc_compile else [INLINE]
+    for name in names[:1] + ours + names[1:]:
         est = case.estimated_bytes(name, dtype)
         if name not in XAFUNC and est > budget:
             unavailable[name] = f"estimated {est / 2**30:.1f} GiB > {opts.mem_budget_gib:g} GiB"
@@ -157,6 +164,10 @@ def measure(case: TrainCase, api: str, opts: argparse.Namespace) -> dict[str, An
             unavailable[name] = "out of memory"
             continue
         first[name] = (time.perf_counter() - t0) * 1e3
+        if name == INLINE_COMPILE:  # compiled on the second step (the first one recomputes)
+            t0 = time.perf_counter()
+            step()
+            first[name] += (time.perf_counter() - t0) * 1e3
         if name not in XAFUNC and first[name] > opts.first_call_timeout * 1e3:
             unavailable[name] = f"first step {first[name] / 1e3:.1f} s > limit"
             continue
@@ -175,6 +186,10 @@ def measure(case: TrainCase, api: str, opts: argparse.Namespace) -> dict[str, An
                ratio_inline=ms[INLINE] / base[best], status="ok")
     # the issue's step is the inline one (the transform written inside the step)
     rec["pass"] = max(rec["ratio"], rec["ratio_inline"]) <= case.target
+    if INLINE_COMPILE in ms:
+        rec.update(xafunc_compile_ms=ms[INLINE_COMPILE],
+                   ratio_compile=ms[INLINE_COMPILE] / base[best],
+                   pass_compile=ms[INLINE_COMPILE] / base[best] <= case.target)
 
     if opts.compile != "none":
         compiled = _compile_best(case, api, sorted(base, key=base.__getitem__), opts, rec)
@@ -226,7 +241,7 @@ def _f(ms: float | None) -> str:
 def print_table(records: list[dict[str, Any]], compile_backend: str) -> None:
     head = ["case", "api", "xafunc ms", "inline ms", "best torch.func", "ms", "ratio",
             "inline ratio", "target", "pass", f"compiled ({compile_backend}) ms",
-            "xafunc/compiled", "grad check (max rel)"]
+            "xafunc/compiled", "grad check (max rel)", "xafunc compile=True ms (ratio)"]
     rows = []
     for r in records:
         gc = r["grad_check"]
@@ -240,6 +255,9 @@ def print_table(records: list[dict[str, Any]], compile_backend: str) -> None:
             else f"{_f(r['compiled_ms'])} ({r['compiled']})",
             "-" if "ratio_compiled" not in r else f"{r['ratio_compiled']:.2f}",
             f"{gc['max_rel_diff']:.1e} {'ok' if gc['ok'] else 'MISMATCH'}",
+            "-" if "ratio_compile" not in r else
+            f"{_f(r['xafunc_compile_ms'])} ({r['ratio_compile']:.2f}, "
+            f"{'PASS' if r['pass_compile'] else 'fail'})",
         ])
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=False)]
 
@@ -298,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile at most this many torch.func strategies, fastest eager "
                          "first, until one compiles (3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--xafunc-compile", action="store_true",
+                    help="add the step with xafunc's compile=True (inductor's forward and "
+                         "backward code for the derivative graph)")
     ap.add_argument("--mem-budget-gib", type=float, default=4.0)
     ap.add_argument("--first-call-timeout", type=float, default=20.0)
     ap.add_argument("--json", metavar="PATH")

@@ -122,6 +122,79 @@ def test_jet_compiles_its_propagation() -> None:
     assert _counts() == (compiles + 1, calls + 2)
 
 
+def test_training_steps_run_inductor_forward_and_backward() -> None:
+    """A PINN step with ``loss.backward()``: after the first backward, calls recorded by
+    autograd run inductor's forward and backward code (NOTE [Inductor executor], training);
+    gradients, a double backward and a backward run twice (``retain_graph``) match
+    torch.func's."""
+    net = _mlp()
+    xs = torch.randn(5, 3, dtype=torch.float64)
+    params = dict(net.named_parameters())
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        return net(x).squeeze(-1)
+
+    def loss() -> torch.Tensor:
+        return torch.func.vmap(xafunc.xlaplacian(u, compile=True))(xs).pow(2).mean()
+
+    def reference_loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(net, p, (x,)).squeeze(-1)
+
+        hess = torch.func.vmap(reference_deriv(f, 2))(xs)
+        return hess.diagonal(dim1=-2, dim2=-1).sum(-1).pow(2).mean()
+
+    names = [k for k in params if k != "2.bias"]  # the last bias does not reach a Laplacian
+    weights = [params[k] for k in names]
+    expected = torch.autograd.grad(reference_loss(params), weights, create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in expected), weights)
+    calls = InductorStats.autograd_calls
+    for step in range(3):
+        net.zero_grad()
+        loss().backward()
+        assert_tree_close([p.grad for p in weights], list(expected), msg=f"step {step}")
+    assert InductorStats.autograd_calls == calls + 2  # the first step recomputed instead
+    out = loss()
+    first = torch.autograd.grad(out, weights, retain_graph=True)
+    assert_tree_close(list(first), list(expected))
+    assert_tree_close(list(torch.autograd.grad(out, weights)), list(expected), msg="again")
+    got = torch.autograd.grad(loss(), weights, create_graph=True)
+    assert_tree_close(list(torch.autograd.grad(sum(g.sum() for g in got), weights)),
+                      list(second), msg="double backward")
+    assert InductorStats.autograd_calls == calls + 4
+
+
+def test_torch_func_grad_steps_run_inductor_forward_and_backward() -> None:
+    """``torch.func.grad`` over ``functional_call`` parameters of a vmapped third derivative:
+    with compile=True the graph is one Function at the grad level, its forward and its
+    backward graph run inductor's code (NOTE [Backward graphs]), and the gradient is
+    torch.func's."""
+    from xafunc._execute.executable import BackwardStats
+
+    net = _mlp()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    xs = torch.randn(4, 3, dtype=torch.float64)
+
+    def residual(p: dict[str, torch.Tensor], x: torch.Tensor,
+                 compile: bool | None) -> torch.Tensor:
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(net, p, (x,)).squeeze(-1)
+
+        d3 = reference_deriv(f, 3)(x) if compile is None else xafunc.xderiv(
+            f, 3, compile=compile)(x)
+        return d3.sum()
+
+    def loss(p: dict[str, torch.Tensor], compile: bool | None) -> torch.Tensor:
+        return torch.func.vmap(residual, in_dims=(None, 0, None))(p, xs, compile).pow(2).mean()
+
+    expected = torch.func.grad(loss)(params, None)
+    compiles, backward = InductorStats.compiles, BackwardStats.calls
+    for step in range(2):
+        assert_tree_close(torch.func.grad(loss)(params, True), expected, msg=f"step {step}")
+    assert InductorStats.compiles == compiles + 2  # the forward and the backward graph
+    assert BackwardStats.calls == backward + 2
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 

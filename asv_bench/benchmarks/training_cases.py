@@ -41,6 +41,7 @@ Fn2 = Callable[[Any, Tensor], Tensor]  # (params, one point) -> u, shape (1,)
 
 APIS = ("backward", "func_grad")
 INLINE = "xafunc inline"
+INLINE_COMPILE = "xafunc inline compile=True"
 
 
 @dataclass(frozen=True)
@@ -150,15 +151,18 @@ def _biharmonic_dirs(n: int, dtype: torch.dtype, device: str) -> tuple[Tensor, T
     return V.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
 
 
-def xafunc_residual(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str) -> Residual:
-    """xafunc's ``(params, x) -> D u(x)``: a fresh transform on every call of this function."""
+def xafunc_residual(case: TrainCase, f: Fn2, dtype: torch.dtype, device: str,
+                    compile: bool = False) -> Residual:
+    """xafunc's ``(params, x) -> D u(x)``: a fresh transform on every call of this function
+    (``compile``: the transform's ``compile=True``, inductor's code for the derivative graph
+    and, in training, its backward)."""
     if case.operator == "laplacian":
-        return xafunc.xlaplacian(f, argnums=1)
+        return xafunc.xlaplacian(f, argnums=1, compile=compile)
     if case.operator == "biharmonic":
-        return xafunc.xbiharmonic(f, argnums=1)
+        return xafunc.xbiharmonic(f, argnums=1, compile=compile)
     if case.operator == "order3":
         C = case.coefficients(dtype, device)
-        d3x = xafunc.xderiv(f, 3, argnums=1)
+        d3x = xafunc.xderiv(f, 3, argnums=1, compile=compile)
         return lambda p, x: torch.einsum("oijk,ijk->o", d3x(p, x), C)
     raise ValueError(case.operator)
 
@@ -209,7 +213,8 @@ def make_step(case: TrainCase, strategy: str, api: str, dtype: torch.dtype = tor
     ``strategy`` is a name from :func:`strategies` (the residual function is built once, before
     the first step) or ``"xafunc inline"``: xafunc's transform is built *inside* every step,
     ``vmap(xlaplacian(u))(x)`` as torch.func users write ``vmap(hessian(u))(x)``; it then
-    relies on xafunc's own caching across transform objects.
+    relies on xafunc's own caching across transform objects (``"xafunc inline compile=True"``:
+    the same with ``compile=True``).
 
     With ``compile_backend`` the loss (``backward``) or the gradient function (``func_grad``)
     goes through ``torch.compile(..., backend=compile_backend)``.
@@ -219,8 +224,9 @@ def make_step(case: TrainCase, strategy: str, api: str, dtype: torch.dtype = tor
 
     def residual(f: Fn2) -> Callable[[Any, Tensor], Tensor]:
         """The batched residual: built once, or (``"xafunc inline"``) on every call."""
-        if strategy == INLINE:
-            return lambda p, z: tf.vmap(xafunc_residual(case, f, dtype, device),
+        if strategy in (INLINE, INLINE_COMPILE):
+            compile = strategy == INLINE_COMPILE
+            return lambda p, z: tf.vmap(xafunc_residual(case, f, dtype, device, compile),
                                         in_dims=(None, 0))(p, z)
         return tf.vmap(strategies(case, f, dtype, device)[strategy], in_dims=(None, 0))
 

@@ -124,10 +124,12 @@ class Compiler:
                 inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
             else:
                 inner, bdim = v, None
-            if fx.is_functorch_wrapped_tensor(inner) and not backward_graphs([inner]):
+            if fx.is_functorch_wrapped_tensor(inner) and not (self.compile
+                                                               or backward_graphs([inner])):
                 # tensors of the transforms around (grad levels): only worth running beneath
-                # them where the graph is one Function there (NOTE [Backward graphs]); else
-                # the per-sample graph runs op by op through every level, which is faster
+                # them where the graph is one Function there (NOTE [Backward graphs]: on a
+                # GPU, or with compile=True); else the per-sample graph runs op by op through
+                # every level, which is faster
                 return None
             phys.append(inner)
             dims.append(bdim)

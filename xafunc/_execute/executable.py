@@ -84,6 +84,7 @@ class InductorStats:
     compiles = 0
     failures = 0
     calls = 0
+    autograd_calls = 0  # calls whose history autograd records (forward and backward compiled)
     seconds = 0.0  # spent compiling
 
 
@@ -139,6 +140,9 @@ class Executable:
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
         self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
         self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
+        # compile=True, calls recorded by autograd: inductor's forward and backward code per
+        # layout and requires_grad pattern, or _FAILED (see ``_inductor_autograd``)
+        self._trained: dict[Any, Any] = {}
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         # backward graphs by the inputs they differentiate (NOTE [Backward graphs])
         self._backward: dict[Any, tuple[Executable, list[int], list[bool]]] = {}
@@ -158,7 +162,10 @@ class Executable:
     def executor(self) -> str:
         """What runs plain calls (the fast path, once built) or else autograd's calls."""
         fast = self._fast
-        return fast.executor if fast is not None and fast is not _FAILED else self._executor
+        text = fast.executor if fast is not None and fast is not _FAILED else self._executor
+        if any(c is not _FAILED for c in self._trained.values()):
+            text += "; calls recorded by autograd: inductor's forward and backward code"
+        return text
 
     @property
     def has_backward_graphs(self) -> bool:
@@ -192,6 +199,10 @@ class Executable:
             return _fill(self._template, _GraphFunction.apply(self, *args))
         if mode == "plain":
             needs_grad = _needs_grad((*args, *self.consts))
+            if needs_grad and self.recording and self.compile:
+                out = self._inductor_autograd(args)  # NOTE [Inductor executor], training
+                if out is not None:
+                    return out
             if not (needs_grad and self.recording) and self._fast_path(args) is not _FAILED:
                 if not needs_grad:
                     return self._fast(args)
@@ -202,11 +213,31 @@ class Executable:
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
                 return _fill(self._template, _apply_recompute(self, *args))
-        if mode == "transformed" and backward_graphs(args) and _grad_levels_only():
+        if mode == "transformed" and (self.compile or backward_graphs(args)) \
+                and _grad_levels_only():
             # one Function at the grad levels: the plain fast path beneath them, and a
-            # backward graph (NOTE [Backward graphs])
+            # backward graph (NOTE [Backward graphs]); with compile=True both run inductor's
+            # code (NOTE [Inductor executor], training)
             return _fill(self._template, _GraphFunction.apply(self, *args))
         return self.op_by_op(args, mode)
+
+    def _inductor_autograd(self, args: tuple[Any, ...]) -> Any:
+        """The outputs, with autograd history, by inductor's forward and backward code for
+        this graph (``compile_fx`` of inputs that require grad runs AOTAutograd), compiled on
+        first use for the call's layout and ``requires_grad`` pattern; None where it cannot
+        run (it failed to compile, or a constant of the graph requires grad)."""
+        key = tuple((a.requires_grad, a.stride()) for a in args)
+        compiled = self._trained.get(key)
+        if compiled is None:
+            if any(c.requires_grad for c in self.consts) or len(self._trained) >= 4:
+                compiled = _FAILED
+            else:
+                compiled = _compile_autograd(self.gm, self._template, args)
+            self._trained[key] = compiled
+        if compiled is _FAILED:
+            return None
+        InductorStats.autograd_calls += 1
+        return _fill(self._template, _apply_trained(self, compiled, *args))
 
     def composable_call(self, args: tuple[Any, ...]) -> Any:
         """What this graph computes, differentiable by autograd and any torch.func transform:
@@ -312,29 +343,76 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
         exe: Executable = ctx.exe
         exe.recording = True
-        args = ctx.saved_tensors
-        wanted = [i for i, a in enumerate(args) if a.requires_grad]
-        create = torch.is_grad_enabled()  # a double backward asks for the graph of these
+        return (None, *_recorded_grads(exe, ctx.saved_tensors, grads))
+
+
+def _recorded_grads(exe: Executable, args: tuple[Tensor, ...], grads: tuple[Tensor, ...]
+                    ) -> list[Any]:
+    """The gradients of ``args`` (None where not required) for the cotangents ``grads`` of the
+    outputs, by the graph recomputed with autograd recording (NOTE [Recompute]); with grad
+    mode on (a double backward asks for the graph of these), differentiable."""
+    wanted = [i for i, a in enumerate(args) if a.requires_grad]
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        if exe._full_path(args) is not _FAILED:
+            with torch.jit.optimized_execution(False):
+                outs = list(exe._full(*args))
+        else:
+            outs = _flatten_like(exe.gm(*args), exe._template)
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if g is not None and isinstance(o, Tensor) and o.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
+                                  [g for _, g in pairs], allow_unused=True,
+                                  create_graph=create) if pairs else ()
+    result: list[Any] = [None] * len(args)
+    for i, g in zip(wanted, got):
+        result[i] = g
+    return result
+
+
+class _Trained(torch.autograd.Function):
+    """NOTE [Inductor executor], training: ``compile=True`` calls recorded by autograd (after
+    a first backward, see NOTE [Recompute]) run inductor's forward code, which keeps what its
+    backward code needs, on a private graph under one node of this function; a backward runs
+    inductor's backward code. A double backward (``create_graph=True``) instead differentiates
+    the graph recomputed with autograd recording, as ``_Recompute`` does: inductor's backward
+    code is not differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, exe: Executable, compiled: Any,  # type: ignore[override]
+                *args: Tensor) -> Any:
+        ctx.exe = exe
+        ctx.save_for_backward(*args)
         with torch.enable_grad():
-            if exe._full_path(args) is not _FAILED:
-                with torch.jit.optimized_execution(False):
-                    outs = list(exe._full(*args))
-            else:
-                outs = _flatten_like(exe.gm(*args), exe._template)
-            pairs = [(o, g) for o, g in zip(outs, grads)
-                     if g is not None and isinstance(o, Tensor) and o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
-                                      [g for _, g in pairs], allow_unused=True,
-                                      create_graph=create) if pairs else ()
-        result: list[Any] = [None] * len(args)
+            inner = [a.detach().requires_grad_() if a.requires_grad else a for a in args]
+            outs = list(compiled(*inner))
+        ctx.inner, ctx.outs = inner, outs
+        if not exe.float_outputs:
+            ctx.mark_non_differentiable(*[t for t in outs if not (t.is_floating_point()
+                                                                   or t.is_complex())])
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        if torch.is_grad_enabled():
+            return (None, None, *_recorded_grads(ctx.exe, ctx.saved_tensors, grads))
+        inner, outs = ctx.inner, ctx.outs
+        wanted = [i for i, a in enumerate(inner) if a.requires_grad]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        # retain_graph: a caller's backward(retain_graph=True) may run this backward again
+        got = torch.autograd.grad([o for o, _ in pairs], [inner[i] for i in wanted],
+                                  [g for _, g in pairs], allow_unused=True,
+                                  retain_graph=True) if pairs else ()
+        result: list[Any] = [None] * len(inner)
         for i, g in zip(wanted, got):
             result[i] = g
-        return (None, *result)
+        return (None, None, *result)
 
 
 # ``_Recompute.apply`` without ``Function.apply``'s Python prelude, which only matters under
 # torch.func transforms (never active on the plain path that applies it): a few us a call
 _apply_recompute = super(torch.autograd.Function, _Recompute).apply
+_apply_trained = super(torch.autograd.Function, _Trained).apply
 
 
 class BackwardStats:
@@ -428,6 +506,31 @@ def _grad_levels_only(live: bool = True) -> bool:
     ``jacrev``'s forward), and (``live``) there is one."""
     levels = retrieve_all_functorch_interpreters()
     return (bool(levels) or not live) and all(lv.key() == TransformType.Grad for lv in levels)
+
+
+def _compile_autograd(gm: GraphModule, template: Any, args: tuple[Any, ...]) -> Any:
+    """``gm`` compiled by inductor for calls whose history autograd records (flat outputs;
+    see ``Executable._inductor_autograd``), or ``_FAILED``."""
+    try:
+        from torch._inductor.compile_fx import compile_fx
+
+        graph = _copy(for_autograd(gm).graph)
+        out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+        flat = _template(out_node.args[0])[0]
+        if not all(isinstance(n, Node) for n in flat):
+            return _FAILED
+        out_node.args = (tuple(flat),)
+        start = time.perf_counter()
+        # no donated buffers: a backward with retain_graph=True may run twice
+        with warnings.catch_warnings(), torch._functorch.config.patch(donated_buffer=False):
+            warnings.simplefilter("ignore")
+            compiled = compile_fx(GraphModule(gm, graph), list(args))
+    except Exception:  # noqa: BLE001 - inductor is an accelerator, not a requirement
+        InductorStats.failures += 1
+        return _FAILED
+    InductorStats.compiles += 1
+    InductorStats.seconds += time.perf_counter() - start
+    return compiled
 
 
 def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
