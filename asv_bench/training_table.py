@@ -33,8 +33,7 @@ For every case and API:
 
 With ``--xafunc-compile`` the round-robin also times ``"xafunc inline compile=True"``: the
 inline transform with ``compile=True``, whose derivative graph and its backward run inductor's
-code (with ``backward``, from the second step on: the first step's backward marks the graph as
-trained; its first-step time in brackets includes that second step and the compiles).
+code (its first-step time in brackets includes the compiles).
 
 Ratios are xafunc / best eager torch.func, for both ways of building the transform, with the
 issue's target (0.35 for Laplacians, 0.2 for order >= 3; ``pass`` needs both), and xafunc /
@@ -164,10 +163,6 @@ def measure(case: TrainCase, api: str, opts: argparse.Namespace) -> dict[str, An
             unavailable[name] = "out of memory"
             continue
         first[name] = (time.perf_counter() - t0) * 1e3
-        if name == INLINE_COMPILE:  # compiled on the second step (the first one recomputes)
-            t0 = time.perf_counter()
-            step()
-            first[name] += (time.perf_counter() - t0) * 1e3
         if name not in XAFUNC and first[name] > opts.first_call_timeout * 1e3:
             unavailable[name] = f"first step {first[name] / 1e3:.1f} s > limit"
             continue

@@ -303,17 +303,25 @@ def plot_training(data: dict[str, Any], out: str) -> None:
     cases = [c for c in data["cases"] if c.get("best_ms")]
     labels = [_step_label(c) for c in cases]
     n = len(cases)
-    fig, ax = plt.subplots(figsize=(8.5, 0.42 * n + 1.6))
-    h = 0.38
+    compiled = any(c.get("xafunc_compile_ms") for c in cases)
+    fig, ax = plt.subplots(figsize=(8.5, (0.56 if compiled else 0.42) * n + 1.6))
+    h = 0.27 if compiled else 0.38
     ys = list(range(n))
-    ax.barh([y - h / 2 for y in ys], [c["best_ms"] for c in cases], height=h,
-            color="tab:blue", label="best eager torch.func step")
-    ax.barh([y + h / 2 for y in ys], [c["xafunc_inline_ms"] for c in cases], height=h,
-            color="tab:red", label="xafunc step (transform built inline)")
+    bars = [("best_ms", None, "tab:blue", "best eager torch.func step"),
+            ("xafunc_inline_ms", "ratio_inline", "tab:red",
+             "xafunc step (transform built inline)")]
+    if compiled:
+        bars.append(("xafunc_compile_ms", "ratio_compile", "tab:orange",
+                     "xafunc step, compile=True (inductor forward and backward)"))
+    for k, (key, ratio, color, label) in enumerate(bars):
+        off = (k - (len(bars) - 1) / 2) * h
+        ax.barh([y + off for y in ys], [c.get(key) or 0 for c in cases], height=h,
+                color=color, label=label)
+        for y, c in zip(ys, cases):
+            if ratio and c.get(ratio) is not None:
+                ax.text(c[key] * 1.08, y + off, f"{c[ratio]:.2f}", va="center", fontsize=6)
     for y, c in zip(ys, cases):
         ax.plot([c["best_ms"] * c["target"]] * 2, [y - 0.45, y + 0.45], color="black", lw=1)
-        ax.text(c["xafunc_inline_ms"] * 1.08, y + h / 2, f"{c['ratio_inline']:.2f}",
-                va="center", fontsize=6)
     ax.set_xscale("log")
     ax.set_yticks(ys, labels, fontsize=7)
     ax.invert_yaxis()
@@ -323,7 +331,8 @@ def plot_training(data: dict[str, Any], out: str) -> None:
     ax.set_title(f"PINN training steps: xafunc {m['xafunc']} ({m.get('commit')}), torch "
                  f"{m['torch']}, {m['device']} {m['dtype']}, {m.get('threads')} thread(s), "
                  f"median of {m['repeat']}", fontsize=8)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / n - 0.05), ncol=2, fontsize=7)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6 / n - 0.05), ncol=2 if not compiled
+              else 1, fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
@@ -331,12 +340,16 @@ def plot_training(data: dict[str, Any], out: str) -> None:
 
 
 def training_table(data: dict[str, Any]) -> str:
+    compiled = any(c.get("xafunc_compile_ms") for c in data["cases"])
     rows = [["case", "API", "xafunc inline ms", "xafunc held ms", "best torch.func",
-             "ms", "ratio (inline)", "target"]]
+             "ms", "ratio (inline)", "target"]
+            + (["compile=True ms", "ratio (compile=True)"] if compiled else [])]
     for c in data["cases"]:
         rows.append([c["label"], c["api"], _ms(c.get("xafunc_inline_ms")),
                      _ms(c.get("xafunc_ms")), f"``{c.get('best')}``", _ms(c.get("best_ms")),
-                     _r(c.get("ratio_inline")), f"<= {c['target']}"])
+                     _r(c.get("ratio_inline")), f"<= {c['target']}"]
+                    + ([_ms(c.get("xafunc_compile_ms")), _r(c.get("ratio_compile"))]
+                       if compiled else []))
     return _list_table(rows)
 
 

@@ -199,7 +199,7 @@ class Executable:
             return _fill(self._template, _GraphFunction.apply(self, *args))
         if mode == "plain":
             needs_grad = _needs_grad((*args, *self.consts))
-            if needs_grad and self.recording and self.compile:
+            if needs_grad and self.compile:
                 out = self._inductor_autograd(args)  # NOTE [Inductor executor], training
                 if out is not None:
                     return out
@@ -232,7 +232,7 @@ class Executable:
             if any(c.requires_grad for c in self.consts) or len(self._trained) >= 4:
                 compiled = _FAILED
             else:
-                compiled = _compile_autograd(self.gm, self._template, args)
+                compiled = _compile_autograd(self.gm, args)
             self._trained[key] = compiled
         if compiled is _FAILED:
             return None
@@ -351,7 +351,6 @@ def _recorded_grads(exe: Executable, args: tuple[Tensor, ...], grads: tuple[Tens
     """The gradients of ``args`` (None where not required) for the cotangents ``grads`` of the
     outputs, by the graph recomputed with autograd recording (NOTE [Recompute]); with grad
     mode on (a double backward asks for the graph of these), differentiable."""
-    wanted = [i for i, a in enumerate(args) if a.requires_grad]
     create = torch.is_grad_enabled()
     with torch.enable_grad():
         if exe._full_path(args) is not _FAILED:
@@ -359,24 +358,32 @@ def _recorded_grads(exe: Executable, args: tuple[Tensor, ...], grads: tuple[Tens
                 outs = list(exe._full(*args))
         else:
             outs = _flatten_like(exe.gm(*args), exe._template)
-        pairs = [(o, g) for o, g in zip(outs, grads)
-                 if g is not None and isinstance(o, Tensor) and o.requires_grad]
-        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted],
-                                  [g for _, g in pairs], allow_unused=True,
-                                  create_graph=create) if pairs else ()
-    result: list[Any] = [None] * len(args)
+        return _input_grads(outs, grads, args, create_graph=create)
+
+
+def _input_grads(outs: list[Any], grads: tuple[Tensor, ...], inputs: Any,
+                 **options: bool) -> list[Any]:
+    """``torch.autograd.grad`` of ``outs`` with cotangents ``grads`` (None: the output
+    contributes nothing) for those ``inputs`` that require grad; None for the others."""
+    wanted = [i for i, a in enumerate(inputs) if a.requires_grad]
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if g is not None and isinstance(o, Tensor) and o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                              [g for _, g in pairs], allow_unused=True,
+                              **options) if pairs else ()
+    result: list[Any] = [None] * len(inputs)
     for i, g in zip(wanted, got):
         result[i] = g
     return result
 
 
 class _Trained(torch.autograd.Function):
-    """NOTE [Inductor executor], training: ``compile=True`` calls recorded by autograd (after
-    a first backward, see NOTE [Recompute]) run inductor's forward code, which keeps what its
-    backward code needs, on a private graph under one node of this function; a backward runs
-    inductor's backward code. A double backward (``create_graph=True``) instead differentiates
-    the graph recomputed with autograd recording, as ``_Recompute`` does: inductor's backward
-    code is not differentiable."""
+    """NOTE [Inductor executor], training: ``compile=True`` calls recorded by autograd run
+    inductor's forward code, which keeps what its backward code needs, on a private graph
+    under one node of this function (not ``_Recompute``: the training loop this is for
+    backpropagates every call); a backward runs inductor's backward code. A double backward
+    (``create_graph=True``) instead differentiates the graph recomputed with autograd
+    recording, as ``_Recompute`` does: inductor's backward code is not differentiable."""
 
     @staticmethod
     def forward(ctx: Any, exe: Executable, compiled: Any,  # type: ignore[override]
@@ -387,26 +394,18 @@ class _Trained(torch.autograd.Function):
             inner = [a.detach().requires_grad_() if a.requires_grad else a for a in args]
             outs = list(compiled(*inner))
         ctx.inner, ctx.outs = inner, outs
+        result = tuple(o.detach() for o in outs)
         if not exe.float_outputs:
-            ctx.mark_non_differentiable(*[t for t in outs if not (t.is_floating_point()
-                                                                   or t.is_complex())])
-        return tuple(o.detach() for o in outs)
+            ctx.mark_non_differentiable(*[t for t in result if not (t.is_floating_point()
+                                                                     or t.is_complex())])
+        return result
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
         if torch.is_grad_enabled():
             return (None, None, *_recorded_grads(ctx.exe, ctx.saved_tensors, grads))
-        inner, outs = ctx.inner, ctx.outs
-        wanted = [i for i, a in enumerate(inner) if a.requires_grad]
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         # retain_graph: a caller's backward(retain_graph=True) may run this backward again
-        got = torch.autograd.grad([o for o, _ in pairs], [inner[i] for i in wanted],
-                                  [g for _, g in pairs], allow_unused=True,
-                                  retain_graph=True) if pairs else ()
-        result: list[Any] = [None] * len(inner)
-        for i, g in zip(wanted, got):
-            result[i] = g
-        return (None, None, *result)
+        return (None, None, *_input_grads(ctx.outs, grads, ctx.inner, retain_graph=True))
 
 
 # ``_Recompute.apply`` without ``Function.apply``'s Python prelude, which only matters under
@@ -508,7 +507,7 @@ def _grad_levels_only(live: bool = True) -> bool:
     return (bool(levels) or not live) and all(lv.key() == TransformType.Grad for lv in levels)
 
 
-def _compile_autograd(gm: GraphModule, template: Any, args: tuple[Any, ...]) -> Any:
+def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     """``gm`` compiled by inductor for calls whose history autograd records (flat outputs;
     see ``Executable._inductor_autograd``), or ``_FAILED``."""
     try:
