@@ -15,8 +15,8 @@ too. It takes the inputs and the cotangents and recomputes the forward values it
 (nothing is saved between the two calls but the inputs). On a CPU the recomputation costs
 more than recording saves (measured: 0.9-1.6x the recorded step), so a CPU records
 (``executable.BACKWARD_GRAPHS``) -- except with ``compile=True`` at torch.func's grad levels,
-where inductor fuses both graphs (measured: 1.3-3.3x faster ``torch.func.grad`` PINN steps
-than recording; NOTE [Inductor executor]).
+where inductor fuses both graphs (measured: ``torch.func.grad`` PINN steps level with
+recording for wide Laplacians, up to 3x faster for higher orders; NOTE [Inductor executor]).
 
 A backward graph is never differentiated through its own operators: the trace records
 autograd's saved values as ``detach``, so its operators compute the right values but not the
