@@ -225,7 +225,7 @@ def _examples(split: Split, args: tuple[Any, ...], kwargs: dict[str, Any],
         for node in out_node.args[0]:
             v = node.meta["val"]
             random.append(TensorMeta(tuple(v.shape), v.dtype, v.device))
-    return z, random + [tensors[i] for i in split.rest] + list(lifted)
+    return z, split.others(tensors, random, lifted)
 
 
 def _empty_runner(req: Request, split: Split) -> Runner:

@@ -187,10 +187,14 @@ class Split:
             z = z if z.dim() == 1 else z.reshape(-1)
         else:
             z = torch.cat([tensors[i].reshape(-1) for i in self.diff])
-        random = self.cap.random_values(tensors, lifted)
-        others = random + [tensors[i] for i in self.rest] + list(lifted)
+        others = self.others(tensors, self.cap.random_values(tensors, lifted), lifted)
         targets = [(tensors + list(lifted))[i] for i in self.cap.mutated]
         return z, others, targets
+
+    def others(self, tensors: list[Any], random: list[Any], lifted: Any) -> list[Any]:
+        """The flat function's inputs after ``z``, in its order: the random values, the
+        constant argument tensors (of the call's ``tensors``), the lifted tensors."""
+        return [*random, *(tensors[i] for i in self.rest), *lifted]
 
     def n_static(self, n_lifted: int) -> int:
         """How many of the flat function's last inputs are *static* (see ``Executable``): the
