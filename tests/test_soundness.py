@@ -369,6 +369,40 @@ def test_batch_norm_buffers_update_exactly_once_per_call():
         assert_tree_close(dict(net.named_buffers()), dict(twin.named_buffers()))
 
 
+@pytest.mark.parametrize("norm", ["batch", "instance", "functional_call"])
+def test_running_statistics_updated_by_eager_steps_are_seen(norm):
+    """torch's batch-norm kernels update running statistics in place without bumping their
+    version counters (NOTE [Unversioned writes]): an eval-mode derivative after an eager
+    train-mode step must use the new statistics, not values hoisted from the old ones."""
+    torch.manual_seed(2)
+    layer = (nn.InstanceNorm1d(4, affine=True, track_running_stats=True) if norm == "instance"
+             else nn.BatchNorm1d(4))
+    net = nn.Sequential(nn.Linear(3, 4), layer, nn.Tanh(), nn.Linear(4, 1)).to(F64).eval()
+    state = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    if norm == "instance":
+        f = lambda x: net[3](net[2](net[1](net[0](x).reshape(1, 4, 1)).reshape(4))).sum()  # noqa: E731
+    elif norm == "functional_call":
+        f = lambda s, x: torch.func.functional_call(net, s, (x.unsqueeze(0),)).sum()  # noqa: E731
+    else:
+        f = lambda x: net(x.unsqueeze(0)).sum()  # noqa: E731
+    x, before = _x(3, seed=4), None
+    for step in range(3):
+        with torch.no_grad():
+            ref = (reference_deriv(f, 3, 1)(state, x) if norm == "functional_call"
+                   else reference_deriv(f, 3)(x))
+        with xafunc.strict():
+            got = (xderiv(f, 3, argnums=1)(state, x) if norm == "functional_call"
+                   else xderiv(f, 3)(x))
+        assert_tree_close(got, ref, msg=f"after {step} eager train-mode steps")
+        assert before is None or not torch.allclose(got, before), "the statistics moved"
+        before = got
+        net.train()
+        with torch.no_grad():  # one eager step: the kernel writes the running statistics
+            net[1](torch.randn(5, 4, 3, dtype=F64) if norm == "instance"
+                   else torch.randn(5, 4, dtype=F64))
+        net.eval()
+
+
 def test_failed_call_leaves_module_buffers_alone(monkeypatch):
     import xafunc._engine.memory as memory
 

@@ -40,12 +40,22 @@ runs, and needs only the dispatcher:
   tensor had no values.
 * Random operators draw while tracing (their values are unused); the caller's RNG state is
   restored afterwards.
+
+NOTE [Unversioned writes]
+Values hoisted out of a graph are cached with their inputs' version counters (NOTE [Fast
+execution]), but torch's batch-norm kernels update the running statistics in place without
+bumping theirs: an ``nn.BatchNorm`` model run once in train mode, outside any transform, then
+differentiated in eval mode would reuse statistics from before that step. So the recording
+notes every input an operator reads as running statistics (arguments 3 and 4 of the
+batch-norm family, and the inputs they are computed from), and :func:`unversioned` tells the
+executor not to trust those tensors' counters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -56,6 +66,22 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 aten = torch.ops.aten
+
+# operators whose arguments 3 and 4 are running statistics they may update without bumping
+# their version counters (NOTE [Unversioned writes])
+_RUNNING_STATS_OPS = {
+    aten.batch_norm, aten._batch_norm_impl_index, aten.native_batch_norm,
+    aten._native_batch_norm_legit, aten._native_batch_norm_legit_no_training,
+    aten._native_batch_norm_legit_functional, aten._batch_norm_with_update,
+    aten._batch_norm_no_update, aten.cudnn_batch_norm, aten.miopen_batch_norm,
+}
+_UNVERSIONED: weakref.WeakSet[Tensor] = weakref.WeakSet()
+
+
+def unversioned(t: Tensor) -> bool:
+    """Whether ``t`` may be written in place without its version counter changing (a
+    recorded function read it as batch-norm running statistics; NOTE [Unversioned writes])."""
+    return t in _UNVERSIONED
 
 
 class TraceError(Exception):
@@ -197,6 +223,19 @@ class _Recorder(TorchDispatchMode):
         self.constants: dict[int, Node] = {}
         self.keep: list[Tensor] = []  # constants stay alive (their ids key ``constants``)
         self.active = False
+        self.running_stats: set[Node] = set()  # inputs read as running statistics
+
+    def _note_running_stats(self, stats: Any) -> None:
+        """Note the inputs ``stats`` are computed from (NOTE [Unversioned writes])."""
+        todo = [t._node for t in stats if isinstance(t, _Traced) and t._node is not None]
+        seen: set[Node] = set()
+        while todo:
+            node = todo.pop()
+            if node not in seen:
+                seen.add(node)
+                if node.op == "placeholder":
+                    self.running_stats.add(node)
+                todo.extend(node.all_input_nodes)
 
     def placeholder(self, name: str, example: Any, requires_grad: bool) -> Any:
         node = self.graph.placeholder(name)
@@ -261,6 +300,8 @@ class _Recorder(TorchDispatchMode):
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         if self.no_grad_cut and torch.is_inference_mode_enabled():
             raise TraceError("it uses torch.inference_mode")
+        if func.overloadpacket in _RUNNING_STATS_OPS:
+            self._note_running_stats(args[3:5])
         decomposition = self.decompositions.get(func)
         if decomposition is not None:
             with self:
@@ -376,4 +417,8 @@ def record(fn: Callable[..., Any], examples: list[Any],
             recorder.graph.output(pytree.tree_map(recorder._node, out))
         finally:
             recorder.active = False
+    placeholders = [n for n in recorder.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, examples):
+        if node in recorder.running_stats and isinstance(example, Tensor):
+            _UNVERSIONED.add(example)
     return GraphModule(recorder.root, recorder.graph)

@@ -68,6 +68,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 
+from .._capture.tracer import unversioned
 from . import cuda_graph
 from .backward import vjp_graph
 from .optimize import for_autograd, pure_op
@@ -795,9 +796,11 @@ def _copy(graph: Graph) -> Graph:
 
 def _stamps(tensors: list[Tensor]) -> list[Any] | None:
     """What hoisted values depend on: each tensor's identity (held weakly, so a new tensor
-    that reuses a freed one's memory is never mistaken for it), storage and version counter."""
+    that reuses a freed one's memory is never mistaken for it), storage and version counter
+    (None, never equal, for a tensor written without bumping it: NOTE [Unversioned writes])."""
     try:
-        return [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+        return [(weakref.ref(t), t.data_ptr(), None if unversioned(t) else t._version)
+                for t in tensors]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
 
