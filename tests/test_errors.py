@@ -129,6 +129,14 @@ def test_argnums_out_of_range(name, argnums):
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_no_positional_arguments(name):
+    t = TRANSFORMS[name](lambda x=X: x.sin().sum())
+    with pytest.raises(ValueError, match=m(f"{name}:", "argnums=0", "passed none",
+                                           "positionally")):
+        t(x=X)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
 @pytest.mark.parametrize("argnums", [(0, 0), (1, -1), (0, 1, 0), (-2, 0)])
 def test_argnums_duplicated(name, argnums):
     t = TRANSFORMS[name](f2, argnums=argnums)

@@ -95,6 +95,12 @@ def normalize_argnums(name: str, argnums: int | tuple[int, ...], nargs: int) -> 
     items = argnums if isinstance(argnums, tuple) else (argnums,)
     out = []
     for a in items:
+        if not nargs:
+            raise ValueError(
+                f"{name}: argnums={argnums!r} selects a positional argument, but the call passed "
+                "none. Pass the inputs to differentiate positionally, e.g. "
+                f"{name}(f)(x) rather than {name}(f)(x=x)."
+            )
         if not -nargs <= a < nargs:
             raise ValueError(
                 f"{name}: argnums={argnums!r} is out of range for a call with {nargs} positional "
