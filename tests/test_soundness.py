@@ -403,6 +403,22 @@ def test_running_statistics_updated_by_eager_steps_are_seen(norm):
         net.eval()
 
 
+def test_running_statistics_are_noted_by_identity():
+    """The hoisting cache distrusts exactly the running statistics' counters (the others keep
+    caching), told apart by identity (never by ``==``, which is elementwise on tensors)."""
+    from xafunc._capture.tracer import unversioned
+    from xafunc._execute.executable import _stamps
+
+    net = nn.BatchNorm1d(4).to(F64).eval()
+    with xafunc.strict():
+        xderiv(lambda x: net(x.unsqueeze(0)).sum(), 2)(_x(4))
+    mean, var, weight = net.running_mean, net.running_var, net.weight
+    assert unversioned(mean) and unversioned(var)
+    assert not unversioned(weight) and not unversioned(mean.clone())
+    stamps = _stamps([mean, weight])
+    assert stamps is not None and stamps[0][2] is None and stamps[1][2] == weight._version
+
+
 def test_failed_call_leaves_module_buffers_alone(monkeypatch):
     import xafunc._engine.memory as memory
 

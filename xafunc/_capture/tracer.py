@@ -75,13 +75,20 @@ _RUNNING_STATS_OPS = {
     aten._native_batch_norm_legit_functional, aten._batch_norm_with_update,
     aten._batch_norm_no_update, aten.cudnn_batch_norm, aten.miopen_batch_norm,
 }
-_UNVERSIONED: weakref.WeakSet[Tensor] = weakref.WeakSet()
+# id -> weak reference (a ``WeakSet`` compares tensors with ``==``, which is elementwise)
+_UNVERSIONED: dict[int, weakref.ref[Tensor]] = {}
+
+
+def _note_unversioned(t: Tensor) -> None:
+    key = id(t)
+    _UNVERSIONED[key] = weakref.ref(t, lambda _: _UNVERSIONED.pop(key, None))
 
 
 def unversioned(t: Tensor) -> bool:
     """Whether ``t`` may be written in place without its version counter changing (a
     recorded function read it as batch-norm running statistics; NOTE [Unversioned writes])."""
-    return t in _UNVERSIONED
+    ref = _UNVERSIONED.get(id(t))
+    return ref is not None and ref() is t
 
 
 class TraceError(Exception):
@@ -420,5 +427,5 @@ def record(fn: Callable[..., Any], examples: list[Any],
     placeholders = [n for n in recorder.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, examples):
         if node in recorder.running_stats and isinstance(example, Tensor):
-            _UNVERSIONED.add(example)
+            _note_unversioned(example)
     return GraphModule(recorder.root, recorder.graph)
