@@ -123,11 +123,33 @@ def test_jet_compiles_its_propagation() -> None:
     assert _counts() == (compiles + 1, calls + 2)
 
 
+def test_evaluation_calls_with_trainable_weights_run_the_no_grad_code() -> None:
+    """Derivatives of a module whose weights require grad, called without ``no_grad`` and never
+    backpropagated (an evaluation loop): the first call runs TorchScript, the second compiles
+    the no-grad code, and its result still carries history (NOTE [Recompute])."""
+    net = _mlp(requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).sum()
+
+    x = torch.randn(3, dtype=torch.float64)
+    compiles, calls = _counts()
+    trained = InductorStats.autograd_calls
+    for step in range(3):
+        got = xafunc.xhessian(f, compile=True)(x)
+        assert_tree_close(got.detach(), reference_deriv(f, 2)(x), msg=f"call {step}")
+    assert _counts() == (compiles + 1, calls + 2), "TorchScript first, then the no-grad code"
+    assert InductorStats.autograd_calls == trained
+    weights = [net[0].weight, net[0].bias]
+    expected = torch.autograd.grad(torch.func.hessian(f)(x).sum(), weights)
+    assert_tree_close(list(torch.autograd.grad(got.sum(), weights)), list(expected))
+
+
 def test_training_steps_run_inductor_forward_and_backward() -> None:
-    """A PINN step with ``loss.backward()``: calls recorded by autograd run inductor's forward
-    and backward code (NOTE [Inductor executor], training), compiled once;
-    gradients, a double backward and a backward run twice (``retain_graph``) match
-    torch.func's."""
+    """A PINN step with ``loss.backward()``: the first step runs TorchScript, then calls
+    recorded by autograd run inductor's forward and backward code (NOTE [Inductor executor],
+    training), compiled once; gradients, a double backward and a backward run twice
+    (``retain_graph``) match torch.func's."""
     net = _mlp(requires_grad=True)
     xs = torch.randn(5, 3, dtype=torch.float64)
     params = dict(net.named_parameters())
@@ -154,7 +176,7 @@ def test_training_steps_run_inductor_forward_and_backward() -> None:
         net.zero_grad()
         loss().backward()
         assert_tree_close([p.grad for p in weights], list(expected), msg=f"step {step}")
-    assert (InductorStats.compiles, InductorStats.autograd_calls) == (compiles + 1, calls + 3)
+    assert (InductorStats.compiles, InductorStats.autograd_calls) == (compiles + 1, calls + 2)
     out = loss()
     first = torch.autograd.grad(out, weights, retain_graph=True)
     assert_tree_close(list(first), list(expected))
@@ -162,7 +184,7 @@ def test_training_steps_run_inductor_forward_and_backward() -> None:
     got = torch.autograd.grad(loss(), weights, create_graph=True)
     assert_tree_close(list(torch.autograd.grad(sum(g.sum() for g in got), weights)),
                       list(second), msg="double backward")
-    assert InductorStats.autograd_calls == calls + 5
+    assert InductorStats.autograd_calls == calls + 4
 
 
 def test_torch_func_grad_steps_run_inductor_forward_and_backward() -> None:

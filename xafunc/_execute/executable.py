@@ -200,11 +200,13 @@ class Executable:
             return _fill(self._template, _GraphFunction.apply(self, *args))
         if mode == "plain":
             needs_grad = _needs_grad((*args, *self.consts))
-            if needs_grad and self.compile:
-                out = self._inductor_autograd(args)  # NOTE [Inductor executor], training
+            if needs_grad and self.compile and self.recording:
+                # a backward pass has run: a training loop (NOTE [Inductor executor], training)
+                out = self._inductor_autograd(args)
                 if out is not None:
                     return out
-            if not (needs_grad and self.recording) and self._fast_path(args) is not _FAILED:
+            if not (needs_grad and self.recording) \
+                    and self._fast_path(args, needs_grad) is not _FAILED:
                 if not needs_grad:
                     return self._fast(args)
                 if backward_graphs(args, replayed=self._fast.why_not_graph is None):
@@ -291,13 +293,17 @@ class Executable:
             got = self._backward[wanted, given] = (back, cot_at, reached)
         return got
 
-    def _fast_path(self, args: tuple[Any, ...]) -> Any:
+    def _fast_path(self, args: tuple[Any, ...], needs_grad: bool = False) -> Any:
         fast = self._fast
         if fast is None:
-            fast = self._fast = self._build(args)
+            # with compile=True, a first call whose result autograd records runs TorchScript:
+            # the one compile waits for the next call, which knows whether a backward pass ran
+            # (NOTE [Inductor executor], training)
+            fast = self._fast = self._build(args, inductor=self.compile and not needs_grad)
         elif self.compile and fast is not _FAILED and fast.inductor is None:
-            # compile=True was set after the fast path was built (timed candidates run
-            # TorchScript first; see NOTE [Timing close candidates])
+            # a second call without a backward pass in between, or compile=True set after
+            # the fast path was built (timed candidates run TorchScript first; see
+            # NOTE [Timing close candidates])
             fast.compile_inductor(args)
         return fast
 
@@ -308,10 +314,10 @@ class Executable:
                 self._executor = "torchscript (autograd)"
         return self._full
 
-    def _build(self, args: tuple[Any, ...]) -> Any:
+    def _build(self, args: tuple[Any, ...], inductor: bool) -> Any:
         try:
             fast = _FastPath(self.gm, self.n_static)
-            if not (self.compile and fast.compile_inductor(args)):
+            if not (inductor and fast.compile_inductor(args)):
                 fast.trace(args)
         except Exception:  # noqa: BLE001 - anything the fast path cannot do runs as FX
             return _FAILED
@@ -379,10 +385,12 @@ def _input_grads(outs: list[Any], grads: tuple[Tensor, ...], inputs: Any,
 
 
 class _Trained(torch.autograd.Function):
-    """NOTE [Inductor executor], training: ``compile=True`` calls recorded by autograd run
-    inductor's forward code, which keeps what its backward code needs, on a private graph
-    under one node of this function (not ``_Recompute``: the training loop this is for
-    backpropagates every call); a backward runs inductor's backward code. A double backward
+    """NOTE [Inductor executor], training: ``compile=True`` calls recorded by autograd, once a
+    backward pass has run (a training loop: the first such call runs TorchScript under
+    ``_Recompute``, and a second call without a backward in between compiles the no-grad code
+    instead -- an evaluation loop), run inductor's forward code, which keeps what its backward
+    code needs, on a private graph under one node of this function; a backward runs
+    inductor's backward code. A double backward
     (``create_graph=True``) instead differentiates the graph recomputed with autograd
     recording, as ``_Recompute`` does: inductor's backward code is not differentiable."""
 
