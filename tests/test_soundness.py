@@ -403,6 +403,35 @@ def test_running_statistics_updated_by_eager_steps_are_seen(norm):
         net.eval()
 
 
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, foreach=True),
+    lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+    lambda p: torch.optim.Adam(p, lr=0.1, foreach=False),
+    lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=2),
+], ids=["sgd_foreach", "adam_fused", "adam_single_tensor", "lbfgs"])
+def test_optimizer_steps_between_calls_are_seen(make_optimizer):
+    """An optimiser step between calls is seen, whichever kernel writes the weights: foreach and
+    per-tensor ones bump the weights' version counters, fused ones do not (NOTE [Unversioned
+    writes]); the values are hoisted (``no_grad``), so a stale cache would show."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
+    f = lambda x: net(x).sum()  # noqa: E731
+    x = _x(3, seed=5)
+    opt = make_optimizer(net.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = xlaplacian(f)(x).pow(2)
+        loss.backward()
+        return loss
+
+    for step in range(3):
+        with torch.no_grad(), xafunc.strict():  # the plain fast path, with hoisted values
+            got = xlaplacian(f)(x)
+        assert_tree_close(got, reference_deriv(f, 2)(x).trace(), msg=f"after {step} steps")
+        opt.step(closure)
+
+
 def test_running_statistics_are_noted_by_identity():
     """The hoisting cache distrusts exactly the running statistics' counters (the others keep
     caching), told apart by identity (never by ``==``, which is elementwise on tensors)."""
@@ -416,7 +445,7 @@ def test_running_statistics_are_noted_by_identity():
     assert unversioned(mean) and unversioned(var)
     assert not unversioned(weight) and not unversioned(mean.clone())
     stamps = _stamps([mean, weight])
-    assert stamps is not None and stamps[0][2] is None and stamps[1][2] == weight._version
+    assert stamps is not None and stamps[1][2] is None and stamps[2][2] == weight._version
 
 
 def test_failed_call_leaves_module_buffers_alone(monkeypatch):

@@ -48,7 +48,11 @@ bumping theirs: an ``nn.BatchNorm`` model run once in train mode, outside any tr
 differentiated in eval mode would reuse statistics from before that step. So the recording
 notes every input an operator reads as running statistics (arguments 3 and 4 of the
 batch-norm family, and the inputs they are computed from), and :func:`unversioned` tells the
-executor not to trust those tensors' counters.
+executor not to trust those tensors' counters. Fused optimisers (``Adam(fused=True)``,
+``SGD(fused=True)``, ...) write the parameters without bumping theirs either, and so does an
+optimiser of one's own that writes through ``p.data``: the executor counts every optimiser
+step in the process (a global post-step hook, ``executable._OPTIMIZER_STEPS``) and recomputes
+hoisted values after any step.
 """
 
 from __future__ import annotations

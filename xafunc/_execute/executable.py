@@ -67,6 +67,7 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._capture.tracer import unversioned
 from . import cuda_graph
@@ -802,21 +803,35 @@ def _copy(graph: Graph) -> Graph:
     return new
 
 
+# optimiser steps taken in this process (NOTE [Unversioned writes]): fused optimisers write
+# the parameters without bumping their version counters
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(*_: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def _stamps(tensors: list[Tensor]) -> list[Any] | None:
-    """What hoisted values depend on: each tensor's identity (held weakly, so a new tensor
-    that reuses a freed one's memory is never mistaken for it), storage and version counter
-    (None, never equal, for a tensor written without bumping it: NOTE [Unversioned writes])."""
+    """What hoisted values depend on: the optimiser steps taken so far, and each tensor's
+    identity (held weakly, so a new tensor that reuses a freed one's memory is never mistaken
+    for it), storage and version counter (None, never equal, for a tensor written without
+    bumping it; NOTE [Unversioned writes])."""
     try:
-        return [(weakref.ref(t), t.data_ptr(), None if unversioned(t) else t._version)
-                for t in tensors]
+        return [_OPTIMIZER_STEPS[0], *((weakref.ref(t), t.data_ptr(),
+                                        None if unversioned(t) else t._version)
+                                       for t in tensors)]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
 
 
 def _unchanged(stamps: list[Any] | None, tensors: list[Tensor]) -> bool:
-    if stamps is None or len(stamps) != len(tensors):
+    if stamps is None or len(stamps) != len(tensors) + 1 or stamps[0] != _OPTIMIZER_STEPS[0]:
         return False
-    for (ref, ptr, version), t in zip(stamps, tensors):
+    for (ref, ptr, version), t in zip(stamps[1:], tensors):
         if ref() is not t or t._version != version or t.data_ptr() != ptr:
             return False
     return True
