@@ -445,7 +445,7 @@ def test_running_statistics_are_noted_by_identity():
     assert unversioned(mean) and unversioned(var)
     assert not unversioned(weight) and not unversioned(mean.clone())
     stamps = _stamps([mean, weight])
-    assert stamps is not None and stamps[1][2] is None and stamps[2][2] == weight._version
+    assert stamps is not None and stamps[1][0][2] is None and stamps[1][1][2] == weight._version
 
 
 def test_failed_call_leaves_module_buffers_alone(monkeypatch):

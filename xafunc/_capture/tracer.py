@@ -40,19 +40,10 @@ runs, and needs only the dispatcher:
   tensor had no values.
 * Random operators draw while tracing (their values are unused); the caller's RNG state is
   restored afterwards.
-
-NOTE [Unversioned writes]
-Values hoisted out of a graph are cached with their inputs' version counters (NOTE [Fast
-execution]), but torch's batch-norm kernels update the running statistics in place without
-bumping theirs: an ``nn.BatchNorm`` model run once in train mode, outside any transform, then
-differentiated in eval mode would reuse statistics from before that step. So the recording
-notes every input an operator reads as running statistics (arguments 3 and 4 of the
-batch-norm family, and the inputs they are computed from), and :func:`unversioned` tells the
-executor not to trust those tensors' counters. Fused optimisers (``Adam(fused=True)``,
-``SGD(fused=True)``, ...) write the parameters without bumping theirs either, and so does an
-optimiser of one's own that writes through ``p.data``: the executor counts every optimiser
-step in the process (a global post-step hook, ``executable._OPTIMIZER_STEPS``) and recomputes
-hoisted values after any step.
+* Every input an operator of the batch-norm family reads as running statistics (arguments 3
+  and 4, and the inputs they are computed from) is noted: those kernels write them without
+  bumping their version counters, which the executor's cache trusts (:func:`unversioned`,
+  NOTE [Unversioned writes] in ``executable.py``).
 """
 
 from __future__ import annotations

@@ -803,8 +803,16 @@ def _copy(graph: Graph) -> Graph:
     return new
 
 
-# optimiser steps taken in this process (NOTE [Unversioned writes]): fused optimisers write
-# the parameters without bumping their version counters
+# NOTE [Unversioned writes]
+# Hoisted values are cached with their inputs' version counters, but two writers in torch do
+# not bump them. The batch-norm kernels update the running statistics in place: an
+# ``nn.BatchNorm`` model run once in train mode, outside any transform, then differentiated in
+# eval mode would reuse statistics from before that step. So the tracer notes every input a
+# batch-norm operator reads as running statistics (``tracer.unversioned``), and their stamps
+# never match. Fused optimisers (``Adam(fused=True)``, ``SGD(fused=True)``, ...) write the
+# parameters, and so does an optimiser of one's own that writes through ``p.data``: every
+# optimiser step in the process (a global post-step hook) is counted, and stamps taken before
+# the last step never match.
 _OPTIMIZER_STEPS = [0]
 
 
@@ -815,23 +823,22 @@ def _count_optimizer_step(*_: Any) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _stamps(tensors: list[Tensor]) -> list[Any] | None:
+def _stamps(tensors: list[Tensor]) -> tuple[int, list[Any]] | None:
     """What hoisted values depend on: the optimiser steps taken so far, and each tensor's
     identity (held weakly, so a new tensor that reuses a freed one's memory is never mistaken
     for it), storage and version counter (None, never equal, for a tensor written without
     bumping it; NOTE [Unversioned writes])."""
     try:
-        return [_OPTIMIZER_STEPS[0], *((weakref.ref(t), t.data_ptr(),
-                                        None if unversioned(t) else t._version)
-                                       for t in tensors)]
+        return _OPTIMIZER_STEPS[0], [(weakref.ref(t), t.data_ptr(),
+                                      None if unversioned(t) else t._version) for t in tensors]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
 
 
-def _unchanged(stamps: list[Any] | None, tensors: list[Tensor]) -> bool:
-    if stamps is None or len(stamps) != len(tensors) + 1 or stamps[0] != _OPTIMIZER_STEPS[0]:
+def _unchanged(stamps: tuple[int, list[Any]] | None, tensors: list[Tensor]) -> bool:
+    if stamps is None or stamps[0] != _OPTIMIZER_STEPS[0] or len(stamps[1]) != len(tensors):
         return False
-    for (ref, ptr, version), t in zip(stamps[1:], tensors):
+    for (ref, ptr, version), t in zip(stamps[1], tensors):
         if ref() is not t or t._version != version or t.data_ptr() != ptr:
             return False
     return True
