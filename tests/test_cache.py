@@ -23,6 +23,7 @@ from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 import xafunc
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc import xderiv, xhessian, xjacobian, xlaplacian
+from xafunc._capture import cache
 
 F64 = torch.float64
 
@@ -245,15 +246,91 @@ def test_boolean_mask_is_guarded_by_value():
     _both(f, lambda: mask.__setitem__(1, True), _x(4))
 
 
-def test_python_side_effects_fall_back():
-    calls = []
+def test_python_side_effects_happen_once_per_call():
+    """NOTE [Python side effects]: a function that counts its calls runs once per call, as
+    under torch.func, and its derivatives use the count that one run left -- the traced graph
+    for this call only while the count keeps changing, then the reference without tracing."""
+    count = [0]
 
     def f(x):
-        calls.append(1)  # state the function reads changes every call
-        return (x * len(calls)).sin().sum()
+        count[0] += 1
+        return (x * count[0]).sin().sum()
 
+    x = _x()
+    for call in range(1, 7):
+        with xafunc.strict(call <= cache.SELF_CHANGES):  # the engine on the first calls
+            got = xhessian(f)(x)
+        assert count[0] == call, "one run of f per call"
+        assert_tree_close(got, reference_deriv(lambda x, c=call: (x * c).sin().sum(), 2)(x))
     with xafunc.strict(False):
-        assert "changes Python state" in xafunc.plan(f, 1)(_x()).fallback
+        p = xafunc.plan(f, 2)(x)
+    assert p.strategy == "reference" and "on every call" in p.fallback and count[0] == 6
+
+
+def test_lazily_built_state_is_built_once_and_then_cached():
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = None
+            self.builds = 0
+
+        def forward(self, x):
+            if self.scale is None:  # built on the first call
+                self.builds += 1
+                self.scale = 2.5
+            return (x * self.scale).tanh().sum()
+
+    model, x = Lazy(), _x()
+    for _ in range(4):
+        with xafunc.strict():
+            got = xderiv(model, 3)(x)
+        assert_tree_close(got, reference_deriv(lambda x: (x * 2.5).tanh().sum(), 3)(x))
+    info = xafunc.cache_info()
+    assert model.builds == 1 and (info.misses, info.hits) == (2, 2), info
+
+
+def test_tensors_stored_in_python_state_hold_each_calls_values():
+    """A module that keeps its last activation (``self.last = h.detach()``) for logging: a
+    cached graph would leave a stale (or the tracer's own) tensor there, so each call runs
+    ``forward`` once and ``last`` holds that call's values (NOTE [Python side effects])."""
+
+    class Logged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4).to(F64)
+            self.last = None
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x))
+            self.last = h.detach()
+            return h.sum()
+
+    model = Logged()
+    plain = lambda x: torch.tanh(model.lin(x)).sum()  # noqa: E731
+    for seed in range(5):
+        x = _x(seed=seed)
+        with xafunc.strict(seed == 0):  # then the reference: the store is on every call
+            got = xhessian(model)(x)
+        assert_tree_close(got, reference_deriv(plain, 2)(x))
+        assert_tree_close(model.last * 1, torch.tanh(model.lin(x)).detach())
+    with xafunc.strict(False):
+        assert "on every call" in xafunc.plan(model, 2)(x).fallback
+
+
+def test_explicit_generators_draw_what_torch_func_draws():
+    gen = torch.Generator().manual_seed(3)
+    f = lambda x: (x * torch.rand(3, generator=gen, dtype=F64)).sin().sum()  # noqa: E731
+    x = _x()
+    for _ in range(2):
+        state = gen.get_state()
+        with xafunc.strict(False):
+            got = xhessian(f)(x)
+        after = gen.get_state()
+        gen.set_state(state)
+        assert_tree_close(got, jacrev(jacrev(f))(x))
+        assert torch.equal(after, gen.get_state()), "one draw per call"
+    with xafunc.strict(False):
+        assert "its own torch.Generator" in xafunc.plan(f, 2)(x).fallback
 
 
 # ----------------------------------------------------------------------- reuse and leaks

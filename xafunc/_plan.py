@@ -153,7 +153,16 @@ def build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[s
                lifted: tuple[Tensor, ...], name: str | None = None) -> Plan:
     """Choose and prepare the computation of ``req`` for one capture (validates the call;
     errors are reported under ``name``, the public transform called)."""
-    name = name or req.transform
+    plan = _build_plan(req, entry, args, kwargs, lifted, name or req.transform)
+    if entry.changed_state is not None and entry.captured.graph is not None:
+        plan.details.append(
+            f"tracing changed Python state the function reads ({entry.changed_state}): this "
+            "capture serves this call only (NOTE [Python side effects])")
+    return plan
+
+
+def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
+                lifted: tuple[Tensor, ...], name: str) -> Plan:
     argnums = normalize_argnums(name, req.argnums, len(args))
     check_diff_args(name, args, argnums)
     in_numel = sum(leaf.numel() for a in argnums for leaf in pytree.tree_leaves(args[a]))

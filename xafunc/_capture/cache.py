@@ -21,6 +21,28 @@ traced again (a *miss*; a *recapture* when an entry with the same signature fail
 When one function keeps being recaptured, a warning names the guard that keeps failing, once,
 as torch.compile's recompile warning does. :func:`cache_info` reads the counters,
 :func:`clear_cache` empties the cache.
+
+NOTE [Python side effects]
+Tracing runs ``func`` once, on values. A function may change the Python state it reads while
+it runs (a call counter, an annealing step on a module, a lazily built attribute); torch.func
+runs it exactly once per call, so its side effects happen once and it reads the state they
+left. Right after the trace the state is checked against what was walked: a failed guard, or
+a tensor slot (``self.h``) now holding a tensor ``func`` computed, is a change. Running ``func``
+again -- the reference, or a second trace -- would repeat the side
+effects (a counter would count twice and the result would use the doubled count), so:
+
+* a capture that changed the state it reads is used **for this call only** (it is not
+  cached): its graph is what this one run of ``func`` computed, and the next call traces again
+  (a lazily built attribute is built once, and the next capture is kept);
+* a tensor ``func`` stored in its state while traced (or while the reference ran) behaves as
+  its value afterwards, as tensors leaked by torch.func's transforms do; the walk finds it and
+  sends the call to the reference, since only a run of ``func`` can store the next one;
+* the retries of a failed trace (values baked, no grad) are skipped once the state changed;
+* a function that changes its state on :data:`SELF_CHANGES` captures in a row runs the
+  reference from then on without being traced (``func`` once per call, as torch.func).
+
+Left over: a function whose trace *fails* and that changed its state while being traced runs
+once more in the reference on that call (the trace stopped part-way: there is nothing to run).
 """
 
 from __future__ import annotations
@@ -48,6 +70,9 @@ from .tracer import VALUE_DEPENDENT
 MAX_ENTRIES = 8
 #: recaptures of one function after which the warning is given
 WARN_AFTER = 8
+#: captures in a row that changed the Python state they read, after which the function runs
+#: the reference without being traced (NOTE [Python side effects])
+SELF_CHANGES = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,9 @@ class Entry:
     captured: Captured
     guards: GuardSet | None
     plans: dict[Any, Any] = field(default_factory=dict)
+    # how the trace changed the Python state it reads (NOTE [Python side effects]); such an
+    # entry has no guards and serves its call only
+    changed_state: str | None = None
 
 
 @dataclass
@@ -84,6 +112,10 @@ class _Slot:
     entries: list[Entry] = field(default_factory=list)
     recaptures: int = 0
     warned: bool = False
+    self_changes: int = 0  # captures in a row that changed the state they read
+    # once ``self_changes`` reached SELF_CHANGES: the reference entry of each signature
+    reference: dict[Hashable, Entry] | None = None
+    reference_reason: str = ""
 
 
 def identity(func: Any) -> Any:
@@ -196,16 +228,32 @@ class CaptureCache:
                         slot.entries.insert(0, slot.entries.pop(i))
                     return entry, lifted
                 failed = (entry, lifted)
+        if slot is not None and slot.reference is not None:
+            ref = slot.reference.get(sig)
+            if ref is None:
+                ref = slot.reference[sig] = Entry(sig, Captured(reason=slot.reference_reason),
+                                                  None)
+            self.hits += 1
+            return ref, ()
         with self._lock:
             self.misses += 1
             if leaves is None:
                 leaves, spec = pytree.tree_flatten((args, kwargs))
             grad = _leaves_of(args, differentiated) if differentiated else frozenset()
             entry, lifted = _capture_entry(func, sig, leaves, spec, objects, grad)
-            if key is None or entry.guards is None:
+            if key is None:
                 return entry, lifted
             if slot is None:
                 slot = self._slots.setdefault(key, _Slot())
+            slot.self_changes = slot.self_changes + 1 if entry.changed_state else 0
+            if slot.self_changes >= SELF_CHANGES:
+                slot.reference = {}
+                slot.reference_reason = (
+                    f"it changes Python state it reads on every call ({entry.changed_state}): "
+                    "running the graph of one call would repeat neither the change nor what "
+                    "depends on it")
+            if entry.guards is None:
+                return entry, lifted
             if failed is not None:
                 self.recaptures += 1
                 slot.recaptures += 1
@@ -264,10 +312,27 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     w = walk(func, objects)
     if w.problems:
         # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
-        return Entry(sig, Captured(reason="; ".join(w.problems)), None), ()
+        reason = "; ".join(w.problems)
+        return Entry(sig, Captured(reason=reason), None,
+                     changed_state=reason if w.leaked else None), ()
     tensors = [lt.tensor for lt in w.lifted]
     cap = capture(func, leaves, spec, tensors, w.value_buffers, grad=grad)
-    if cap.graph is None and grad and cap.reason and _WRITES_GRAD_LEAF in cap.reason:
+
+    def state_change() -> str | None:
+        """How the run of ``func`` changed the state it reads, or None (NOTE [Python side
+        effects]): a failed guard, or a tensor slot it filled with a tensor of its own."""
+        everything = compile_guards(w, list(range(len(tensors))))
+        now = everything.check(func, objects)
+        if type(now) is not tuple:
+            return everything.describe(now)
+        return next((f"{lt.where} was replaced by a tensor it computed" for lt, t
+                     in zip(w.lifted, now) if t is not lt.tensor), None)
+
+    def unchanged() -> bool:  # a retry runs ``func`` again
+        return state_change() is None
+
+    if cap.graph is None and grad and cap.reason and _WRITES_GRAD_LEAF in cap.reason \
+            and unchanged():
         # it writes to an argument it differentiates, which torch.func refuses too: traced
         # without requires_grad, the request reports that write (``request.Split``)
         grad = frozenset()
@@ -278,7 +343,7 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
         # tensors it reads into the graph, guarded by value, and try again
         baked = [i for i, t in enumerate(tensors) if t.numel() <= _BAKE_LIMIT
                  and (not t.is_floating_point() or t.dim() == 0)]
-        if baked:
+        if baked and unchanged():
             retry = capture(func, leaves, spec, tensors, w.value_buffers, set(baked), grad)
             cap = retry if retry.graph is not None else cap
             baked = baked if retry.graph is not None else []
@@ -286,11 +351,15 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     used = [i for i in used if i not in baked]
     guards = compile_guards(w, used, baked)
     lifted = guards.check(func, objects)
-    if type(lifted) is not tuple:
-        # running ``func`` changed the state it reads: Python side effects a graph cannot
-        # repeat, so the reference runs ``func`` on every call
-        cap = Captured(reason=f"it changes Python state it reads ({guards.describe(lifted)})")
-        return Entry(sig, cap, guards), ()
+    changed = guards.describe(lifted) if type(lifted) is not tuple else state_change()
+    if changed is not None:
+        # running ``func`` changed the state it reads (NOTE [Python side effects])
+        # (never reused: no guards)
+        if cap.graph is not None:  # this call's graph: ``func`` ran once, as under torch.func
+            return Entry(sig, cap, None, changed_state=changed), tuple(
+                w.lifted[i].tensor for i in used)
+        cap = Captured(reason=f"it changes Python state it reads ({changed})")
+        return Entry(sig, cap, None, changed_state=changed), ()
     return Entry(sig, cap, guards), lifted
 
 

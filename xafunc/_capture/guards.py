@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .tracer import leaked_value
+
 # beyond this many guards the state is not worth guarding: the function falls back
 _MAX_GUARDS = 50_000
 # containers of plain values longer than this are compared as a whole copy
@@ -87,6 +89,17 @@ _MODULE_SKIP = frozenset({
 _GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                         "_global_forward_hooks_always_called",
                         "_global_forward_hooks_with_kwargs")
+
+
+def _escaped(t: Tensor) -> bool:
+    """``t`` is a tensor of a torch.func transform that has returned (stored in Python state
+    while the reference ran): only that transform could read it."""
+    fx = torch._C._functorch
+    if not fx.is_functorch_wrapped_tensor(t):
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return fx.maybe_get_level(t) not in {i.level() for i in retrieve_all_functorch_interpreters()}
 
 
 def _library_paths() -> tuple[str, ...]:
@@ -157,6 +170,8 @@ class Walk:
     # memory of the numpy arrays guarded by value: tensors made from them (torch.from_numpy)
     # may be baked into the graph as constants
     value_buffers: list[tuple[int, int]] = field(default_factory=list)
+    # state holds a tensor the function stored there while it was traced
+    leaked: bool = False
 
     def tensor_table(self) -> dict[int, LiftedTensor]:
         return {id(lt.tensor): lt for lt in self.lifted}
@@ -278,6 +293,12 @@ class _Walker:
                        f"{where} == {obj!r}")
 
     def tensor(self, obj: Tensor, v: str, where: str) -> None:
+        if leaked_value(obj) is not None or _escaped(obj):
+            self.w.leaked = True
+            self.problem(f"{where} holds a tensor the function stored there while it was "
+                         "traced or differentiated (state it writes on every call: NOTE "
+                         "[Python side effects])")
+            return
         if type(obj) not in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and not _plain_like(obj):
             self.problem(f"{where} is a tensor subclass ({type(obj).__name__}); xafunc captures "
                          "plain tensors only")

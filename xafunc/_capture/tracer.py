@@ -39,7 +39,9 @@ runs, and needs only the dispatcher:
   runs the reference strategy instead of a graph that baked in one branch -- exactly as if the
   tensor had no values.
 * Random operators draw while tracing (their values are unused); the caller's RNG state is
-  restored afterwards.
+  restored afterwards. An operator given its own ``torch.Generator`` (``torch.rand(n,
+  generator=g)``) raises before it draws: a graph cannot hold the generator, and the reference
+  then draws from it exactly what torch.func would.
 * Every input an operator of the batch-norm family reads as running statistics (arguments 3
   and 4, and the inputs they are computed from) is noted: those kernels write them without
   bumping their version counters, which the executor's cache trusts (:func:`unversioned`,
@@ -170,8 +172,23 @@ class _Traced(Tensor):
         recorder = next(t._recorder for t in pytree.tree_leaves((args, kwargs))
                         if isinstance(t, _Traced))
         if not recorder.active:
-            raise TraceError("a tensor of a finished trace was used")
+            # one the traced function stored in Python state (``self.h = h``) and reads later:
+            # it is its value, as a tensor torch.func's transforms leak is (NOTE [Python side
+            # effects] in ``cache.py``)
+            return func(*pytree.tree_map(_value_of, args or ()),
+                        **pytree.tree_map(_value_of, kwargs or {}))
         return recorder.dispatch(func, args, kwargs or {})
+
+
+def _value_of(x: Any) -> Any:
+    return x._value if isinstance(x, _Traced) else x
+
+
+def leaked_value(t: Any) -> Tensor | None:
+    """The value of ``t`` if it is a tensor of a finished trace, else None."""
+    if isinstance(t, _Traced) and not t._recorder.active:
+        return t._value
+    return None
 
 
 def is_traced(t: Any) -> bool:
@@ -304,6 +321,8 @@ class _Recorder(TorchDispatchMode):
             raise TraceError("it uses torch.inference_mode")
         if func.overloadpacket in _RUNNING_STATS_OPS:
             self._note_running_stats(args[3:5])
+        if kwargs.get("generator") is not None:
+            raise TraceError("it draws random numbers from its own torch.Generator")
         decomposition = self.decompositions.get(func)
         if decomposition is not None:
             with self:
