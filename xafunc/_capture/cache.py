@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import threading
 import types
@@ -266,7 +267,7 @@ class CaptureCache:
                         f"because state it reads keeps changing; last failing guard: "
                         f"{fguards.describe(failed[1])}. Pass changing values as tensor "
                         "arguments (they are read afresh) instead of Python state.",
-                        stacklevel=4)
+                        stacklevel=_caller_level())
             slot.entries.insert(0, entry)
             del slot.entries[MAX_ENTRIES:]
             return entry, lifted
@@ -288,6 +289,20 @@ class CaptureCache:
         with self._lock:
             self._slots = weakref.WeakKeyDictionary()
             self.hits = self.misses = self.recaptures = 0
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of a warning that points at the user's call of a transform: the
+    first frame outside xafunc and torch (torch.compile's wrappers sit in between)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and _library_frame(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _library_frame(filename: str) -> bool:
+    return any(f"{os.sep}{pkg}{os.sep}" in filename for pkg in ("xafunc", "torch"))
 
 
 def _name(func: Any) -> str:
