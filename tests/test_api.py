@@ -490,3 +490,24 @@ def test_batch_norm_module_eval_and_functional_train():
     assert_tree_close(xderiv(f_eval, 2, mode="reverse")(x), reference_deriv(f_eval, 2)(x))
     f_train = lambda x: F.batch_norm(x.sin(), None, None, training=True).tanh().sum(0)  # noqa
     assert_tree_close(xderiv(f_train, 2, mode="reverse")(x), reference_deriv(f_train, 2)(x))
+
+
+@pytest.mark.parametrize("batch", [1, 512])
+def test_coefficients_share_one_product_only_while_small_under_vmap(batch):
+    """``map_coeffs`` concatenates the Taylor coefficients for one matrix product only while
+    they are small: under ``vmap`` the batched graph is traced from per-sample rules, so the
+    threshold must count the batch (a copy of 512 samples' coefficients costs more than the
+    product call it saves)."""
+    xafunc.clear_cache()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                        nn.Linear(64, 1)).to(torch.float64)
+    f = lambda x: net(x).squeeze(-1)  # noqa: E731
+    xs = t(batch, 2, seed=1)
+    with xafunc.strict():
+        got = torch.func.vmap(xhessian(f))(xs)
+    assert_tree_close(got, torch.func.vmap(reference_deriv(f, 2))(xs))
+    plans = [p for e in CACHE.entries(f) for p in e.plans.values() if p.program is not None]
+    graphs = [e.graph for p in plans for e in p.program.compiler.executables()]
+    cats = sum(n.target is torch.ops.aten.cat.default for g in graphs for n in g.nodes)
+    assert graphs and (cats > 0) == (batch == 1), cats

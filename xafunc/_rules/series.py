@@ -203,12 +203,21 @@ def cauchy(
 CONCAT_LIMIT = 1 << 16
 
 
+def _physical_numel(t: Tensor) -> int:
+    """Elements ``t`` occupies: under ``vmap`` (the batched fast path traces the rules under
+    it) its logical size times the batch sizes."""
+    fx = torch._C._functorch
+    while fx.is_functorch_wrapped_tensor(t):
+        t = fx.get_unwrapped(t)
+    return t.numel()
+
+
 def map_coeffs(x: Series, fn: Callable[[Tensor], Tensor]) -> list[Coeff]:
     """Apply a linear map (with the direction dim leading) to every coefficient."""
     present = [c for c in x.coeffs if c is not None]
     if not present:
         return [None] * x.order
-    if len(present) == 1 or sum(c.numel() for c in present) > CONCAT_LIMIT:
+    if len(present) == 1 or sum(_physical_numel(c) for c in present) > CONCAT_LIMIT:
         mapped = [fn(c) for c in present]
     else:
         sizes = [c.shape[0] for c in present]
