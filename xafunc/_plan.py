@@ -187,7 +187,7 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
                   f"({', '.join(sorted(f'{d}@{v}' for d, v in dtypes))}); the engine "
                   "concatenates them into one vector")
     elif req.mode != "reference":
-        from ._engine.program import compile_program
+        from ._engine.program import compile_program, first_order_basis
 
         z, others = _examples(split, args, kwargs, lifted)
         program, reason, schedules = compile_program(req, split, z, others,
@@ -203,6 +203,11 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
                     + ("; Hessian symmetry: block a computes gradient blocks b >= a only, the "
                        "rest are mirrored" if best.symmetric else "")
                     + "; NOTE [Blocked directions])")
+            if best.cut is None and best.blocks is None \
+                    and first_order_basis(in_numel, best.forward_degree):
+                details.append(
+                    f"first-order coefficients carried in the {in_numel} input directions, "
+                    f"not the {best.directions} Taylor directions (NOTE [First-order basis])")
             details += [f"candidate {s.describe()}, peak {fmt_bytes(s.est_peak_bytes)}"
                         for s in schedules[:4]]
             if best.join is not None:

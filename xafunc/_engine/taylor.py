@@ -10,7 +10,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .._rules import is_nondiff, lookup
-from .._rules.series import has_series, materialize, primals
+from .._rules.series import expand_basis, has_series, materialize, primals
 
 
 class Propagator:
@@ -50,12 +50,14 @@ class Propagator:
         return primals(x)
 
     def apply(self, rule: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        if not getattr(rule, "basis_aware", False):  # NOTE [First-order basis]
+            args, kwargs = expand_basis(args), {k: expand_basis(v) for k, v in kwargs.items()}
         if not getattr(rule, "unit_aware", False):
             args, kwargs = materialize(args), {k: materialize(v) for k, v in kwargs.items()}
         return rule(*args, **kwargs)
 
     def finish(self, value: Any) -> Any:
-        return materialize(value)
+        return materialize(expand_basis(value))
 
     # ------------------------------------------------------------------- run
     def __call__(self, *inputs: Any, stop_at: Any = None,

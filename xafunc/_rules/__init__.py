@@ -50,7 +50,21 @@ def has_rule(target: Any) -> bool:
 
 
 def _load() -> None:
+    import torch
+
     from . import bilinear, elementwise, linear, reductions  # noqa: F401
+    from .series import basis_linear
+
+    aten = torch.ops.aten
+    # rules linear in each coefficient and blind to the number of directions keep a
+    # first-order basis (NOTE [First-order basis]); matrix products while one side is constant
+    for op in (aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze,
+               aten.alias, aten.clone, aten.contiguous, aten._reshape_alias, aten.flatten,
+               aten.permute, aten.transpose, aten.t, aten.expand, aten.select, aten.slice,
+               aten.sum, aten.mean, aten.neg, aten.add, aten.sub):
+        RULES[op] = basis_linear(RULES[op])
+    for op in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.mv, aten.addmv):
+        RULES[op] = basis_linear(RULES[op], bilinear=True)
 
 
 _load()

@@ -20,8 +20,11 @@ from .series import (
     Coeff,
     Series,
     UnitSeed,
+    basis_aware,
     cauchy,
+    common_basis,
     compose_unary,
+    expand_basis,
     lift,
     map_coeffs,
     materialize,
@@ -55,14 +58,21 @@ def mul_series(a: Any, b: Any, y0: Tensor | None = None) -> Series:
             q = lift(q, nd)
         return p * q
 
+    basis, keep = common_basis((a, b))
+    if basis is not None and not keep:
+        a, b, basis = expand_basis(a), expand_basis(b), None
+    # in a basis (NOTE [First-order basis]): c_1 = a_0 b_1 + a_1 b_0 stays in it, the higher
+    # coefficients take the first ones expanded
+    full = (expand_basis(a), expand_basis(b)) if basis is not None and K > 1 else (a, b)
     coeffs: list[Coeff] = []
     for k in range(1, K + 1):
-        c = cauchy(a, b, k, mul)
+        c = cauchy(a, b, k, mul) if k == 1 else cauchy(*full, k, mul)
         coeffs.append(None if c is None else c.expand((c.shape[0],) + shape))
-    return Series(y0, coeffs)
+    return Series(y0, coeffs, basis)
 
 
 @register(aten.mul)
+@basis_aware
 def _mul(a: Any, b: Any) -> Series:
     return mul_series(a, b, aten.mul(primal(a), primal(b)))
 

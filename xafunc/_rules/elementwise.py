@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .series import Series, compose_unary, lift, primal
+from .series import Series, basis_aware, compose_unary, lift, primal
 
 aten = torch.ops.aten
 
@@ -34,6 +34,7 @@ DerivFn = Callable[[Tensor, Tensor, int], "list[Tensor]"]
 def unary(op: Any, derivs: DerivFn) -> Callable[..., Series]:
     """Rule for ``op(x, *consts)`` from ``derivs(x0, y0, K) -> [g^(j)(x0) for j in 1..K]``."""
 
+    @basis_aware  # compose_unary keeps c_1 in a basis (NOTE [First-order basis])
     def rule(x: Series, *args: Any, **kwargs: Any) -> Series:
         y0 = op(x.primal, *args, **kwargs)
         ds = derivs(x.primal, y0, x.order)
@@ -108,6 +109,7 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
 
 
 def _poly_rule(op: Any, kind: str) -> Callable[..., Series]:
+    @basis_aware
     def rule(x: Series) -> Series:
         y0 = op(x.primal)
         return compose_unary(x, _poly_values(_polys(kind, x.order), y0), y0)
