@@ -237,6 +237,29 @@ def test_laplacian_vmap_functional_call_and_grad(act):
         _close(g[k], g_ref[k])
 
 
+@pytest.mark.parametrize("act", [torch.tanh, torch.sigmoid, torch.exp, torch.sin, torch.cos,
+                                 lambda t: torch.log(t * t + 1.5)], ids=[
+    "tanh", "sigmoid", "exp", "sin", "cos", "log"])
+def test_laplacian_closed_form_elementwise_rules(act):
+    """The collapsed degree-2 rules of the common activations (``_D2_UNARY``, some factored as
+    ``g' (s + a r sum c_1^2)``): after a linear layer (no incoming sum) and after a nonlinear
+    one (an incoming sum), also under vmap and with the weights differentiated."""
+    g = torch.Generator().manual_seed(7)
+    w1, w2, w3 = (torch.randn(*s, generator=g, dtype=DT) * 0.4
+                  for s in ((6, 3), (6, 6), (2, 6)))
+
+    def u(w, x):
+        return w3 @ act(w @ act(w1 @ x))
+
+    xs = torch.randn(4, 3, generator=g, dtype=DT)
+    with xafunc.strict():
+        lap = vmap(xlaplacian(u, argnums=1), in_dims=(None, 0))(w2, xs)
+        dw = grad(lambda w: vmap(xlaplacian(u, argnums=1), in_dims=(None, 0))(w, xs).sum())(w2)
+    ref = vmap(lambda x: _hess_trace(lambda y: u(w2, y), x))(xs)
+    _close(lap, ref)
+    _close(dw, grad(lambda w: vmap(lambda x: _hess_trace(lambda y: u(w, y), x))(xs).sum())(w2))
+
+
 def test_laplacian_plain_vmap_tuple_argnums_and_other_ops():
     W = torch.randn(4, 6, dtype=DT)
 
