@@ -45,10 +45,17 @@ def _shapes(x):  # reshape, permute, transpose, expand, select, slice, mean, neg
     return h.expand(3, 6).mean(0).pow(2).sum() + h[2] * h.select(0, 4)
 
 
-def _expanding(x):  # rules without the basis: division, both sides of a product, softmax
+def _expanding(x):  # rules without the basis: both sides of a matrix product, softmax's max
     a = torch.softmax(W1 @ x, 0)
     b = (x.reshape(2, 2) @ x.reshape(2, 2).cos()).reshape(4)
     return (a[:4] / (1.5 + b.tanh())).sum() + torch.dot(a, a)
+
+
+def _division(x):  # division by a constant and by a series, the reciprocal, a normalisation
+    h = torch.tanh(W1 @ x) / B1.abs().add(1)
+    c = h - h.mean()
+    n = c / torch.sqrt((c * c).mean() + 0.1)  # (torch's nested jacrev of layer_norm is wrong)
+    return (n / (2 + h.sin())).sum() + torch.reciprocal(3 + x * x).prod()
 
 
 def _bmm(x):  # bmm / baddbmm / addmv with a constant side
@@ -57,7 +64,8 @@ def _bmm(x):  # bmm / baddbmm / addmv with a constant side
     return torch.addmv(B1[:4], W2[:4, :4], h.sum((0, 1)).sin()).prod()
 
 
-FUNCS = {"mlp": _mlp, "shapes": _shapes, "expanding": _expanding, "bmm": _bmm}
+FUNCS = {"mlp": _mlp, "shapes": _shapes, "expanding": _expanding, "division": _division,
+         "bmm": _bmm}
 
 
 @pytest.fixture(params=[True, False], ids=["basis", "no-basis"])

@@ -88,6 +88,7 @@ def reciprocal_series(b: Series) -> Series:
 
 
 @register(aten.div, prims.div)
+@basis_aware  # linear in ``a``, or a product with a reciprocal (NOTE [First-order basis])
 def _div(a: Any, b: Any, *, rounding_mode: Any = None) -> Any:
     if rounding_mode is not None:  # floor/trunc division is piecewise constant
         return aten.div(primal(a), primal(b), rounding_mode=rounding_mode)
@@ -96,11 +97,12 @@ def _div(a: Any, b: Any, *, rounding_mode: Any = None) -> Any:
         shape = tuple(y0.shape)
         coeffs = [None if c is None else (lift(c, len(shape)) / b).expand((c.shape[0],) + shape)
                   for c in a.coeffs]
-        return Series(y0, coeffs)
+        return Series(y0, coeffs, a.basis)
     return mul_series(a, reciprocal_series(b), y0)
 
 
 @register(aten.reciprocal)
+@basis_aware
 def _reciprocal(b: Series) -> Series:
     return reciprocal_series(b)
 
