@@ -124,10 +124,10 @@ def materialize(x: Any) -> Any:
 # map -- above all each matrix product -- runs on ``n`` rows instead of ``N`` (a third-order
 # tensor in 8 inputs: 8 instead of 36). Rules that are linear in each coefficient separately
 # and blind to the number of directions (reshapes, permutes, sums, additions, products with a
-# constant; :func:`basis_linear`) keep the basis; the product and the elementwise functions
-# keep it for ``c_1`` and use the expanded ``c_1`` in the higher coefficients, which are not
-# linear in the direction; every other rule receives the coefficients expanded
-# (:func:`expand_basis`), as do the outputs.
+# constant; :func:`basis_linear`) keep the basis; the product, the division and the
+# elementwise functions keep it for ``c_1`` and use the expanded ``c_1`` in the higher
+# coefficients, which are not linear in the direction; every other rule receives the
+# coefficients expanded (:func:`expand_basis`), as do the outputs.
 
 
 def expand_basis(x: Any) -> Any:
