@@ -317,6 +317,35 @@ def test_tensors_stored_in_python_state_hold_each_calls_values():
         assert "on every call" in xafunc.plan(model, 2)(x).fallback
 
 
+def test_a_state_tensor_read_and_replaced_each_call_advances_once_per_call():
+    """``self.h = tanh(W h + x)``: the graph reads ``h`` and the call replaces it. The first
+    call's capture serves that call only, and ``h`` then holds that call's value; the second
+    call (the reference: only a run of ``forward`` stores the next ``h``) reads it. (Nested
+    torch.func fails on this module's second call; the oracle is written out.)"""
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3, generator=torch.Generator().manual_seed(5),
+                                              dtype=F64) * 0.5)
+            self.h = torch.zeros(3, dtype=F64)
+
+        def forward(self, x):
+            h = torch.tanh(self.w @ self.h.detach() + x)
+            self.h = h.detach()
+            return (h ** 2).sum()
+
+    model, x = Recurrent(), _x()
+    w, h = model.w.detach(), torch.zeros(3, dtype=F64)
+    for call in range(2):
+        with xafunc.strict(call == 0):
+            got = xhessian(model)(x)
+        assert_tree_close(got, reference_deriv(
+            lambda x, h=h: (torch.tanh(w @ h + x) ** 2).sum(), 2)(x), msg=f"call {call}")
+        h = torch.tanh(w @ h + x)
+        assert_tree_close(model.h * 1, h, msg=f"state after call {call}")
+
+
 def test_explicit_generators_draw_what_torch_func_draws():
     gen = torch.Generator().manual_seed(3)
     f = lambda x: (x * torch.rand(3, generator=gen, dtype=F64)).sin().sum()  # noqa: E731

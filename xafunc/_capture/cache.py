@@ -333,15 +333,17 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     tensors = [lt.tensor for lt in w.lifted]
     cap = capture(func, leaves, spec, tensors, w.value_buffers, grad=grad)
 
+    def replaced(indices: list[int], now: tuple[Tensor, ...]) -> str | None:
+        return next((f"{w.lifted[i].where} was replaced by a tensor it computed"
+                     for i, t in zip(indices, now) if t is not tensors[i]), None)
+
     def state_change() -> str | None:
         """How the run of ``func`` changed the state it reads, or None (NOTE [Python side
         effects]): a failed guard, or a tensor slot it filled with a tensor of its own."""
-        everything = compile_guards(w, list(range(len(tensors))))
-        now = everything.check(func, objects)
-        if type(now) is not tuple:
-            return everything.describe(now)
-        return next((f"{lt.where} was replaced by a tensor it computed" for lt, t
-                     in zip(w.lifted, now) if t is not lt.tensor), None)
+        everything = list(range(len(tensors)))
+        guard = compile_guards(w, everything)
+        now = guard.check(func, objects)
+        return guard.describe(now) if type(now) is not tuple else replaced(everything, now)
 
     def unchanged() -> bool:  # a retry runs ``func`` again
         return state_change() is None
@@ -366,7 +368,12 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
     used = [i for i in used if i not in baked]
     guards = compile_guards(w, used, baked)
     lifted = guards.check(func, objects)
-    changed = guards.describe(lifted) if type(lifted) is not tuple else state_change()
+    changed: str | None
+    if type(lifted) is not tuple:
+        changed = guards.describe(lifted)
+    else:  # the tensors the graph reads were just re-read; the others need their own guard
+        changed = replaced(used, lifted) or (
+            state_change() if len(used) < len(tensors) else None)
     if changed is not None:
         # running ``func`` changed the state it reads (NOTE [Python side effects])
         # (never reused: no guards)

@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tracer import leaked_value
+from .tracer import is_leaked
 
 # beyond this many guards the state is not worth guarding: the function falls back
 _MAX_GUARDS = 50_000
@@ -293,7 +293,7 @@ class _Walker:
                        f"{where} == {obj!r}")
 
     def tensor(self, obj: Tensor, v: str, where: str) -> None:
-        if leaked_value(obj) is not None or _escaped(obj):
+        if is_leaked(obj) or _escaped(obj):
             self.w.leaked = True
             self.problem(f"{where} holds a tensor the function stored there while it was "
                          "traced or differentiated (state it writes on every call: NOTE "

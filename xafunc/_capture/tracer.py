@@ -184,11 +184,9 @@ def _value_of(x: Any) -> Any:
     return x._value if isinstance(x, _Traced) else x
 
 
-def leaked_value(t: Any) -> Tensor | None:
-    """The value of ``t`` if it is a tensor of a finished trace, else None."""
-    if isinstance(t, _Traced) and not t._recorder.active:
-        return t._value
-    return None
+def is_leaked(t: Any) -> bool:
+    """``t`` is a tensor of a finished trace (stored in Python state while it ran)."""
+    return isinstance(t, _Traced) and not t._recorder.active
 
 
 def is_traced(t: Any) -> bool:
