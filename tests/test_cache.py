@@ -510,6 +510,11 @@ def test_plain_container_signatures_need_no_treespec():
                   ({"w": x, "b": x}, x, 4), ({"w": x}, x, 3), ([x, x], x, 3)]:
         assert signature(other, {})[0] != key, other
     assert signature(([x, x],), {})[0] != signature(((x, x),), {})[0]
+    # positional containers and keyword arguments holding the same leaves; a tensor leaf
+    # inside a container keyed with its requires_grad flag
+    assert signature(((x,), {"k": x}), {})[0] != signature((x,), {"k": x})[0]
+    assert signature(((x,), {}), {})[0] != signature((x,), {})[0]
+    assert signature(({"w": x},), {})[0] != signature(({"w": x.requires_grad_()},), {})[0]
     P = collections.namedtuple("P", "w b")
     assert signature((P(x, x),), {})[2] is not None  # torch's pytree
 

@@ -162,13 +162,20 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
         fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
         return (fast, _global_state()), None, None, []
     objects: list[Any] = []
-    structure = _structure((args, kwargs), objects)
+    # without keyword arguments the positional ones alone (a 3-tuple, never equal to the
+    # 2-tuple of both)
+    structure = _structure(args, objects) if not kwargs else \
+        _pair(_structure(args, objects), _structure(kwargs, objects))
     if structure is not None:  # plain containers: no TreeSpec needed unless we capture
         return (structure, _global_state()), None, None, objects
     objects = []
     leaves, spec = pytree.tree_flatten((args, kwargs))
     key = (spec, tuple(_leaf_key(leaf, objects) for leaf in leaves))
     return (key, _global_state()), leaves, spec, objects
+
+
+def _pair(a: Hashable | None, b: Hashable | None) -> Hashable | None:
+    return None if a is None or b is None else (a, b)
 
 
 def _structure(obj: Any, objects: list[Any]) -> Hashable | None:
@@ -178,8 +185,11 @@ def _structure(obj: Any, objects: list[Any]) -> Hashable | None:
     other objects), which ``signature`` flattens with torch's pytree (3x slower)."""
     t = type(obj)
     if t is dict or t is list or t is tuple:
-        parts = []
+        parts: list[Hashable] = []
         for v in (obj.values() if t is dict else obj):
+            if isinstance(v, Tensor):  # (``_leaf_key`` of a tensor, inline: a parameter dict)
+                parts.append((v.shape, v.dtype, v.device, v.requires_grad))
+                continue
             part = _structure(v, objects)
             if part is None:
                 return None

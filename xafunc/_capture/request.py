@@ -62,7 +62,12 @@ def _plain_tensors(obj: Any, out: list[Any]) -> bool:
     ``_structure``."""
     t = type(obj)
     if t is dict or t is list or t is tuple:
-        return all(_plain_tensors(v, out) for v in (obj.values() if t is dict else obj))
+        for v in (obj.values() if t is dict else obj):
+            if isinstance(v, Tensor):
+                out.append(v)
+            elif not _plain_tensors(v, out):
+                return False
+        return True
     if isinstance(obj, Tensor):
         out.append(obj)
         return True
