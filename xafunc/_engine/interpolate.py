@@ -129,37 +129,43 @@ def partials(F: Tensor, n: int, d: int) -> Tensor:
     return torch.cat(parts, 0)[inverse]
 
 
-_DENSE_LIMIT = 1 << 20  # entries of the dense (n^d, N) reconstruction matrix
+_DENSE_LIMIT = 1 << 20  # entries of a dense reconstruction matrix
+# up to this many entries the dense matrix maps the coefficients to the full tensor directly;
+# above, to the N distinct partials only, which are then gathered: the full matrix repeats
+# each row of the other about n^d / N times, and reading it bounds the product (the full
+# (1728, 364) matrix of a third derivative in 12 inputs: 316 us against 4 outputs' columns)
+_FULL_LIMIT = 1 << 15
 
 
 @functools.lru_cache(maxsize=32)
-def _dense(n: int, d: int) -> Tensor:
-    """``R (n^d, N)`` with ``R @ F`` the flattened full tensor: gamma gathered per entry."""
+def _dense(n: int, d: int, full: bool) -> Tensor:
+    """``G (N, N)`` with ``G @ F`` the distinct partials in multi-index order, or (``full``)
+    ``R (n^d, N)`` with ``R @ F`` the flattened full tensor: gamma gathered per entry."""
     groups, inverse = _gamma(n, d)
     N = len(inverse)
     G = torch.zeros(N, N, dtype=torch.float64)
-    offset = 0
     for rows, cols, vals in groups:
         g = len(rows)
         G[rows.repeat_interleave(cols.shape[1]), cols.reshape(-1)] = vals.repeat(g)
-        offset += g
-    return G[full_index(n, d)]
+    return G[full_index(n, d)] if full else G
 
 
 @functools.lru_cache(maxsize=32)
 def interpolation_constants(
     n: int, d: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor | None, Tensor, list[tuple[Tensor, Tensor]] | None, Tensor | None]:
-    """Everything :func:`symmetric_tensor` needs, built once per dtype/device: the dense
-    reconstruction matrix, or else the gather index groups and their inverse permutation,
-    and the full index.
+    """Everything :func:`symmetric_tensor` needs, built once per dtype/device: a dense
+    reconstruction matrix (to the full tensor, or to the distinct partials), or else the
+    gather index groups and their inverse permutation, and the full index.
 
     The engine calls this before tracing a propagation, so that these tensors enter the
     traced graph as constants instead of being rebuilt on every call.
     """
     idx = full_index(n, d).to(device)
-    if n**d * num_directions(n, d) <= _DENSE_LIMIT:
-        return _dense(n, d).to(dtype=dtype, device=device), idx, None, None
+    N = num_directions(n, d)
+    if n**d * N <= _FULL_LIMIT or N * N <= _DENSE_LIMIT:
+        dense = _dense(n, d, n**d * N <= _FULL_LIMIT)
+        return dense.to(dtype=dtype, device=device), idx, None, None
     groups, inverse = _gamma(n, d)
     converted = [(cols.to(device), vals.to(dtype=dtype, device=device))
                  for _, cols, vals in groups]
@@ -170,10 +176,16 @@ def symmetric_tensor(F: Tensor, n: int, d: int) -> Tensor:
     """The full derivative tensor ``(M, n, ..., n)`` from ``d``-th coefficients ``F (N, M)``.
 
     Small requests use one matrix product with a cached dense reconstruction matrix (one
-    GEMM, batched well under ``vmap``); large ones gather the few non-zeros per row.
+    GEMM, batched well under ``vmap``), larger ones one product to the distinct partials and a
+    gather; the largest gather the few non-zeros per row.
     """
     if d == 1:
         return F.t()
     R, idx, _, _ = interpolation_constants(n, d, F.dtype, F.device)
-    full = R @ F if R is not None else partials(F, n, d)[idx]  # (n^d, M)
+    if R is None:
+        full = partials(F, n, d)[idx]  # (n^d, M)
+    else:
+        full = R @ F
+        if full.shape[0] != idx.shape[0]:  # the distinct partials
+            full = full[idx]
     return full.t().reshape((F.shape[1],) + (n,) * d)
