@@ -329,3 +329,38 @@ def test_vmap_of_a_function_slicing_its_input_runs_the_batched_fast_path():
     assert_tree_close(got, vmap(jacrev(jacrev(f)))(xs))
     executors = [e.executor for e in _executables(f)]
     assert executors and all(e == "torchscript" for e in executors), executors
+
+
+def _residual_net(p, x):  # type: ignore[no-untyped-def]
+    return torch.func.functional_call(_RESIDUAL_NET, p, (x,)).sum()
+
+
+_RESIDUAL_NET = _net(3)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_graphs_first_run_under_grad_are_traced_outside_it(batched: bool) -> None:
+    """A graph whose first call differentiated operator by operator comes under
+    ``torch.func.grad`` (a PINN loss of parameters) is traced by TorchScript outside the
+    transform: traced inside it, on stand-ins wrapped at the grad level, it recorded no
+    dependence on its inputs and every gradient was zero. Under ``vmap`` the batched graph
+    runs beneath the ``vmap`` level, at the grad level only (NOTE [Batched fast path])."""
+    xafunc.clear_cache()
+    p = {k: v.detach() for k, v in _RESIDUAL_NET.named_parameters()}
+    xs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
+
+    def loss(h):  # type: ignore[no-untyped-def]
+        if batched:
+            return lambda q: vmap(h, in_dims=(None, 0))(q, xs).pow(2).sum()
+        return lambda q: h(q, xs[0]).pow(2).sum()
+
+    with xafunc.strict():
+        got = torch.func.grad(loss(xafunc.xhessian(_residual_net, argnums=1)))(p)
+    ref = torch.func.grad(loss(jacrev(jacrev(_residual_net, argnums=1), argnums=1)))(p)
+    assert_tree_close(got, ref)
+    assert got["0.weight"].abs().max() > 0  # (the last bias does not reach a Hessian)
+    fns = [fn for e in CACHE.entries(_residual_net) for pl in e.plans.values()
+           for k, fn in pl.program.compiler.fns.items() if isinstance(fn, Executable)
+           and (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap") == batched]
+    assert fns and all(fn.executor == "torchscript (autograd)" for fn in fns), \
+        [fn.executor for fn in fns]

@@ -15,11 +15,14 @@ batching rules. When the innermost transform is the ``vmap`` that batches our in
 instead trace ``vmap(eager)`` on the underlying batched tensors once (tracing turns it into
 plain batched operators) and run that, re-attaching the batch dimension to the results. Its
 level is popped while the graph runs, so the tensors it batched do not pass through its
-batching rules: alone, the fast executor applies; on a GPU under ``grad`` levels (a PINN loss
+batching rules: alone, the fast executor applies; under ``grad`` levels (a PINN loss
 differentiated by ``torch.func.grad``), the tensors are the grad levels' and the graph is
-applied there as one operation (NOTE [Backward graphs]). Anything else (other transforms in
-between, inputs batched at different levels; grad levels on a CPU, where the per-sample graph
-op by op through every level is faster) takes the general path.
+applied there as one operation on a GPU (NOTE [Backward graphs]), or op by op at those levels
+only on a CPU (the PINN training steps of ``asv_bench/training_table.py`` under
+``torch.func.grad``: up to 1.4x faster than the per-sample graph through the ``vmap`` level
+too, a third-order residual in 2 inputs the most, none slower by more than the noise).
+Anything else (other transforms in between, inputs batched at different levels) takes the
+general path.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._capture.trace import CaptureError, trace
-from .executable import Executable, backward_graphs, map_tensors
+from .executable import Executable, map_tensors
 from .optimize import simplify
 
 _NO_FAST_PATH: Any = object()
@@ -124,13 +127,6 @@ class Compiler:
                 inner, bdim = fx.get_unwrapped(v), fx.maybe_get_bdim(v)
             else:
                 inner, bdim = v, None
-            if fx.is_functorch_wrapped_tensor(inner) and not (self.compile
-                                                               or backward_graphs([inner])):
-                # tensors of the transforms around (grad levels): only worth running beneath
-                # them where the graph is one Function there (NOTE [Backward graphs]: on a
-                # GPU, or with compile=True); else the per-sample graph runs op by op through
-                # every level, which is faster
-                return None
             phys.append(inner)
             dims.append(bdim)
         bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))

@@ -65,7 +65,10 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._functorch.pyfunctorch import (
+    retrieve_all_functorch_interpreters,
+    temporarily_clear_interpreter_stack,
+)
 from torch.fx import Graph, GraphModule, Node
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -544,7 +547,15 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
 
 def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     """The whole graph traced by TorchScript on plain stand-ins of ``args`` (see NOTE [Fast
-    execution]), or ``_FAILED``."""
+    execution]), or ``_FAILED``. It is traced outside the torch.func transforms of the call
+    that builds it: under a grad level even a factory's result (a stand-in, a scalar operand)
+    is wrapped at that level, and a trace of wrapped stand-ins records no dependence on them
+    (its gradients are zero)."""
+    with temporarily_clear_interpreter_stack():
+        return _trace_plain(gm, args)
+
+
+def _trace_plain(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     examples = tuple(torch.zeros(tuple(a.shape), dtype=a.dtype, device=a.device)
                      if isinstance(a, Tensor) else a for a in args)
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
