@@ -26,7 +26,8 @@ from ._capture.request import Request, Split, output_split, write_back
 from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
-from ._execute.compiler import Compiler, outside_transforms
+from ._execute.compiler import Compiler
+from ._execute.executable import outside_transforms
 from ._plan import level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal

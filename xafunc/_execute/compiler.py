@@ -34,20 +34,10 @@ import torch
 from torch import Tensor
 
 from .._capture.trace import CaptureError, trace
-from .executable import Executable, map_tensors
+from .executable import Executable, map_tensors, outside_transforms
 from .optimize import simplify
 
 _NO_FAST_PATH: Any = object()
-
-
-def outside_transforms(make: Callable[[], Any]) -> Any:
-    """``make()`` run with no torch.func transform active, so that the constants it makes
-    for a trace are plain tensors (under a grad level even a factory's result is wrapped at
-    that level, which outlives it in a cache and breaks later traces)."""
-    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
-
-    with temporarily_clear_interpreter_stack():
-        return make()
 
 
 class Compiler:

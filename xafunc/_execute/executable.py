@@ -65,10 +65,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import (
-    retrieve_all_functorch_interpreters,
-    temporarily_clear_interpreter_stack,
-)
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -545,14 +542,23 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     return compiled
 
 
+def outside_transforms(make: Callable[[], Any]) -> Any:
+    """``make()`` run with no torch.func transform active, so that the constants it makes
+    for a trace are plain tensors (under a grad level even a factory's result is wrapped at
+    that level, which outlives it in a cache and breaks later traces)."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    with temporarily_clear_interpreter_stack():
+        return make()
+
+
 def _full_trace(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     """The whole graph traced by TorchScript on plain stand-ins of ``args`` (see NOTE [Fast
     execution]), or ``_FAILED``. It is traced outside the torch.func transforms of the call
     that builds it: under a grad level even a factory's result (a stand-in, a scalar operand)
     is wrapped at that level, and a trace of wrapped stand-ins records no dependence on them
     (its gradients are zero)."""
-    with temporarily_clear_interpreter_stack():
-        return _trace_plain(gm, args)
+    return outside_transforms(lambda: _trace_plain(gm, args))
 
 
 def _trace_plain(gm: GraphModule, args: tuple[Any, ...]) -> Any:
