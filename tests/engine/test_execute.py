@@ -359,8 +359,45 @@ def test_graphs_first_run_under_grad_are_traced_outside_it(batched: bool) -> Non
     ref = torch.func.grad(loss(jacrev(jacrev(_residual_net, argnums=1), argnums=1)))(p)
     assert_tree_close(got, ref)
     assert got["0.weight"].abs().max() > 0  # (the last bias does not reach a Hessian)
-    fns = [fn for e in CACHE.entries(_residual_net) for pl in e.plans.values()
-           for k, fn in pl.program.compiler.fns.items() if isinstance(fn, Executable)
-           and (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap") == batched]
+    fns = _graphs(_residual_net, batched)
     assert fns and all(fn.executor == "torchscript (autograd)" for fn in fns), \
         [fn.executor for fn in fns]
+
+
+def _graphs(func: object, batched: bool) -> list[Executable]:
+    """The compiled graphs of ``func``'s plans traced per sample, or (``batched``) beneath
+    ``vmap`` (NOTE [Batched fast path])."""
+    return [fn for e in CACHE.entries(func) for pl in e.plans.values()
+            for k, fn in pl.program.compiler.fns.items() if isinstance(fn, Executable)
+            and (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap") == batched]
+
+
+@pytest.mark.parametrize("second", ["hessian", "jvp(grad)", "jacrev(vmap)"])
+def test_transforms_around_the_batched_graph_at_grad_levels(second: str) -> None:
+    """Second derivatives of a PINN loss in the parameters, and ``jacrev`` of the per-point
+    residuals, differentiate the batched graph that runs beneath ``vmap`` at the grad levels
+    (NOTE [Batched fast path]): forward over reverse, and reverse under ``vmap`` over the
+    cotangents, equal nested torch.func (float64)."""
+    xafunc.clear_cache()
+    p = {k: v.detach() for k, v in _RESIDUAL_NET.named_parameters()}
+    xs = torch.randn(4, 3, generator=torch.Generator().manual_seed(6), dtype=DT)
+    ref_h = jacrev(jacrev(_residual_net, argnums=1), argnums=1)
+
+    def residuals(h):  # type: ignore[no-untyped-def]
+        return lambda q: vmap(h, in_dims=(None, 0))(q, xs)
+
+    def loss(h):  # type: ignore[no-untyped-def]
+        return lambda q: residuals(h)(q).pow(2).mean()
+
+    def run(h):  # type: ignore[no-untyped-def]
+        if second == "hessian":
+            return torch.func.hessian(loss(h))(p)
+        if second == "jvp(grad)":
+            t = {k: torch.ones_like(v) for k, v in p.items()}
+            return torch.func.jvp(torch.func.grad(loss(h)), (p,), (t,))
+        return jacrev(residuals(h))(p)
+
+    with xafunc.strict():
+        got = run(xafunc.xhessian(_residual_net, argnums=1))
+    assert_tree_close(got, run(ref_h))
+    assert _graphs(_residual_net, batched=True)
