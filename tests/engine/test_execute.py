@@ -401,3 +401,28 @@ def test_transforms_around_the_batched_graph_at_grad_levels(second: str) -> None
         got = run(xafunc.xhessian(_residual_net, argnums=1))
     assert_tree_close(got, run(ref_h))
     assert _graphs(_residual_net, batched=True)
+
+
+def test_graphs_run_as_fx_where_torchscript_cannot_run_as_autograd_records_them(monkeypatch):
+    """Where TorchScript cannot trace a graph that autograd or a grad level records (made to
+    fail here), the FX graph that runs is the one rewritten for recording: a product with a
+    weight broadcast over the batch is one ``mm``, not a ``bmm`` whose backward builds the
+    weight's gradient per batch entry (a Laplacian training step ran 2x slower that way)."""
+    from xafunc._execute import executable
+
+    monkeypatch.setattr(executable, "_full_trace", lambda gm, args: executable._FAILED)
+    xafunc.clear_cache()
+    p = {k: v.detach() for k, v in _RESIDUAL_NET.named_parameters()}
+    xs = torch.randn(16, 3, generator=torch.Generator().manual_seed(7), dtype=DT)
+
+    def loss(h):  # type: ignore[no-untyped-def]
+        return lambda q: vmap(h, in_dims=(None, 0))(q, xs).pow(2).mean()
+
+    lap = lambda q, x: jacrev(jacrev(_residual_net, argnums=1), argnums=1)(q, x).trace()  # noqa: E731
+    with xafunc.strict():
+        torch.func.grad(loss(xafunc.xlaplacian(_residual_net, argnums=1)))(p)  # (traces)
+        with torch.profiler.profile() as prof:
+            got = torch.func.grad(loss(xafunc.xlaplacian(_residual_net, argnums=1)))(p)
+    assert_tree_close(got, torch.func.grad(loss(lap))(p))
+    ops = {e.name for e in prof.events()}
+    assert "aten::mm" in ops and "aten::bmm" not in ops, sorted(o for o in ops if "mm" in o)

@@ -142,6 +142,7 @@ class Executable:
             if n.op == "get_attr" and isinstance(getattr(gm, str(n.target)), Tensor)]
         self._fast: Any = None  # _FastPath once built, _FAILED if it cannot be
         self._full: Any = None  # the whole graph traced (autograd / torch.func calls)
+        self._recorded: GraphModule | None = None  # its FX graph (``recorded_graph``)
         # compile=True, calls recorded by autograd: inductor's forward and backward code per
         # layout and requires_grad pattern, or _FAILED (see ``_inductor_autograd``)
         self._trained: dict[Any, Any] = {}
@@ -236,7 +237,7 @@ class Executable:
             if any(c.requires_grad for c in self.consts) or len(self._trained) >= 4:
                 compiled = _FAILED
             else:
-                compiled = _compile_autograd(self.gm, args)
+                compiled = _compile_autograd(self.recorded_graph, args)
             self._trained[key] = compiled
         if compiled is _FAILED:
             return None
@@ -258,7 +259,16 @@ class Executable:
         if mode != "other" and self._full_path(args) is not _FAILED:
             with torch.jit.optimized_execution(False):
                 return _fill(self._template, self._full(*args))
-        return self.gm(*args)
+        return self.recorded_graph(*args)
+
+    @property
+    def recorded_graph(self) -> GraphModule:
+        """The graph as it runs where autograd or a transform sees every operator
+        (:func:`~.optimize.for_autograd`): what TorchScript traces, or runs as FX where it
+        cannot."""
+        if self._recorded is None:
+            self._recorded = for_autograd(self.gm)
+        return self._recorded
 
     def run_plain(self, args: tuple[Any, ...]) -> list[Any]:
         """The flat outputs for plain ``args`` without autograd history: the fast path, or
@@ -282,7 +292,7 @@ class Executable:
             if self.source is not None:
                 source = self.source
             else:
-                gm, template = for_autograd(self.gm), self._template
+                gm, template = self.recorded_graph, self._template
 
                 def source(*a: Tensor) -> list[Any]:
                     return _flatten_like(gm(*a), template)
@@ -310,7 +320,7 @@ class Executable:
 
     def _full_path(self, args: tuple[Any, ...]) -> Any:
         if self._full is None:
-            self._full = _full_trace(for_autograd(self.gm), args)
+            self._full = _full_trace(self.recorded_graph, args)
             if self._full is not _FAILED and self._executor == "fx":
                 self._executor = "torchscript (autograd)"
         return self._full
@@ -365,7 +375,7 @@ def _recorded_grads(exe: Executable, args: tuple[Tensor, ...], grads: tuple[Tens
             with torch.jit.optimized_execution(False):
                 outs = list(exe._full(*args))
         else:
-            outs = _flatten_like(exe.gm(*args), exe._template)
+            outs = _flatten_like(exe.recorded_graph(*args), exe._template)
         return _input_grads(outs, grads, args, create_graph=create)
 
 
@@ -518,12 +528,13 @@ def _grad_levels_only(live: bool = True) -> bool:
 
 
 def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
-    """``gm`` compiled by inductor for calls whose history autograd records (flat outputs;
-    see ``Executable._inductor_autograd``), or ``_FAILED``."""
+    """``gm`` (a graph as autograd records it, ``Executable.recorded_graph``) compiled by
+    inductor for calls whose history autograd records (flat outputs; see
+    ``Executable._inductor_autograd``), or ``_FAILED``."""
     try:
         from torch._inductor.compile_fx import compile_fx
 
-        graph = _copy(for_autograd(gm).graph)
+        graph = _copy(gm.graph)
         out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
         flat = _template(out_node.args[0])[0]
         if not all(isinstance(n, Node) for n in flat):
