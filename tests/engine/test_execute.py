@@ -426,3 +426,20 @@ def test_graphs_run_as_fx_where_torchscript_cannot_run_as_autograd_records_them(
     assert_tree_close(got, torch.func.grad(loss(lap))(p))
     ops = {e.name for e in prof.events()}
     assert "aten::mm" in ops and "aten::bmm" not in ops, sorted(o for o in ops if "mm" in o)
+
+
+def test_batched_graphs_per_propagation_are_bounded(monkeypatch):
+    """A batched graph is traced per layout (batch size); past ``MAX_BATCHED_LAYOUTS`` of them
+    a call with a new batch size runs per sample through vmap's batching rules instead of
+    tracing again, so a loop whose batch size changes every step neither re-traces every step
+    nor grows the cache without bound. Every size gets the oracle's numbers."""
+    from xafunc._execute import compiler
+
+    monkeypatch.setattr(compiler, "MAX_BATCHED_LAYOUTS", 3)
+    xafunc.clear_cache()
+    net = _net(4)
+    with xafunc.strict():
+        for b in (2, 3, 4, 5, 6, 2):
+            xs = torch.randn(b, 3, generator=torch.Generator().manual_seed(b), dtype=DT)
+            assert_tree_close(vmap(xafunc.xhessian(net))(xs), vmap(jacrev(jacrev(net)))(xs))
+    assert len(_graphs(net, batched=True)) == 3 and _graphs(net, batched=False)

@@ -21,8 +21,8 @@ applied there as one operation on a GPU (NOTE [Backward graphs]), or op by op at
 only on a CPU (the PINN training steps of ``asv_bench/training_table.py`` under
 ``torch.func.grad``: up to 1.4x faster than the per-sample graph through the ``vmap`` level
 too, a third-order residual in 2 inputs the most, none slower by more than the noise).
-Anything else (other transforms in between, inputs batched at different levels) takes the
-general path.
+Anything else (other transforms in between, inputs batched at different levels, a layout
+beyond the ``MAX_BATCHED_LAYOUTS`` traced per propagation) takes the general path.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ from .executable import Executable, map_tensors, outside_transforms
 from .optimize import simplify
 
 _NO_FAST_PATH: Any = object()
+#: batched graphs traced per propagation; a call with another layout (a new batch size, say,
+#: every step) runs per sample through vmap's batching rules instead of tracing again (tens of
+#: milliseconds each) into a cache that would grow without bound
+MAX_BATCHED_LAYOUTS = 8
 
 
 class Compiler:
@@ -45,6 +49,7 @@ class Compiler:
 
     def __init__(self, n_static: int = 0, compile: bool = False) -> None:
         self.fns: dict[Any, Callable[..., Any]] = {}
+        self._layouts: dict[Any, int] = {}  # batched graphs traced per key
         self.note: str | None = None
         self.n_static = n_static  # the last inputs are static (see ``Executable``)
         # plain calls run inductor's code (NOTE [Inductor executor]); ``set_compile`` may
@@ -122,6 +127,9 @@ class Compiler:
         bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
         fn = self.fns.get(bkey)
         if fn is None:
+            if self._layouts.get(key, 0) >= MAX_BATCHED_LAYOUTS:
+                return None
+            self._layouts[key] = self._layouts.get(key, 0) + 1
             outside_transforms(prepare)
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
