@@ -27,10 +27,16 @@ def _net(seed: int = 0) -> torch.nn.Module:
         torch.nn.Linear(8, 2)).to(DT)
 
 
+def _compiled(func: object) -> list[tuple[object, Executable]]:
+    """``(key, graph)`` of the compiled graphs of every engine plan built for ``func``."""
+    return [(k, fn) for e in CACHE.entries(func) for p in e.plans.values()
+            if p.program is not None for k, fn in p.program.compiler.fns.items()
+            if isinstance(fn, Executable)]
+
+
 def _executables(func: object) -> list[Executable]:
     """The compiled graphs of every engine plan built for ``func``."""
-    return [fn for e in CACHE.entries(func) for p in e.plans.values() if p.program is not None
-            for fn in p.program.compiler.fns.values() if isinstance(fn, Executable)]
+    return [fn for _, fn in _compiled(func)]
 
 
 def _hessian_ref(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -367,9 +373,8 @@ def test_graphs_first_run_under_grad_are_traced_outside_it(batched: bool) -> Non
 def _graphs(func: object, batched: bool) -> list[Executable]:
     """The compiled graphs of ``func``'s plans traced per sample, or (``batched``) beneath
     ``vmap`` (NOTE [Batched fast path])."""
-    return [fn for e in CACHE.entries(func) for pl in e.plans.values()
-            for k, fn in pl.program.compiler.fns.items() if isinstance(fn, Executable)
-            and (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap") == batched]
+    return [fn for k, fn in _compiled(func)
+            if (isinstance(k, tuple) and len(k) == 4 and k[1] == "vmap") == batched]
 
 
 @pytest.mark.parametrize("second", ["hessian", "jvp(grad)", "jacrev(vmap)"])
