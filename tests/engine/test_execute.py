@@ -296,10 +296,12 @@ def test_batched_weights_are_row_major_in_the_prologue():
     is copied to row-major once, in the cached prologue, before it is expanded; the numbers
     are the oracle's."""
     torch.manual_seed(9)
-    w1, w2 = torch.randn(16, 3, dtype=DT), torch.randn(16, 16, dtype=DT)
+    w1, w2, w3 = (torch.randn(*s, dtype=DT) for s in ((16, 3), (16, 16), (2, 16)))
 
     def u(x: torch.Tensor) -> torch.Tensor:
-        return (torch.tanh(torch.tanh(x @ w1.T) @ w2.T)).sum(-1, keepdim=True)
+        # the narrow last layer keeps a bmm (each batch entry a tall transposed matrix, pass
+        # 11 of NOTE [Graph simplification]); the other products are one mm each
+        return (w3 @ torch.tanh(w2 @ torch.tanh(w1 @ x))).sum(-1, keepdim=True)
 
     xs = torch.randn(8, 3, dtype=DT)
     lap = vmap(xafunc.xlaplacian(u))

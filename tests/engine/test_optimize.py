@@ -344,6 +344,40 @@ def test_small_batches_of_a_shared_matrix_become_one_mm():
     assert any(aten.mm.default in _ops(g) for g in graphs)
 
 
+def test_shared_matrix_bmm_of_row_major_or_short_batches_become_one_mm():
+    """Pass 11 where the batch outnumbers the matrix: a row-major batch folds into one ``mm``
+    without a copy, and a transposed batch of matrices with few rows (``8 m < n``) is copied
+    and multiplied in one ``mm`` (``bmm`` packs the matrix once per entry); a transposed batch
+    of taller matrices keeps its ``bmm``. The layout is the one the graph runs with: below,
+    pass 8 makes ``h * s`` row-major, which its recorded layout predates."""
+    torch.manual_seed(4)
+    w = torch.randn(4, 24, dtype=DT)
+    row = torch.randn(30, 6, 4, dtype=DT)
+    tall = torch.randn(30, 4, 16, dtype=DT).transpose(1, 2)  # (30, 16, 4): m = 16
+    short = torch.randn(30, 4, 2, dtype=DT).transpose(1, 2)  # (30, 2, 4): m = 2
+
+    def fn(r, t, s, w):
+        return tuple(torch.bmm(x, w.expand(30, 4, 24)) for x in (r, t, s))
+
+    args = (row, tall, short, w)
+    # strides as given (``record`` makes its inputs contiguous, as every trace of xafunc's)
+    gm = simplify(make_fx(fn, tracing_mode="fake")(*args), inexact=True)
+    ops = _ops(gm)
+    assert ops.count(aten.bmm.default) == 1 and ops.count(aten.mm.default) == 2, gm.code
+    assert_tree_close(gm(*args), fn(*args))
+
+    s = torch.randn(4, 6, dtype=DT).t()  # a transposed weight slice, broadcast over h
+
+    def copied(h, w):
+        return torch.bmm(h * s, w.expand(30, 4, 24))
+
+    h = torch.randn(30, 1, 4, dtype=DT)
+    assert not (h * s).is_contiguous()
+    gm = simplify(record(copied, [h, w]), inexact=True)
+    assert aten.clone.default in _ops(gm) and aten.bmm.default not in _ops(gm), gm.code
+    assert_tree_close(gm(h, w), copied(h, w))
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)
