@@ -409,3 +409,24 @@ def test_public_surface_and_docstring_examples():
         for test in doctest.DocTestFinder().find(fn, fn.__name__, globs={}):
             runner.run(test)
         assert runner.failures == 0 and runner.tries > 0
+
+
+@pytest.mark.parametrize(("kind", "ops"), [("tanh", 16), ("sigmoid", 27)])
+def test_activation_polynomials_by_horner(kind: str, ops: int) -> None:
+    """tanh's and sigmoid's scaled derivatives are polynomials in the output (``_polys``),
+    evaluated by Horner's rule -- in ``y * y`` for tanh's, each odd or even: their values equal
+    the polynomials summed term by term (float64, orders 1-8, ``y`` in ``(-1, 1)``), and at
+    order 6 the six polynomials cost ``ops`` operators once the constants are folded (summing
+    scaled powers cost 29 and 50)."""
+    from xafunc._capture.tracer import record
+    from xafunc._execute.optimize import simplify
+    from xafunc._rules.elementwise import _poly_values, _polys
+
+    y = torch.rand(64, generator=torch.Generator().manual_seed(5), dtype=DT) * 2 - 1
+    for k in range(1, 9):
+        polys = _polys(kind, k)
+        for p, got in zip(polys, _poly_values(polys, y), strict=True):
+            expected = sum(c * y ** i for i, c in enumerate(p))
+            _close(got, expected)
+    gm = simplify(record(lambda y: tuple(_poly_values(_polys(kind, 6), y)), [y]))
+    assert sum(n.op == "call_function" for n in gm.graph.nodes) == ops, gm.code
