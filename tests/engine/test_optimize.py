@@ -99,6 +99,35 @@ def test_split_undone_by_a_cat_and_cat_undone_by_a_split():
     assert aten.split_with_sizes.default in _ops(gm)
 
 
+def test_cat_and_split_of_unit_dim_reshapes_lose_the_reshapes():
+    """Pass 4f: a ``cat`` of pieces reshaped only by inserting a size-1 dim, its rows through
+    one ``mm``, and a ``split`` whose pieces are reshaped back -- what a rule folding a Taylor
+    series' coefficients into one GEMM records -- keep no reshape; bit for bit. Where a
+    piece's reshape is read elsewhere the cat stays as it is (nothing would be saved)."""
+    w = torch.randn(32, 16, dtype=DT)
+
+    def fn(a, b, c):
+        cat = torch.cat([a.reshape(5, 1, 32), b.reshape(5, 1, 32), c.reshape(5, 1, 32)])
+        y = torch.mm(cat.reshape(-1, 32), w).reshape(15, 1, 16)
+        p, q, r = y.split([5, 5, 5])
+        return p.reshape(5, 16) * q.reshape(5, 16) + r.reshape(5, 16)
+
+    xs = [torch.randn(5, 32, dtype=DT) for _ in range(3)]
+    views = (aten.reshape.default, aten.view.default)
+    ops = _ops(_simplified(fn, *xs))
+    assert not any(o in views for o in ops) and ops.count(aten.cat.default) == 1, ops
+    assert ops.count(aten.split_with_sizes.default) == 1, ops
+
+    def shared(a, b):
+        ra = a.reshape(5, 1, 32)
+        return torch.cat([ra, b.reshape(5, 1, 32)]), ra * 2
+
+    gm = record(shared, [xs[0], xs[1]])
+    simplify(gm)
+    assert sum(o in views for o in _ops(gm)) == 2, gm.code
+    _bitwise(gm(xs[0], xs[1]), shared(xs[0], xs[1]))
+
+
 def test_permute_of_unit_dims_is_a_reshape():
     def fn(x):  # (8, 1, 5) -> (8, 5, 1) -> (8, 5): the chain mm -> view -> permute -> view
         return x.view(8, 1, 5).permute(0, 2, 1).reshape(8, 5).sin()
