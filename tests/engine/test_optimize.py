@@ -345,6 +345,26 @@ def test_autograd_copy_makes_batched_products_with_a_shared_matrix_one_mm():
     assert for_autograd(plain) is plain  # nothing to change: the graph itself
 
 
+def test_autograd_copy_unfuses_addcmul():
+    """The graph run when autograd records has a product and a sum where the simplified graph
+    has ``addcmul`` (pass 10): autograd differentiates ``addcmul`` with two more passes over
+    the data. Values and gradients agree; the simplified graph keeps its ``addcmul``."""
+    a, b, c = (torch.randn(16, 8, dtype=DT) for _ in range(3))
+
+    def fn(a, b, c):
+        return (a * b + c).sin()
+
+    gm = simplify(record(fn, [a, b, c]), inexact=True)
+    assert aten.addcmul.default in _ops(gm), gm.code
+    ag = for_autograd(gm)
+    assert aten.addcmul.default in _ops(gm) and aten.addcmul.default not in _ops(ag), ag.code
+    assert_tree_close(ag(a, b, c), fn(a, b, c))
+    loss = lambda *xs: ag(*xs).sum()  # noqa: E731
+    expected = lambda *xs: fn(*xs).sum()  # noqa: E731
+    assert_tree_close(grad(loss, argnums=(0, 1, 2))(a, b, c),
+                      grad(expected, argnums=(0, 1, 2))(a, b, c))
+
+
 def test_small_batches_of_a_shared_matrix_become_one_mm():
     """Pass 11: the reverse level of ``einsum("oi,i->o", w, h)`` multiplies each of the output
     directions by the weight expanded over them (``bmm`` reading the matrix once per

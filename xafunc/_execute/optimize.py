@@ -85,7 +85,8 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
 
 :func:`for_autograd` makes the copy of a graph that runs when autograd records: there a ``bmm``
 one of whose operands is the same matrix expanded over the batch (what ``matmul`` of a
-non-contiguous batch by a weight records) is one ``mm``.
+non-contiguous batch by a weight records) is one ``mm``, and an ``addcmul`` is a product and a
+sum (autograd's derivative of ``addcmul`` makes two more passes over the data).
 
 A rewrite that would make an output of the graph the same tensor as an input, a constant or
 another output (aliasing the caller could observe) is skipped. A graph with any mutating op
@@ -101,6 +102,8 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
+
+from xafunc._capture.tracer import ShapeTensor
 
 aten = torch.ops.aten
 
@@ -643,17 +646,12 @@ def _unit_view_of_cat(gm: GraphModule, node: Node) -> Node | None:
     rest = {tuple(v.shape[:j]) + tuple(v.shape[j + 1:]) for v in vals}  # type: ignore
     if len(rest) != 1:
         return None
-    from torch._prims_common import make_contiguous_strides_for
-
-    from xafunc._capture.tracer import ShapeTensor
-
     first = vals[0]
     assert first is not None
     shape = list(first.shape)
     shape[j] = sum(int(v.shape[j]) for v in vals if v is not None)
-    val = ShapeTensor(shape, make_contiguous_strides_for(shape), first.dtype, first.device)
     with node.graph.inserting_before(node):
-        cat = _call(node, aten.cat.default, (sources, j), val)
+        cat = _call(node, aten.cat.default, (sources, j), _row_major(shape, first))
         return _call(node, aten.reshape.default, (cat, list(out.shape)), out)
 
 
@@ -675,8 +673,6 @@ def _split_of_unit_view(gm: GraphModule, node: Node, outputs: set[Node]) -> Node
             and _val(gm, u) is not None and u not in outputs and u.users
             and all(r.target in _RESHAPES for r in u.users) for u in users):
         return None
-    from xafunc._capture.tracer import ShapeTensor
-
     x, j = found
     vx = _val(gm, x)
     assert vx is not None
@@ -844,7 +840,8 @@ def _fuse_products(gm: GraphModule) -> None:
 def for_autograd(gm: GraphModule) -> GraphModule:
     """A copy of ``gm`` for runs that record autograd history (see NOTE [Fast execution]):
     every ``bmm`` one of whose operands is a matrix expanded over the batch is one ``mm``
-    (:func:`_shared_matrix_bmm`). Without recording, the ``bmm`` form of a batch larger than
+    (:func:`_shared_matrix_bmm`), and every ``addcmul`` a product and a sum
+    (:func:`_unfused_addcmul`). Without recording, the ``bmm`` form of a batch larger than
     the matrix is as fast or faster (it reads a transposed batch without copying it; smaller
     batches are one ``mm`` in every graph, pass 11); under autograd its backward builds the
     matrix's gradient per batch entry and sums it, an intermediate the batch size times the
@@ -856,7 +853,7 @@ def for_autograd(gm: GraphModule) -> GraphModule:
     changed = False
     for node in list(graph.nodes):
         if node.op == "call_function" and node.users:
-            mm = _shared_matrix_bmm(new, node)
+            mm = _shared_matrix_bmm(new, node) or _unfused_addcmul(new, node)
             if mm is not None:
                 _swap(node, mm, outputs)
                 changed = True
@@ -865,6 +862,23 @@ def for_autograd(gm: GraphModule) -> GraphModule:
     graph.eliminate_dead_code()
     new.recompile()
     return new
+
+
+def _unfused_addcmul(gm: GraphModule, node: Node) -> Node | None:
+    """``addcmul(c, a, b)`` -> ``c + a * b`` for the graph autograd records: the same
+    products and sum, but autograd differentiates ``addcmul`` with two more passes over the
+    data (each factor's gradient is ``grad * (other * value)``, the scaling a pass of its own
+    even for ``value = 1``), 15% of a biharmonic training step whose Taylor rules use it."""
+    if node.target is not aten.addcmul.default or node.kwargs or len(node.args) != 3:
+        return None
+    c, a, b = node.args
+    out, va, vb = _val(gm, node), _val(gm, a), _val(gm, b)
+    if out is None or va is None or vb is None:
+        return None
+    with node.graph.inserting_before(node):
+        prod = _call(node, aten.mul.Tensor, (a, b),
+                     _row_major(list(torch.broadcast_shapes(va.shape, vb.shape)), out))
+        return _call(node, aten.add.Tensor, (c, prod), out)
 
 
 def _broadcast_matrix(gm: GraphModule, node: Any) -> Node | None:
@@ -956,8 +970,6 @@ _LAYOUT_OPS = {aten.permute.default, aten.reshape.default, aten.view.default,
 def _layout(node: Node, vals: list[Any]) -> torch.Tensor | None:
     """The layout ``node`` computes from operands of layouts ``vals`` (None: unknown)."""
     from torch._prims_common import compute_elementwise_output_strides
-
-    from xafunc._capture.tracer import ShapeTensor
 
     old, op = node.meta["val"], node.target
     assert isinstance(op, torch._ops.OpOverload)
@@ -1113,6 +1125,13 @@ def _fused_add(gm: GraphModule, node: Node) -> Node | None:
             with node.graph.inserting_before(node):
                 return _call(node, aten.addcmul.default, (c, *prod.args), out)
     return None
+
+
+def _row_major(shape: list[int], like: torch.Tensor) -> ShapeTensor:
+    """The layout of a new row-major tensor of ``shape`` with ``like``'s dtype and device."""
+    from torch._prims_common import make_contiguous_strides_for
+
+    return ShapeTensor(shape, make_contiguous_strides_for(shape), like.dtype, like.device)
 
 
 def _call(where: Node, target: Any, args: tuple[Any, ...], val: torch.Tensor) -> Node:
