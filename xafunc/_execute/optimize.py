@@ -101,6 +101,7 @@ import operator
 from typing import Any
 
 import torch
+from torch._prims_common import compute_elementwise_output_strides, make_contiguous_strides_for
 from torch.fx import GraphModule, Node
 
 from xafunc._capture.tracer import ShapeTensor
@@ -678,15 +679,14 @@ def _split_of_unit_view(gm: GraphModule, node: Node, outputs: set[Node]) -> Node
     assert vx is not None
     sizes = list(node.args[1])  # type: ignore[arg-type]
     with node.graph.inserting_before(node):
-        split = _call(node, aten.split_with_sizes.default, (x, sizes, j), vx)
-    split.meta["val"] = list(ShapeTensor.like(vx).split(sizes, j))  # (vx may be a constant)
+        split = node.graph.call_function(aten.split_with_sizes.default, (x, sizes, j))
+    split.meta["val"] = pieces = list(ShapeTensor.like(vx).split(sizes, j))  # (vx: a constant?)
     for u in users:
-        i = u.args[1]
+        i, vu = u.args[1], _val(gm, u)
+        assert isinstance(i, int) and vu is not None
         with node.graph.inserting_before(u):
-            piece = node.graph.call_function(operator.getitem, (split, i))
-            piece.meta["val"] = split.meta["val"][i]
-            back = _call(u, aten.reshape.default, (piece, list(_val(gm, u).shape)),  # type: ignore
-                         _val(gm, u))  # type: ignore[arg-type]
+            piece = _call(u, operator.getitem, (split, i), pieces[i])
+            back = _call(u, aten.reshape.default, (piece, list(vu.shape)), vu)
         u.replace_all_uses_with(back)
     return split
 
@@ -969,8 +969,6 @@ _LAYOUT_OPS = {aten.permute.default, aten.reshape.default, aten.view.default,
 
 def _layout(node: Node, vals: list[Any]) -> torch.Tensor | None:
     """The layout ``node`` computes from operands of layouts ``vals`` (None: unknown)."""
-    from torch._prims_common import compute_elementwise_output_strides
-
     old, op = node.meta["val"], node.target
     assert isinstance(op, torch._ops.OpOverload)
     if op in _LAYOUT_OPS:
@@ -1039,7 +1037,7 @@ def _rows_fold(batch: torch.Tensor, w: torch.Tensor) -> bool:
     ``bmm`` packs ``w`` once per entry, 1.0-3.3x slower measured on CPU), or when each entry
     has few rows (``8 m < n``: the packing costs ``k n`` per entry, the copy ``m k``; 1.1-3x
     slower measured for ``m`` = 2-16, ``n`` = 24-256)."""
-    n_batch, m, k = batch.shape
+    _, m, k = batch.shape
     n = w.numel() // max(k, 1)
     rows = all(size == 1 or stride == want for size, stride, want in
                zip(batch.shape, batch.stride(), (m * k, k, 1), strict=True))
@@ -1129,8 +1127,6 @@ def _fused_add(gm: GraphModule, node: Node) -> Node | None:
 
 def _row_major(shape: list[int], like: torch.Tensor) -> ShapeTensor:
     """The layout of a new row-major tensor of ``shape`` with ``like``'s dtype and device."""
-    from torch._prims_common import make_contiguous_strides_for
-
     return ShapeTensor(shape, make_contiguous_strides_for(shape), like.dtype, like.device)
 
 
