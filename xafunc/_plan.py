@@ -120,7 +120,7 @@ class Plan:
 
     def choose(self, s: Any) -> None:
         """Show the engine's schedule ``s`` (a ``Schedule``) as this plan's."""
-        self.schedule = (("mixed",) if s.cut is not None else ()) + s.levels
+        self.schedule = ((s.kind,) if s.kind else ()) + s.levels
         self.est_flops, self.est_peak_bytes = s.est_flops, s.est_peak_bytes
 
     def run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -203,7 +203,7 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
                     + ("; Hessian symmetry: block a computes gradient blocks b >= a only, the "
                        "rest are mirrored" if best.symmetric else "")
                     + "; NOTE [Blocked directions])")
-            if best.cut is None and best.blocks is None \
+            if not best.kind and best.blocks is None \
                     and first_order_basis(in_numel, best.forward_degree):
                 details.append(
                     f"first-order coefficients carried in the {in_numel} input directions, "

@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step:4d}  loss {mean_loss.item() / world:.4e}", flush=True)
     if rank == 0:
         print(f"relative L2 error {P.relative_l2_error(model.cpu()):.2e}", flush=True)
+    # both ranks leave together: a rank tearing gloo down while the other still evaluates can
+    # abort at exit ("terminate called without an active exception", seen on a loaded machine)
+    dist.barrier()
     dist.destroy_process_group()
     return status
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adjoint import AdjointJoin, adjoint_cost, adjoint_peak
 from .interpolate import num_directions
 from .mixed import Join, cut_nodes
 
@@ -35,6 +36,12 @@ class Schedule:
     join: Join | None = None
     blocks: tuple[tuple[int, int], ...] | None = None  # per-leaf direction blocks
     symmetric: bool = False  # blocks keep gradient blocks b >= a only (mirrored)
+    adjoint: Any = None  # third derivatives by adjoints: the ``AdjointJoin``
+
+    @property
+    def kind(self) -> str:
+        """``"mixed"``, ``"adjoint"``, or ``""`` for plain levels (the plan's schedule prefix)."""
+        return "mixed" if self.cut is not None else "adjoint" if self.adjoint is not None else ""
 
     @property
     def levels(self) -> tuple[str, ...]:
@@ -45,6 +52,11 @@ class Schedule:
             return (f"mixed: Taylor degree {self.forward_degree} to {self.cut.name} "
                     f"(width {self.width}), Taylor in its {self.width} coordinates after it, "
                     f"Faà di Bruno join over set partitions: {self.est_flops:.3g} FLOPs")
+        if self.adjoint is not None:
+            return (f"adjoint: first-order Taylor along the {self.directions} input directions "
+                    "over one reverse sweep, third-order terms joined at the "
+                    f"{len(self.adjoint.nodes)} nonlinear nodes (NOTE [Third derivatives by "
+                    f"adjoints]): {self.est_flops:.3g} FLOPs")
         text = (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
                 f"{self.directions} directions")
         if self.blocks is not None:
@@ -323,5 +335,19 @@ def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
                            + _TAYLOR_FACTOR * dirs * order * live) + result
         out.append(Schedule(0, order, dirs, cost, float(peak), result, 0.0, c, w, join))
     return out
+
+
+def adjoint_candidate(g0: torch.fx.GraphModule, n: int, m: int, flops0: float, itemsize: int,
+                      live: int, total: int) -> Schedule | None:
+    """The third-derivative schedule of NOTE [Third derivatives by adjoints], or None when the
+    graph has no nonlinear node (or one it does not handle)."""
+    join = AdjointJoin.of(g0, n, m)
+    if join is None:
+        return None
+    result = float(itemsize * m * n**3)
+    fixed = float(itemsize * total)
+    per_dir = float(itemsize * reverse_elements(1, m, n, live, total))
+    peak = adjoint_peak(join, itemsize, per_dir) + result + fixed
+    return Schedule(1, 1, n, adjoint_cost(join, flops0), peak, result, 0.0, adjoint=join)
 
 

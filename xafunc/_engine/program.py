@@ -30,8 +30,16 @@ from .._capture.request import Request, Split, write_back
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
+from .adjoint import needs_directions
 from .blocked import blocked_candidate, leaf_blocks, mirror_pieces
-from .cost import Schedule, estimate, graph_flops, liveness, mixed_candidates
+from .cost import (
+    Schedule,
+    adjoint_candidate,
+    estimate,
+    graph_flops,
+    liveness,
+    mixed_candidates,
+)
 from .interpolate import (
     directions,
     interpolation_constants,
@@ -74,8 +82,8 @@ EXECUTION = ("execution: one compiled aten graph run by TorchScript; parts that 
 
 
 def _label(s: Schedule) -> str:
-    if s.cut is not None:
-        return "mixed"
+    if s.kind:
+        return s.kind
     return "/".join(s.levels) + (" blocked" if s.blocks is not None else "")
 
 
@@ -139,7 +147,7 @@ class Program:
     """A captured, planned derivative computation for one call signature."""
 
     def __init__(self, split: Split, order: int, schedules: list[Schedule],
-                 graphs: dict[int, torch.fx.GraphModule], chunk_size: int | None,
+                 graphs: dict[Any, torch.fx.GraphModule], chunk_size: int | None,
                  all_orders: bool, has_aux: bool, n_static: int,
                  direct: dict[int, Callable[..., Any]] | None = None,
                  name: str = "xderiv", compile: bool = False) -> None:
@@ -147,7 +155,7 @@ class Program:
         self.name = name
         self.has_aux = has_aux
         self.schedules = schedules
-        self.props = {r: Propagator(g) for r, g in graphs.items()}
+        self.props = {key: Propagator(g) for key, g in graphs.items()}
         self.direct = direct or {}  # pure reverse levels run by torch.func, not traced
         self.chunk_size = chunk_size
         self.all_orders = all_orders
@@ -264,11 +272,13 @@ class Program:
             keys: list[Any] = [(0, k) for k in range(1, self.order + 1)]
         elif s.cut is not None:
             keys = [("mixed", s.cut.name)]
+        elif s.adjoint is not None:
+            keys = [("adjoint",)]
         elif s.blocks is not None:
             keys = [("blocked", s.reverse_levels, s.symmetric)]
         else:
             keys = [(s.reverse_levels, s.forward_degree)]
-        if not self.all_orders and s.cut is None and s.reverse_levels in self.direct:
+        if not self.all_orders and not s.kind and s.reverse_levels in self.direct:
             return ("execution: pure reverse levels run by torch.func, not compiled "
                     "(compile=True has no graph to compile)")
         return "execution: " + self.compiler.describe(keys)
@@ -385,6 +395,25 @@ class Program:
 
         return self._run(("mixed", s.cut.name), prepare, eager, z, others)  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ adjoint schedule
+    def dense_adjoint(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
+        """``D^3 y`` by forward tangents and adjoints (NOTE [Third derivatives by adjoints])."""
+        join, n = s.adjoint, z.shape[0]
+
+        def prepare() -> None:
+            if needs_directions(join):
+                self._seed(n, 3, 0, num_directions(n, 3), z)
+                interpolation_constants(n, 3, z.dtype, z.device)
+
+        def eager(z: Tensor, *others: Tensor) -> Any:
+            dirs = self._seed(n, 3, 0, num_directions(n, 3), z) if needs_directions(join) \
+                else None
+            T, aux = join.third(self.props["adjoint"], z, list(others), dirs)
+            aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+            return T.reshape(self._dense_shape(n, 3)), aux
+
+        return self._run(("adjoint",), prepare, eager, z, others)  # type: ignore[no-any-return]
+
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                  lifted: tuple[Tensor, ...]) -> Any:
         z, others, targets = self.split.inputs(args, kwargs, lifted)
@@ -418,6 +447,8 @@ class Program:
     def _run_schedule(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
         if s.cut is not None:
             return self.dense_mixed(s, z, others)  # type: ignore[no-any-return]
+        if s.adjoint is not None:
+            return self.dense_adjoint(s, z, others)  # type: ignore[no-any-return]
         if s.blocks is not None:
             return self.blocked(s, z, others)
         return self.dense(s.reverse_levels, s.forward_degree, z, others)
@@ -526,6 +557,11 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                                       live, limit=None if mode == "mixed" else 3)
         if mode == "mixed":
             schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
+    if order == 3 and not all_orders and mode == "auto" and req.chunk_size is None \
+            and not z.is_complex():
+        adjoint = adjoint_candidate(g0, n, m, flops0, itemsize, live, total)
+        if adjoint is not None:
+            schedules.append(adjoint)
     traced: dict[int, torch.fx.GraphModule] = {}  # reverse levels traced once, shared
     if not all_orders and mode in ("auto", "forward"):
         schedules += _blocked_candidates(schedules, layout.in_shapes, order, g0, z, others,
@@ -581,10 +617,11 @@ def _fits(name: str, s: Schedule, chunk_size: int | None, z: Tensor,
 
 
 def _chunk_of(name: str, s: Schedule, z: Tensor, chunk_size: int | None = None) -> int | None:
-    """The chunk size schedule ``s`` runs with (``ValueError`` if it cannot fit); mixed
-    schedules run unchunked, so they must fit whole."""
-    if s.cut is not None:
-        choose_chunk(name, result_bytes=s.est_peak_bytes, per_direction_bytes=1.0,
+    """The chunk size schedule ``s`` runs with (``ValueError`` if it cannot fit); mixed and
+    adjoint schedules run unchunked, so they must fit whole."""
+    if s.kind:
+        choose_chunk(name, result_bytes=s.result_bytes,
+                     per_direction_bytes=max(s.est_peak_bytes - s.result_bytes, 1.0),
                      directions=1, chunk_size=None, device=z.device)
     return choose_chunk(name, result_bytes=s.result_bytes,
                         per_direction_bytes=s.per_direction_bytes, directions=s.directions,
@@ -635,9 +672,18 @@ def _prepare(s: Schedule, g0: torch.fx.GraphModule, chunk: int | None, z: Tensor
              ) -> tuple[dict[int, Any], dict[int, Any]] | str:
     """The graphs schedule ``s`` runs (its reverse levels traced over the captured graph), or
     why the engine cannot run them."""
-    graphs: dict[int, Any] = {0: g0}
+    graphs: dict[Any, Any] = {0: g0}
     direct: dict[int, Callable[..., Any]] = {}
     r = s.reverse_levels
+    if s.adjoint is not None:
+        g = s.adjoint.graph(g0, z, others)
+        if isinstance(g, str):
+            return g
+        problems = graph_problems(g)
+        if problems:
+            return "; ".join(problems)
+        graphs["adjoint"] = g
+        return graphs, direct
     if r and s.forward_degree == 0 and (chunk is not None or r >= 2):
         # pure reverse mode with chunking or several levels: tracing would unroll every
         # chunk and level into one huge graph; torch.func runs it directly, still on the

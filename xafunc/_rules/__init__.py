@@ -20,6 +20,10 @@ from typing import Any
 
 RULES: dict[Any, Callable[..., Any]] = {}
 
+# Operators whose rules are linear in the series they receive (those of :mod:`.linear`): they
+# add no second or higher derivatives of their own (NOTE [Third derivatives by adjoints]).
+LINEAR: set[Any] = set()
+
 # Operators that never carry derivatives (comparisons, integer/index producers, factories):
 # applied to primals, their output is a constant.
 NONDIFF: set[Any] = set()
@@ -52,8 +56,13 @@ def has_rule(target: Any) -> bool:
 def _load() -> None:
     import torch
 
-    from . import bilinear, elementwise, linear, reductions  # noqa: F401
+    from . import linear  # noqa: F401 - registers its rules first (see LINEAR)
+
+    linear_rules = {op: RULES[op] for op in RULES}
+    from . import bilinear, elementwise, reductions  # noqa: F401
     from .series import basis_linear
+
+    LINEAR.update(op for op, rule in linear_rules.items() if RULES.get(op) is rule)
 
     aten = torch.ops.aten
     # rules linear in each coefficient and blind to the number of directions keep a

@@ -1,0 +1,197 @@
+"""Third derivatives by forward tangents and second-order adjoints (NOTE [Third derivatives by
+adjoints], xafunc/_engine/adjoint.py).
+
+The schedule is forced (every other candidate priced out) where the cost model would not pick
+it, so that each kind of nonlinear node -- pointwise functions of one moving input (the product
+form), products of two moving factors, reductions, multi-input functions (the directional form)
+-- is checked against nested ``jacrev`` in float64; the default choice, the graph it runs and
+training through it are checked on the MLPs the schedule is for.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+import xafunc
+from tests._compare import assert_tree_close, reference_deriv
+from xafunc._capture.cache import CACHE
+from xafunc._engine import program
+
+F64 = torch.float64
+g = torch.Generator().manual_seed(0)
+W1 = torch.randn(12, 5, generator=g, dtype=F64) / 2
+W2 = torch.randn(12, 12, generator=g, dtype=F64) / 4
+W3 = torch.randn(3, 12, generator=g, dtype=F64) / 3
+
+
+def _layer_norm_by_hand(h: torch.Tensor) -> torch.Tensor:
+    c = h - h.mean()
+    return c / torch.sqrt((c * c).mean() + 1e-5)
+
+
+FUNCS = {
+    "tanh_mlp": lambda x: W3 @ torch.tanh(W2 @ torch.tanh(W1 @ x)),
+    "scalar_sin": lambda x: (W3[0] * torch.tanh(W2 @ torch.sin(W1 @ x + 0.3))).sum(),
+    "silu": lambda x: W3 @ ((W1 @ x) * torch.sigmoid(W1 @ x)),  # a product of two moving
+    "gelu": lambda x: W3 @ F.gelu(W1 @ x),
+    "powers": lambda x: (x * x * x).sum() + x[0] * x[1] * x[2] + (x ** 4).sum(),
+    "division": lambda x: (1 / (1 + (W1 @ x) ** 2)).sum() + torch.exp(-(W1 @ x)).mean(),
+    "log_pow": lambda x: torch.log1p((W1 @ x) ** 2).sum() + torch.sqrt(2 + (W1 @ x).cos()).sum(),
+    "softmax": lambda x: torch.softmax(W1 @ x, 0) @ torch.arange(12.0, dtype=F64),
+    "broadcast_const": lambda x: (torch.tanh(W1[:, :1] * x + W1[:, 1:2]) * W2[:, :5]).sum(0),
+    "matrix_product": lambda x: torch.tanh(x.reshape(5, 1) @ x.reshape(1, 5) @ W1.T).sum(),
+    "stop_gradient": lambda x: (torch.tanh(W1 @ x) * torch.tanh(W1 @ x).detach()).sum(),
+    "piecewise": lambda x: (torch.relu(W1 @ x) ** 2).sum() + torch.amax(torch.tanh(W1 @ x)),
+    "var": lambda x: torch.var(torch.sin(W1 @ x)) * (W1 @ x).prod(),
+}
+
+
+@pytest.fixture
+def adjoint_only(monkeypatch):
+    """Price every other candidate out, so the adjoint schedule runs wherever it applies."""
+    estimate = program.estimate
+
+    def priced_out(*args, **kwargs):
+        s = estimate(*args, **kwargs)
+        s.est_flops = math.inf
+        return s
+
+    monkeypatch.setattr(program, "estimate", priced_out)
+    monkeypatch.setattr(program, "mixed_candidates", lambda *args, **kwargs: [])
+    monkeypatch.setattr(program, "_blocked_candidates", lambda *args, **kwargs: [])
+    xafunc.clear_cache()
+    yield
+    xafunc.clear_cache()
+
+
+@pytest.mark.parametrize("name", list(FUNCS))
+def test_every_kind_of_node_against_nested_jacrev(adjoint_only, name):
+    f = FUNCS[name]
+    x = torch.linspace(-0.8, 0.9, 5, dtype=F64)
+    xs = torch.stack([x, x.flip(0), 0.5 * x])
+    with xafunc.strict():
+        plan = xafunc.plan(f, 3)(x)
+        got = xafunc.xderiv(f, 3)(x)
+        batched = vmap(xafunc.xderiv(f, 3))(xs)
+    assert plan.schedule[0] == "adjoint", str(plan)
+    assert_tree_close(got, reference_deriv(f, 3)(x))
+    assert_tree_close(batched, vmap(jacrev(jacrev(jacrev(f))))(xs))
+
+
+def test_layer_norm_against_a_hand_written_oracle(adjoint_only):
+    """torch's nested ``jacrev`` of ``layer_norm`` is wrong from order 3: the oracle spells
+    the normalisation out."""
+    x = torch.linspace(-0.8, 0.9, 5, dtype=F64)
+    with xafunc.strict():
+        got = xafunc.xderiv(lambda x: F.layer_norm(W1 @ x, (12,)) @ W3[1], 3)(x)
+    assert_tree_close(got, reference_deriv(lambda x: _layer_norm_by_hand(W1 @ x) @ W3[1], 3)(x))
+
+
+def test_pytree_arguments_and_aux(adjoint_only):
+    """Two differentiated leaves (one a matrix), a constant argument and ``has_aux``: the
+    result keeps nested ``jacrev``'s structure."""
+    def f(a, b, c):
+        h = torch.tanh(W1[:, :3] @ a + (W1[:, 3:] * b.sum(0)).sum(1) + c)
+        return W3 @ h, {"h": h}
+
+    a = torch.linspace(-0.5, 0.5, 3, dtype=F64)
+    b = torch.linspace(0.1, 0.6, 4, dtype=F64).reshape(2, 2)
+    c = torch.full((12,), 0.2, dtype=F64)
+    with xafunc.strict():
+        got, aux = xafunc.xderiv(f, 3, argnums=(0, 1), has_aux=True)(a, b, c)
+    want = jacrev(jacrev(jacrev(lambda a, b: f(a, b, c)[0], argnums=(0, 1)), argnums=(0, 1)),
+                  argnums=(0, 1))(a, b)
+    assert_tree_close(got, want)
+    assert_tree_close(aux, f(a, b, c)[1])
+
+
+def _mlp(widths: list[int]) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, (p, q) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(p, q))
+        if i < len(widths) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(F64)
+
+
+def test_chosen_for_an_mlp_and_no_second_order_direction_meets_a_matrix_product():
+    """In 8 inputs the cost model picks the schedule, and every product with the hidden
+    32 x 32 weight runs on at most ``n = 8`` rows: the ``C(9, 2) = 36`` second-order
+    directions of Taylor mode over a reverse level are never pushed through it."""
+    net = _mlp([8, 32, 32, 1])
+
+    def f(x):
+        return net(x).squeeze(-1)
+
+    x = torch.linspace(-1, 1, 8, dtype=F64)
+    xafunc.clear_cache()
+    with xafunc.strict():
+        got = xafunc.xderiv(f, 3)(x)
+    (entry,) = CACHE.entries(f)
+    (plan,) = entry.plans.values()
+    assert plan.schedule == ("adjoint", "rev", "fwd"), str(plan)
+    assert "NOTE [Third derivatives by adjoints]" in str(plan)
+    assert_tree_close(got, reference_deriv(f, 3)(x))
+    graph = plan.program._compiled[("adjoint",)].graph
+    rows = []
+    for node in graph.nodes:
+        if node.op != "call_function" or "mm" not in str(node.target):
+            continue
+        shapes = [tuple(a.meta["val"].shape) for a in node.all_input_nodes
+                  if isinstance(a.meta.get("val"), torch.Tensor)]
+        if (32, 32) in shapes:
+            rows += [s[0] for s in shapes if len(s) == 2 and s != (32, 32)]
+    assert rows and max(rows) <= 8, rows
+
+
+@pytest.mark.parametrize("api", ["backward", "func_grad"])
+def test_training_through_it_matches_torch_func(api):
+    """A third-order PINN residual: the parameter gradient by ``.backward()`` on the module
+    and by ``torch.func.grad`` over ``functional_call`` equals nested torch.func's."""
+    net = _mlp([3, 16, 16, 1])
+    C = torch.randn(3, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(6, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def u(p, z):
+        return functional_call(net, p, (z,))
+
+    def loss(d3):
+        return lambda p: torch.einsum("boijk,ijk->b", vmap(d3, in_dims=(None, 0))(p, x),
+                                      C).pow(2).mean()
+
+    d3_ref = jacrev(jacrev(jacrev(u, argnums=1), argnums=1), argnums=1)
+    want = grad(loss(d3_ref))(params)
+    xafunc.clear_cache()
+    with xafunc.strict():
+        d3 = xafunc.xderiv(u, 3, argnums=1)
+        if api == "func_grad":
+            got = grad(loss(d3))(params)
+        else:
+            for p in net.parameters():
+                p.grad = None
+            loss(d3)(dict(net.named_parameters())).backward()
+            got = {k: torch.zeros_like(p) if p.grad is None else p.grad  # the last bias
+                   for k, p in net.named_parameters()}
+        plan = xafunc.plan(u, 3, argnums=1)(params, x[0])
+    assert plan.schedule[0] == "adjoint", str(plan)
+    assert_tree_close(got, want)
+
+
+def test_not_a_candidate_for_other_orders_or_chunked_requests():
+    net = _mlp([8, 16, 1])
+
+    def f(x):
+        return net(x).squeeze(-1)
+
+    x = torch.linspace(-1, 1, 8, dtype=F64)
+    for order, kwargs in ((2, {}), (4, {}), (3, {"chunk_size": 5})):
+        text = str(xafunc.plan(f, order, **kwargs)(x))
+        assert "adjoint" not in text, (order, kwargs, text)
