@@ -189,7 +189,7 @@ class AdjointJoin:
         n, m = self.n, self.m
         _, aux, ins, lams = prop(Series(z, [UnitSeed(0, n)]), *others)
         ins_it, lam_it = iter(ins), iter(lams)
-        M: Tensor | None = None  # (n_k, m, n_i, n_j)
+        M: Tensor | None = None  # (n_i, n_j, n_k, m)
         F: Tensor | None = None  # y_3 along the directions, (N, m)
         for nd, pw, inputs, k in zip(self.nodes, self.pointwise, self.inputs, self.outputs):
             env = {a: next(ins_it) for a in inputs}
@@ -212,7 +212,7 @@ class AdjointJoin:
                 F = term if F is None else F + term
         T = z.new_zeros((m, n, n, n))
         if M is not None:
-            A = M.permute(1, 0, 2, 3)  # A[o, k, i, j] = M[k; i, j]
+            A = M.permute(3, 2, 0, 1)  # A[o, k, i, j] = M[k; i, j]
             T = A + A.permute(0, 2, 3, 1) + A.permute(0, 2, 1, 3)
         if F is not None:
             T = T + symmetric_tensor(F, n, 3).reshape(m, n, n, n)
@@ -226,7 +226,8 @@ def _tangent(v: Any) -> Tensor | None:
 def _pointwise_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, x: Series,
                     lam: Any, n: int, m: int) -> Tensor | None:
     """``M`` of one pointwise node of one moving input ``x`` (NOTE [Third derivatives by
-    adjoints]), ``(n, m, n, n)``, or None when its second and third derivatives vanish."""
+    adjoints]) as ``(n_i, n_j, n_k, m)``, or None when its second and third derivatives
+    vanish."""
     ones = x.primal.new_ones((1,) + tuple(x.primal.shape))
     probe = Series(x.primal, [ones, None, None])
 
@@ -253,8 +254,9 @@ def _pointwise_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, x: Seri
     if Q is None:
         return None
     P = a.unsqueeze(1) * a.unsqueeze(0)  # (n, n, *shape)
-    M = Q.reshape(n * m, -1) @ P.reshape(n * n, -1).t()
-    return M.reshape(n, m, n, n)
+    # P on the left: under autograd the operand read transposed gets the transposed gradient,
+    # and P's is the larger one (its broadcast product's backward is 4x slower strided)
+    return (P.reshape(n * n, -1) @ Q.reshape(n * m, -1).t()).reshape(n, n, n, m)
 
 
 def _directional_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, lam: list[Any],
