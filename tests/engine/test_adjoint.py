@@ -1,4 +1,4 @@
-"""Third derivatives by forward tangents and second-order adjoints (NOTE [Third derivatives by
+"""Second and third derivatives by forward tangents and adjoints (NOTE [Derivatives by
 adjoints], xafunc/_engine/adjoint.py).
 
 The schedule is forced (every other candidate priced out) where the cost model would not pick
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, vmap
 
 import xafunc
 from tests._compare import assert_tree_close, reference_deriv
@@ -70,30 +70,34 @@ def adjoint_only(monkeypatch):
     xafunc.clear_cache()
 
 
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("name", list(FUNCS))
-def test_every_kind_of_node_against_nested_jacrev(adjoint_only, name):
+def test_every_kind_of_node_against_nested_jacrev(adjoint_only, name, order):
     f = FUNCS[name]
     x = torch.linspace(-0.8, 0.9, 5, dtype=F64)
     xs = torch.stack([x, x.flip(0), 0.5 * x])
     with xafunc.strict():
-        plan = xafunc.plan(f, 3)(x)
-        got = xafunc.xderiv(f, 3)(x)
-        batched = vmap(xafunc.xderiv(f, 3))(xs)
+        plan = xafunc.plan(f, order)(x)
+        got = xafunc.xderiv(f, order)(x)
+        batched = vmap(xafunc.xderiv(f, order))(xs)
     assert plan.schedule[0] == "adjoint", str(plan)
-    assert_tree_close(got, reference_deriv(f, 3)(x))
-    assert_tree_close(batched, vmap(jacrev(jacrev(jacrev(f))))(xs))
+    assert_tree_close(got, reference_deriv(f, order)(x))
+    assert_tree_close(batched, vmap(reference_deriv(f, order))(xs))
 
 
-def test_layer_norm_against_a_hand_written_oracle(adjoint_only):
+@pytest.mark.parametrize("order", [2, 3])
+def test_layer_norm_against_a_hand_written_oracle(adjoint_only, order):
     """torch's nested ``jacrev`` of ``layer_norm`` is wrong from order 3: the oracle spells
     the normalisation out."""
     x = torch.linspace(-0.8, 0.9, 5, dtype=F64)
     with xafunc.strict():
-        got = xafunc.xderiv(lambda x: F.layer_norm(W1 @ x, (12,)) @ W3[1], 3)(x)
-    assert_tree_close(got, reference_deriv(lambda x: _layer_norm_by_hand(W1 @ x) @ W3[1], 3)(x))
+        got = xafunc.xderiv(lambda x: F.layer_norm(W1 @ x, (12,)) @ W3[1], order)(x)
+    assert_tree_close(got, reference_deriv(lambda x: _layer_norm_by_hand(W1 @ x) @ W3[1],
+                                           order)(x))
 
 
-def test_pytree_arguments_and_aux(adjoint_only):
+@pytest.mark.parametrize("order", [2, 3])
+def test_pytree_arguments_and_aux(adjoint_only, order):
     """Two differentiated leaves (one a matrix), a constant argument and ``has_aux``: the
     result keeps nested ``jacrev``'s structure."""
     def f(a, b, c):
@@ -104,9 +108,8 @@ def test_pytree_arguments_and_aux(adjoint_only):
     b = torch.linspace(0.1, 0.6, 4, dtype=F64).reshape(2, 2)
     c = torch.full((12,), 0.2, dtype=F64)
     with xafunc.strict():
-        got, aux = xafunc.xderiv(f, 3, argnums=(0, 1), has_aux=True)(a, b, c)
-    want = jacrev(jacrev(jacrev(lambda a, b: f(a, b, c)[0], argnums=(0, 1)), argnums=(0, 1)),
-                  argnums=(0, 1))(a, b)
+        got, aux = xafunc.xderiv(f, order, argnums=(0, 1), has_aux=True)(a, b, c)
+    want = reference_deriv(lambda a, b: f(a, b, c)[0], order, argnums=(0, 1))(a, b)
     assert_tree_close(got, want)
     assert_tree_close(aux, f(a, b, c)[1])
 
@@ -121,10 +124,12 @@ def _mlp(widths: list[int]) -> nn.Module:
     return nn.Sequential(*layers).to(F64)
 
 
-def test_chosen_for_an_mlp_and_no_second_order_direction_meets_a_matrix_product():
-    """In 8 inputs the cost model picks the schedule, and every product with the hidden
-    32 x 32 weight runs on at most ``n = 8`` rows: the ``C(9, 2) = 36`` second-order
-    directions of Taylor mode over a reverse level are never pushed through it."""
+@pytest.mark.parametrize("order", [2, 3])
+def test_chosen_for_an_mlp_and_the_products_it_runs(order):
+    """In 8 inputs the cost model picks the schedule. Every product with the hidden 32 x 32
+    weight runs on at most ``n = 8`` rows: the ``C(9, 2) = 36`` second-order directions of
+    Taylor mode over a reverse level never meet it (order 3), and a Hessian pushes the 8
+    tangents through it once (forward), not also the reverse sweep's (forward-over-reverse)."""
     net = _mlp([8, 32, 32, 1])
 
     def f(x):
@@ -133,12 +138,12 @@ def test_chosen_for_an_mlp_and_no_second_order_direction_meets_a_matrix_product(
     x = torch.linspace(-1, 1, 8, dtype=F64)
     xafunc.clear_cache()
     with xafunc.strict():
-        got = xafunc.xderiv(f, 3)(x)
+        got = xafunc.xderiv(f, order)(x)
     (entry,) = CACHE.entries(f)
     (plan,) = entry.plans.values()
     assert plan.schedule == ("adjoint", "rev", "fwd"), str(plan)
-    assert "NOTE [Third derivatives by adjoints]" in str(plan)
-    assert_tree_close(got, reference_deriv(f, 3)(x))
+    assert "NOTE [Derivatives by adjoints]" in str(plan)
+    assert_tree_close(got, reference_deriv(f, order)(x))
     graph = plan.program._compiled[("adjoint",)].graph
     rows = []
     for node in graph.nodes:
@@ -149,38 +154,40 @@ def test_chosen_for_an_mlp_and_no_second_order_direction_meets_a_matrix_product(
         if (32, 32) in shapes:
             rows += [s[0] for s in shapes if len(s) == 2 and s != (32, 32)]
     assert rows and max(rows) <= 8, rows
+    if order == 2:
+        assert sum(r > 1 for r in rows) == 1, rows
 
 
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("api", ["backward", "func_grad"])
-def test_training_through_it_matches_torch_func(api):
-    """A third-order PINN residual: the parameter gradient by ``.backward()`` on the module
-    and by ``torch.func.grad`` over ``functional_call`` equals nested torch.func's."""
+def test_training_through_it_matches_torch_func(api, order):
+    """A PINN residual ``sum C . D^K u``: the parameter gradient by ``.backward()`` on the
+    module and by ``torch.func.grad`` over ``functional_call`` equals nested torch.func's."""
     net = _mlp([3, 16, 16, 1])
-    C = torch.randn(3, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    C = torch.randn((3,) * order, dtype=F64, generator=torch.Generator().manual_seed(1))
     x = torch.rand(6, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     params = {k: v.detach() for k, v in net.named_parameters()}
+    eq = "bo" + "ijk"[:order] + "," + "ijk"[:order] + "->b"
 
     def u(p, z):
         return functional_call(net, p, (z,))
 
-    def loss(d3):
-        return lambda p: torch.einsum("boijk,ijk->b", vmap(d3, in_dims=(None, 0))(p, x),
-                                      C).pow(2).mean()
+    def loss(dk):
+        return lambda p: torch.einsum(eq, vmap(dk, in_dims=(None, 0))(p, x), C).pow(2).mean()
 
-    d3_ref = jacrev(jacrev(jacrev(u, argnums=1), argnums=1), argnums=1)
-    want = grad(loss(d3_ref))(params)
+    want = grad(loss(reference_deriv(u, order, argnums=1)))(params)
     xafunc.clear_cache()
     with xafunc.strict():
-        d3 = xafunc.xderiv(u, 3, argnums=1)
+        dk = xafunc.xderiv(u, order, argnums=1)
         if api == "func_grad":
-            got = grad(loss(d3))(params)
+            got = grad(loss(dk))(params)
         else:
             for p in net.parameters():
                 p.grad = None
-            loss(d3)(dict(net.named_parameters())).backward()
+            loss(dk)(dict(net.named_parameters())).backward()
             got = {k: torch.zeros_like(p) if p.grad is None else p.grad  # the last bias
                    for k, p in net.named_parameters()}
-        plan = xafunc.plan(u, 3, argnums=1)(params, x[0])
+        plan = xafunc.plan(u, order, argnums=1)(params, x[0])
     assert plan.schedule[0] == "adjoint", str(plan)
     assert_tree_close(got, want)
 
@@ -192,6 +199,6 @@ def test_not_a_candidate_for_other_orders_or_chunked_requests():
         return net(x).squeeze(-1)
 
     x = torch.linspace(-1, 1, 8, dtype=F64)
-    for order, kwargs in ((2, {}), (4, {}), (3, {"chunk_size": 5})):
+    for order, kwargs in ((1, {}), (4, {}), (3, {"chunk_size": 5}), (2, {"chunk_size": 5})):
         text = str(xafunc.plan(f, order, **kwargs)(x))
         assert "adjoint" not in text, (order, kwargs, text)

@@ -1,6 +1,6 @@
-"""Third derivatives from forward tangents and second-order adjoints, joined node by node.
+"""Second and third derivatives from forward tangents and adjoints, joined node by node.
 
-NOTE [Third derivatives by adjoints]
+NOTE [Derivatives by adjoints]
 Let ``y`` (``m`` entries) be computed from ``z`` (``n`` entries) by the captured graph, and
 look at one node ``x_e = g_e(inputs)``. Along a direction ``v`` every value has a Taylor
 series ``c_0 + c_1 t + c_2 t^2 + c_3 t^3``. The degree-3 coefficient of ``y`` is linear in
@@ -16,7 +16,10 @@ sources: moving them to the adjoint side turns ``lambda`` into its tangent
     y_3[v] = sum_e < lambda_e, g_e's c_3 > + < mu_e[v], g_e's c_2 >,
 
 both from ``g_e``'s Taylor rule applied to its inputs' *first* coefficients alone (second and
-third set to zero). Linear nodes add nothing. So the whole third derivative costs one reverse
+third set to zero). Linear nodes add nothing. At second order the same argument gives
+``y_2[v] = sum_e < lambda_e, g_e's c_2 >`` -- a Hessian as one reverse sweep, forward tangents
+and ``H = sum_e a^T diag(lambda_e g_e'') a``, with no tangent of the reverse sweep (which
+forward-over-reverse pushes through every product). So the whole third derivative costs one reverse
 sweep of the graph, a first-order forward sweep of it in the ``n`` unit directions (``z``'s
 tangents and ``lambda``'s, ``mu``), and local terms at the nonlinear nodes -- where Taylor
 mode over a reverse level (``r = 1``, degree 2) pushes ``C(n + 1, 2)`` second-order
@@ -30,11 +33,13 @@ The local terms: for a pointwise ``g`` of one moving input with first coefficien
     T_ijk = M[k; i, j] + M[i; j, k] + M[j; i, k],
     M[k; i, j] = sum_e sum_entries Q_k a_i a_j,   Q_k = 2 s_2 mu_k + 2 s_3 lambda a_k,
 
-one product of ``(n m, entries)`` by ``(entries, n^2)`` per node (the ``s_j`` are the node's own
-rule applied along the single direction ``1``). Any other nonlinear node (products of two
-moving factors, reductions, multi-input functions) runs its rule along the ``C(n + 2, 3)``
-integer directions of :mod:`.interpolate`, and ``y_3`` along them is interpolated into the
-symmetric tensor (NOTE [Interpolation of mixed partials]).
+one product of ``(n^2, entries)`` by ``(entries, n m)`` per node (the ``s_j`` are the node's own
+rule applied along the single direction ``1``); a Hessian's is ``a^T diag(2 s_2 lambda) a``.
+The product of two moving factors with tangents ``a``, ``b`` has the same form with
+``a_i b_j + a_j b_i`` in place of ``2 s_2 a_i a_j`` and no third derivative. Any other
+nonlinear node (reductions, softmax, multi-input functions) runs its rule along the
+``C(n + K - 1, K)`` integer directions of :mod:`.interpolate`, and ``y_K`` along them is
+interpolated into the symmetric tensor (NOTE [Interpolation of mixed partials]).
 """
 
 from __future__ import annotations
@@ -90,33 +95,41 @@ def _is_nonlinear(node: torch.fx.Node, moving: set[torch.fx.Node]) -> bool:
     return True  # anything else may have second derivatives: kept (only costs time)
 
 
-def _pointwise(node: torch.fx.Node, moving: set[torch.fx.Node]) -> bool:
-    """A pointwise operator of one moving tensor (the local terms' product form applies)."""
+def _form(node: torch.fx.Node, moving: set[torch.fx.Node]) -> str:
+    """How a nonlinear node's local terms are formed: ``"pointwise"`` (a pointwise operator of
+    one moving tensor), ``"product"`` (the product of two moving tensors), or
+    ``"directional"`` (anything else: its rule along the integer directions)."""
     tags = getattr(node.target, "tags", ())
     inputs = [a for a in node.all_input_nodes if a in moving]
-    return torch.Tag.pointwise in tags and len(inputs) == 1 and isinstance(
-        node.meta.get("val"), Tensor)
+    if torch.Tag.pointwise not in tags or not isinstance(node.meta.get("val"), Tensor):
+        return "directional"
+    if len(inputs) == 1:
+        return "pointwise"
+    if node.target is aten.mul.Tensor and len(inputs) == 2:
+        return "product"
+    return "directional"
 
 
 @dataclass
 class AdjointJoin:
     """The nonlinear nodes of a captured graph and how their local terms are formed."""
 
+    order: int  # 2 or 3
     n: int  # differentiated inputs
     m: int  # outputs
     nodes: list[torch.fx.Node]
-    pointwise: list[bool]
+    forms: list[str]  # per node, see ``_form``
     inputs: list[list[torch.fx.Node]] = field(default_factory=list)  # tensor args per node
     outputs: list[int] = field(default_factory=list)  # tensor outputs per node
 
     @classmethod
-    def of(cls, g0: torch.fx.GraphModule, n: int, m: int) -> AdjointJoin | None:
+    def of(cls, g0: torch.fx.GraphModule, order: int, n: int, m: int) -> AdjointJoin | None:
         moving = moving_nodes(g0)
         nodes = [nd for nd in g0.graph.nodes
                  if nd.op == "call_function" and _is_nonlinear(nd, moving)]
         if not nodes:
             return None
-        join = cls(n, m, nodes, [_pointwise(nd, moving) for nd in nodes])
+        join = cls(order, n, m, nodes, [_form(nd, moving) for nd in nodes])
         for nd in nodes:
             join.inputs.append(list(dict.fromkeys(nd.all_input_nodes)))
             val = nd.meta.get("val")
@@ -182,16 +195,16 @@ class AdjointJoin:
             return f"capture of the adjoints failed ({e})"
 
     # ------------------------------------------------------------------ the join
-    def third(self, prop: Propagator, z: Tensor, others: list[Any],
-              dirs: Tensor | None) -> tuple[Tensor, Any]:
-        """``D^3 y`` as ``(m, n, n, n)`` and aux; ``dirs``: the degree-3 directions (when a
-        node needs them)."""
-        n, m = self.n, self.m
+    def derivative(self, prop: Propagator, z: Tensor, others: list[Any],
+                   dirs: Tensor | None) -> tuple[Tensor, Any]:
+        """``D^K y`` as ``(m, n, ..., n)`` and aux; ``dirs``: the degree-``K`` directions (when
+        a node needs them)."""
+        n, m, K = self.n, self.m, self.order
         _, aux, ins, lams = prop(Series(z, [UnitSeed(0, n)]), *others)
         ins_it, lam_it = iter(ins), iter(lams)
-        M: Tensor | None = None  # (n_i, n_j, n_k, m)
-        F: Tensor | None = None  # y_3 along the directions, (N, m)
-        for nd, pw, inputs, k in zip(self.nodes, self.pointwise, self.inputs, self.outputs):
+        M: Tensor | None = None  # K = 3: (n_i, n_j, n_k, m); K = 2: the Hessian (m, n, n)
+        F: Tensor | None = None  # y_K along the directions, (N, m)
+        for nd, form, inputs, k in zip(self.nodes, self.forms, self.inputs, self.outputs):
             env = {a: next(ins_it) for a in inputs}
             lam = [next(lam_it) for _ in range(max(k, 1))]
             args = torch.fx.node.map_arg(nd.args, env.__getitem__)
@@ -201,21 +214,27 @@ class AdjointJoin:
                 continue
             rule = lookup(nd.target)
             assert rule is not None
-            if pw and len(moving) == 1:
-                term = _pointwise_term(prop, rule, args, kwargs, moving[0], lam[0], n, m)
+            if form != "directional":
+                if form == "pointwise":
+                    term = _pointwise_term(prop, rule, args, kwargs, moving[0], lam[0], K, n, m)
+                else:  # linear in either factor alone: terms only where both move
+                    term = _product_term(moving[0], moving[1], lam[0], K, n, m) \
+                        if len(moving) == 2 else None
                 if term is not None:
                     M = term if M is None else M + term
                 continue
             assert dirs is not None
-            term = _directional_term(prop, rule, args, kwargs, lam, dirs, n, m)
+            term = _directional_term(prop, rule, args, kwargs, lam, dirs, K, n, m)
             if term is not None:
                 F = term if F is None else F + term
-        T = z.new_zeros((m, n, n, n))
-        if M is not None:
+        T = z.new_zeros((m,) + (n,) * K)
+        if M is not None and K == 2:
+            T = M
+        elif M is not None:
             A = M.permute(3, 2, 0, 1)  # A[o, k, i, j] = M[k; i, j]
             T = A + A.permute(0, 2, 3, 1) + A.permute(0, 2, 1, 3)
         if F is not None:
-            T = T + symmetric_tensor(F, n, 3).reshape(m, n, n, n)
+            T = T + symmetric_tensor(F, n, K).reshape((m,) + (n,) * K)
         return T, aux
 
 
@@ -224,27 +243,29 @@ def _tangent(v: Any) -> Tensor | None:
 
 
 def _pointwise_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, x: Series,
-                    lam: Any, n: int, m: int) -> Tensor | None:
-    """``M`` of one pointwise node of one moving input ``x`` (NOTE [Third derivatives by
-    adjoints]) as ``(n_i, n_j, n_k, m)``, or None when its second and third derivatives
-    vanish."""
+                    lam: Any, K: int, n: int, m: int) -> Tensor | None:
+    """``M`` of one pointwise node of one moving input ``x`` (NOTE [Derivatives by
+    adjoints]) as ``(n_i, n_j, n_k, m)`` (``K = 3``) or its Hessian term ``(m, n, n)``
+    (``K = 2``), or None when the node's higher derivatives vanish."""
     ones = x.primal.new_ones((1,) + tuple(x.primal.shape))
-    probe = Series(x.primal, [ones, None, None])
+    probe = Series(x.primal, [ones] + [None] * (K - 1))
 
     def put(v: Any) -> Any:
         return probe if v is x else (v.primal if isinstance(v, Series) else v)
 
     out = prop.apply(rule, torch.fx.node.map_aggregate(args, put),
                      {k: torch.fx.node.map_aggregate(v, put) for k, v in kwargs.items()})
-    s2, s3 = out.coeffs[1], out.coeffs[2]
+    s2, s3 = out.coeffs[1], out.coeffs[2] if K == 3 else None
     if s2 is None and s3 is None:
         return None
     shape = tuple(out.primal.shape)
-    a = x.coeffs[0]
-    a = a.reshape((n,) + (1,) * (len(shape) - (a.dim() - 1)) + tuple(a.shape[1:])).expand(
-        (n,) + shape)
+    a = _tangents_as(x, shape, n)
     mu = _tangent(lam)
     lam0 = lam.primal if isinstance(lam, Series) else lam  # (m, *shape)
+    if K == 2:  # H[o] = a^T diag(2 s_2 lambda[o]) a
+        assert s2 is not None
+        w = ((2 * s2) * lam0).unsqueeze(1) * a.unsqueeze(0)  # (m, n, *shape)
+        return (w.reshape(m * n, -1) @ a.reshape(n, -1).t()).reshape(m, n, n)
     Q: Tensor | None = None  # (n, m, *shape)
     if s2 is not None and mu is not None:
         Q = (2 * s2) * mu
@@ -259,14 +280,40 @@ def _pointwise_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, x: Seri
     return (P.reshape(n * n, -1) @ Q.reshape(n * m, -1).t()).reshape(n, n, n, m)
 
 
+def _tangents_as(x: Series, shape: tuple[int, ...], n: int) -> Tensor:
+    """``x``'s first coefficients ``(n, *x.shape)`` broadcast to ``(n, *shape)``."""
+    a = x.coeffs[0]
+    lead = (1,) * (len(shape) - (a.dim() - 1))
+    return a.reshape((n,) + lead + tuple(a.shape[1:])).expand((n,) + shape)
+
+
+def _product_term(x: Series, y: Series, lam: Any, K: int, n: int, m: int) -> Tensor | None:
+    """The local terms of ``x * y``, both moving: ``D^2 = a_i b_j + a_j b_i`` and no third
+    derivative, as :func:`_pointwise_term` returns them."""
+    shape = torch.broadcast_shapes(x.primal.shape, y.primal.shape)
+    a, b = _tangents_as(x, tuple(shape), n), _tangents_as(y, tuple(shape), n)
+    if K == 2:  # H[o] = (lambda[o] a)^T b + its transpose
+        lam0 = lam.primal if isinstance(lam, Series) else lam
+        w = lam0.unsqueeze(1) * a.unsqueeze(0)  # (m, n, *shape)
+        H = (w.reshape(m * n, -1) @ b.reshape(n, -1).t()).reshape(m, n, n)
+        return H + H.transpose(1, 2)
+    mu = _tangent(lam)
+    if mu is None:
+        return None
+    ab = a.unsqueeze(1) * b.unsqueeze(0)  # (n, n, *shape)
+    P = ab + ab.transpose(0, 1)
+    return (P.reshape(n * n, -1) @ mu.reshape(n * m, -1).t()).reshape(n, n, n, m)
+
+
 def _directional_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, lam: list[Any],
-                      dirs: Tensor, n: int, m: int) -> Tensor | None:
-    """``y_3`` along the degree-3 directions from one node, ``(N, m)``."""
+                      dirs: Tensor, K: int, n: int, m: int) -> Tensor | None:
+    """``y_K`` along the degree-``K`` directions from one node, ``(N, m)``."""
 
     def put(v: Any) -> Any:
         if isinstance(v, Series):
             c = v.coeffs[0]
-            return Series(v.primal, [c, None, None], dirs) if c is not None else v.primal
+            return Series(v.primal, [c] + [None] * (K - 1), dirs) if c is not None \
+                else v.primal
         return v
 
     out = prop.apply(rule, torch.fx.node.map_aggregate(args, put),
@@ -278,12 +325,14 @@ def _directional_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, lam: 
         if not isinstance(o, Series):
             continue
         lam0 = lm.primal if isinstance(lm, Series) else lm
-        c2, c3 = o.coeffs[1], o.coeffs[2]
+        c2, c3 = o.coeffs[1], o.coeffs[2] if K == 3 else None
         terms = []
         if c3 is not None:
             terms.append(c3.reshape(N, -1) @ lam0.reshape(m, -1).t())
         mu = _tangent(lm)
-        if c2 is not None and mu is not None:
+        if K == 2 and c2 is not None:
+            terms.append(c2.reshape(N, -1) @ lam0.reshape(m, -1).t())
+        elif c2 is not None and mu is not None:
             mu_v = (dirs @ mu.reshape(n, -1)).reshape(N, m, -1)
             terms.append((mu_v * c2.reshape(N, 1, -1)).sum(-1))
         for t in terms:
@@ -298,30 +347,39 @@ def _numel(v: Any) -> int:
         return 0
 
 
-def adjoint_cost(join: AdjointJoin, flops0: float) -> float:
-    """Estimated FLOPs: the reverse sweep (3 graph costs per cotangent, as :func:`estimate`)
-    under first-order Taylor in ``n`` directions, and each node's local terms."""
-    n, m = join.n, join.m
-    cost = 3.0 * flops0 * m * (1 + n)
-    N = num_directions(n, 3)
-    for pw, size in zip(join.pointwise, join.sizes()):
-        if pw:
-            cost += size * (n * n + 2.0 * n * m * n * n + 6.0 * n * m)
-        else:
-            cost += size * N * (12.0 + 2.0 * n * (m + 1) + 4.0 * m)
+def adjoint_cost(join: AdjointJoin, flops0: float, seed_free: float) -> float:
+    """Estimated FLOPs (the units of :func:`~.cost.estimate`): the graph and its reverse sweep
+    (3 graph costs per cotangent) and first-order tangents in ``n`` directions -- of the graph
+    alone at order 2, of the graph and its reverse sweep at order 3 -- plus each nonlinear
+    node's local terms."""
+    n, m, K = join.n, join.m, join.order
+    if K == 2:
+        cost = 3.0 * flops0 * m + n * max(flops0 - seed_free, 0.05 * flops0)
+    else:
+        cost = 3.0 * flops0 * m * (1 + n)
+    N = num_directions(n, K)
+    for form, size in zip(join.forms, join.sizes()):
+        if form != "directional":
+            local = 2.0 * m * n * n if K == 2 else n * n + 2.0 * n * m * n * n
+            cost += size * (local * (2 if form == "product" else 1) + 6.0 * n * m)
+        else:  # the first coefficients expanded to N directions, the rule, the contraction
+            cost += size * N * (2.0 * n + 4.0 * K + (2.0 * n * m if K == 3 else 0.0) + 4.0 * m)
     return cost
 
 
 def adjoint_peak(join: AdjointJoin, itemsize: int, per_dir: float) -> float:
     """Estimated peak bytes: the first-order sweep's (``per_dir`` per direction) and the
     largest node's local terms."""
-    n, m = join.n, join.m
-    N = num_directions(n, 3)
-    local = max((size * (n * n + 2 * n * m) if pw else size * N * (3 + m))
-                for pw, size in zip(join.pointwise, join.sizes()))
-    return n * per_dir + itemsize * (local + 2 * m * n ** 3)
+    n, m, K = join.n, join.m, join.order
+    N = num_directions(n, K)
+    # K = 3: the pair products (n^2 per entry) and Q; K = 2: the weighted tangents (m n per
+    # entry, twice for a product); directional: K coefficients and the expanded adjoint
+    local = max((size * N * (K + m) if form == "directional" else
+                 size * (2 * n * n + 2 * n * m) if K == 3 else size * 2 * n * (m + 1))
+                for form, size in zip(join.forms, join.sizes()))
+    return n * per_dir + itemsize * (local + 2 * m * n ** K)
 
 
 def needs_directions(join: AdjointJoin) -> bool:
-    return not all(join.pointwise)
+    return "directional" in join.forms
 

@@ -36,7 +36,7 @@ class Schedule:
     join: Join | None = None
     blocks: tuple[tuple[int, int], ...] | None = None  # per-leaf direction blocks
     symmetric: bool = False  # blocks keep gradient blocks b >= a only (mirrored)
-    adjoint: Any = None  # third derivatives by adjoints: the ``AdjointJoin``
+    adjoint: Any = None  # derivatives by adjoints (orders 2, 3): the ``AdjointJoin``
 
     @property
     def kind(self) -> str:
@@ -54,8 +54,8 @@ class Schedule:
                     f"Faà di Bruno join over set partitions: {self.est_flops:.3g} FLOPs")
         if self.adjoint is not None:
             return (f"adjoint: first-order Taylor along the {self.directions} input directions "
-                    "over one reverse sweep, third-order terms joined at the "
-                    f"{len(self.adjoint.nodes)} nonlinear nodes (NOTE [Third derivatives by "
+                    f"and one reverse sweep, order-{self.adjoint.order} terms joined at the "
+                    f"{len(self.adjoint.nodes)} nonlinear nodes (NOTE [Derivatives by "
                     f"adjoints]): {self.est_flops:.3g} FLOPs")
         text = (f"r={self.reverse_levels} reverse + degree {self.forward_degree} Taylor along "
                 f"{self.directions} directions")
@@ -337,17 +337,17 @@ def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
     return out
 
 
-def adjoint_candidate(g0: torch.fx.GraphModule, n: int, m: int, flops0: float, itemsize: int,
-                      live: int, total: int) -> Schedule | None:
-    """The third-derivative schedule of NOTE [Third derivatives by adjoints], or None when the
-    graph has no nonlinear node (or one it does not handle)."""
-    join = AdjointJoin.of(g0, n, m)
+def adjoint_candidate(g0: torch.fx.GraphModule, order: int, n: int, m: int, flops0: float,
+                      seed_free: float, itemsize: int, live: int, total: int
+                      ) -> Schedule | None:
+    """The schedule of NOTE [Derivatives by adjoints] for ``order`` 2 or 3, or None when
+    the graph has no nonlinear node (or one it does not handle)."""
+    join = AdjointJoin.of(g0, order, n, m)
     if join is None:
         return None
-    result = float(itemsize * m * n**3)
+    result = float(itemsize * m * n**order)
     fixed = float(itemsize * total)
     per_dir = float(itemsize * reverse_elements(1, m, n, live, total))
     peak = adjoint_peak(join, itemsize, per_dir) + result + fixed
-    return Schedule(1, 1, n, adjoint_cost(join, flops0), peak, result, 0.0, adjoint=join)
-
-
+    return Schedule(1, 1, n, adjoint_cost(join, flops0, seed_free), peak, result, 0.0,
+                    adjoint=join)

@@ -397,20 +397,23 @@ class Program:
 
     # ------------------------------------------------------------------ adjoint schedule
     def dense_adjoint(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
-        """``D^3 y`` by forward tangents and adjoints (NOTE [Third derivatives by adjoints])."""
+        """``D^K y`` (``K`` 2 or 3) by forward tangents and adjoints (NOTE [Derivatives by
+        adjoints])."""
         join, n = s.adjoint, z.shape[0]
+
+        K = join.order
 
         def prepare() -> None:
             if needs_directions(join):
-                self._seed(n, 3, 0, num_directions(n, 3), z)
-                interpolation_constants(n, 3, z.dtype, z.device)
+                self._seed(n, K, 0, num_directions(n, K), z)
+                interpolation_constants(n, K, z.dtype, z.device)
 
         def eager(z: Tensor, *others: Tensor) -> Any:
-            dirs = self._seed(n, 3, 0, num_directions(n, 3), z) if needs_directions(join) \
+            dirs = self._seed(n, K, 0, num_directions(n, K), z) if needs_directions(join) \
                 else None
-            T, aux = join.third(self.props["adjoint"], z, list(others), dirs)
+            T, aux = join.derivative(self.props["adjoint"], z, list(others), dirs)
             aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
-            return T.reshape(self._dense_shape(n, 3)), aux
+            return T.reshape(self._dense_shape(n, K)), aux
 
         return self._run(("adjoint",), prepare, eager, z, others)  # type: ignore[no-any-return]
 
@@ -557,9 +560,9 @@ def compile_program(req: Request, split: Split, z: Tensor, others: list[Any], n_
                                       live, limit=None if mode == "mixed" else 3)
         if mode == "mixed":
             schedules = [s for s in schedules if s.cut is not None] or schedules[:1]
-    if order == 3 and not all_orders and mode == "auto" and req.chunk_size is None \
+    if order in (2, 3) and not all_orders and mode == "auto" and req.chunk_size is None \
             and not z.is_complex():
-        adjoint = adjoint_candidate(g0, n, m, flops0, itemsize, live, total)
+        adjoint = adjoint_candidate(g0, order, n, m, flops0, seed_free, itemsize, live, total)
         if adjoint is not None:
             schedules.append(adjoint)
     traced: dict[int, torch.fx.GraphModule] = {}  # reverse levels traced once, shared

@@ -21,7 +21,7 @@ from typing import Any
 RULES: dict[Any, Callable[..., Any]] = {}
 
 # Operators whose rules are linear in the series they receive (those of :mod:`.linear`): they
-# add no second or higher derivatives of their own (NOTE [Third derivatives by adjoints]).
+# add no second or higher derivatives of their own (NOTE [Derivatives by adjoints]).
 LINEAR: set[Any] = set()
 
 # Operators that never carry derivatives (comparisons, integer/index producers, factories):
