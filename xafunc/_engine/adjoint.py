@@ -53,18 +53,17 @@ from torch import Tensor
 
 from .._capture.trace import CaptureError, trace
 from .._rules import LINEAR, is_nondiff, lookup
-from .._rules.series import Series, UnitSeed
+from .._rules.series import Series, UnitSeed, primal
+from .cost import _PRODUCTS, Schedule, numel, reverse_elements
 from .interpolate import num_directions, symmetric_tensor
 from .taylor import Propagator
 
 aten = torch.ops.aten
 
-# product-like operators: linear unless every listed operand moves with ``z``
-_PRODUCT_OPERANDS = {
-    "mul": (0, 1), "mm": (0, 1), "bmm": (0, 1), "mv": (0, 1), "dot": (0, 1), "vdot": (0, 1),
-    "outer": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addmv": (1, 2), "addr": (1, 2),
-    "convolution": (0, 1), "div": (1,),
-}
+# product-like operators: linear unless every listed operand moves with ``z`` (the matrix
+# products' operands as the cost model reads them)
+_PRODUCT_OPERANDS = {name: spec[:2] for name, spec in _PRODUCTS.items()} | {
+    "mul": (0, 1), "convolution": (0, 1), "div": (1,)}
 
 
 def _name(node: torch.fx.Node) -> str:
@@ -144,7 +143,7 @@ class AdjointJoin:
         for nd in self.nodes:
             val = nd.meta["val"]
             vals = val if isinstance(val, (tuple, list)) else [val]
-            out.append(sum(_numel(v) for v in vals))
+            out.append(sum(numel(v) for v in vals))
         return out
 
     # ------------------------------------------------------------------ the traced graph
@@ -261,7 +260,7 @@ def _pointwise_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, x: Seri
     shape = tuple(out.primal.shape)
     a = _tangents_as(x, shape, n)
     mu = _tangent(lam)
-    lam0 = lam.primal if isinstance(lam, Series) else lam  # (m, *shape)
+    lam0 = primal(lam)  # (m, *shape)
     if K == 2:  # H[o] = a^T diag(2 s_2 lambda[o]) a
         assert s2 is not None
         w = ((2 * s2) * lam0).unsqueeze(1) * a.unsqueeze(0)  # (m, n, *shape)
@@ -293,7 +292,7 @@ def _product_term(x: Series, y: Series, lam: Any, K: int, n: int, m: int) -> Ten
     shape = torch.broadcast_shapes(x.primal.shape, y.primal.shape)
     a, b = _tangents_as(x, tuple(shape), n), _tangents_as(y, tuple(shape), n)
     if K == 2:  # H[o] = (lambda[o] a)^T b + its transpose
-        lam0 = lam.primal if isinstance(lam, Series) else lam
+        lam0 = primal(lam)
         w = lam0.unsqueeze(1) * a.unsqueeze(0)  # (m, n, *shape)
         H = (w.reshape(m * n, -1) @ b.reshape(n, -1).t()).reshape(m, n, n)
         return H + H.transpose(1, 2)
@@ -324,7 +323,7 @@ def _directional_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, lam: 
     for o, lm in zip(outs, lam):
         if not isinstance(o, Series):
             continue
-        lam0 = lm.primal if isinstance(lm, Series) else lm
+        lam0 = primal(lm)
         c2, c3 = o.coeffs[1], o.coeffs[2] if K == 3 else None
         terms = []
         if c3 is not None:
@@ -338,13 +337,6 @@ def _directional_term(prop: Propagator, rule: Any, args: Any, kwargs: Any, lam: 
         for t in terms:
             F = t if F is None else F + t
     return F
-
-
-def _numel(v: Any) -> int:
-    try:
-        return int(v.numel())
-    except Exception:  # noqa: BLE001 - data-dependent sizes
-        return 0
 
 
 def adjoint_cost(join: AdjointJoin, flops0: float, seed_free: float) -> float:
@@ -383,3 +375,18 @@ def adjoint_peak(join: AdjointJoin, itemsize: int, per_dir: float) -> float:
 def needs_directions(join: AdjointJoin) -> bool:
     return "directional" in join.forms
 
+
+def adjoint_candidate(g0: torch.fx.GraphModule, order: int, n: int, m: int, flops0: float,
+                      seed_free: float, itemsize: int, live: int, total: int
+                      ) -> Schedule | None:
+    """The schedule of NOTE [Derivatives by adjoints] for ``order`` 2 or 3, or None when
+    the graph has no nonlinear node (or one it does not handle)."""
+    join = AdjointJoin.of(g0, order, n, m)
+    if join is None:
+        return None
+    result = float(itemsize * m * n**order)
+    fixed = float(itemsize * total)
+    per_dir = float(itemsize * reverse_elements(1, m, n, live, total))
+    peak = adjoint_peak(join, itemsize, per_dir) + result + fixed
+    return Schedule(1, 1, n, adjoint_cost(join, flops0, seed_free), peak, result, 0.0,
+                    adjoint=join)

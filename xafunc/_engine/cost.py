@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adjoint import AdjointJoin, adjoint_cost, adjoint_peak
 from .interpolate import num_directions
 from .mixed import Join, cut_nodes
 
@@ -336,18 +335,3 @@ def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
         out.append(Schedule(0, order, dirs, cost, float(peak), result, 0.0, c, w, join))
     return out
 
-
-def adjoint_candidate(g0: torch.fx.GraphModule, order: int, n: int, m: int, flops0: float,
-                      seed_free: float, itemsize: int, live: int, total: int
-                      ) -> Schedule | None:
-    """The schedule of NOTE [Derivatives by adjoints] for ``order`` 2 or 3, or None when
-    the graph has no nonlinear node (or one it does not handle)."""
-    join = AdjointJoin.of(g0, order, n, m)
-    if join is None:
-        return None
-    result = float(itemsize * m * n**order)
-    fixed = float(itemsize * total)
-    per_dir = float(itemsize * reverse_elements(1, m, n, live, total))
-    peak = adjoint_peak(join, itemsize, per_dir) + result + fixed
-    return Schedule(1, 1, n, adjoint_cost(join, flops0, seed_free), peak, result, 0.0,
-                    adjoint=join)

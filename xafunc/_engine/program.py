@@ -30,16 +30,9 @@ from .._capture.request import Request, Split, write_back
 from .._capture.trace import CaptureError, graph_problems, trace
 from .._execute.compiler import Compiler
 from .._rules.series import Series, UnitSeed
-from .adjoint import needs_directions
+from .adjoint import adjoint_candidate, needs_directions
 from .blocked import blocked_candidate, leaf_blocks, mirror_pieces
-from .cost import (
-    Schedule,
-    adjoint_candidate,
-    estimate,
-    graph_flops,
-    liveness,
-    mixed_candidates,
-)
+from .cost import Schedule, estimate, graph_flops, liveness, mixed_candidates
 from .interpolate import (
     directions,
     interpolation_constants,
@@ -136,6 +129,11 @@ def _traced_jacrev(g: Callable[..., Any], chunk_size: int | None) -> Callable[..
     return jac
 
 
+def _aux_primals(aux: Any) -> Any:
+    """The aux outputs of a propagation without their Taylor coefficients."""
+    return pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+
+
 def _shaped(seed: Any, v: Tensor) -> Any:
     """A flat seed ``(B, numel)`` viewed in the shape of the node it seeds."""
     if isinstance(seed, UnitSeed):
@@ -212,7 +210,7 @@ class Program:
                 c = primal_out.new_zeros((stop - start,) + tuple(primal_out.shape))
             coeffs.append(c.reshape(stop - start, -1))
         F = torch.cat(coeffs, 0) if len(coeffs) > 1 else coeffs[0]
-        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        aux = _aux_primals(aux)
         return primal_out, F, aux  # type: ignore[return-value]
 
     def _dense_eager(self, r: int, d: int, z: Tensor, *others: Tensor) -> tuple[Tensor, Any]:
@@ -304,7 +302,7 @@ class Program:
                 c = c.reshape(B, m, -1) if r else c.reshape(B, m)
                 parts.append(c.narrow(2, lo, n - lo) if r and lo else c)
             rows.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0])
-        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        aux = _aux_primals(aux)
         if r == 0:  # D[i, p] = rows[a][p - o_a, i]
             return [row.t().contiguous() for row in rows], aux
         if s.symmetric:
@@ -377,7 +375,7 @@ class Program:
             S.append(symmetric_tensor(F, w, i).reshape((m,) + (w,) * i))
         assert s.join is not None
         D = s.join(S, H)
-        aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+        aux = _aux_primals(aux)
         return D, aux
 
     def dense_mixed(self, s: Schedule, z: Tensor, others: list[Tensor]) -> tuple[Tensor, Any]:
@@ -400,7 +398,6 @@ class Program:
         """``D^K y`` (``K`` 2 or 3) by forward tangents and adjoints (NOTE [Derivatives by
         adjoints])."""
         join, n = s.adjoint, z.shape[0]
-
         K = join.order
 
         def prepare() -> None:
@@ -412,7 +409,7 @@ class Program:
             dirs = self._seed(n, K, 0, num_directions(n, K), z) if needs_directions(join) \
                 else None
             T, aux = join.derivative(self.props["adjoint"], z, list(others), dirs)
-            aux = pytree.tree_map(lambda a: a.primal if isinstance(a, Series) else a, aux)
+            aux = _aux_primals(aux)
             return T.reshape(self._dense_shape(n, K)), aux
 
         return self._run(("adjoint",), prepare, eager, z, others)  # type: ignore[no-any-return]
