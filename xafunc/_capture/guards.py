@@ -272,7 +272,11 @@ class _Walker:
         elif t.__module__ == "numpy" and t.__name__ == "ndarray":
             self.ndarray(obj, v, where)
         elif isinstance(obj, torch.Generator):
-            self.guard(f"{v} is {self.const(obj, weak=True)}", f"{where} is the same generator")
+            try:  # weakly where torch allows it; before torch 2.13 a Generator takes no weakref
+                ref = self.const(obj, weak=True)
+            except TypeError:
+                ref = self.const(obj)
+            self.guard(f"{v} is {ref}", f"{where} is the same generator")
         elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
             self.problem(f"it uses Python's random module ({where}), whose results change "
                          "between calls")
