@@ -1238,6 +1238,16 @@ def _(t: Inputs):
     return (lambda x, y: torch.fmin(x.sin(), y * 0.5).exp()), (t.away(4), t.away(4))
 
 
+@case("atan2_both", argnums=(0, 1))
+def _(t: Inputs):
+    return (lambda y, x: torch.atan2(y.sin(), x - 0.5 * y)), (t.randn(4), t.randn(4))
+
+
+@case("atan2_broadcast")
+def _(t: Inputs):
+    return (lambda x: torch.arctan2(pre(x)[:, None], x.exp()[None, :] - 1.5)), (t.randn(4),)
+
+
 @case("remainder")
 def _(t: Inputs):
     return (lambda x: torch.remainder(pre(x) * 3, 0.7) * x.cos()), (t.randn(5),)

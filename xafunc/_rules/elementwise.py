@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .series import Series, basis_aware, compose_unary, lift, primal
+from .series import Series, add, basis_aware, compose_unary, lift, primal, term
 
 aten = torch.ops.aten
 
@@ -428,6 +428,43 @@ def _fmin(a: Any, b: Any) -> Series:
     p, q = primal(a), primal(b)
     a_wins = (p <= q) | q.isnan()
     return _select3(aten.fmin(p, q), [(a, a_wins), (b, ~a_wins)])
+
+
+@register(aten.atan2)
+def _atan2(a: Any, b: Any) -> Series:
+    """``z = atan2(a, b)`` from ``z' (a^2 + b^2) = b a' - a b'``, solved one coefficient at a
+    time: with ``r = a^2 + b^2``, ``(k+1) r_0 z_{k+1} = w_k - sum_{j=1..k} (k+1-j) z_{k+1-j}
+    r_j`` and ``w_k = sum_{j=0..k} (k+1-j) (b_j a_{k+1-j} - a_j b_{k+1-j})``. At ``a = b = 0``
+    every derivative is NaN, as torch's (``0 / 0`` in atan2_backward)."""
+    from .linear import _expand_to
+
+    y0 = aten.atan2(primal(a), primal(b))
+    shape = tuple(y0.shape)
+    K = max(s.order for s in (a, b) if isinstance(s, Series))
+
+    def c(x: Any, k: int) -> Any:
+        t = term(x, k)
+        return t if t is None or k == 0 else lift(t, len(shape))
+
+    def mul(u: Any, v: Any, scale: float = 1.0) -> Any:
+        return None if u is None or v is None else u * v * scale if scale != 1.0 else u * v
+
+    r = [add(mul(c(a, 0), c(a, 0)), mul(c(b, 0), c(b, 0)))]
+    z: list[Any] = [None]  # z[k], k >= 1
+    for k in range(K):
+        w = None
+        for j in range(k + 1):
+            m = float(k + 1 - j)
+            w = add(w, mul(c(b, j), c(a, k + 1 - j), m))
+            w = add(w, mul(c(a, j), c(b, k + 1 - j), -m))
+        for j in range(1, k + 1):
+            w = add(w, mul(z[k + 1 - j], r[j], -float(k + 1 - j)))
+        z.append(None if w is None else w / (r[0] * (k + 1)))
+        nxt = None
+        for i in range(k + 2):
+            nxt = add(nxt, add(mul(c(a, i), c(a, k + 1 - i)), mul(c(b, i), c(b, k + 1 - i))))
+        r.append(nxt)
+    return Series(y0, [None if t is None else _expand_to(t, shape) for t in z[1:]])
 
 
 def _mod_rule(op: Any, rounding: str) -> Callable[..., Series]:
