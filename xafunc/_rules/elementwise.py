@@ -449,7 +449,7 @@ def _atan2(a: Any, b: Any) -> Series:
     def mul(u: Any, v: Any, scale: float = 1.0) -> Any:
         return None if u is None or v is None else u * v * scale if scale != 1.0 else u * v
 
-    r = [add(mul(c(a, 0), c(a, 0)), mul(c(b, 0), c(b, 0)))]
+    r: list[Any] = [primal(a) * primal(a) + primal(b) * primal(b)]  # r[j], j >= 0
     z: list[Any] = [None]  # z[k], k >= 1
     for k in range(K):
         w = None
