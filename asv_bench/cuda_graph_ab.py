@@ -182,7 +182,9 @@ def _executors() -> list[str]:
     out = []
     for fn in _all_executables():
         fast = fn._fast
-        why = getattr(fast, "why_not_graph", None) if fast is not None else None
+        why = getattr(fast, "why_not_graph", None) if fast is not None else "no fast path"
+        if why is None and getattr(fast, "cuda_graph", None) is None:
+            why = f"not captured after {getattr(fast, '_calls', '?')} calls"
         out.append(fn.executor + (f" [not replayed: {why}]" if why else ""))
     return out
 

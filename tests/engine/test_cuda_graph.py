@@ -241,6 +241,16 @@ def test_cpu_graphs_are_never_captured() -> None:
     assert all(e._fast.cuda_graph is None for e in exes)
 
 
+def test_inputs_on_several_devices_are_named() -> None:
+    """A graph whose inputs (arguments, hoisted values, scalar operands) are not all on the
+    first one's device is never captured; the reason names the input (the executor's report)."""
+    x, w = torch.ones(3, device="meta"), torch.ones(2, 2, device="meta")
+    assert cuda_graph.input_problem([x, w]) is None
+    assert cuda_graph.input_problem([x, w, torch.tensor(2.0)]) == \
+        "its input 2 (shape ()) is on cpu, not meta"
+    assert cuda_graph.input_problem([x, 1.5]) == "its input 1 is a float"
+
+
 def test_peak_bytes_frees_each_value_after_its_last_use() -> None:
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

@@ -126,6 +126,19 @@ def _integer_index(node: Any) -> bool:
                for i in node.args[1])
 
 
+def input_problem(inputs: Sequence[Any]) -> str | None:
+    """Why ``inputs`` (a graph's arguments, hoisted values and scalar operands) cannot be
+    copied into one capture's buffers although the first is a tensor: the first one that is
+    not a tensor on the first's device; None if there is none."""
+    device = inputs[0].device
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            return f"its input {i} is a {type(t).__name__}"
+        if t.device != device:
+            return f"its input {i} (shape {tuple(t.shape)}) is on {t.device}, not {device}"
+    return None
+
+
 def capturable(inputs: Sequence[Any]) -> bool:
     """Replay may run for these inputs: all tensors on one CUDA device, no capture under way."""
     if not ENABLED or not inputs:

@@ -782,6 +782,12 @@ class _FastPath:
         """The outputs by the CUDA graph (captured once the main part has run ``WARM_UP``
         times), or None: run the interpreter (NOTE [CUDA graphs])."""
         if not cuda_graph.capturable(inputs):
+            if cuda_graph.ENABLED and inputs and isinstance(inputs[0], Tensor) \
+                    and inputs[0].is_cuda:
+                # inputs on several devices never become capturable: say so (executor)
+                why = cuda_graph.input_problem(inputs)
+                if why is not None:
+                    self.why_not_graph = why
             return None
         graph = self.cuda_graph
         if graph is not None and graph.modes != cuda_graph.math_modes():
