@@ -105,6 +105,29 @@ def test_each_form_on_each_device(adjoint_only, device, order):
         assert_tree_close(batched, vmap(reference_deriv(f, order))(xs))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_replayed_as_a_cuda_graph(adjoint_only):
+    """The traced reverse sweep reads the Python numbers autograd saved (``-0.5 * ...``) as
+    CPU constants: they move to the GPU, and the graph is replayed (the coupling flow of the
+    zoo was not, on an H100)."""
+    from xafunc._execute.cuda_graph import ReplayStats
+
+    w1, w3 = W1.cuda(), W3.cuda()
+
+    def f(x):
+        y = torch.tanh(w1 @ x)
+        return -0.5 * (y * y).sum() - 0.5 * 12 * math.log(2 * math.pi) + (w3 @ y).sum()
+
+    before = ReplayStats.replays
+    xs = [torch.linspace(-0.8, 0.9 - i / 10, 5, dtype=F64, device="cuda") for i in range(5)]
+    with xafunc.strict():
+        assert xafunc.plan(f, 2)(xs[0]).schedule[0] == "adjoint"
+        outs = [xafunc.xhessian(f)(x) for x in xs]
+    assert ReplayStats.replays > before
+    for x, out in zip(xs, outs):
+        assert_tree_close(out, reference_deriv(f, 2)(x))
+
+
 @pytest.mark.parametrize("order", [2, 3])
 def test_layer_norm_against_a_hand_written_oracle(adjoint_only, order):
     """torch's nested ``jacrev`` of ``layer_norm`` is wrong from order 3: the oracle spells

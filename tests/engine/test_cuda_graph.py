@@ -251,6 +251,24 @@ def test_inputs_on_several_devices_are_named() -> None:
     assert cuda_graph.input_problem([x, 1.5]) == "its input 1 is a float"
 
 
+def test_cpu_constants_move_to_the_arguments_device() -> None:
+    """0-dim CPU constants of a graph (tracing leaves them, e.g. the Python numbers autograd
+    saves for a traced backward) reach the main part on the arguments' device, so that its
+    inputs can be captured; on the CPU they stay. (``meta`` stands in for a GPU.)"""
+    def f(x, w):
+        return (x * w).sum() * torch.tensor(0.5, dtype=DT) + torch.tanh(w).sum()
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xafunc._execute.executable import _FastPath
+
+    fast = _FastPath(make_fx(f)(torch.ones(3), torch.ones(3)), 1)
+    meta = fast.hoisted((torch.ones(3, device="meta"), torch.ones(3, device="meta")))
+    assert meta and all(v.device.type == "meta" for v in meta)
+    cpu = fast.hoisted((torch.ones(3), torch.ones(3)))
+    assert any(v.dim() == 0 for v in cpu) and all(v.device.type == "cpu" for v in cpu)
+
+
 def test_peak_bytes_frees_each_value_after_its_last_use() -> None:
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

@@ -22,7 +22,10 @@ What makes the replay return exactly what the interpreter would, every call:
 * **Outputs are copied out** of the graph's buffers before they are returned: the next replay
   writes the same memory, and the caller owns what it receives.
 * **Only graphs that are the same kernels every call are captured**: every value on the
-  one CUDA device (a CPU scalar operand would be read once, at capture, and baked in), no
+  one CUDA device (a CPU scalar operand would be read once, at capture, and baked in; the
+  0-dim CPU constants tracing leaves, such as the Python numbers autograd saves for a traced
+  backward, are moved to the device with the hoisted values, and a graph whose inputs still
+  span devices names the input in ``why_not``), no
   random op (torch.func draws from the generator at each call; a replay's draws would have
   to match them exactly, which is not worth the risk), no op whose output shape or a host
   value depends on the data (``nonzero``, boolean indexing, ``.item()``: those synchronise

@@ -694,6 +694,15 @@ class _FastPath:
             return cache[1]
         with torch.no_grad():
             values = list(self.prologue(*inputs))
+        device = next((a.device for a in args[:self.n_dynamic]
+                       if isinstance(a, Tensor) and a.device.type != "cpu"), None)
+        if device is not None:
+            # constants that tracing left on the CPU (autograd saves the Python number of
+            # ``x * 0.5`` as a CPU 0-dim tensor, which a traced backward then reads) move to
+            # the graph's device: the same value and type promotion, and every input of the
+            # main part on one device, as a CUDA graph's capture needs (NOTE [CUDA graphs])
+            values = [v.to(device) if v.dim() == 0 and v.device.type == "cpu"
+                      and v.is_floating_point() else v for v in values]
         self._cache = (_stamps(inputs), values)
         return values
 
