@@ -414,6 +414,54 @@ def _(t: Inputs):
     return (lambda x: torch.max(pre(x), dim=0).values.sin()), (t.away(3, 2),)
 
 
+@case("sort")
+def _(t: Inputs):
+    return (lambda x: torch.sort(pre(x), dim=0, descending=True).values.cumsum(0).sin()), \
+        (t.away(3, 2),)
+
+
+@case("sort_stable")
+def _(t: Inputs):
+    return (lambda x: torch.sort(x.exp(), stable=True)[0] * x.cos()), (t.away(5),)
+
+
+@case("topk")
+def _(t: Inputs):
+    return (lambda x: torch.topk(pre(x), 2, dim=1, largest=False).values.exp()), (t.away(2, 4),)
+
+
+@case("kthvalue")
+def _(t: Inputs):
+    return (lambda x: torch.kthvalue(pre(x), 2, 1, keepdim=True).values.sin() * x), \
+        (t.away(2, 3),)
+
+
+@case("median_dim")
+def _(t: Inputs):
+    return (lambda x: torch.median(pre(x), 0).values.tanh()), (t.away(3, 2),)
+
+
+@case("median_full")
+def _(t: Inputs):
+    return (lambda x: torch.median(pre(x)) * x.sin()), (t.away(5),)
+
+
+@case("mode")
+def _(t: Inputs):
+    return (lambda x: torch.mode(torch.cat([pre(x), pre(x)[:1]])).values * x.exp()), \
+        (t.away(4),)
+
+
+@case("cummax")
+def _(t: Inputs):
+    return (lambda x: torch.cummax(pre(x), 0).values.sin()), (t.away(5),)
+
+
+@case("cummin")
+def _(t: Inputs):
+    return (lambda x: torch.cummin(pre(x), 1).values.exp()), (t.away(2, 3),)
+
+
 @case("max_binary")
 def _(t: Inputs):
     return (lambda x: torch.maximum(pre(x), x.flip(0) * 0.5).tanh()), (t.away(4),)
@@ -1246,6 +1294,45 @@ def _(t: Inputs):
 @case("atan2_broadcast")
 def _(t: Inputs):
     return (lambda x: torch.arctan2(pre(x)[:, None], x.exp()[None, :] - 1.5)), (t.randn(4),)
+
+
+@case("hypot_both", argnums=(0, 1))
+def _(t: Inputs):
+    return (lambda a, b: torch.hypot(a.sin(), b * a)), (t.randn(4), t.randn(4))
+
+
+@case("copysign")
+def _(t: Inputs):
+    return (lambda x: torch.copysign(x.exp() - 1.1, -x.flip(0)) * x), (t.away(4),)
+
+
+@case("dist")
+def _(t: Inputs):
+    return (lambda x: torch.dist(x.sin(), x.flip(0), p=3) * x), (t.randn(4),)
+
+
+@case("addbmm", argnums=(0, 1))
+def _(t: Inputs):
+    return (lambda x, w: torch.addbmm(x[0].exp(), x.sin(), w, beta=0.5, alpha=2).tanh()), \
+        (t.randn(2, 2, 3), t.randn(2, 3, 3))
+
+
+@case("special_bessel")
+def _(t: Inputs):
+    return (lambda x: torch.special.i0(x) * torch.special.i1e(x.flip(0)) + torch.special.i0e(x)
+            - torch.special.i1(x).sin()), (t.randn(4),)
+
+
+@case("special_erfcx")
+def _(t: Inputs):
+    return (lambda x: torch.special.erfcx(3 * x) + torch.special.log_ndtr(4 * x.flip(0))), \
+        (t.randn(4),)
+
+
+@case("polygamma")
+def _(t: Inputs):
+    return (lambda x: torch.polygamma(1, x.exp() + 0.5) * torch.polygamma(0, x.cos() + 2)), \
+        (t.randn(4),)
 
 
 @case("remainder")

@@ -224,6 +224,13 @@ def capture_overrides() -> TorchFunctionMode:
     return _CaptureOverrides()
 
 
+def _addbmm(input: Any, batch1: Any, batch2: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
+    # torch has no decomposition; the sum of the batch's products (beta = 0 ignores input)
+    out = torch.bmm(batch1, batch2).sum(0)
+    out = out if alpha == 1 else out * alpha
+    return out if beta == 0 else out + (input if beta == 1 else input * beta)
+
+
 def _decompositions() -> dict[Any, Any]:
     from torch._decomp import _core_aten_decompositions_post_autograd, get_decompositions
 
@@ -241,7 +248,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.std,
         aten.linalg_vector_norm, aten.addcmul, aten.addcdiv, aten.lerp, aten.xlogy,
         aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
-        aten.native_group_norm, aten.frac,
+        aten.native_group_norm, aten.frac, aten.dist,
     ]))
     # ``detach`` has a meaning (a zero-derivative rule) and random operators must run as eager
     # code runs them (see NOTE [Capture])
@@ -265,6 +272,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.rrelu_with_noise.default: _rrelu_with_noise,
         aten._cdist_forward.default: _cdist_forward,
         aten._euclidean_dist.default: _euclidean_dist,
+        aten.addbmm.default: _addbmm,
     })
     return {op: _unguarded(fn) for op, fn in table.items()}
 

@@ -253,6 +253,26 @@ def _erf_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
 register(aten.erf)(unary(aten.erf, _erf_derivs))
 
 
+def _erfcx_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+    # erfcx' = 2x erfcx - 2/sqrt(pi); differentiating k times: y^(k+1) = 2x y^(k) + 2k y^(k-1)
+    out, prev, cur = [], y0, 2 * x0 * y0 - 2.0 / math.sqrt(math.pi)
+    for k in range(1, K + 1):
+        out.append(cur)
+        prev, cur = cur, 2 * x0 * cur + 2 * k * prev
+    return out
+
+
+register(aten.special_erfcx)(unary(aten.special_erfcx, _erfcx_derivs))
+
+
+@register(aten.polygamma)
+def _polygamma(n: int, x: Series) -> Series:
+    """``polygamma(n, x)``: its j-th derivative is ``polygamma(n + j, x)``."""
+    y0 = aten.polygamma(n, x.primal)
+    derivs = [aten.polygamma(n + j, x.primal) / math.factorial(j) for j in range(1, x.order + 1)]
+    return compose_unary(x, derivs, y0)
+
+
 def _piecewise_linear(slope: Callable[[Tensor], Tensor]) -> DerivFn:
     def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
         s = slope(x0)
@@ -269,6 +289,29 @@ def _indicator(cond: Tensor, x0: Tensor) -> Tensor:
 def _piecewise(x: Series, y0: Tensor, slope: Tensor) -> Series:
     """Series of a piecewise-linear function with local slope ``slope`` (zero curvature)."""
     return compose_unary(x, [slope] + [None] * (x.order - 1), y0)  # type: ignore[list-item]
+
+
+@register(aten.copysign.Tensor, aten.copysign.Scalar)
+def _copysign(a: Any, b: Any) -> Series:
+    """``|a|`` with ``b``'s sign: torch's derivative in ``a`` is ``result / a`` (0 where
+    ``a == 0``), in ``b`` zero."""
+    y0 = aten.copysign(primal(a), primal(b))
+    if not isinstance(a, Series):
+        return Series(y0, [None] * b.order)
+    slope = torch.where(a.primal == 0, 0, y0 / a.primal)
+    return _piecewise(a, y0, slope)
+
+
+@register(aten.hypot)
+def _hypot(a: Any, b: Any) -> Series:
+    """``sqrt(a^2 + b^2)`` by the product and power rules (at ``a = b = 0`` NaN, as torch's
+    ``grad * self / result``)."""
+    from .bilinear import mul_series
+    from .linear import _make_add
+
+    squares = [mul_series(v, v) if isinstance(v, Series) else v * v for v in (a, b)]
+    return _rename(_pow_scalar(_make_add(aten.add, 1)(*squares), 0.5),
+                   aten.hypot(primal(a), primal(b)))
 
 
 # NOTE [Kinks follow torch's backward formulas]
@@ -522,7 +565,8 @@ def _jvp_of(g: Callable[[Tensor], Tensor], ones: Tensor) -> Callable[[Tensor], T
 
 for _op in (aten.sinh, aten.cosh, aten.tan, aten.atan, aten.asin, aten.acos, aten.asinh,
             aten.acosh, aten.atanh, aten.erfc, aten.erfinv, aten.lgamma, aten.digamma,
-            aten.log2, aten.log10, aten.exp2, aten.sgn):
+            aten.log2, aten.log10, aten.exp2, aten.sgn, aten.i0, aten.special_i0e,
+            aten.special_i1, aten.special_i1e):
     register(_op)(generic_unary(_op))
 
 
