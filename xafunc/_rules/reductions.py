@@ -91,7 +91,7 @@ def _min_dim(x: Series, dim: int, keepdim: bool = False) -> tuple[Series, Tensor
     return _gather_at(x, *torch.min(x.primal, dim, keepdim), dim, keepdim)
 
 
-def _selecting(op: Any, dim_at: int, default_dim: int | None, keepdim_at: int | None) -> Any:
+def _selecting(op: Any, dim_at: int, keepdim_at: int | None) -> Any:
     """Rule for an op returning ``(values, indices)`` of entries it selects along a dimension
     (``sort``, ``topk``, ``kthvalue``, ``median``/``nanmedian``/``mode`` along ``dim``,
     ``cummax``/``cummin``): the coefficients at the returned indices, as torch's derivative
@@ -101,24 +101,23 @@ def _selecting(op: Any, dim_at: int, default_dim: int | None, keepdim_at: int | 
 
     def rule(x: Series, *args: Any, **kwargs: Any) -> tuple[Series, Tensor]:
         values, indices = op(x.primal, *args, **kwargs)
-        dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", default_dim)
+        dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", -1)
         if keepdim_at is None:
             keepdim = True
         else:
             keepdim = args[keepdim_at] if len(args) > keepdim_at else kwargs.get("keepdim",
                                                                                    False)
-        return _gather_at(x, values, indices, int(dim), keepdim)
+        return _gather_at(x, values, indices, dim, keepdim)
 
     return rule
 
 
-for _op, _dim_at, _default, _keep_at in (
-        (aten.sort.default, 0, -1, None), (aten.sort.stable, 9, -1, None),  # dim: keyword
-        (aten.topk.default, 1, -1, None), (aten.kthvalue.default, 1, -1, 2),
-        (aten.median.dim, 0, None, 1), (aten.nanmedian.dim, 0, None, 1),
-        (aten.mode.default, 0, -1, 1), (aten.cummax.default, 0, None, None),
-        (aten.cummin.default, 0, None, None)):
-    register(_op)(_selecting(_op, _dim_at, _default, _keep_at))
+for _op, _dim_at, _keep_at in (
+        (aten.sort.default, 0, None), (aten.sort.stable, 9, None),  # sort.stable: keywords
+        (aten.topk.default, 1, None), (aten.kthvalue.default, 1, 2), (aten.median.dim, 0, 1),
+        (aten.nanmedian.dim, 0, 1), (aten.mode.default, 0, 1), (aten.cummax.default, 0, None),
+        (aten.cummin.default, 0, None)):
+    register(_op)(_selecting(_op, _dim_at, _keep_at))
 
 
 @register(aten.median.default)
