@@ -319,6 +319,31 @@ def test_batched_weights_are_row_major_in_the_prologue():
         fast[0].prologue.code
 
 
+def test_thin_weights_are_column_major_in_the_prologue():
+    """The reverse sweep's product with a first layer's weight (``(k, n)``, ``n`` 2-8, ``k >=
+    16``: MKL is slow over it row-major) reads a column-major copy made once in the cached
+    prologue; the numbers are the oracle's."""
+    torch.manual_seed(11)
+    w1, w2, w3 = (torch.randn(*s, dtype=DT) / 4 for s in ((32, 3), (32, 32), (1, 32)))
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        return (w3 @ torch.tanh(w2 @ torch.tanh(w1 @ x))).sum()
+
+    xs = torch.randn(16, 3, dtype=DT)
+    hess = vmap(xafunc.xhessian(u))
+    with torch.no_grad():
+        got = hess(xs)
+        assert_tree_close(hess(xs), got, rtol=0.0, atol=0.0)
+    assert_tree_close(got, vmap(jacrev(jacrev(u)))(xs).detach())
+    fast = [fn._fast for fn in _executables(u)]
+    assert fast, "the batched fast path did not run"
+    aten = torch.ops.aten
+    copies = [n for f in fast for n in f.prologue.graph.nodes  # permute(clone(permute(w1)))
+              if n.target is aten.clone.default and tuple(n.args[0].meta["val"].shape) == (3, 32)
+              and any(u.target is aten.permute.default for u in n.users)]
+    assert copies, fast[0].prologue.code
+
+
 def test_vmap_of_a_function_slicing_its_input_runs_the_batched_fast_path():
     """``x[k:]`` records ``end=2**63 - 1``; capture clamps slice bounds to the dimension, so
     the batched trace of the propagation (whose reverse level scatters into slices) succeeds
