@@ -16,6 +16,7 @@ transform on the plain network -- not the network itself; see ``ddp.rst`` for wh
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -109,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step:4d}  loss {mean_loss.item() / world:.4e}", flush=True)
     if rank == 0:
         print(f"relative L2 error {P.relative_l2_error(model.cpu()):.2e}", flush=True)
-    # both ranks leave together: a rank tearing gloo down while the other still evaluates can
-    # abort at exit ("terminate called without an active exception", seen on a loaded machine)
+    # both ranks leave together, and the DDP module (whose reducer holds the process group) is
+    # freed before the group: a group torn down later, at interpreter exit, can abort there
+    # ("terminate called without an active exception", seen on a loaded machine)
     dist.barrier()
+    del opt, ddp
+    gc.collect()
     dist.destroy_process_group()
     return status
 
