@@ -86,6 +86,12 @@ def _label(s: Schedule) -> str:
 TUNE_FACTOR = 2.0
 TUNE_MIN_FLOPS = 2e6
 TUNE_MAX = 3  # candidates timed at most, one of each kind
+# untimed runs of each before timing (the first compiles; TorchScript's profiling executor
+# optimises a graph only after its first runs, which would otherwise be what is timed: the
+# LSTM's two candidates measured within 5% of each other there, and flipped between
+# processes, where their steady states differ by 25%), then interleaved timed rounds
+WARM_RUNS = 3
+TIMED_ROUNDS = 3
 
 
 def _jacrev_levels(flat: Callable[..., Any], r: int, chunk_size: int | None,
@@ -458,9 +464,10 @@ class Program:
         The cost model ranks schedules by estimated FLOPs, which is blind to per-op overhead,
         kernel efficiency and memory traffic. When other candidates are estimated within
         ``TUNE_FACTOR`` of the best and the work is large enough to matter, the first call
-        runs each once to compile it, then times two interleaved rounds and keeps the fastest
-        (as cuDNN's benchmark mode does); the plan reports the times and the choice. One
-        candidate of each kind is timed (the best-estimated mixed cut, not two of them)."""
+        runs each ``WARM_RUNS`` times (compiling it), then times ``TIMED_ROUNDS`` interleaved
+        rounds and keeps the fastest (as cuDNN's benchmark mode does); the plan reports the
+        times and the choice. One candidate of each kind is timed (the best-estimated mixed
+        cut, not two of them)."""
         import time
 
         trials, self.trials = self.trials, []
@@ -469,9 +476,10 @@ class Program:
         # compiled by inductor, on its next run (seconds per compile)
         self.compiler.set_compile(False)
         try:
-            for s in trials:
-                self._run_schedule(s, z, others)  # compile
-            for _ in range(2):  # the faster of two rounds, interleaved: robust to a busy moment
+            for _ in range(WARM_RUNS):  # compile, then TorchScript's profiling runs
+                for s in trials:
+                    self._run_schedule(s, z, others)
+            for _ in range(TIMED_ROUNDS):  # the fastest, interleaved: robust to a busy moment
                 for i, s in enumerate(trials):
                     t = time.perf_counter()
                     self._run_schedule(s, z, others)
