@@ -344,6 +344,28 @@ def test_thin_weights_are_column_major_in_the_prologue():
     assert copies, fast[0].prologue.code
 
 
+def test_unit_seeds_are_not_materialised_per_sample_under_vmap():
+    """A first-order seed that a rule materialises (here ``x[:3]`` and ``x[3:]`` slice it) is
+    the same for every sample: under ``vmap`` it stays one ``(n, k)`` constant (it was
+    ``(batch, n, k)``), and so do its products with the weights, which the prologue hoists."""
+    torch.manual_seed(12)
+    w = torch.randn(32, 3, dtype=DT) / 2
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ x[:3]).sum() + (x[3:] ** 3).sum()
+
+    xs = torch.randn(40, 5, dtype=DT)
+    hess = vmap(xafunc.xhessian(f))
+    with torch.no_grad():
+        got = hess(xs)
+    assert_tree_close(got, vmap(jacrev(jacrev(f)))(xs).detach())
+    fast = [fn._fast for fn in _executables(f)]
+    assert fast, "the batched fast path did not run"
+    shapes = {tuple(t.shape) for f_ in fast for t in f_.consts if t.is_floating_point()}
+    assert {(5, 3), (5, 2)} <= shapes, shapes
+    assert not any(s[:2] == (40, 5) and s[-1] in (2, 3) and len(s) == 3 for s in shapes), shapes
+
+
 def test_vmap_of_a_function_slicing_its_input_runs_the_batched_fast_path():
     """``x[k:]`` records ``end=2**63 - 1``; capture clamps slice bounds to the dimension, so
     the batched trace of the propagation (whose reverse level scatters into slices) succeeds

@@ -103,7 +103,10 @@ def _materialize_one(x: Any) -> Any:
     if not isinstance(x, Series) or x.unit is None:
         return x
     seed, p = x.unit, x.primal
-    eye = p.new_zeros((seed.count, p.numel()))
+    # a plain tensor, not ``p.new_zeros``: under ``vmap`` (the batched fast path traces the
+    # rules under it) that would be a batched tensor, and the seed -- the same for every
+    # sample -- and every product of it with the weights would be materialised per sample
+    eye = torch.zeros((seed.count, p.numel()), dtype=p.dtype, device=p.device)
     eye.diagonal(seed.offset).fill_(1)
     if seed.transposed:  # seeded in the transpose's row-major order
         c = eye.reshape((seed.count,) + tuple(p.shape)[::-1]).transpose(1, 2)
