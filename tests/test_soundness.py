@@ -576,3 +576,48 @@ def test_a_function_differentiating_itself_with_autograd(order):
         assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
         assert_tree_close(xderiv(f, order, mode="forward")(x), reference_deriv(f, order)(x))
     assert xafunc.plan(f, order)(x).strategy == "engine"
+
+
+# ----------------------------------------------------------------------- in-place operators
+_W = torch.linspace(-1.0, 1.2, 20, dtype=F64).reshape(5, 4).cos()
+
+
+def _lin(x: torch.Tensor) -> torch.Tensor:
+    return _W @ x
+
+
+#: in-place spellings whose decompositions wrap an out-of-place body (the wrapper writes the
+#: result into ``self``; NOTE [Decompositions without dynamo's guard]), and a few recorded as
+#: they are
+IN_PLACE = {
+    "lerp_": lambda x: _lin(x).lerp_(_lin(x).sin(), 0.3).pow(2).sum(),
+    "addcmul_": lambda x: _lin(x).addcmul_(_lin(x).sin(), _lin(x).cos(), value=0.5).pow(2).sum(),
+    "addcdiv_": lambda x: _lin(x).addcdiv_(_lin(x).sin(), _lin(x).exp(), value=0.5).sum(),
+    "elu_inplace": lambda x: F.elu(_lin(x), inplace=True).pow(2).sum(),
+    "elu_module": lambda x: nn.ELU(inplace=True)(_lin(x)).pow(2).sum(),
+    "celu_inplace": lambda x: F.celu(_lin(x), inplace=True).pow(2).sum(),
+    "mish_inplace": lambda x: F.mish(_lin(x), inplace=True).pow(2).sum(),
+    "threshold_inplace": lambda x: F.threshold(_lin(x), 0.1, 0.0, inplace=True).pow(3).sum(),
+    "tril_": lambda x: torch.outer(x, x.sin()).tril_().pow(2).sum(),
+    "triu_": lambda x: torch.outer(x, x.sin()).triu_(1).pow(2).sum(),
+    "zero_": lambda x: (_lin(x) * _lin(x).clone().zero_()).sum() + _lin(x).pow(3).sum(),
+    "sinc_": lambda x: _lin(x).sinc_().pow(2).sum(),
+    "deg2rad_": lambda x: _lin(x).deg2rad_().sin().sum(),
+    "xlogy_": lambda x: (_lin(x).exp() + 0).xlogy_(_lin(x).exp() + 1).sum(),
+    "silu_module": lambda x: nn.SiLU(inplace=True)(_lin(x)).pow(2).sum(),
+    "relu_module": lambda x: nn.ReLU(inplace=True)(_lin(x)).pow(3).sum(),
+    "masked_fill_": lambda x: _lin(x).masked_fill_(_lin(x) > 0.5, 0.0).pow(3).sum(),
+}
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("name", list(IN_PLACE))
+def test_in_place_operators_write_their_result(name, order):
+    """``y.lerp_(...)``, ``F.elu(y, inplace=True)``, ``t.tril_()``, ...: the derivative is
+    that of the written value (a stripped in-place wrapper returned the derivative of ``y``
+    as it was, 26-900% off)."""
+    f = IN_PLACE[name]
+    x = torch.tensor([0.3, -0.7, 0.9, 0.2], dtype=F64)
+    with xafunc.strict():
+        got = xderiv(f, order)(x)
+    assert_tree_close(got, reference_deriv(f, order)(x))

@@ -274,7 +274,9 @@ def _decompositions() -> dict[Any, Any]:
         aten._euclidean_dist.default: _euclidean_dist,
         aten.addbmm.default: _addbmm,
     })
-    return {op: _unguarded(fn) for op, fn in table.items()}
+    # an in-place operator's wrapper writes the result into ``self``: it stays (see NOTE
+    # [Decompositions without dynamo's guard])
+    return {op: fn if op._schema.is_mutable else _unguarded(fn) for op, fn in table.items()}
 
 
 # NOTE [Decompositions without dynamo's guard]
@@ -284,7 +286,11 @@ def _decompositions() -> dict[Any, Any]:
 # imports ``torch._dynamo`` on its first call (1-2 s of a first call, NOTE [Tracer]). When the
 # tensor arguments are all float32 or all float64 and there is no ``out=``, none of those
 # wrappers changes anything (nothing to promote, cast, upcast or copy), so the decomposition's
-# own body runs; any other call goes through the wrappers as torch registered them.
+# own body runs; any other call goes through the wrappers as torch registered them. Never for
+# an operator that writes to an argument: the wrapper of an in-place variant (``lerp_``,
+# ``addcmul_``, ``elu_``, ``tril_``, ``zero_``, ...) is what copies the out-of-place body's
+# result into ``self``; stripped, ``x.lerp_(y, w)`` left ``x`` as it was, and every derivative
+# through it was silently wrong.
 _PLAIN_FLOATS = (torch.float32, torch.float64)
 
 
