@@ -462,6 +462,19 @@ def _(t: Inputs):
     return (lambda x: torch.cummin(pre(x), 1).values.exp()), (t.away(2, 3),)
 
 
+@case("quantile")
+def _(t: Inputs):
+    return (lambda x: torch.quantile(pre(x), torch.tensor([0.3, 0.8], dtype=x.dtype,
+                                                           device=x.device), dim=1).exp()), \
+        (t.away(2, 4),)
+
+
+@case("nanquantile_any_all")
+def _(t: Inputs):
+    return (lambda x: torch.nanquantile(pre(x), 0.4) * x.sin()
+            + torch.where(torch.any(x > 0) & torch.all(x < 9), x, -x).cos()), (t.away(5),)
+
+
 @case("max_binary")
 def _(t: Inputs):
     return (lambda x: torch.maximum(pre(x), x.flip(0) * 0.5).tanh()), (t.away(4),)

@@ -530,7 +530,8 @@ NONDIFF.update({
     # boolean / integer results (derivatives.yaml: output_differentiability [False] or no
     # differentiable output)
     aten.logical_xor, aten.bitwise_xor, aten.isfinite, aten.isposinf, aten.isneginf,
-    aten.signbit, aten.bucketize, aten.searchsorted,
+    aten.signbit, aten.bucketize, aten.searchsorted, aten.any, aten.all, aten.count_nonzero,
+    aten.isin,
     # fill.Scalar: ``self: zeros_like(grad)`` (fill.Tensor carries the value's derivative)
     aten.fill.Scalar,
 })
