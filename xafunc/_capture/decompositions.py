@@ -276,7 +276,8 @@ def _decompositions() -> dict[Any, Any]:
     })
     # an in-place operator's wrapper writes the result into ``self``: it stays (see NOTE
     # [Decompositions without dynamo's guard])
-    return {op: fn if op._schema.is_mutable else _unguarded(fn) for op, fn in table.items()}
+    return {op: fn if getattr(getattr(op, "_schema", None), "is_mutable", False)
+            else _unguarded(fn) for op, fn in table.items()}
 
 
 # NOTE [Decompositions without dynamo's guard]

@@ -18,7 +18,10 @@ what makes the graph *mean* what ``func`` means under torch.func:
   ``x.data`` and ``t.detach_()`` are recorded as ``detach`` too, but nested torch.func cuts
   them at the innermost level only (``jacrev(jacrev(lambda x: x.data * x * x))`` is not ``2
   x.data``), so requests beyond first order on such a function run the reference
-  (``Captured.level_local``). Operators that run while grad mode
+  (``Captured.level_local``). A write *through* a detached alias (``y.detach().mul_(0)``,
+  ``y.data[0] = 1``, a view of either) makes the capture fail: torch changes ``y``'s values
+  but not its derivative history, which only the reference reproduces. Operators that run
+  while grad mode
   is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their outputs detached
   (the tracer's ``no_grad_cut``), exactly what autograd does; ``torch.inference_mode`` and
   ``torch.autograd.Function`` subclasses (a custom backward defines the derivative, which a
@@ -89,6 +92,8 @@ class _StandIns(TorchFunctionMode):
         self.baked = baked
         self.made: dict[int, Tensor] = {}  # constants made from the baked tensors
         self.level_local: str | None = None
+        # results of ``x.detach()`` / ``x.data`` (kept alive: their ids stay theirs)
+        self.detached: dict[int, Tensor] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -101,6 +106,13 @@ class _StandIns(TorchFunctionMode):
         data = getattr(func, "__self__", None) is _DATA
         if data:
             self.level_local = "x.data"
+        if self.detached and _writes_self(func) and args and self._detached_alias(args[0]):
+            # torch writes the values through the shared storage but keeps the original's
+            # derivative history: a graph cannot say both, nested torch.func can
+            raise CaptureError(
+                "it writes in place to a detached alias (x.detach() or x.data, or a view of "
+                "one): the original tensor sees the new values with its derivative history "
+                "unchanged, which only nested torch.func reproduces")
         if self.baked and any(id(t) in self.baked for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, Tensor)):
             return self._with_baked(func, args, kwargs or {})
@@ -116,8 +128,19 @@ class _StandIns(TorchFunctionMode):
         if data and getattr(func, "__name__", None) == "__get__":
             # a stop-gradient, recorded as one: the tracer takes the other shallow copies of a
             # tensor (autograd's saved values) for the tensor itself (NOTE [Tracer])
-            return args[0].detach()
-        return func(*args, **kwargs)
+            out = args[0].detach()
+            self.detached[id(out)] = out
+            return out
+        out = func(*args, **kwargs)
+        if func is Tensor.detach:
+            self.detached[id(out)] = out
+        return out
+
+    def _detached_alias(self, t: Any) -> bool:
+        if not isinstance(t, Tensor):
+            return False
+        base = t._base if t._is_view() else None
+        return id(t) in self.detached or (base is not None and id(base) in self.detached)
 
     def _with_baked(self, func: Any, args: Any, kwargs: Any) -> Any:
         """An operator reading a tensor baked into the graph (see ``capture``): Python reads of
@@ -163,6 +186,18 @@ class _StandIns(TorchFunctionMode):
 
 
 _DATA = torch._C.TensorBase.__dict__["data"]
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                               "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
+                               "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
+
+
+def _writes_self(func: Any) -> bool:
+    """``func`` writes to its first argument: an in-place method (``mul_``, ``copy_``,
+    ``zero_``, ``torch.relu_``, ...) or an in-place operator (``+=``, ``t[i] = v``)."""
+    name = getattr(func, "__name__", "")
+    if name in ("requires_grad_", "share_memory_", "detach_"):  # flags, not values
+        return False
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
 # reads of a tensor's values into Python
 _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Tensor.__bool__,
                 Tensor.__index__}
