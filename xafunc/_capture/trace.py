@@ -21,12 +21,11 @@ what makes the graph *mean* what ``func`` means under torch.func:
   (``Captured.level_local``). A write *through* a detached alias (``y.detach().mul_(0)``,
   ``y.data[0] = 1``, a view of either) makes the capture fail: torch changes ``y``'s values
   but not its derivative history, which only the reference reproduces. Operators that run
-  while grad mode
-  is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their outputs detached
-  (the tracer's ``no_grad_cut``), exactly what autograd does; ``torch.inference_mode`` and
-  ``torch.autograd.Function`` subclasses (a custom backward defines the derivative, which a
-  Taylor rule cannot see) make the capture fail, so the reference honours them as torch.func
-  does.
+  while grad mode is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their
+  outputs detached (the tracer's ``no_grad_cut``), exactly what autograd does;
+  ``torch.inference_mode`` and ``torch.autograd.Function`` subclasses (a custom backward
+  defines the derivative, which a Taylor rule cannot see) make the capture fail, so the
+  reference honours them as torch.func does.
 * **Side effects.** In-place updates of inputs (a train-mode BatchNorm's running statistics,
   a counter buffer) become, after functionalization, extra graph outputs: the new values,
   written back once per call after the derivative was computed (``Captured.mutated``), so a
@@ -198,6 +197,8 @@ def _writes_self(func: Any) -> bool:
     if name in ("requires_grad_", "share_memory_", "detach_"):  # flags, not values
         return False
     return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+
+
 # reads of a tensor's values into Python
 _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Tensor.__bool__,
                 Tensor.__index__}
