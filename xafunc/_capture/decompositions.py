@@ -35,7 +35,7 @@ some of its entries are harmful here:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -274,10 +274,28 @@ def _decompositions() -> dict[Any, Any]:
         aten._euclidean_dist.default: _euclidean_dist,
         aten.addbmm.default: _addbmm,
     })
-    # an in-place operator's wrapper writes the result into ``self``: it stays (see NOTE
-    # [Decompositions without dynamo's guard])
-    return {op: fn if getattr(getattr(op, "_schema", None), "is_mutable", False)
-            else _unguarded(fn) for op, fn in table.items()}
+    out: dict[Any, Any] = {}
+    for key, fn in table.items():
+        op = cast(Any, key)
+        if not getattr(getattr(op, "_schema", None), "is_mutable", False):
+            out[op] = _unguarded(fn)
+            continue
+        # an in-place operator's wrapper is what writes the result into ``self`` (see NOTE
+        # [Decompositions without dynamo's guard]): with a functional twin in the table, the
+        # twin without the guard and a copy into ``self`` (torch's ``register_inplace``);
+        # otherwise the wrapped decomposition as registered
+        name = op.overloadpacket.__name__
+        twin = getattr(getattr(aten, name[:-1], None), op._overloadname, None) \
+            if name.endswith("_") and not name.endswith("__") else None
+        out[op] = _in_place(_unguarded(table[twin])) if twin in table else fn
+    return out
+
+
+def _in_place(functional: Any) -> Any:
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.copy_(functional(self, *args, **kwargs))
+
+    return run
 
 
 # NOTE [Decompositions without dynamo's guard]
