@@ -660,3 +660,23 @@ def test_detached_values_read_or_copied_still_run_the_engine():
               lambda x: (x.detach().clone().mul_(2) * x.sin()).sum()):
         with xafunc.strict():
             assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
+
+
+def test_two_norm_at_the_zero_vector():
+    """``F.normalize`` of a zero row, a norm of a vector that is zero: torch's first derivative
+    there is 0 (``norm_backward`` masks ``norm == 0``), and the engine's too (it was NaN); from
+    second order on torch's own nested derivative is NaN where the function is constant zero
+    (``normalize(0 * x)``), and the engine's is that constant's, 0."""
+    x = torch.tensor([0.3, -0.7, 0.9, 0.2], dtype=F64)
+    zero_row = lambda x: F.normalize(torch.stack([x, x * 0]), dim=1).sum()  # noqa: E731
+    zero_part = lambda x: torch.linalg.vector_norm(  # noqa: E731
+        torch.cat([x[:2] * 0, x[2:]]).view(2, 2), dim=1).pow(2).sum()
+    one_row = lambda x: F.normalize(torch.stack([x]), dim=1).sum()  # noqa: E731
+    parts = lambda x: torch.linalg.vector_norm(x[2:]).pow(2)  # noqa: E731
+    with xafunc.strict():
+        for f, nonzero_part in ((zero_row, one_row), (zero_part, parts)):
+            assert_tree_close(xderiv(f, 1)(x), reference_deriv(f, 1)(x))
+            for order in (2, 3):
+                got = xderiv(f, order)(x)
+                assert not got.isnan().any()
+                assert_tree_close(got, reference_deriv(nonzero_part, order)(x))

@@ -152,6 +152,24 @@ def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     return _safe_root(powed.sum(-1), lambda s: s ** (1.0 / p))
 
 
+def _vector_norm(torch_decomposition: Any) -> Any:
+    """The 2-norm with value and every derivative zero at the zero vector, as torch's
+    ``norm_backward`` (``masked_fill_(norm == 0, 0)``) has them; torch's decomposition,
+    ``sum(x^2) ** 0.5``, gives NaN there from the third derivative on (``F.normalize`` of a
+    zero row). Other orders and complex tensors: torch's decomposition."""
+
+    def norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,
+             dtype: Any = None) -> Any:
+        if ord != 2 or x.is_complex():
+            return torch_decomposition(x, ord, dim, keepdim, dtype=dtype)
+        if dtype is not None:
+            x = x.to(dtype)
+        dims = list(range(x.dim())) if dim is None or len(dim) == 0 else dim
+        return _safe_root((x * x).sum(dims, keepdim=keepdim), torch.sqrt)
+
+    return norm
+
+
 def _cdist_forward(x1: Any, x2: Any, p: float, compute_mode: Any = None) -> Any:
     return _cdist_direct(x1, x2, p)
 
@@ -273,6 +291,7 @@ def _decompositions() -> dict[Any, Any]:
         aten._cdist_forward.default: _cdist_forward,
         aten._euclidean_dist.default: _euclidean_dist,
         aten.addbmm.default: _addbmm,
+        aten.linalg_vector_norm.default: _vector_norm(table[aten.linalg_vector_norm.default]),
     })
     out: dict[Any, Any] = {}
     for key, fn in table.items():
