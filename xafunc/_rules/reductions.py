@@ -91,33 +91,28 @@ def _min_dim(x: Series, dim: int, keepdim: bool = False) -> tuple[Series, Tensor
     return _gather_at(x, *torch.min(x.primal, dim, keepdim), dim, keepdim)
 
 
-def _selecting(op: Any, dim_at: int, keepdim_at: int | None) -> Any:
+def _selecting(op: Any) -> Any:
     """Rule for an op returning ``(values, indices)`` of entries it selects along a dimension
     (``sort``, ``topk``, ``kthvalue``, ``median``/``nanmedian``/``mode`` along ``dim``,
     ``cummax``/``cummin``): the coefficients at the returned indices, as torch's derivative
     (``value_selecting_reduction_backward``, ``cummaxmin_backward``) routes the gradient.
-    ``dim_at``/``keepdim_at``: where ``dim`` and ``keepdim`` sit among the positional
-    arguments after ``x`` (``keepdim_at`` None: the result keeps every dimension)."""
+    ``dim`` and ``keepdim`` are read by their names in the op's schema; an op without
+    ``keepdim`` keeps every dimension."""
+    names = [a.name for a in op._schema.arguments[1:]]
 
     def rule(x: Series, *args: Any, **kwargs: Any) -> tuple[Series, Tensor]:
         values, indices = op(x.primal, *args, **kwargs)
-        dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim", -1)
-        if keepdim_at is None:
-            keepdim = True
-        else:
-            keepdim = args[keepdim_at] if len(args) > keepdim_at else kwargs.get("keepdim",
-                                                                                   False)
-        return _gather_at(x, values, indices, dim, keepdim)
+        bound = {**dict(zip(names, args)), **kwargs}
+        keepdim = bound.get("keepdim", False) if "keepdim" in names else True
+        return _gather_at(x, values, indices, bound.get("dim", -1), keepdim)
 
     return rule
 
 
-for _op, _dim_at, _keep_at in (
-        (aten.sort.default, 0, None), (aten.sort.stable, 9, None),  # sort.stable: keywords
-        (aten.topk.default, 1, None), (aten.kthvalue.default, 1, 2), (aten.median.dim, 0, 1),
-        (aten.nanmedian.dim, 0, 1), (aten.mode.default, 0, 1), (aten.cummax.default, 0, None),
-        (aten.cummin.default, 0, None)):
-    register(_op)(_selecting(_op, _dim_at, _keep_at))
+for _op in (aten.sort.default, aten.sort.stable, aten.topk.default, aten.kthvalue.default,
+            aten.median.dim, aten.nanmedian.dim, aten.mode.default, aten.cummax.default,
+            aten.cummin.default):
+    register(_op)(_selecting(_op))
 
 
 @register(aten.median.default)
