@@ -44,6 +44,51 @@ def _engine_must_run(request: pytest.FixtureRequest):
         yield
 
 
+#: the plan label of each schedule :func:`only_schedule` can force
+SCHEDULE_LABELS = {"taylor": "[fwd", "rev1": "[rev -> fwd", "rev2": "[rev -> rev -> fwd",
+                   "adjoint": "[adjoint", "mixed": "mixed"}
+
+
+@pytest.fixture
+def only_schedule(monkeypatch: pytest.MonkeyPatch):
+    """``only_schedule(kind)`` prices every candidate of mode ``"auto"`` out but those of one
+    kind (:data:`SCHEDULE_LABELS`): Taylor levels only, one or two reverse levels under
+    Taylor levels, the adjoint schedule, or a mixed cut. Where that kind does not apply, the
+    plan takes another; a test checks the plan's label (``schedule_label``)."""
+    import math
+
+    import xafunc
+    from xafunc._engine import program
+
+    estimate, adjoint, mixed = (program.estimate, program.adjoint_candidate,
+                                program.mixed_candidates)
+
+    def use(kind: str) -> None:
+        reverse = {"taylor": 0, "rev1": 1, "rev2": 2}.get(kind)
+
+        def priced(order: int, r: int, *args, **kwargs):
+            s = estimate(order, r, *args, **kwargs)
+            if r != reverse:
+                s.est_flops = math.inf
+            return s
+
+        monkeypatch.setattr(program, "estimate", priced)
+        monkeypatch.setattr(program, "adjoint_candidate",
+                            adjoint if kind == "adjoint" else lambda *a, **k: None)
+        monkeypatch.setattr(program, "mixed_candidates",
+                            mixed if kind == "mixed" else lambda *a, **k: [])
+        monkeypatch.setattr(program, "_blocked_candidates", lambda *a, **k: [])
+        xafunc.clear_cache()
+
+    yield use
+    xafunc.clear_cache()
+
+
+def schedule_label(plan) -> str:
+    """The schedule of an engine plan as its text shows it (``[rev -> fwd]``, ...)."""
+    return str(plan).split("strategy: engine ", 1)[1].split("\n", 1)[0]
+
+
 try:  # hypothesis is a test dependency, but keep collection working without it
     from hypothesis import settings
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 from tests._compare import assert_tree_close, reference_deriv
+from tests.conftest import SCHEDULE_LABELS, schedule_label
 from xafunc import plan, xderiv
 
 F64, F32 = torch.float64, torch.float32
@@ -193,6 +194,26 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
     "fmod_at_jumps": (torch.fmod, (_t(1.0, -1.0, -1.3, 1.2), _t(0.5, 0.5, 0.7, -0.5)),
                       (0, 1), (1, 2, 3)),
     "sign_times_x_at_0": (lambda x: torch.sign(x) * x, (_t(0.0, 1.0, -1.0),), 0, (1, 2)),
+    # smooth functions torch decomposes into kinks that cancel (NOTE [Smooth functions written
+    # with kinks]) and the switches of softplus, huber and smooth_l1
+    "logsigmoid_at_0": (F.logsigmoid, (_t(0.0, 1.0, -1.0),), 0, (1, 2, 3)),
+    "bce_with_logits_at_0": (
+        lambda x: F.binary_cross_entropy_with_logits(x, _t(0.3, 1.0, 0.0), reduction="none",
+                                                     pos_weight=_t(2.0, 1.0, 0.5)),
+        (_t(0.0, 0.0, 2.0),), 0, (1, 2, 3)),
+    "multilabel_soft_margin_at_0": (
+        lambda x: F.multilabel_soft_margin_loss(x[None], _t(1.0, 0.0, 1.0)[None]),
+        (_t(0.0, 1.0, 0.0),), 0, (1, 2)),
+    "softplus_at_threshold": (lambda x: F.softplus(x, beta=2.0, threshold=1.0),
+                              (_t(0.5, 0.4, 1.0),), 0, (1, 2, 3)),
+    "huber_at_0_and_delta": (lambda x: F.huber_loss(x, x * 0, reduction="none", delta=0.5),
+                             (_t(0.0, 0.5, -0.5, 0.2),), 0, (1, 2, 3)),
+    "smooth_l1_at_0_and_beta": (
+        lambda x: F.smooth_l1_loss(x, x * 0, reduction="none", beta=0.5),
+        (_t(0.0, 0.5, -0.5, 0.2),), 0, (1, 2, 3)),
+    "std_of_a_constant": (lambda x: (x * 0 + 1).std() + torch.std_mean(x * 0, 0)[0],
+                          (_t(1.0, 2.0, 3.0),), 0, (1, 2, 3)),
+    "atan2_at_the_origin": (torch.atan2, (_t(0.0, 1.0), _t(0.0, 0.5)), (0, 1), (1,)),
 }
 
 
@@ -206,6 +227,47 @@ def test_kinks_follow_torch(name: str, mode: str) -> None:
         assert_tree_close(actual, expected, msg=f"{name} order {k} mode {mode}")
         p = plan(f, k, argnums, mode=mode)(*args)
         assert p.strategy == "engine", f"{name}: fell back ({p.fallback})"
+
+
+@pytest.mark.parametrize("kind", ["rev1", "rev2", "adjoint"])
+def test_kinks_follow_torch_in_every_schedule(only_schedule, kind: str) -> None:
+    """Mode ``"auto"`` may put reverse levels under Taylor levels, or take the adjoint
+    schedule: then the Taylor rules meet torch's backward operators (``log_sigmoid_backward``,
+    ``softplus_backward``, ...) as the decomposition table writes them, whose own kinks must
+    follow torch's double-backward formulas too."""
+    only_schedule(kind)
+    ran = 0
+    for name, (f, args, argnums, orders) in KINKS.items():
+        for k in orders:
+            if (kind == "rev2" and k < 3) or (kind == "adjoint" and k not in (2, 3)):
+                continue
+            p = plan(f, k, argnums)(*args)
+            assert p.strategy == "engine", f"{name}: fell back ({p.fallback})"
+            if not schedule_label(p).startswith(SCHEDULE_LABELS[kind]):
+                continue  # the kind does not apply (an adjoint needs a nonlinear node)
+            ran += 1
+            assert_tree_close(xderiv(f, k, argnums)(*args),
+                              reference_deriv(f, k, argnums)(*args),
+                              msg=f"{name} order {k} schedule {schedule_label(p)}")
+    assert ran >= 15
+
+
+@pytest.mark.parametrize("mode", ["forward"])
+def test_sinc_at_zero_has_its_series_derivatives(mode: str) -> None:
+    """``sinc`` is smooth at 0 with ``sinc^(j)(0) = (-1)^(j/2) pi^j / (j + 1)`` for even ``j``
+    and 0 for odd: torch's nested derivative is NaN there from the second on, and its
+    decomposition ``where(x == 0, 1, sin(pi x) / (pi x))`` differentiated by pieces gave 0.
+    Away from 0, nested ``jacrev``. (A reverse level is torch's own backward formula, masked
+    at 0: NaN or 0 there, as torch's nestings give.)"""
+    x = _t(0.0, 0.7, -1.3)
+    for k in (1, 2, 3, 4):
+        d = xderiv(torch.sinc, k, mode=mode)(x)
+        diag = d.reshape(3, -1)[:, 0]  # d[0, 0, ..., 0]: the derivative at x[0] = 0
+        exact = 0.0 if k % 2 else (-1) ** (k // 2) * math.pi**k / (k + 1)
+        assert_tree_close(diag[0], torch.tensor(exact, dtype=F64), msg=f"order {k} at 0")
+        rest = x[1:]
+        assert_tree_close(xderiv(torch.sinc, k, mode=mode)(rest),
+                          reference_deriv(torch.sinc, k)(rest), msg=f"order {k} off 0")
 
 
 @pytest.mark.parametrize("mode", ["forward"])

@@ -21,7 +21,6 @@ from torch.func import functional_call, grad, vmap
 import xafunc
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc._capture.cache import CACHE
-from xafunc._engine import program
 
 F64 = torch.float64
 g = torch.Generator().manual_seed(0)
@@ -53,21 +52,9 @@ FUNCS = {
 
 
 @pytest.fixture
-def adjoint_only(monkeypatch):
+def adjoint_only(only_schedule):
     """Price every other candidate out, so the adjoint schedule runs wherever it applies."""
-    estimate = program.estimate
-
-    def priced_out(*args, **kwargs):
-        s = estimate(*args, **kwargs)
-        s.est_flops = math.inf
-        return s
-
-    monkeypatch.setattr(program, "estimate", priced_out)
-    monkeypatch.setattr(program, "mixed_candidates", lambda *args, **kwargs: [])
-    monkeypatch.setattr(program, "_blocked_candidates", lambda *args, **kwargs: [])
-    xafunc.clear_cache()
-    yield
-    xafunc.clear_cache()
+    only_schedule("adjoint")
 
 
 @pytest.mark.parametrize("order", [2, 3])

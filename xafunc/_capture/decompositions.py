@@ -125,6 +125,67 @@ def _safe_root(s: Any, root: Any) -> Any:
     return torch.where(zero, 0.0, root(torch.where(zero, 1.0, s)))
 
 
+def _zeros(size: Any, *, dtype: Any = None, layout: Any = None, device: Any = None,
+           pin_memory: Any = None) -> Any:
+    """A dense zero tensor for autograd's ``_efficientzerotensor`` (the double backward of
+    ``sgn``/``abs``, ...): torch's ZeroTensor met by the tracer's operators under ``vmap``
+    crashed the process (segmentation fault) tracing a second reverse level."""
+    return torch.zeros(size, dtype=dtype, layout=layout, device=device)
+
+
+def _log_sigmoid_backward(grad_output: Any, self: Any, buffer: Any) -> Any:
+    """``grad * sigmoid(-x)``: its derivative is log_sigmoid_double_backward's. torch's
+    decomposition, ``grad * (max_deriv - sign * z / (1 + z))`` with ``z = exp(-|x|)``, has a
+    zero derivative at ``x = 0`` (``sign(0) = 0``) where torch's is -1/4 (NOTE [Smooth
+    functions written with kinks])."""
+    return grad_output * torch.sigmoid(-self)
+
+
+def _softplus_backward(grad_output: Any, self: Any, beta: float, threshold: float) -> Any:
+    """softplus_backward's value (the smooth branch unless ``beta x > threshold``) with
+    softplus_double_backward's derivative (curvature only where ``beta x < threshold``)."""
+    z = self * beta
+    s = torch.sigmoid(z)
+    s = torch.where(z < threshold, s, s.detach())
+    return torch.where(z > threshold, grad_output, grad_output * s)
+
+
+def _reduce(loss: Any, reduction: int) -> Any:
+    # torch/_decomp/decompositions.py apply_loss_reduction (0 none, 1 mean, 2 sum)
+    return loss.mean() if reduction == 1 else loss.sum() if reduction == 2 else loss
+
+
+def _huber_loss(input: Any, target: Any, reduction: int = 1, delta: float = 1.0) -> Any:
+    """torch's decomposition squares ``|d|``, whose second derivative at ``d = 0`` is then
+    ``2 sign(0)^2 = 0``; this one squares ``d``. huber_loss_backward takes the quadratic
+    branch on the closed interval ``|d| <= delta`` (its double backward too), so does this."""
+    d = input - target
+    z = d.abs()
+    return _reduce(torch.where(z <= delta, 0.5 * d * d, delta * (z - 0.5 * delta)), reduction)
+
+
+def _smooth_l1_loss(input: Any, target: Any, reduction: int = 1, beta: float = 1.0) -> Any:
+    """As :func:`_huber_loss` (``d * d``, not ``|d|^2``). smooth_l1_loss_double_backward keeps
+    curvature on the open interval ``|d| < beta`` only, as torch's decomposition's branch."""
+    d = input - target
+    z = d.abs()
+    if beta == 0:
+        return _reduce(z, reduction)
+    return _reduce(torch.where(z < beta, 0.5 * d * d / beta, z - 0.5 * beta), reduction)
+
+
+def _std(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False) -> Any:
+    """``sqrt(var)`` with value and every derivative zero where the variance is zero, as
+    std_backward (``masked_fill_(result == 0, 0)``); torch's decomposition gave NaN there."""
+    return _safe_root(torch.var(x, dim, correction=correction, keepdim=keepdim), torch.sqrt)
+
+
+def _std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool = False
+              ) -> Any:
+    var, mean = torch.var_mean(x, dim, correction=correction, keepdim=keepdim)
+    return _safe_root(var, torch.sqrt), mean
+
+
 def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     """``cdist`` from the differences ``x1_i - x2_j``, with the first derivatives of
     ``_cdist_backward`` (aten/src/ATen/native/cpu/DistanceOpsKernel.cpp) at coincident points
@@ -258,14 +319,14 @@ def _decompositions() -> dict[Any, Any]:
     # of the first call
     table = dict(_core_aten_decompositions_post_autograd())
     table.update(get_decompositions([
-        aten._softmax, aten._log_softmax, aten.gelu, aten.silu, aten.softplus, aten.elu,
+        aten._softmax, aten._log_softmax, aten.gelu, aten.silu, aten.elu,
         aten.native_layer_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
         aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
         aten.nll_loss_forward, aten.mse_loss, aten.logsumexp, aten.mish,
         aten.celu, aten.selu, aten.glu, aten.huber_loss, aten.smooth_l1_loss,
         aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits, aten.std,
         aten.linalg_vector_norm, aten.addcmul, aten.addcdiv, aten.lerp, aten.xlogy,
-        aten.logit, aten.log_sigmoid_forward, aten.soft_margin_loss, aten.kl_div,
+        aten.logit, aten.soft_margin_loss, aten.kl_div,
         aten.native_group_norm, aten.frac, aten.dist,
     ]))
     # ``detach`` has a meaning (a zero-derivative rule) and random operators must run as eager
@@ -281,6 +342,11 @@ def _decompositions() -> dict[Any, Any]:
     for op in (aten.mv.default, aten.dot.default, aten.vdot.default, aten.addr.default,
                aten.baddbmm.default):
         table.pop(op, None)
+    # smooth functions decomposed into kinks, and sinc's ``where(x == 0, 1, sin(pi x) / (pi
+    # x))``: rules (NOTE [Smooth functions written with kinks]); the in-place twins follow
+    for op in (aten.softplus.default, aten.log_sigmoid_forward.default, aten.sinc.default,
+               aten.sinc_.default):
+        table.pop(op, None)
     table.update({
         aten.hardswish.default: _hardswish,
         aten.hardsigmoid.default: _hardsigmoid,
@@ -291,6 +357,13 @@ def _decompositions() -> dict[Any, Any]:
         aten._cdist_forward.default: _cdist_forward,
         aten._euclidean_dist.default: _euclidean_dist,
         aten.addbmm.default: _addbmm,
+        aten._efficientzerotensor.default: _zeros,
+        aten.log_sigmoid_backward.default: _log_sigmoid_backward,
+        aten.softplus_backward.default: _softplus_backward,
+        aten.huber_loss.default: _huber_loss,
+        aten.smooth_l1_loss.default: _smooth_l1_loss,
+        aten.std.correction: _std,
+        aten.std_mean.correction: _std_mean,
         aten.linalg_vector_norm.default: _vector_norm(table[aten.linalg_vector_norm.default]),
     })
     out: dict[Any, Any] = {}

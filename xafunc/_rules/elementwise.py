@@ -140,6 +140,50 @@ def _poly_rule(op: Any, kind: str) -> Callable[..., Series]:
 
 register(aten.tanh)(_poly_rule(aten.tanh, "tanh"))
 register(aten.sigmoid)(_poly_rule(aten.sigmoid, "sigmoid"))
+
+
+# NOTE [Smooth functions written with kinks]
+# torch decomposes some smooth functions into pieces with kinks that cancel: ``log_sigmoid``
+# as ``min(x, 0) - log1p(exp(-|x|))`` (so also ``binary_cross_entropy_with_logits`` and
+# ``multilabel_soft_margin_loss``, which call it). Differentiated piece by piece, each kink
+# contributes its convention (``sign(0) = 0``), and the second derivative at 0 came out 0
+# where torch's own formula (``log_sigmoid_double_backward``) gives the true -1/4. ``softplus``
+# has a real switch at ``beta x = threshold``, and torch's formulas disagree there with each
+# other: ``softplus_backward`` takes the smooth branch unless ``beta x > threshold``,
+# ``softplus_double_backward`` keeps curvature only where ``beta x < threshold``. Both get
+# rules in torch's formulas: the derivatives of ``sigmoid`` as polynomials in its value.
+
+
+def _sigmoid_tail(s: Tensor, K: int, scale: float) -> list[Tensor]:
+    """``scale^j g^(j)(x) / (j + 1)!`` for ``j = 1..K-1`` with ``g = sigmoid`` and
+    ``s = g(x)``: the scaled derivatives from the second on of a function whose derivative is
+    ``sigmoid(scale x)``."""
+    if K < 2:
+        return []
+    vals = _poly_values(_polys("sigmoid", K - 1), s)
+    return [v * (scale**j / (j + 1)) for j, v in enumerate(vals, start=1)]
+
+
+@register(aten.softplus)
+@basis_aware
+def _softplus(x: Series, beta: float = 1.0, threshold: float = 20.0) -> Series:
+    y0 = aten.softplus(x.primal, beta, threshold)
+    z = x.primal * beta
+    s = torch.sigmoid(z)
+    first = torch.where(z > threshold, 1.0, s)
+    smooth = z < threshold
+    rest = [torch.where(smooth, v, 0.0) for v in _sigmoid_tail(s, x.order, beta)]
+    return compose_unary(x, [first, *rest], y0)
+
+
+@register(aten.log_sigmoid_forward)
+@basis_aware
+def _log_sigmoid(x: Series) -> tuple[Series, Tensor]:
+    """``log sigmoid(x)``: first derivative ``sigmoid(-x)`` (accurate where ``sigmoid(x)``
+    rounds to 1), then ``-sigmoid^(j-1)(x)`` as torch's double backward forms them."""
+    y0, buffer = aten.log_sigmoid_forward(x.primal)
+    rest = [-v for v in _sigmoid_tail(torch.sigmoid(x.primal), x.order, 1.0)]
+    return compose_unary(x, [torch.sigmoid(-x.primal), *rest], y0), buffer
 register(aten.exp)(unary(aten.exp, lambda x, y, K: [y] * K))
 register(aten.expm1)(unary(aten.expm1, lambda x, y, K: [y + 1] * K))
 
@@ -171,6 +215,29 @@ def _trig(first: str) -> DerivFn:
 
 register(aten.sin)(unary(aten.sin, _trig("sin")))
 register(aten.cos)(unary(aten.cos, _trig("cos")))
+
+
+def _sinc_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+    """``g(u) = sin(u) / u`` at ``u = pi x``: ``u g = sin`` differentiated ``j`` times gives
+    ``g^(j) = (sin^(j)(u) - j g^(j-1)) / u``, and at ``u = 0`` the series ``g^(j)(0) =
+    sin^(j+1)(0) / (j + 1)``: ``(-1)^(j/2) / (j + 1)`` for even ``j``, 0 for odd. torch's
+    decomposition (``where(u == 0, 1, sin(u) / u)``) has every derivative 0 at 0 (the true
+    second is ``-pi^2 / 3``; torch's own nested derivative is NaN there)."""
+    u = x0 * math.pi
+    zero = u == 0
+    us = torch.where(zero, 1.0, u)
+    s, c = torch.sin(us), torch.cos(us)
+    cycle = [c, -s, -c, s]  # sin^(j), j = 1, 2, ...
+    prev, out = s / us, []
+    for j in range(1, K + 1):
+        g = (cycle[(j - 1) % 4] - prev * j) / us
+        at0 = 0.0 if j % 2 else (-1) ** (j // 2) / (j + 1)
+        out.append(torch.where(zero, at0, g) * math.pi**j)
+        prev = g
+    return out
+
+
+register(aten.sinc)(unary(aten.sinc, _sinc_derivs))
 
 
 def _power_derivs(p: float, x0: Tensor, K: int) -> list[Tensor]:
@@ -478,7 +545,7 @@ def _atan2(a: Any, b: Any) -> Series:
     """``z = atan2(a, b)`` from ``z' (a^2 + b^2) = b a' - a b'``, solved one coefficient at a
     time: with ``r = a^2 + b^2``, ``(k+1) r_0 z_{k+1} = w_k - sum_{j=1..k} (k+1-j) z_{k+1-j}
     r_j`` and ``w_k = sum_{j=0..k} (k+1-j) (b_j a_{k+1-j} - a_j b_{k+1-j})``. At ``a = b = 0``
-    every derivative is NaN, as torch's (``0 / 0`` in atan2_backward)."""
+    the first derivative is 0 and every higher one NaN, as torch's."""
     from .linear import _expand_to
 
     y0 = aten.atan2(primal(a), primal(b))
@@ -502,7 +569,12 @@ def _atan2(a: Any, b: Any) -> Series:
             w = add(w, mul(c(a, j), c(b, k + 1 - j), -m))
         for j in range(1, k + 1):
             w = add(w, mul(z[k + 1 - j], r[j], -float(k + 1 - j)))
-        z.append(None if w is None else w / (r[0] * (k + 1)))
+        if w is not None and k == 0:
+            # atan2_backward gives 0 at the origin (orders >= 2: NaN, as 0 / 0 here)
+            w = torch.where(r[0] == 0, 0.0, w / r[0])
+        elif w is not None:
+            w = w / (r[0] * (k + 1))
+        z.append(w)
         nxt = None
         for i in range(k + 2):
             nxt = add(nxt, add(mul(c(a, i), c(a, k + 1 - i)), mul(c(b, i), c(b, k + 1 - i))))
