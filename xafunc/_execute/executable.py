@@ -740,11 +740,15 @@ class _FastPath:
         ``executor`` and return False."""
         self.inductor = False
         try:
+            from torch._inductor import config
             from torch._inductor.compile_fx import compile_fx
 
             inputs = [t.detach() for t in (*args, *self.hoisted(args))]
             start = time.perf_counter()
-            with torch.no_grad(), warnings.catch_warnings():
+            # no size/stride assertions in the generated code: ``run`` below calls it only
+            # with the strides it was compiled for (and an executable's shapes are fixed);
+            # they cost 2-9% of a latency-bound graph's call
+            with torch.no_grad(), warnings.catch_warnings(), config.patch(size_asserts=False):
                 warnings.simplefilter("ignore")
                 # a callable here (other types are for ahead-of-time compilation)
                 # (on a copy: inductor's passes may rewrite the graph they are given)
