@@ -186,6 +186,27 @@ def _std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool 
     return _safe_root(var, torch.sqrt), mean
 
 
+_SINC_SERIES = [(-1) ** k / math.factorial(2 * k + 1) for k in range(12)]
+
+
+def _sinc(x: Any) -> Any:
+    """``sin(u) / u`` at ``u = pi x``, and its series ``sum_k (-u^2)^k / (2k + 1)!`` (to
+    ``u^22``: below 1e-30 relatively, every derivative to order 10 to rounding) where ``|u| <
+    0.1``. torch's decomposition, ``where(u == 0, 1, sin(u) / u)``, has every derivative 0 at
+    0, and torch's own backward formula is 0 / 0 there (NaN from the second derivative on);
+    the true second derivative is ``-pi^2 / 3``. Each branch reads an input masked to where it
+    is selected, so neither divides by 0 nor overflows where it is not."""
+    u = x * math.pi
+    small = u.abs() < 0.1
+    us = torch.where(small, u, 0.0)
+    ub = torch.where(small, 1.0, u)
+    z = us * us
+    series = z * _SINC_SERIES[-1] + _SINC_SERIES[-2]
+    for c in reversed(_SINC_SERIES[:-2]):
+        series = series * z + c
+    return torch.where(small, series, torch.sin(ub) / ub)
+
+
 def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     """``cdist`` from the differences ``x1_i - x2_j``, with the first derivatives of
     ``_cdist_backward`` (aten/src/ATen/native/cpu/DistanceOpsKernel.cpp) at coincident points
@@ -342,10 +363,9 @@ def _decompositions() -> dict[Any, Any]:
     for op in (aten.mv.default, aten.dot.default, aten.vdot.default, aten.addr.default,
                aten.baddbmm.default):
         table.pop(op, None)
-    # smooth functions decomposed into kinks, and sinc's ``where(x == 0, 1, sin(pi x) / (pi
-    # x))``: rules (NOTE [Smooth functions written with kinks]); the in-place twins follow
-    for op in (aten.softplus.default, aten.log_sigmoid_forward.default, aten.sinc.default,
-               aten.sinc_.default):
+    # smooth functions decomposed into kinks: rules (NOTE [Smooth functions written with
+    # kinks])
+    for op in (aten.softplus.default, aten.log_sigmoid_forward.default):
         table.pop(op, None)
     table.update({
         aten.hardswish.default: _hardswish,
@@ -364,6 +384,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.smooth_l1_loss.default: _smooth_l1_loss,
         aten.std.correction: _std,
         aten.std_mean.correction: _std_mean,
+        aten.sinc.default: _sinc,
         aten.linalg_vector_norm.default: _vector_norm(table[aten.linalg_vector_norm.default]),
     })
     out: dict[Any, Any] = {}

@@ -184,6 +184,8 @@ def _log_sigmoid(x: Series) -> tuple[Series, Tensor]:
     y0, buffer = aten.log_sigmoid_forward(x.primal)
     rest = [-v for v in _sigmoid_tail(torch.sigmoid(x.primal), x.order, 1.0)]
     return compose_unary(x, [torch.sigmoid(-x.primal), *rest], y0), buffer
+
+
 register(aten.exp)(unary(aten.exp, lambda x, y, K: [y] * K))
 register(aten.expm1)(unary(aten.expm1, lambda x, y, K: [y + 1] * K))
 
@@ -217,27 +219,6 @@ register(aten.sin)(unary(aten.sin, _trig("sin")))
 register(aten.cos)(unary(aten.cos, _trig("cos")))
 
 
-def _sinc_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
-    """``g(u) = sin(u) / u`` at ``u = pi x``: ``u g = sin`` differentiated ``j`` times gives
-    ``g^(j) = (sin^(j)(u) - j g^(j-1)) / u``, and at ``u = 0`` the series ``g^(j)(0) =
-    sin^(j+1)(0) / (j + 1)``: ``(-1)^(j/2) / (j + 1)`` for even ``j``, 0 for odd. torch's
-    decomposition (``where(u == 0, 1, sin(u) / u)``) has every derivative 0 at 0 (the true
-    second is ``-pi^2 / 3``; torch's own nested derivative is NaN there)."""
-    u = x0 * math.pi
-    zero = u == 0
-    us = torch.where(zero, 1.0, u)
-    s, c = torch.sin(us), torch.cos(us)
-    cycle = [c, -s, -c, s]  # sin^(j), j = 1, 2, ...
-    prev, out = s / us, []
-    for j in range(1, K + 1):
-        g = (cycle[(j - 1) % 4] - prev * j) / us
-        at0 = 0.0 if j % 2 else (-1) ** (j // 2) / (j + 1)
-        out.append(torch.where(zero, at0, g) * math.pi**j)
-        prev = g
-    return out
-
-
-register(aten.sinc)(unary(aten.sinc, _sinc_derivs))
 
 
 def _power_derivs(p: float, x0: Tensor, K: int) -> list[Tensor]:
