@@ -256,3 +256,39 @@ def test_the_plan_says_when_backward_graphs_ran() -> None:
     assert "backward graphs" not in before
     vmap(xderiv(f, 3))(POINTS)[..., 0, 0, 0].pow(2).mean().backward()
     assert "compiled backward graphs" in str(xafunc.plan(f, 3)(POINTS[0])).splitlines()[-1]
+
+
+def test_grad_levels_apply_the_graph_without_functorchs_generated_function(monkeypatch
+                                                                           ) -> None:
+    """NOTE [Grad levels without a generated Function]: under ``grad`` (and ``grad`` of
+    ``grad``) the graph's Function is applied at each level by xafunc's own single-level
+    Function -- functorch's generic path, which generates a class per call, is made to raise
+    here -- with the same gradients as nested torch.func, an auxiliary output that is the
+    input itself included."""
+    import torch._functorch.autograd_function as functorch_af
+
+    def generic(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("functorch's generic custom-Function path ran")
+
+    monkeypatch.setattr(functorch_af, "generate_single_level_function", generic)
+    p = params()
+    got, ran = _counted(lambda: grad(XAFUNC_LOSS)(p))
+    assert ran >= 1
+    assert_tree_close(got, grad(REF_LOSS)(p), rtol=RTOL, atol=ATOL)
+    fx, fr = _scaled_loss(XAFUNC_LOSS), _scaled_loss(REF_LOSS)
+    assert_tree_close(grad(lambda ab: grad(fx)(ab)[0])(AB),
+                      grad(lambda ab: grad(fr)(ab)[0])(AB), rtol=RTOL, atol=ATOL)
+
+    def with_aux(x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x.sin() * x).sum(), x
+
+    def loss_x(x: Tensor) -> Tensor:
+        d, aux = xderiv(with_aux, 1, has_aux=True)(x)
+        return (d * aux).sum()
+
+    def loss_r(x: Tensor) -> Tensor:
+        d, aux = jacrev(with_aux, has_aux=True)(x)
+        return (d * aux).sum()
+
+    x = torch.tensor([0.3, -1.1, 0.8], dtype=F64)
+    assert_tree_close(grad(loss_x)(x), grad(loss_r)(x), rtol=RTOL, atol=ATOL)
