@@ -496,12 +496,14 @@ except ImportError:  # pragma: no cover - older or newer torch: the generic path
 def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
     """``_GraphFunction.apply(exe, *args)``: at a grad level of torch.func through
     :class:`_LevelGraphFunction` (NOTE [Grad levels without a generated Function])."""
-    if _SINGLE_LEVEL and torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active():
         interpreter = retrieve_current_functorch_interpreter()
-        if interpreter.key() == TransformType.Grad:
+        if _SINGLE_LEVEL and interpreter.key() == TransformType.Grad:
             with enable_single_level_autograd_function():
                 return _LevelGraphFunction.apply(  # type: ignore[attr-defined]
                     exe, interpreter.level(), *args)
+    elif not _needs_grad(args):  # beneath the last level, nothing to record
+        return tuple(exe.run_plain(args))
     return _GraphFunction.apply(exe, *args)
 
 
