@@ -494,8 +494,9 @@ except ImportError:  # pragma: no cover - older or newer torch: the generic path
 
 
 def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
-    """``_GraphFunction.apply(exe, *args)``: at a grad level of torch.func through
-    :class:`_LevelGraphFunction` (NOTE [Grad levels without a generated Function])."""
+    """``_GraphFunction.apply(exe, *args)``; at a grad level of torch.func
+    :class:`_LevelGraphFunction` instead (NOTE [Grad levels without a generated Function]),
+    and beneath the last one, where no input needs a gradient, the plain graph."""
     if torch._C._are_functorch_transforms_active():
         interpreter = retrieve_current_functorch_interpreter()
         if _SINGLE_LEVEL and interpreter.key() == TransformType.Grad:
