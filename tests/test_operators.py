@@ -787,6 +787,17 @@ def _(t: Inputs):
     return (lambda x: m(pre(x)).tanh()), (t.away(1, 1, 3, 3),)
 
 
+@case("adaptive_max_pool1d")
+def _(t: Inputs):
+    return (lambda x: F.adaptive_max_pool1d(pre(x), 3).tanh()), (t.away(1, 2, 7),)
+
+
+@case("adaptive_max_pool2d")
+def _(t: Inputs):
+    m = nn.AdaptiveMaxPool2d((2, 3))
+    return (lambda x: m(pre(x)).sin()), (t.away(1, 1, 5, 4),)
+
+
 @case("avg_pool2d")
 def _(t: Inputs):
     return (lambda x: F.avg_pool2d(x.sin(), 2).tanh()), (t.randn(1, 1, 4, 4),)

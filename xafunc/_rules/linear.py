@@ -446,7 +446,8 @@ for _op, _pos in (
 # saved indices, not the values).
 for _op in (aten.avg_pool2d_backward, aten.avg_pool3d_backward,
             aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
-            aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward):
+            aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward,
+            aten.adaptive_max_pool2d_backward):
     register(_op)(vmap_linear(_op, (0,), shape_only=(1,)))
 for _op in (aten.upsample_bilinear2d_backward, aten.upsample_nearest2d_backward,
             aten.upsample_linear1d_backward, aten.upsample_nearest1d_backward,

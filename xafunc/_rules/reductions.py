@@ -130,6 +130,21 @@ def _max_pool(x: Series, kernel_size: Any, *args: Any) -> tuple[Series, Tensor]:
                                             _spatial(x.primal, kernel_size)]
     y0, idx = op(x.primal, kernel_size, *args)
     s = len(kernel_size) if len(kernel_size) > 1 else _spatial(x.primal, kernel_size)
+    return _pooled_at(x, y0, idx, s), idx
+
+
+@register(aten.adaptive_max_pool2d)
+def _adaptive_max_pool2d(x: Series, output_size: Sequence[int]) -> tuple[Series, Tensor]:
+    """As :func:`_max_pool` (``adaptive_max_pool1d`` reaches this operator). Not the 3-d
+    one: run by the engine's reverse levels, torch crashed the process (segmentation fault)
+    on ``adaptive_max_pool3d``, which the reference differentiates instead."""
+    y0, idx = aten.adaptive_max_pool2d(x.primal, output_size)
+    return _pooled_at(x, y0, idx, 2), idx
+
+
+def _pooled_at(x: Series, y0: Tensor, idx: Tensor, s: int) -> Series:
+    """The coefficients of ``x`` at the entries a max pool selected: ``idx`` indexes the last
+    ``s`` (spatial) dimensions flattened, as torch's backward scatters the gradient."""
 
     def pick(c: Tensor) -> Tensor:
         flat = c.flatten(start_dim=c.dim() - s)
@@ -137,7 +152,7 @@ def _max_pool(x: Series, kernel_size: Any, *args: Any) -> tuple[Series, Tensor]:
         i = i.unsqueeze(0).expand((c.shape[0],) + tuple(i.shape))
         return flat.gather(-1, i).reshape((c.shape[0],) + tuple(y0.shape))
 
-    return Series(y0, map_coeffs(x, pick)), idx
+    return Series(y0, map_coeffs(x, pick))
 
 
 def _spatial(x: Tensor, kernel_size: Sequence[int]) -> int:
