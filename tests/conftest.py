@@ -84,6 +84,14 @@ def only_schedule(monkeypatch: pytest.MonkeyPatch):
     xafunc.clear_cache()
 
 
+def schedule_applies(kind: str, order: int) -> bool:
+    """Whether ``only_schedule(kind)`` can give a schedule of that kind at ``order``: two
+    reverse levels under a Taylor level need order 3, one needs order 2, the adjoint schedule
+    is a candidate at orders 2 and 3."""
+    low = {"taylor": 1, "rev1": 2, "rev2": 3, "adjoint": 2, "mixed": 1}[kind]
+    return low <= order and not (kind == "adjoint" and order > 3)
+
+
 def schedule_label(plan) -> str:
     """The schedule of an engine plan as its text shows it (``[rev -> fwd]``, ...)."""
     return str(plan).split("strategy: engine ", 1)[1].split("\n", 1)[0]
