@@ -498,8 +498,8 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
     :class:`_LevelGraphFunction` instead (NOTE [Grad levels without a generated Function]),
     and beneath the last one, where no input needs a gradient, the plain graph."""
     if torch._C._are_functorch_transforms_active():
-        interpreter = retrieve_current_functorch_interpreter()
-        if _SINGLE_LEVEL and interpreter.key() == TransformType.Grad:
+        interpreter = retrieve_current_functorch_interpreter() if _SINGLE_LEVEL else None
+        if interpreter is not None and interpreter.key() == TransformType.Grad:
             with enable_single_level_autograd_function():
                 return _LevelGraphFunction.apply(  # type: ignore[attr-defined]
                     exe, interpreter.level(), *args)

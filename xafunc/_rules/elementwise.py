@@ -219,8 +219,6 @@ register(aten.sin)(unary(aten.sin, _trig("sin")))
 register(aten.cos)(unary(aten.cos, _trig("cos")))
 
 
-
-
 def _power_derivs(p: float, x0: Tensor, K: int) -> list[Tensor]:
     out = []
     coef = 1.0
