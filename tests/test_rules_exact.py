@@ -214,6 +214,34 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
     "std_of_a_constant": (lambda x: (x * 0 + 1).std() + torch.std_mean(x * 0, 0)[0],
                           (_t(1.0, 2.0, 3.0),), 0, (1, 2, 3)),
     "atan2_at_the_origin": (torch.atan2, (_t(0.0, 1.0), _t(0.0, 0.5)), (0, 1), (1,)),
+    # zeros and poles torch's decompositions mask with a ``where`` that drops the derivatives
+    # torch's formulas keep (xlogy, xlog1py, entr) or that leaks ``0 * inf`` into a reverse
+    # level (log_ndtr's unselected branch, the p-norm's root at 0)
+    "xlogy_xlog1py_at_0": (
+        lambda x: torch.xlogy(x, x + 1) + torch.xlogy(x, _t(0.0, 1.0, 2.0))
+        + torch.special.xlog1py(x, x) + torch.special.xlog1py(x, _t(-1.0, 0.5, 3.0)),
+        (_t(0.0, 1.0, 2.0),), 0, (1, 2, 3)),
+    "entr_at_0": (torch.special.entr, (_t(0.0),), 0, (1, 2, 3)),
+    "pow_zero_base_tensor_exponent": (torch.pow, (_t(0.0, 1.0, 2.0, 0.0), _t(2.0, 3.0, 0.0, 1.0)),
+                                      (0, 1), (1,)),
+    "log_ndtr_tails": (torch.special.log_ndtr, (_t(-40.0, -10.0, 0.5, 40.0),), 0, (1, 2)),
+    # (at -40 torch's third derivative is 3e-4 off: the oracle holds only nearer the middle)
+    "log_ndtr_tails_order_3": (torch.special.log_ndtr, (_t(-10.0, 0.5, 40.0),), 0, (3,)),
+    "vector_norm_p3_at_0": (lambda x: torch.linalg.vector_norm(x.reshape(2, 2), 3, dim=1),
+                            (_t(0.0, 0.0, 1.0, -2.0),), 0, (1,)),
+    # probabilities of exactly 0 and 1 (a saturated sigmoid): torch's formulas clamp
+    "bce_saturated": (lambda p: F.binary_cross_entropy(p, _t(0.3, 0.3, 1.0, 0.0, 0.3),
+                                                       reduction="none"),
+                      (_t(0.0, 1.0, 1.0, 0.0, 0.4),), 0, (1, 2)),
+    # a batch whose every target is ignored: the mean is NaN, its derivatives torch's zeros
+    "cross_entropy_all_ignored": (
+        lambda x: F.cross_entropy(x.reshape(2, 3), torch.tensor([-100, -100])) * 0
+        + F.cross_entropy(x.reshape(1, 3, 2), torch.tensor([[-100, -100]])) * 0
+        + F.nll_loss(x.reshape(2, 3), torch.tensor([0, 2])),
+        (_t(0.0, 1.0, -1.0, 2.0, 0.0, 0.5),), 0, (1, 2)),
+    "bce_weighted": (
+        lambda p: F.binary_cross_entropy(p, _t(0.3, 1.0, 0.0), weight=_t(2.0, 1.0, 0.5)),
+        (_t(0.2, 0.7, 0.4),), 0, (1, 2, 3)),
 }
 
 
@@ -272,6 +300,50 @@ def test_sinc_at_zero_has_its_series_derivatives(only_schedule, kind: str) -> No
         rest = x[1:]
         assert_tree_close(xderiv(torch.sinc, k)(rest), reference_deriv(torch.sinc, k)(rest),
                           msg=f"order {k} off 0")
+
+
+def test_bce_of_a_saturated_sigmoid() -> None:
+    """A float32 sigmoid saturates to exactly 0 or 1: torch's binary_cross_entropy formulas
+    clamp (``max(p (1 - p), eps)`` with a float ``eps``) and give finite derivatives, where
+    differentiating ``max(log p, -100)`` gave NaN for the whole gradient. The first
+    derivative at 0 and 1 is torch's to rounding (its float epsilon, not 1e-12)."""
+    z = torch.tensor([20.0, -20.0, 0.5, -0.3])
+    t = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    f = lambda z: F.binary_cross_entropy(torch.sigmoid(z), t)  # noqa: E731
+    for k in (1, 2):
+        assert_tree_close(xderiv(f, k)(z), reference_deriv(f, k)(z), rtol=1e-5, atol=1e-7,
+                          msg=f"order {k}")
+    p, y = _t(0.0, 1.0, 0.5), _t(0.3, 0.3, 1.0)
+    g = lambda p: F.binary_cross_entropy(p, y, reduction="sum")  # noqa: E731
+    assert_tree_close(xderiv(g, 1)(p), reference_deriv(g, 1)(p), rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["taylor", "rev1", "rev2"])
+def test_bessel_near_zero_has_its_series_derivatives(only_schedule, kind: str) -> None:
+    """``i0``, ``i1`` and their scaled forms near 0: torch's derivative formulas divide by
+    ``x`` and cancel (its nested third derivative of ``i0`` at ``1e-8`` is wrong in the first
+    digit), so the oracle is mpmath's. Every schedule reads the captured power series."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 30
+    bessel = {
+        "i0": (torch.special.i0, lambda t: mpmath.besseli(0, t)),
+        "i1": (torch.special.i1, lambda t: mpmath.besseli(1, t)),
+        "i0e": (torch.special.i0e, lambda t: mpmath.besseli(0, t) * mpmath.exp(-abs(t))),
+        "i1e": (torch.special.i1e, lambda t: mpmath.besseli(1, t) * mpmath.exp(-abs(t))),
+    }
+    only_schedule(kind)
+    points = (1e-8, -1e-4, 0.3, 1.9, 2.5)
+    for name, (op, exact) in bessel.items():
+        f = lambda x, op=op: op(x).sum()  # noqa: E731
+        for k in (1, 2, 3, 4):
+            if not schedule_applies(kind, k):
+                continue
+            x = _t(*points)
+            assert schedule_label(plan(f, k)(x)).startswith(SCHEDULE_LABELS[kind])
+            d = xderiv(f, k)(x).reshape((len(points),) * k)
+            diag = torch.stack([d[(i,) * k] for i in range(len(points))])
+            want = torch.tensor([float(mpmath.diff(exact, v, k)) for v in points], dtype=F64)
+            assert_tree_close(diag, want, rtol=1e-12, atol=1e-14, msg=f"{name} order {k}")
 
 
 @pytest.mark.parametrize("mode", ["forward"])

@@ -209,6 +209,140 @@ def _sinc(x: Any) -> Any:
     return torch.where(small, series, torch.sin(ub) / ub)
 
 
+def _float_pair(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two operands, either a Python number, as tensors of their promoted floating dtype."""
+    like = a if isinstance(a, torch.Tensor) else b
+    dtype = torch.result_type(a, b)
+    if not (dtype.is_floating_point or dtype.is_complex):
+        dtype = torch.get_default_dtype()
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v if v.dtype == dtype else v.to(dtype)
+        return torch.scalar_tensor(v, dtype=dtype, device=like.device)
+
+    return cast(a), cast(b)
+
+
+def _x_log(log: Any, pole: float) -> Any:
+    """``xlogy`` (``log``, pole 0) or ``xlog1py`` (``log1p``, pole -1): ``a * log(b)``, 0
+    where ``a == 0``, with the derivatives of torch's formulas (derivatives.yaml): ``log(b)``
+    for ``a``, masked where ``a == 0`` and ``b`` is at or below the pole, and ``a / b`` for
+    ``b``. torch's decomposition, ``where(a == 0, 0, a * log(b))``, has every derivative 0
+    where ``a == 0``: the second derivative of ``xlogy(x, x + 1)`` at 0 came out 0 where it
+    is 2. Where ``a == 0`` and ``b`` is infinite the value is 0 and the derivative in ``a``
+    0 (torch's: infinite)."""
+
+    def x_log(a: Any, b: Any) -> Any:
+        a, b = _float_pair(a, b)
+        zero = a == 0
+        masked = zero & ((b <= pole) | (b == math.inf))
+        return a * log(torch.where(masked, pole + 1.0, b))
+
+    return x_log
+
+
+def _log_ndtr(x: Any) -> Any:
+    """torch's decomposition (``log(erfcx(-t) / 2) - t^2`` below 1, ``log1p(-erfc(t) / 2)``
+    above, ``t = x / sqrt(2)``) with each branch reading an input masked to where it is
+    selected: at ``x = -40`` the unselected branch is ``log1p(-1)``, whose infinite
+    derivative times the zero a reverse level sends it was NaN."""
+    t = x * 0.7071067811865476
+    low = x < 1.0
+    tl = torch.where(low, t, 0.0)
+    th = torch.where(low, 1.0, t)
+    return torch.where(low, torch.log(torch.special.erfcx(-tl) / 2) - tl * tl,
+                       torch.log1p(-torch.erfc(th) / 2))
+
+
+def _bessel(op: Any, n: int, scaled: bool) -> Any:
+    """``I_n(x)`` (``n`` 0 or 1; ``scaled``: times ``exp(-|x|)``) as its power series
+    ``(x/2)^n sum_m (x^2/4)^m / (m! (m+n)!)`` (20 terms) where ``|x| < 2`` and torch's
+    operator elsewhere, each on a masked input. torch's derivative formulas divide by ``x``
+    (``i1' = i0 - i1 / x``) and cancel near 0: at ``x = 1e-8`` torch's and the nested-``jvp``
+    third derivative of ``i0`` were wrong in the first digit, at ``1e-4`` the fourth of
+    ``i1`` by 3000%; the series' derivatives are exact to rounding. ``exp(-|x|)`` keeps
+    torch's convention at 0 (``sgn(0) = 0``)."""
+    coeffs = [1.0 / (math.factorial(m) * math.factorial(m + n)) for m in range(20)]
+
+    def bessel(x: Any) -> Any:
+        small = x.abs() < 2.0
+        xs = torch.where(small, x, 0.0)
+        z = xs * xs * 0.25
+        series = z * coeffs[-1] + coeffs[-2]
+        for c in reversed(coeffs[:-2]):
+            series = series * z + c
+        if n == 1:
+            series = series * (xs * 0.5)
+        if scaled:
+            series = series * torch.exp(-xs.abs())
+        return torch.where(small, series, op(torch.where(small, 2.0, x)))
+
+    return bessel
+
+
+# binary_cross_entropy's epsilons: a float in its backward kernel (Loss.cpp), a double in its
+# double backward (FunctionsManual.cpp)
+_BCE_EPS_FLOAT = 9.999999960041972e-13
+_BCE_EPS = 1e-12
+
+
+def _binary_cross_entropy(p: Any, y: Any, weight: Any = None, reduction: int = 1) -> Any:
+    """torch's value (logarithms clamped at -100) with the derivatives of torch's formulas:
+    ``(p - y) / max(p (1 - p), eps)`` (binary_cross_entropy_backward), then ``Q''`` with
+    ``Q'' = (p^2 - 2py + y) / ((p + eps)^2 (1 - p + eps)^2)`` (its double backward) and
+    that formula's derivatives. Written ``v(p^) + T1(p^) u + Q(p) - Q(p^) - Q'(p^) u`` with
+    ``p^ = p.detach()``, ``u = p - p^``, ``Q`` in closed form (partial fractions). Every term
+    is finite on ``[0, 1]``: torch's decomposition, ``max(log p, -100)``, differentiated
+    ``log`` at a probability of exactly 0 or 1 -- a saturated sigmoid in float32 -- and the
+    whole gradient came out NaN where torch's is finite."""
+    dtype = p.dtype
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low:  # in float32, as torch's decomposition (pw_cast_for_opmath)
+        p, y = p.float(), y.float()
+        weight = weight.float() if weight is not None else None
+    e = _BCE_EPS
+    fixed = p.detach()
+    u = p - fixed
+    s = 1 + 2 * e
+    A, C, G = (e * e + y * s) / (s * s), ((1 - y) * s + e * e) / (s * s), 2 * e * (1 + e) / s**3
+
+    def q(x: Any) -> Any:
+        a, b = x + e, (1 - x) + e
+        return -A * torch.log(a) - C * torch.log(b) - G * (a * torch.log(a) - a) \
+            - G * (b * torch.log(b) - b)
+
+    def dq(x: Any) -> Any:
+        a, b = x + e, (1 - x) + e
+        return -A / a + C / b - G * (torch.log(a) - torch.log(b))
+
+    value = (y - 1) * torch.clamp_min(torch.log1p(-fixed), -100) \
+        - y * torch.clamp_min(torch.log(fixed), -100)
+    slope = (fixed - y) / torch.clamp_min(fixed * (1 - fixed), _BCE_EPS_FLOAT)
+    loss = value + slope * u + (q(p) - q(fixed)) - dq(fixed) * u
+    if weight is not None:
+        loss = loss * weight
+    loss = loss.mean() if reduction == 1 else loss.sum() if reduction == 2 else loss
+    return loss.to(dtype) if low else loss
+
+
+def _nll_loss(torch_decomposition: Any) -> Any:
+    """``nll_loss``/``nll_loss2d`` forward with the mean over no counted target (every target
+    ``ignore_index``, all weights 0) NaN in value, as torch's, but with zero derivatives, as
+    nll_loss_backward's: torch's decomposition divides by the zero total weight, and the
+    whole gradient of a padding-only batch came out NaN."""
+
+    def nll(x: Any, target: Any, weight: Any, reduction: int, ignore_index: int) -> Any:
+        if reduction != 1:
+            return torch_decomposition(x, target, weight, reduction, ignore_index)
+        total, count = torch_decomposition(x, target, weight, 2, ignore_index)
+        empty = count == 0
+        mean = total / torch.where(empty, 1.0, count)
+        return torch.where(empty, math.nan, mean), count
+
+    return nll
+
+
 def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     """``cdist`` from the differences ``x1_i - x2_j``, with the first derivatives of
     ``_cdist_backward`` (aten/src/ATen/native/cpu/DistanceOpsKernel.cpp) at coincident points
@@ -237,19 +371,23 @@ def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
 
 
 def _vector_norm(torch_decomposition: Any) -> Any:
-    """The 2-norm with value and every derivative zero at the zero vector, as torch's
-    ``norm_backward`` (``masked_fill_(norm == 0, 0)``) has them; torch's decomposition,
-    ``sum(x^2) ** 0.5``, gives NaN there from the third derivative on (``F.normalize`` of a
-    zero row). Other orders and complex tensors: torch's decomposition."""
+    """The ``p``-norm, ``p > 1`` finite, with value and every derivative zero at the zero
+    vector, as torch's ``norm_backward`` (``masked_fill_(norm == 0, 0)``) has them; torch's
+    decomposition, ``sum(|x|^p) ** (1 / p)``, gives NaN there (the 2-norm from the third
+    derivative on: ``F.normalize`` of a zero row; the 3-norm from the first). Other orders
+    and complex tensors: torch's decomposition."""
 
     def norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,
              dtype: Any = None) -> Any:
-        if ord != 2 or x.is_complex():
+        p = float(ord)
+        if not 1 < p < math.inf or x.is_complex():
             return torch_decomposition(x, ord, dim, keepdim, dtype=dtype)
         if dtype is not None:
             x = x.to(dtype)
         dims = list(range(x.dim())) if dim is None or len(dim) == 0 else dim
-        return _safe_root((x * x).sum(dims, keepdim=keepdim), torch.sqrt)
+        powers = x * x if p == 2 else x.abs() ** p
+        root = torch.sqrt if p == 2 else (lambda s: s ** (1 / p))
+        return _safe_root(powers.sum(dims, keepdim=keepdim), root)
 
     return norm
 
@@ -367,7 +505,8 @@ def _decompositions() -> dict[Any, Any]:
         table.pop(op, None)
     # smooth functions decomposed into kinks: rules (NOTE [Smooth functions written with
     # kinks])
-    for op in (aten.softplus.default, aten.log_sigmoid_forward.default):
+    for op in (aten.softplus.default, aten.log_sigmoid_forward.default,
+               aten.special_entr.default):
         table.pop(op, None)
     table.update({
         aten.hardswish.default: _hardswish,
@@ -387,7 +526,21 @@ def _decompositions() -> dict[Any, Any]:
         aten.std.correction: _std,
         aten.std_mean.correction: _std_mean,
         aten.sinc.default: _sinc,
+        aten.special_log_ndtr.default: _log_ndtr,
+        aten.binary_cross_entropy.default: _binary_cross_entropy,
+        aten.i0.default: _bessel(aten.i0.default, 0, False),
+        aten.special_i0e.default: _bessel(aten.special_i0e.default, 0, True),
+        aten.special_i1.default: _bessel(aten.special_i1.default, 1, False),
+        aten.special_i1e.default: _bessel(aten.special_i1e.default, 1, True),
+        aten.xlogy.Tensor: _x_log(torch.log, 0.0),
+        aten.xlogy.Scalar_Self: _x_log(torch.log, 0.0),
+        aten.xlogy.Scalar_Other: _x_log(torch.log, 0.0),
+        aten.special_xlog1py.default: _x_log(torch.log1p, -1.0),
+        aten.special_xlog1py.self_scalar: _x_log(torch.log1p, -1.0),
+        aten.special_xlog1py.other_scalar: _x_log(torch.log1p, -1.0),
         aten.linalg_vector_norm.default: _vector_norm(table[aten.linalg_vector_norm.default]),
+        aten.nll_loss_forward.default: _nll_loss(table[aten.nll_loss_forward.default]),
+        aten.nll_loss2d_forward.default: _nll_loss(table[aten.nll_loss2d_forward.default]),
     })
     out: dict[Any, Any] = {}
     for key, fn in table.items():

@@ -237,6 +237,7 @@ class _Recorder(TorchDispatchMode):
         self.graph = Graph()
         self.root = torch.nn.Module()
         self.decompositions = decompositions
+        self.expanding: set[Any] = set()  # operators whose decomposition is running
         self.constants: dict[int, Node] = {}
         self.keep: list[Tensor] = []  # constants stay alive (their ids key ``constants``)
         self.active = False
@@ -321,10 +322,16 @@ class _Recorder(TorchDispatchMode):
             self._note_running_stats(args[3:5])
         if kwargs.get("generator") is not None:
             raise TraceError("it draws random numbers from its own torch.Generator")
-        decomposition = self.decompositions.get(func)
+        # a decomposition may call its own operator (on a masked input, say): that call is
+        # recorded as it is
+        decomposition = None if func in self.expanding else self.decompositions.get(func)
         if decomposition is not None:
-            with self:
-                out = decomposition(*args, **kwargs)
+            self.expanding.add(func)
+            try:
+                with self:
+                    out = decomposition(*args, **kwargs)
+            finally:
+                self.expanding.discard(func)
             if out is not NotImplemented:
                 return out
         with self:

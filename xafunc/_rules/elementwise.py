@@ -206,6 +206,21 @@ register(aten.log)(unary(aten.log, _log_derivs(0.0)))
 register(aten.log1p)(unary(aten.log1p, _log_derivs(1.0)))
 
 
+def _entr_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+    # ``-x log x``: ``-(1 + log x)`` (torch's formula: +inf at 0, NaN below), then
+    # ``(-1)^(j+1) (j-2)! / x^(j-1)``. torch's decomposition, a ``where`` over ``x > 0`` and
+    # ``x == 0``, had every derivative 0 at 0.
+    out, r = [-(1 + torch.log(x0))], torch.reciprocal(x0)
+    p = r
+    for j in range(2, K + 1):
+        out.append(p * ((-1) ** (j + 1) * math.factorial(j - 2)))
+        p = p * r
+    return out
+
+
+register(aten.special_entr)(unary(aten.special_entr, _entr_derivs))
+
+
 def _trig(first: str) -> DerivFn:
     def derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
         s, c = torch.sin(x0), torch.cos(x0)
@@ -254,13 +269,29 @@ def _pow_tensor(a: Any, b: Any) -> Any:
     from .bilinear import mul_series
 
     base = a.primal if isinstance(a, Series) else a
-    y0 = torch.pow(base, b.primal if isinstance(b, Series) else b)
-    if not isinstance(b, Series):  # tensor exponent held constant: elementwise power rule
-        ds = _power_derivs_tensor(b, a.primal, a.order)
-        return compose_unary(a, [d / math.factorial(j) for j, d in enumerate(ds, 1)], y0)
-    log_a = RULE_LOG(a) if isinstance(a, Series) else torch.log(a)
-    e = mul_series(b, log_a)
-    return Series(y0, RULE_EXP(e).coeffs)
+    exponent = b.primal if isinstance(b, Series) else b
+    y0 = torch.pow(base, exponent)
+    held = None
+    if isinstance(a, Series):  # the exponent held at its value: the elementwise power rule
+        ds = _power_derivs_tensor(exponent, base, a.order)
+        held = compose_unary(a, [d / math.factorial(j) for j, d in enumerate(ds, 1)], y0)
+    if not isinstance(b, Series):
+        return held
+    # ``exp(b log a)``; where the base is 0 and the exponent is not negative, torch's
+    # pow_backward_exponent is 0 (every order) and ``log a`` infinite: there the exponent is
+    # held (its derivatives are 0), and the logarithm reads a base masked to 1
+    zero = (base == 0) & (exponent >= 0)
+    masked = torch.where(zero, 1.0, base)
+    log_a = RULE_LOG(Series(masked, a.coeffs)) if isinstance(a, Series) else torch.log(masked)
+    moved = RULE_EXP(mul_series(b, log_a)).coeffs
+    fixed = held.coeffs if held is not None else [None] * len(moved)
+    out: list[Any] = []
+    for h, g in zip(fixed, moved):
+        if g is None:
+            out.append(h if h is None else torch.where(zero, h, 0.0))
+        else:
+            out.append(torch.where(zero, 0.0 if h is None else h, g))
+    return Series(y0, out)
 
 
 def _power_derivs_tensor(p: Tensor, x0: Tensor, K: int) -> list[Tensor]:
