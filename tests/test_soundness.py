@@ -332,6 +332,17 @@ def test_empty_output_from_a_nonempty_input():
     assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_empty_intermediate(order):
+    """An empty value on the way (an empty gather, ``repeat(0)``) is never a mixed
+    schedule's cut: with no directions to seed there, planning it raised."""
+    x = _x()
+    f = lambda x: x.gather(0, torch.zeros(0, dtype=torch.long)).sum()  # noqa: E731
+    assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
+    g = lambda x: x.sin().repeat(0).sum() + (x**3).sum()  # noqa: E731
+    assert_tree_close(xderiv(g, order)(x), reference_deriv(g, order)(x))
+
+
 def test_non_tensor_aux_is_refused():
     f = lambda x: (x.sin().sum(), 3.0)  # noqa: E731
     with pytest.raises(TypeError, match=r"xderiv: has_aux=True requires aux to be a tensor"):

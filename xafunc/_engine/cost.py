@@ -314,7 +314,9 @@ def mixed_candidates(g0: torch.fx.GraphModule, order: int, n: int, m: int,
                      live: int, limit: int | None) -> list[Schedule]:
     """Mixed schedules at the narrowest cut nodes narrower than the input (all with
     ``limit=None``)."""
-    cuts = [c for c in cut_nodes(g0) if limit is None or numel(c.meta["val"]) < n]
+    # (an empty cut -- ``x.gather(0, empty)`` -- carries no directions)
+    cuts = [c for c in cut_nodes(g0)
+            if 0 < numel(c.meta["val"]) and (limit is None or numel(c.meta["val"]) < n)]
     cuts.sort(key=lambda c: numel(c.meta["val"]))
     order_of = {nd: i for i, nd in enumerate(g0.graph.nodes)}
     out = []
