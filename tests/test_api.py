@@ -204,6 +204,34 @@ def test_scalar_input_and_output():
     assert_tree_close(d, reference_deriv(lambda x: x.sin() * x.exp(), 3)(x))
 
 
+# reductions and scans along a dimension of a 0-d tensor (a scalar loss's ``.max()``)
+SCALAR_REDUCTIONS = {
+    "amax": lambda x: x.amax() * x.amin(0, keepdim=True),
+    "max_min": lambda x: x.max() + x.min(0).values * x.max(0, keepdim=True)[0],
+    "median_mode": lambda x: x.median() * x.median(0).values + x.mode(0).values,
+    "scans": lambda x: x.cummax(0).values * x.cummin(0).values,
+    "logsumexp_softmax": lambda x: x.logsumexp(0) * x.softmax(0) + x.log_softmax(0),
+    "aminmax_prod": lambda x: torch.aminmax(x)[1] * torch.aminmax(x, dim=0)[0] * x.prod(0),
+    "var_std": lambda x: (x * 2).var(0, correction=0) + x.std(0, correction=0)
+    + torch.var_mean(x * 3, 0, correction=0)[1] * x,
+    "sort_topk": lambda x: x.sort().values * x.topk(1).values * x.kthvalue(1).values,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_REDUCTIONS))
+def test_reductions_of_a_0d_tensor(name):
+    """Each runs the engine (strict suite) on a 0-d input as on its 1-element vector; these
+    rules raised IndexError (no dimension 0 beside the directions')."""
+    f = SCALAR_REDUCTIONS[name]
+    x = torch.tensor(0.7, dtype=F64)
+    for k in (1, 2):
+        d = xderiv(f, k)(x)
+        assert d.shape == ()
+        assert_tree_close(d, reference_deriv(f, k)(x), msg=f"order {k}")
+    # torch's own jacrev raises for ``flip`` of a 0-d tensor: ``d^2/dx^2 x^2 = 2``
+    assert_tree_close(xderiv(lambda x: x.flip(0) * x, 2)(x), torch.tensor(2.0, dtype=F64))
+
+
 def test_matrix_input_and_output_shapes():
     x = t(2, 3, seed=5)
     f = lambda x: (x @ x.T).tanh()  # noqa: E731

@@ -229,6 +229,10 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
     "log_ndtr_tails_order_3": (torch.special.log_ndtr, (_t(-10.0, 0.5, 40.0),), 0, (3,)),
     "vector_norm_p3_at_0": (lambda x: torch.linalg.vector_norm(x.reshape(2, 2), 3, dim=1),
                             (_t(0.0, 0.0, 1.0, -2.0),), 0, (1,)),
+    "vector_norm_p_below_1_at_0": (
+        lambda x: torch.linalg.vector_norm(x.reshape(3, 2), 0.5, dim=1)
+        + torch.linalg.vector_norm(x.reshape(3, 2), 1, dim=1),
+        (_t(0.0, 0.0, 0.0, -2.0, 1.0, 3.0),), 0, (1,)),
     # probabilities of exactly 0 and 1 (a saturated sigmoid): torch's formulas clamp
     "bce_saturated": (lambda p: F.binary_cross_entropy(p, _t(0.3, 0.3, 1.0, 0.0, 0.3),
                                                        reduction="none"),

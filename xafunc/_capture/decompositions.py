@@ -40,6 +40,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 
 def _rnn_cell(nonlinearity: Any) -> Any:
@@ -371,22 +372,30 @@ def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
 
 
 def _vector_norm(torch_decomposition: Any) -> Any:
-    """The ``p``-norm, ``p > 1`` finite, with value and every derivative zero at the zero
+    """The ``p``-norm, ``0 < p < inf``, with value and every derivative zero at the zero
     vector, as torch's ``norm_backward`` (``masked_fill_(norm == 0, 0)``) has them; torch's
     decomposition, ``sum(|x|^p) ** (1 / p)``, gives NaN there (the 2-norm from the third
-    derivative on: ``F.normalize`` of a zero row; the 3-norm from the first). Other orders
-    and complex tensors: torch's decomposition."""
+    derivative on: ``F.normalize`` of a zero row; the 3-norm from the first). For ``p < 1``
+    a zero entry has a zero derivative (torch masks ``|x|^(p - 1)`` there). ``p`` 0 or
+    infinite and complex tensors: torch's decomposition."""
 
     def norm(x: Any, ord: Any = 2, dim: Any = None, keepdim: bool = False, *,
              dtype: Any = None) -> Any:
         p = float(ord)
-        if not 1 < p < math.inf or x.is_complex():
+        if not 0 < p < math.inf or x.is_complex():
             return torch_decomposition(x, ord, dim, keepdim, dtype=dtype)
         if dtype is not None:
             x = x.to(dtype)
         dims = list(range(x.dim())) if dim is None or len(dim) == 0 else dim
-        powers = x * x if p == 2 else x.abs() ** p
-        root = torch.sqrt if p == 2 else (lambda s: s ** (1 / p))
+        if p == 2:
+            powers, root = x * x, torch.sqrt
+        else:
+            if p < 1:
+                zero = x == 0
+                powers = torch.where(zero, 0.0, torch.where(zero, 1.0, x).abs() ** p)
+            else:
+                powers = x.abs() ** p
+            root = (lambda s: s) if p == 1 else (lambda s: s ** (1 / p))
         return _safe_root(powers.sum(dims, keepdim=keepdim), root)
 
     return norm
@@ -471,6 +480,32 @@ def _addbmm(input: Any, batch1: Any, batch2: Any, *, beta: Any = 1, alpha: Any =
     return out if beta == 0 else out + (input if beta == 1 else input * beta)
 
 
+def _scalar_as_vector(fn: Any) -> Any:
+    """``fn`` on a 0-d tensor as on its 1-element vector (outputs back to 0-d): the rules of
+    reductions and scans along a dimension read a dimension a 0-d tensor lacks (``x.max()``,
+    ``x.logsumexp(0)`` of a scalar raised IndexError)."""
+
+    def run(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() != 0:
+            return fn(x, *args, **kwargs)
+        out = fn(x.reshape(1), *args, **kwargs)
+        return pytree.tree_map(lambda t: t.reshape(()) if isinstance(t, torch.Tensor) else t,
+                               out)
+
+    return run
+
+
+_aten = torch.ops.aten
+# operators along a dimension whose rules need one (see :func:`_scalar_as_vector`)
+_SCALAR_AS_VECTOR = (
+    _aten.amax.default, _aten.amin.default, _aten.aminmax.default, _aten.max.default,
+    _aten.max.dim, _aten.min.default, _aten.min.dim, _aten.median.default, _aten.median.dim,
+    _aten.mode.default, _aten.cummax.default, _aten.cummin.default, _aten.prod.dim_int,
+    _aten.var.correction, _aten.var_mean.correction, _aten.sort.default, _aten.sort.stable,
+    _aten.topk.default, _aten.kthvalue.default, _aten.flip.default,
+)
+
+
 def _decompositions() -> dict[Any, Any]:
     from torch._decomp import _core_aten_decompositions_post_autograd, get_decompositions
 
@@ -542,6 +577,8 @@ def _decompositions() -> dict[Any, Any]:
         aten.nll_loss_forward.default: _nll_loss(table[aten.nll_loss_forward.default]),
         aten.nll_loss2d_forward.default: _nll_loss(table[aten.nll_loss2d_forward.default]),
     })
+    for op in _SCALAR_AS_VECTOR:
+        table[op] = _scalar_as_vector(table.get(op, op))
     out: dict[Any, Any] = {}
     for key, fn in table.items():
         op = cast(Any, key)
