@@ -388,15 +388,15 @@ def _vector_norm(torch_decomposition: Any) -> Any:
             x = x.to(dtype)
         dims = list(range(x.dim())) if dim is None or len(dim) == 0 else dim
         if p == 2:
-            powers, root = x * x, torch.sqrt
+            powers = x * x
+        elif p < 1:
+            zero = x == 0
+            powers = torch.where(zero, 0.0, torch.where(zero, 1.0, x).abs() ** p)
         else:
-            if p < 1:
-                zero = x == 0
-                powers = torch.where(zero, 0.0, torch.where(zero, 1.0, x).abs() ** p)
-            else:
-                powers = x.abs() ** p
-            root = (lambda s: s) if p == 1 else (lambda s: s ** (1 / p))
-        return _safe_root(powers.sum(dims, keepdim=keepdim), root)
+            powers = x.abs() ** p
+        root: Any = torch.sqrt if p == 2 else (lambda s: s ** (1 / p)) if p != 1 else None
+        total = powers.sum(dims, keepdim=keepdim)
+        return total if root is None else _safe_root(total, root)
 
     return norm
 
