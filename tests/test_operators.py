@@ -687,6 +687,48 @@ def _(t: Inputs):
     return f, (t.randn(2, 2, 2, 2),)
 
 
+def _group_norm(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor,
+                eps: float = 1e-5):
+    g = x.reshape(x.shape[0], groups, -1)
+    mu = g.mean(-1, keepdim=True)
+    var = ((g - mu) ** 2).mean(-1, keepdim=True)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return ((g - mu) / torch.sqrt(var + eps)).reshape(x.shape) * w.reshape(shape) \
+        + b.reshape(shape)
+
+
+def _group_norm_oracle(t: Inputs):
+    w, b = t.randn(4), t.randn(4)
+    return (lambda x: _group_norm(pre(x), 2, w, b).tanh()), (t.randn(1, 4, 2),)
+
+
+# affine on CPU: torch's decomposition reshapes the folded scale with ``as_strided``
+@case("group_norm", oracle=_group_norm_oracle)
+def _(t: Inputs):
+    w, b = t.randn(4), t.randn(4)
+    return (lambda x: F.group_norm(pre(x), 2, w, b).tanh()), (t.randn(1, 4, 2),)
+
+
+def _group_norm_module_oracle(t: Inputs):
+    m = t.module(nn.GroupNorm(2, 4))
+    return (lambda x: _group_norm(x.sin(), 2, m.weight, m.bias).sum((2, 3))), (
+        t.randn(1, 4, 2, 2),)
+
+
+@case("group_norm_module", oracle=_group_norm_module_oracle)
+def _(t: Inputs):
+    m = t.module(nn.GroupNorm(2, 4))
+    return (lambda x: m(x.sin()).sum((2, 3))), (t.randn(1, 4, 2, 2),)
+
+
+@case("group_norm_weight", argnums=(1, 2))
+def _(t: Inputs):
+    def f(x, w, b):
+        return F.group_norm(x, 2, w, b).tanh().sum(0)
+
+    return f, (t.randn(2, 4, 3), t.randn(4), t.randn(4))
+
+
 @case("embedding_weight")
 def _(t: Inputs):
     idx = t.index([[0, 2], [2, 4]])
@@ -1555,6 +1597,8 @@ REQUIRED: dict[str, tuple[set[str], ...]] = {
     "layer_norm_weight": (_on("aten.native_layer_norm", at=(2,)),),
     "batch_norm_eval": (_on(F_ + "batch_norm"), {F_ + "batch_norm[training=False]"}),
     "batch_norm_train": (_on(F_ + "batch_norm"), {F_ + "batch_norm[training=True]"}),
+    "group_norm": (_on(F_ + "group_norm"),),
+    "group_norm_weight": (_on("aten.native_group_norm", at=(1, 2)),),
     "embedding_weight": (_on(F_ + "embedding", at=(1,)),),
     "embedding_downstream": ({F_ + "embedding"}, _on("aten.mv", "aten.mm", at=(1,))),
     # convolution, pooling, resampling

@@ -344,6 +344,24 @@ def _nll_loss(torch_decomposition: Any) -> Any:
     return nll
 
 
+def _as_strided(x: Any, size: Any, stride: Any, storage_offset: Any = None) -> Any:
+    """``as_strided`` that lays a contiguous tensor out contiguously again -- a reshape, as
+    torch's CPU ``group_norm`` decomposition writes one (``w.contiguous().as_strided([N, C],
+    [C, 1])``) -- is that reshape; any other view is recorded as it is (no rule: the
+    request falls back)."""
+    size, stride = list(size), list(stride)
+    expected, step = [], 1
+    for n in reversed(size):
+        expected.append(step)
+        step *= max(int(n), 1)
+    expected.reverse()
+    contiguous_layout = all(s == e for n, s, e in zip(size, stride, expected) if n != 1)
+    if (x.is_contiguous() and contiguous_layout and math.prod(size) == x.numel()
+            and storage_offset in (None, x.storage_offset())):
+        return x.reshape(size)
+    return NotImplemented
+
+
 def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     """``cdist`` from the differences ``x1_i - x2_j``, with the first derivatives of
     ``_cdist_backward`` (aten/src/ATen/native/cpu/DistanceOpsKernel.cpp) at coincident points
@@ -562,6 +580,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.std_mean.correction: _std_mean,
         aten.sinc.default: _sinc,
         aten.special_log_ndtr.default: _log_ndtr,
+        aten.as_strided.default: _as_strided,
         aten.binary_cross_entropy.default: _binary_cross_entropy,
         aten.i0.default: _bessel(aten.i0.default, 0, False),
         aten.special_i0e.default: _bessel(aten.special_i0e.default, 0, True),
