@@ -233,6 +233,25 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
         lambda x: torch.linalg.vector_norm(x.reshape(3, 2), 0.5, dim=1)
         + torch.linalg.vector_norm(x.reshape(3, 2), 1, dim=1),
         (_t(0.0, 0.0, 0.0, -2.0, 1.0, 3.0),), 0, (1,)),
+    # scatter/index reductions: ties split as torch's backward splits them
+    "scatter_reduce_amax_ties": (
+        lambda x: x[:2].scatter_reduce(0, torch.tensor([0, 0, 1, 1]), x[1:5], "amax")
+        * torch.zeros(3, dtype=F64).scatter_reduce(
+            0, torch.tensor([0, 0, 2, 2]), x[:4] ** 2, "amin", include_self=False).sum(),
+        (_t(1.0, 1.0, 0.5, 2.0, 2.0),), 0, (1, 2, 3)),
+    "scatter_reduce_mean_sum_2d": (
+        lambda x: x.reshape(2, 3).scatter_reduce(1, torch.tensor([[0, 0], [2, 1]]),
+                                                 x[:4].reshape(2, 2).sin(), "mean")
+        + x.reshape(2, 3).scatter_reduce(1, torch.tensor([[1, 1], [0, 0]]),
+                                         x[2:].reshape(2, 2) ** 2, "sum", include_self=False),
+        (_t(0.3, -1.0, 0.5, 2.0, 0.7, -0.2),), 0, (1, 2, 3)),
+    "index_reduce_amax_mean": (
+        lambda x: x[:4].reshape(2, 2).index_reduce(0, torch.tensor([0, 0, 1]),
+                                                   x[2:8].reshape(3, 2), "amax")
+        + x[:4].reshape(2, 2).index_reduce(0, torch.tensor([1, 1, 1]),
+                                           x[2:8].reshape(3, 2).cos(), "mean",
+                                           include_self=False),
+        (_t(0.3, 1.0, 0.5, 1.0, 0.7, -0.2, 0.5, 1.0),), 0, (1, 2, 3)),
     # probabilities of exactly 0 and 1 (a saturated sigmoid): torch's formulas clamp
     "bce_saturated": (lambda p: F.binary_cross_entropy(p, _t(0.3, 0.3, 1.0, 0.0, 0.3),
                                                        reduction="none"),
@@ -304,6 +323,18 @@ def test_sinc_at_zero_has_its_series_derivatives(only_schedule, kind: str) -> No
         rest = x[1:]
         assert_tree_close(xderiv(torch.sinc, k)(rest), reference_deriv(torch.sinc, k)(rest),
                           msg=f"order {k} off 0")
+
+
+@pytest.mark.fallback
+def test_scatter_reduce_prod_falls_back_with_its_reason() -> None:
+    """``reduce="prod"`` has no rule (the other reductions of the same operator do): the plan
+    says so before anything runs, and the reference gives torch's numbers."""
+    f = lambda x: torch.ones(2, dtype=F64).scatter_reduce(  # noqa: E731
+        0, torch.tensor([0, 0, 1]), x, "prod")
+    x = _t(0.5, 2.0, 3.0)
+    p = plan(f, 2)(x)
+    assert p.strategy == "reference" and "'prod'" in p.fallback
+    assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
 
 
 def test_bce_of_a_saturated_sigmoid() -> None:

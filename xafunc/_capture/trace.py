@@ -590,7 +590,7 @@ def canonicalize(gm: GraphModule) -> GraphModule:
 def graph_problems(gm: GraphModule, series_inputs: int = 1) -> list[str]:
     """Operators without a Taylor rule on the path of the first ``series_inputs`` placeholders
     (the ones carrying Taylor series)."""
-    from .._rules import has_rule
+    from .._rules import has_rule, refuses
 
     problems = []
     tainted: set[Any] = set()
@@ -600,6 +600,10 @@ def graph_problems(gm: GraphModule, series_inputs: int = 1) -> list[str]:
             continue
         if node.op == "call_function" and any(a in tainted for a in node.all_input_nodes):
             tainted.add(node)
-        if node in tainted and node.op == "call_function" and not has_rule(node.target):
-            problems.append(f"no Taylor rule for {node.target}")
+        if node in tainted and node.op == "call_function":
+            if not has_rule(node.target):
+                problems.append(f"no Taylor rule for {node.target}")
+            elif refuses(node):
+                problems.append(f"no Taylor rule for {node.target} with these arguments "
+                                f"{tuple(a for a in node.args if isinstance(a, str))}")
     return sorted(set(problems))

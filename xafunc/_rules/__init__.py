@@ -53,6 +53,14 @@ def has_rule(target: Any) -> bool:
     return lookup(target) is not None or is_nondiff(target)
 
 
+def refuses(node: Any) -> bool:
+    """Whether the node's rule declines these arguments (a rule's ``supports(node)``, checked
+    at plan time: ``scatter_reduce`` with ``reduce="prod"``)."""
+    rule = lookup(node.target)
+    supports = getattr(rule, "supports", None)
+    return supports is not None and not supports(node)
+
+
 def _load() -> None:
     import torch
 

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from . import register
 from .bilinear import mul_series
-from .linear import _make_add, _mean, _reduce_dims, _shift, _sum
-from .series import Series, lift, map_coeffs
+from .linear import _make_add, _mean, _reduce_dims, _shift, _sum, vmap_linear
+from .series import Series, lift, map_coeffs, primal
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -258,3 +258,51 @@ def _prims_prod(x: Series, dims: Any, *, output_dtype: Any = None) -> Series:
 
 
 _ = (lift, _reduce_dims)
+
+
+# ----------------------------------------------------------------- scatter / index reductions
+def _reduce_into(op: Any, add: Any, pick: Any) -> Any:
+    """``scatter_reduce`` / ``index_reduce`` (``op``; ``add`` and ``pick`` the matching
+    ``scatter_add``/``gather`` or ``index_add``/``index_select``). ``sum`` and ``mean`` are
+    linear in ``self`` and ``src``; ``amax``/``amin`` take the mean of the coefficients of
+    every input equal to the result (``self`` where it counts), as torch's backward splits
+    the gradient among ties; ``prod`` is declined at plan time (the request falls back)."""
+    linear = vmap_linear(op, (0, 3))
+
+    def rule(x: Any, dim: int, index: Tensor, src: Any, reduce: str, *,
+             include_self: bool = True) -> Series:
+        if reduce in ("sum", "mean"):
+            return linear(x, dim, index, src, reduce, include_self=include_self)
+        s0, r0 = primal(x), primal(src)
+        y0 = op(s0, dim, index, r0, reduce, include_self=include_self)
+        zeros = torch.zeros_like(s0)
+        touched = add(zeros, dim, index, torch.ones_like(r0)) > 0
+        keep = ((s0 == y0) & (touched.logical_not() | include_self)).to(s0.dtype)
+        hit = (r0 == pick(y0, dim, index)).to(s0.dtype)
+        count = keep + add(zeros, dim, index, hit)
+
+        def combine(cx: Tensor, cs: Tensor) -> Tensor:
+            return add(cx * keep, dim, index, cs * hit) / count
+
+        K = max(a.order for a in (x, src) if isinstance(a, Series))
+        coeffs: list[Any] = []
+        for k in range(1, K + 1):
+            cx = x.coeff(k) if isinstance(x, Series) else None
+            cs = src.coeff(k) if isinstance(src, Series) else None
+            if cx is None and cs is None:
+                coeffs.append(None)
+                continue
+            B = (cx if cx is not None else cs).shape[0]
+            cx = cx if cx is not None else zeros.expand((B,) + zeros.shape)
+            cs = cs if cs is not None else torch.zeros_like(r0).expand((B,) + r0.shape)
+            coeffs.append(torch.vmap(combine)(cx, cs))
+        return Series(y0, coeffs)
+
+    rule.supports = lambda node: node.args[4] in ("sum", "mean", "amax", "amin")  # type: ignore
+    return rule
+
+
+register(aten.scatter_reduce.two)(_reduce_into(aten.scatter_reduce.two, torch.scatter_add,
+                                               torch.gather))
+register(aten.index_reduce.default)(_reduce_into(aten.index_reduce.default, torch.index_add,
+                                                 torch.index_select))
