@@ -289,13 +289,14 @@ def _reduce_into(op: Any, add: Any, pick: Any) -> Any:
         for k in range(1, K + 1):
             cx = x.coeff(k) if isinstance(x, Series) else None
             cs = src.coeff(k) if isinstance(src, Series) else None
-            if cx is None and cs is None:
+            present = cx if cx is not None else cs
+            if present is None:
                 coeffs.append(None)
                 continue
-            B = (cx if cx is not None else cs).shape[0]
-            cx = cx if cx is not None else zeros.expand((B,) + zeros.shape)
-            cs = cs if cs is not None else torch.zeros_like(r0).expand((B,) + r0.shape)
-            coeffs.append(torch.vmap(combine)(cx, cs))
+            B = present.shape[0]
+            coeffs.append(torch.vmap(combine)(
+                cx if cx is not None else zeros.expand((B,) + zeros.shape),
+                cs if cs is not None else torch.zeros_like(r0).expand((B,) + r0.shape)))
         return Series(y0, coeffs)
 
     rule.supports = lambda node: node.args[4] in ("sum", "mean", "amax", "amin")  # type: ignore
