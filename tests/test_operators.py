@@ -687,6 +687,24 @@ def _(t: Inputs):
     return f, (t.randn(2, 2, 2, 2),)
 
 
+@case("bilinear_module")
+def _(t: Inputs):
+    m = t.module(nn.Bilinear(3, 2, 2))
+    x2 = t.randn(2, 2)
+    return (lambda x: m(x, x2).tanh()), (t.randn(2, 3),)
+
+
+@case("bilinear_weight", argnums=(1,))
+def _(t: Inputs):
+    x1, x2 = t.randn(2, 3), t.randn(2, 2)
+    return (lambda b, w: F.bilinear(x1, x2 * b.sum(), w).sin()), (t.randn(2), t.randn(2, 3, 2))
+
+
+@case("ndtri")
+def _(t: Inputs):
+    return (lambda p: torch.special.ndtri(torch.sigmoid(p)) * p), (t.randn(4),)
+
+
 def _group_norm(x: torch.Tensor, groups: int, w: torch.Tensor, b: torch.Tensor,
                 eps: float = 1e-5):
     g = x.reshape(x.shape[0], groups, -1)

@@ -433,6 +433,11 @@ def _euclidean_dist(x1: Any, x2: Any) -> Any:
     return torch.where(nonpos, 0.0, torch.sqrt(torch.where(nonpos, 1.0, sq)))
 
 
+def _bilinear(input1: Any, input2: Any, weight: Any, bias: Any = None) -> Any:
+    out = torch.einsum("...i,oij,...j->...o", input1, weight, input2)
+    return out if bias is None else out + bias
+
+
 # NOTE [Recurrent cells at capture]
 # ``rnn_tanh_cell`` & co. and the whole-sequence ``rnn_tanh``/``gru``/``lstm`` are
 # CompositeImplicitAutograd: tracing (NOTE [Tracer]) sees them expanded in C++ before any
@@ -444,12 +449,14 @@ def _euclidean_dist(x1: Any, x2: Any) -> Any:
 # tensor with a functional tensor"). :func:`capture_overrides` is a ``TorchFunctionMode`` that
 # capture enters around tracing: it sends the cells to the formulas of RNN.cpp written without
 # in-place updates, and the sequence ops to torch's own decompositions of them
-# (torch/_decomp/decompositions.py). Nothing else is touched.
-_CELLS: dict[Any, Any] = {
+# (torch/_decomp/decompositions.py). ``bilinear`` (C++ composite: ``_trilinear``, which has no
+# rule) is sent to its einsum. Nothing else is touched.
+_REPLACED: dict[Any, Any] = {
     torch.rnn_tanh_cell: _rnn_cell(torch.tanh),
     torch.rnn_relu_cell: _rnn_cell(torch.relu),
     torch.gru_cell: _gru_cell,
     torch.lstm_cell: _lstm_cell,
+    torch.bilinear: _bilinear,
 }
 # sequence op -> (overload of the padded-input form, of the packed form, position of the
 # argument that is a list only in the padded form)
@@ -473,7 +480,7 @@ def _sequence_impl(func: Any, args: Any) -> Any:
 class _CaptureOverrides(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
-        impl = _CELLS.get(func)
+        impl = _REPLACED.get(func)
         if impl is None and func in _SEQUENCES:
             # without oneDNN: on CPU torch's ``lstm`` decomposition otherwise emits the fused
             # ``mkldnn_rnn_layer``, which has no derivative rule

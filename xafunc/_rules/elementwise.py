@@ -648,7 +648,7 @@ def _jvp_of(g: Callable[[Tensor], Tensor], ones: Tensor) -> Callable[[Tensor], T
 for _op in (aten.sinh, aten.cosh, aten.tan, aten.atan, aten.asin, aten.acos, aten.asinh,
             aten.acosh, aten.atanh, aten.erfc, aten.erfinv, aten.lgamma, aten.digamma,
             aten.log2, aten.log10, aten.exp2, aten.sgn, aten.i0, aten.special_i0e,
-            aten.special_i1, aten.special_i1e):
+            aten.special_i1, aten.special_i1e, aten.special_ndtri):
     register(_op)(generic_unary(_op))
 
 
