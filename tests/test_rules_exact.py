@@ -337,6 +337,24 @@ def test_scatter_reduce_prod_falls_back_with_its_reason() -> None:
     assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
 
 
+def test_saved_statistics_of_the_norms_are_constants_as_in_torch() -> None:
+    """``native_layer_norm``/``native_batch_norm`` return the mean and inverse deviation they
+    save, which torch's autograd leaves non-differentiable (zero derivatives);
+    ``native_group_norm``'s are differentiable. Called directly, each output's derivatives
+    are torch's."""
+    x = _t(0.3, -1.0, 0.5, 2.0, 0.7, -0.2)
+    fs = {
+        "layer": lambda x: torch.native_layer_norm(x.reshape(2, 3), (3,), None, None, 1e-5),
+        "batch": lambda x: torch.native_batch_norm(x.reshape(3, 2), None, None, None, None,
+                                                   True, 0.1, 1e-5),
+        "group": lambda x: torch.native_group_norm(x.reshape(1, 2, 3), None, None, 1, 2, 3, 1,
+                                                   1e-5),
+    }
+    for name, f in fs.items():
+        for k in (1, 2):
+            assert_tree_close(xderiv(f, k)(x), reference_deriv(f, k)(x), msg=f"{name} {k}")
+
+
 def test_bce_of_a_saturated_sigmoid() -> None:
     """A float32 sigmoid saturates to exactly 0 or 1: torch's binary_cross_entropy formulas
     clamp (``max(p (1 - p), eps)`` with a float ``eps``) and give finite derivatives, where

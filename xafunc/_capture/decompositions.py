@@ -525,10 +525,35 @@ _aten = torch.ops.aten
 _SCALAR_AS_VECTOR = (
     _aten.amax.default, _aten.amin.default, _aten.aminmax.default, _aten.max.default,
     _aten.max.dim, _aten.min.default, _aten.min.dim, _aten.median.default, _aten.median.dim,
-    _aten.mode.default, _aten.cummax.default, _aten.cummin.default, _aten.prod.dim_int,
+    _aten.nanmedian.dim, _aten.mode.default, _aten.cummax.default, _aten.cummin.default,
+    _aten.prod.dim_int,
     _aten.var.correction, _aten.var_mean.correction, _aten.sort.default, _aten.sort.stable,
     _aten.topk.default, _aten.kthvalue.default, _aten.flip.default,
 )
+
+
+def _detach_outputs(fn: Any, kept: int) -> Any:
+    """``fn`` with its outputs from ``kept`` on detached: the saved statistics of layer and
+    batch norm (``mean``, ``rstd``, new running statistics), which torch's autograd leaves
+    non-differentiable (their derivative formulas read ``grad`` alone; ``native_group_norm``'s
+    read ``grads[1]``, ``grads[2]`` and are differentiable), so that their derivatives are
+    zero as in torch, not those of the formulas that compute them."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out = fn(*args, **kwargs)
+        return tuple(o if i < kept or not isinstance(o, torch.Tensor) else o.detach()
+                     for i, o in enumerate(out))
+
+    return run
+
+
+# operator -> how many leading outputs are differentiable (see :func:`_detach_outputs`)
+_DIFFERENTIABLE_OUTPUTS = {
+    _aten.native_layer_norm.default: 1, _aten.native_batch_norm.default: 1,
+    _aten._native_batch_norm_legit.default: 1, _aten._native_batch_norm_legit.no_stats: 1,
+    _aten._native_batch_norm_legit_no_training.default: 1,
+    _aten._native_batch_norm_legit_functional.default: 1,
+}
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -605,6 +630,8 @@ def _decompositions() -> dict[Any, Any]:
     })
     for op in _SCALAR_AS_VECTOR:
         table[op] = _scalar_as_vector(table.get(op, op))
+    for op, kept in _DIFFERENTIABLE_OUTPUTS.items():
+        table[op] = _detach_outputs(table[op], kept)
     out: dict[Any, Any] = {}
     for key, fn in table.items():
         op = cast(Any, key)
