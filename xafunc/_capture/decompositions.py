@@ -30,6 +30,16 @@ some of its entries are harmful here:
 * ``rrelu`` in eval mode is ``leaky_relu`` with slope ``(lower + upper) / 2``
   (``rrelu_with_noise_backward``); the C++ composite would route it through the mutating
   ``rrelu_with_noise`` instead.
+* Zeros, poles and tails: torch's ``xlogy``/``xlog1py``/``entr``/``binary_cross_entropy``
+  decompositions mask or clamp with a ``where`` that drops derivatives torch's own formulas
+  keep, ``log_ndtr``/``sinc``/the Bessel functions evaluate branches whose unselected side is
+  infinite (NaN in a reverse level) or cancels, ``std``/``vector_norm``/``nll_loss`` divide by
+  a zero torch's backward masks. Each has a decomposition that reproduces torch's
+  derivative formulas (the functions' docstrings say how), checked at those points in every
+  schedule (tests/test_rules_exact.py, ``KINKS``).
+* Reductions and scans of a 0-d tensor run on its 1-element vector (their rules need a
+  dimension), and the saved statistics of layer and batch norm are detached (torch's
+  autograd leaves them non-differentiable).
 """
 
 from __future__ import annotations
@@ -520,15 +530,16 @@ def _scalar_as_vector(fn: Any) -> Any:
     return run
 
 
-_aten = torch.ops.aten
-# operators along a dimension whose rules need one (see :func:`_scalar_as_vector`)
+aten = torch.ops.aten
+# operators along a dimension whose rules need one (see :func:`_scalar_as_vector`), and
+# ``flip``, which torch's own ``vmap`` cannot batch on a 0-d tensor
 _SCALAR_AS_VECTOR = (
-    _aten.amax.default, _aten.amin.default, _aten.aminmax.default, _aten.max.default,
-    _aten.max.dim, _aten.min.default, _aten.min.dim, _aten.median.default, _aten.median.dim,
-    _aten.nanmedian.dim, _aten.mode.default, _aten.cummax.default, _aten.cummin.default,
-    _aten.prod.dim_int,
-    _aten.var.correction, _aten.var_mean.correction, _aten.sort.default, _aten.sort.stable,
-    _aten.topk.default, _aten.kthvalue.default, _aten.flip.default,
+    aten.amax.default, aten.amin.default, aten.aminmax.default, aten.max.default,
+    aten.max.dim, aten.min.default, aten.min.dim, aten.median.default, aten.median.dim,
+    aten.nanmedian.dim, aten.mode.default, aten.cummax.default, aten.cummin.default,
+    aten.prod.dim_int,
+    aten.var.correction, aten.var_mean.correction, aten.sort.default, aten.sort.stable,
+    aten.topk.default, aten.kthvalue.default, aten.flip.default,
 )
 
 
@@ -549,17 +560,16 @@ def _detach_outputs(fn: Any, kept: int) -> Any:
 
 # operator -> how many leading outputs are differentiable (see :func:`_detach_outputs`)
 _DIFFERENTIABLE_OUTPUTS = {
-    _aten.native_layer_norm.default: 1, _aten.native_batch_norm.default: 1,
-    _aten._native_batch_norm_legit.default: 1, _aten._native_batch_norm_legit.no_stats: 1,
-    _aten._native_batch_norm_legit_no_training.default: 1,
-    _aten._native_batch_norm_legit_functional.default: 1,
+    aten.native_layer_norm.default: 1, aten.native_batch_norm.default: 1,
+    aten._native_batch_norm_legit.default: 1, aten._native_batch_norm_legit.no_stats: 1,
+    aten._native_batch_norm_legit_no_training.default: 1,
+    aten._native_batch_norm_legit_functional.default: 1,
 }
 
 
 def _decompositions() -> dict[Any, Any]:
     from torch._decomp import _core_aten_decompositions_post_autograd, get_decompositions
 
-    aten = torch.ops.aten
     # ``core_aten_decompositions()`` adds an entry for every CompositeImplicitAutograd op, each
     # the op's own C++ decomposition, which tracing applies anyway; building them costs 0.4 s
     # of the first call
