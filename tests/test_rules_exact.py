@@ -252,6 +252,11 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
                                            x[2:8].reshape(3, 2).cos(), "mean",
                                            include_self=False),
         (_t(0.3, 1.0, 0.5, 1.0, 0.7, -0.2, 0.5, 1.0),), 0, (1, 2, 3)),
+    # targets padded with -1: torch's decomposition counted the padded slots
+    "multilabel_margin_padded": (
+        lambda x: F.multilabel_margin_loss(x.reshape(2, 4),
+                                           torch.tensor([[3, -1, 0, 1], [0, 1, 2, -1]])),
+        (_t(-0.72, -0.4, -0.6, 0.18, -0.86, 1.1, -1.07, 0.12),), 0, (1,)),
     # probabilities of exactly 0 and 1 (a saturated sigmoid): torch's formulas clamp
     "bce_saturated": (lambda p: F.binary_cross_entropy(p, _t(0.3, 0.3, 1.0, 0.0, 0.3),
                                                        reduction="none"),

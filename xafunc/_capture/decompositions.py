@@ -354,6 +354,30 @@ def _nll_loss(torch_decomposition: Any) -> Any:
     return nll
 
 
+def _multilabel_margin_loss_forward(input: Any, target: Any, reduction: int) -> Any:
+    """torch's decomposition with the target slots after the first ``-1`` masked: torch's
+    (torch/_decomp/decompositions.py) gathers ``input[0]`` into those slots and keeps their
+    hinge terms, so its value and every derivative were wrong whenever a target row is
+    padded with ``-1`` and those terms are positive (the eager kernel ignores them)."""
+    shape = target.shape
+    input, target = torch.atleast_2d(input), torch.atleast_2d(target)
+    dim = input.shape[1]
+    idx = torch.arange(dim, device=target.device)
+    end = torch.amin(torch.where(target == -1, idx, dim), dim=-1, keepdim=True)
+    counted = idx < end
+    u = torch.gather(input, -1, torch.where(counted, target, 0))
+    is_target = torch.any(idx == torch.where(counted, target, -1).unsqueeze(-1), dim=1)
+    z = (1.0 - u.T.unsqueeze(-1) + input).clamp_min(0) / dim
+    z = torch.where(is_target | ~counted.T.unsqueeze(-1), 0, z)
+    if reduction == 1:
+        z = z.sum(dim=(0, -1)).mean()
+    elif reduction == 2:
+        z = z.sum()
+    else:
+        z = z.sum(dim=(0, -1))
+    return z, is_target.to(input.dtype).reshape(shape)
+
+
 def _as_strided(x: Any, size: Any, stride: Any, storage_offset: Any = None) -> Any:
     """``as_strided`` that lays a contiguous tensor out contiguously again -- a reshape, as
     torch's CPU ``group_norm`` decomposition writes one (``w.contiguous().as_strided([N, C],
@@ -623,6 +647,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.sinc.default: _sinc,
         aten.special_log_ndtr.default: _log_ndtr,
         aten.as_strided.default: _as_strided,
+        aten.multilabel_margin_loss_forward.default: _multilabel_margin_loss_forward,
         aten.binary_cross_entropy.default: _binary_cross_entropy,
         aten.i0.default: _bessel(aten.i0.default, 0, False),
         aten.special_i0e.default: _bessel(aten.special_i0e.default, 0, True),
