@@ -1261,6 +1261,27 @@ for _p, _name, _rows, _orders in ((2.0, "cdist", 3, ORDERS), (1.0, "cdist_p1", 3
     case(_name, orders=_orders, oracle=_oracle)(_build)
 
 
+def _pdist_pairs(x: torch.Tensor, p: float) -> torch.Tensor:
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
+    return _pdist(x[i].unsqueeze(1), x[j].unsqueeze(1), p).reshape(-1)
+
+
+def _pdist_case(p: float) -> tuple[Builder, Builder]:
+    # F.pdist: torch cannot differentiate it twice (_pdist_backward has no derivative)
+    def build(t: Inputs, written: bool) -> Any:
+        x = t.randn(3, 2)
+        if written:
+            return (lambda x: _pdist_pairs(pre(x), p).tanh()), (x,)
+        return (lambda x: F.pdist(pre(x), p).tanh()), (x,)
+
+    return (lambda t: build(t, False)), (lambda t: build(t, True))
+
+
+for _p, _name in ((2.0, "pdist"), (3.0, "pdist_p3")):
+    _build, _oracle = _pdist_case(_p)
+    case(_name, oracle=_oracle)(_build)
+
+
 def _cdist_both_oracle(t: Inputs):
     return (lambda x, y: _pdist(x, y.sin(), 2.0).tanh()), (t.randn(2, 1, 2), t.randn(3, 2))
 

@@ -423,6 +423,13 @@ def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     return _safe_root(powed.sum(-1), lambda s: s ** (1.0 / p))
 
 
+def _pdist_forward(x: Any, p: float = 2.0) -> Any:
+    """``pdist``: the distances of the pairs ``i < j``, with ``cdist``'s conventions at
+    coincident points and ties (both backward kernels share them)."""
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return _cdist_direct(x[i].unsqueeze(1), x[j].unsqueeze(1), p).reshape(-1)
+
+
 def _vector_norm(torch_decomposition: Any) -> Any:
     """The ``p``-norm, ``0 < p < inf``, with value and every derivative zero at the zero
     vector, as torch's ``norm_backward`` (``masked_fill_(norm == 0, 0)``) has them; torch's
@@ -635,6 +642,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.selu.default: _selu,
         aten.rrelu_with_noise.default: _rrelu_with_noise,
         aten._cdist_forward.default: _cdist_forward,
+        aten._pdist_forward.default: _pdist_forward,
         aten._euclidean_dist.default: _euclidean_dist,
         aten.addbmm.default: _addbmm,
         aten._efficientzerotensor.default: _zeros,
