@@ -138,6 +138,23 @@ def _global_scalar(x):
     return (x * SCALE).sin().sum()
 
 
+SHAPED = torch.zeros(3, dtype=F64)
+
+
+def _shape_only(x):
+    # SHAPED's values never reach the graph: only its shape and dtype, read in Python
+    return (x * SHAPED.shape[0]).sin().sum() + x.to(SHAPED.dtype).expand(
+        (SHAPED.numel(),) + x.shape).cos().sum()
+
+
+def test_tensor_read_only_for_its_metadata():
+    def change():
+        global SHAPED
+        SHAPED = torch.zeros(5, dtype=F64)
+
+    _both(_shape_only, change, _x())
+
+
 def test_global_scalar():
     def change():
         global SCALE

@@ -589,8 +589,10 @@ class GuardSet:
 def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> GuardSet:
     """The guard function of walk ``w`` returning the lifted tensors at indices ``used``.
 
-    Each lifted tensor returned is checked for the shape, dtype and device it was traced with,
-    and for being a tensor at all; each one at indices ``baked`` (a constant of the graph, see
+    Every lifted tensor is checked for the shape, dtype and device it was traced with, and for
+    being a tensor at all -- also those no graph reads, whose metadata Python code may still
+    have read (``x * o.shape[0]``, ``x.expand_as(o)``, ``x.to(o.dtype)``: a replaced ``o``
+    gave the stale result); each one at indices ``baked`` (a constant of the graph, see
     ``capture``) for its values.
     """
     lines = list(w.lines)
@@ -604,7 +606,8 @@ def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> Guard
                             "shapes or Python values in the graph)")
         lines.append(f"if not _same_tensor({lt.var}, K{k}): return {len(descriptions) - 1}")
     out = []
-    for i in used:
+    returned = set(used)
+    for i in [*used, *(j for j in range(len(w.lifted)) if j not in returned and j not in baked)]:
         lt = w.lifted[i]
         t = lt.tensor
         k = len(consts)
@@ -622,7 +625,8 @@ def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> Guard
         lines.append(f"if not (isinstance({lt.var}, _Tensor) and {lt.var}.dtype is K{k} and "
                      f"{lt.var}.shape == K{k + 1} and {where_}): "
                      f"return {len(descriptions) - 1}")
-        out.append(lt.var)
+        if i in returned:
+            out.append(lt.var)
     body = "\n        ".join(lines) or "pass"
     ret = f"({', '.join(out)},)" if out else "()"
     src = ("def __xafunc_guard(F, A):\n"
