@@ -405,22 +405,29 @@ def _cdist_direct(x1: Any, x2: Any, p: float) -> Any:
     diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
     if p == 0:
         return (diff != 0).to(x1.dtype).sum(-1)
-    if p == 1:
-        return diff.abs().sum(-1)
-    if p == 2:
-        return _safe_root((diff * diff).sum(-1), torch.sqrt)
-    a = diff.abs()
     if math.isinf(p):
+        a = diff.abs()
         dist = a.amax(-1)
         ties = (a == dist.unsqueeze(-1)).to(x1.dtype)
         through = (a * ties).sum(-1)  # the derivative _cdist_backward takes at ties
         return dist.detach() + (through - through.detach())
+    return _p_norm(diff, p, [-1])
+
+
+def _p_norm(x: Any, p: float, dims: Any, keepdim: bool = False) -> Any:
+    """``sum(|x|^p) ** (1 / p)`` over ``dims`` (``0 < p < inf``) with torch's derivatives
+    (``norm_backward``, ``_cdist_backward``): value and every derivative zero where the norm
+    is zero, and for ``p < 1`` a zero derivative at zero entries (``|x|^(p - 1)`` masked)."""
+    if p == 1:
+        return x.abs().sum(dims, keepdim=keepdim)
+    if p == 2:
+        return _safe_root((x * x).sum(dims, keepdim=keepdim), torch.sqrt)
     if p < 1:
-        zero = diff == 0
-        powed = torch.where(zero, 0.0, torch.where(zero, 1.0, a) ** p)
+        zero = x == 0
+        powed = torch.where(zero, 0.0, torch.where(zero, 1.0, x).abs() ** p)
     else:
-        powed = a**p
-    return _safe_root(powed.sum(-1), lambda s: s ** (1.0 / p))
+        powed = x.abs() ** p
+    return _safe_root(powed.sum(dims, keepdim=keepdim), lambda s: s ** (1.0 / p))
 
 
 def _pdist_forward(x: Any, p: float = 2.0) -> Any:
@@ -446,16 +453,7 @@ def _vector_norm(torch_decomposition: Any) -> Any:
         if dtype is not None:
             x = x.to(dtype)
         dims = list(range(x.dim())) if dim is None or len(dim) == 0 else dim
-        if p == 2:
-            powers = x * x
-        elif p < 1:
-            zero = x == 0
-            powers = torch.where(zero, 0.0, torch.where(zero, 1.0, x).abs() ** p)
-        else:
-            powers = x.abs() ** p
-        root: Any = torch.sqrt if p == 2 else (lambda s: s ** (1 / p)) if p != 1 else None
-        total = powers.sum(dims, keepdim=keepdim)
-        return total if root is None else _safe_root(total, root)
+        return _p_norm(x, p, dims, keepdim)
 
     return norm
 
