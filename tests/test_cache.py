@@ -155,6 +155,19 @@ def test_tensor_read_only_for_its_metadata():
     _both(_shape_only, change, _x())
 
 
+FROZEN = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
+
+
+def _trainable_only(x):
+    # a common freezing pattern: which branch runs depends on requires_grad alone
+    return (x * FROZEN).sin().sum() if FROZEN.requires_grad else (2 * x).sin().sum()
+
+
+def test_requires_grad_read_in_python():
+    _both(_trainable_only, lambda: FROZEN.requires_grad_(True), _x())
+    FROZEN.requires_grad_(False)
+
+
 def test_global_scalar():
     def change():
         global SCALE

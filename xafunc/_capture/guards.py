@@ -589,11 +589,11 @@ class GuardSet:
 def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> GuardSet:
     """The guard function of walk ``w`` returning the lifted tensors at indices ``used``.
 
-    Every lifted tensor is checked for the shape, dtype and device it was traced with, and for
-    being a tensor at all -- also those no graph reads, whose metadata Python code may still
-    have read (``x * o.shape[0]``, ``x.expand_as(o)``, ``x.to(o.dtype)``: a replaced ``o``
-    gave the stale result); each one at indices ``baked`` (a constant of the graph, see
-    ``capture``) for its values.
+    Every lifted tensor is checked for the shape, dtype, device and ``requires_grad`` it was
+    traced with, and for being a tensor at all -- also those no graph reads, whose metadata
+    Python code may still have read (``x * o.shape[0]``, ``x.expand_as(o)``, ``if
+    o.requires_grad``: a replaced ``o`` or a frozen parameter gave the stale result); each
+    one at indices ``baked`` (a constant of the graph, see ``capture``) for its values.
     """
     lines = list(w.lines)
     descriptions = list(w.descriptions)
@@ -613,7 +613,7 @@ def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> Guard
         k = len(consts)
         consts[f"K{k}"], consts[f"K{k + 1}"] = t.dtype, t.shape
         descriptions.append(f"{lt.where} is a tensor of shape {tuple(t.shape)}, {t.dtype}, "
-                            f"on {t.device}")
+                            f"on {t.device}, requires_grad={t.requires_grad}")
         # a tenth of the cost of comparing ``device`` objects
         if t.device.type == "cpu":
             where_ = f"{lt.var}.is_cpu"
@@ -622,9 +622,10 @@ def compile_guards(w: Walk, used: list[int], baked: Sequence[int] = ()) -> Guard
         else:
             consts[f"K{k + 2}"] = t.device
             where_ = f"{lt.var}.device == K{k + 2}"
+        flag = "" if t.requires_grad else "not "
         lines.append(f"if not (isinstance({lt.var}, _Tensor) and {lt.var}.dtype is K{k} and "
-                     f"{lt.var}.shape == K{k + 1} and {where_}): "
-                     f"return {len(descriptions) - 1}")
+                     f"{lt.var}.shape == K{k + 1} and {where_} and "
+                     f"{flag}{lt.var}.requires_grad): return {len(descriptions) - 1}")
         if i in returned:
             out.append(lt.var)
     body = "\n        ".join(lines) or "pass"
