@@ -168,6 +168,21 @@ def test_requires_grad_read_in_python():
     FROZEN.requires_grad_(False)
 
 
+TAGGED = torch.tensor([1.0, 2.0, 0.5], dtype=F64)
+TAGGED.scale = 2.0  # a Python attribute on a tensor
+
+
+def _tagged(x):
+    return (x * TAGGED * TAGGED.scale).sin().sum()
+
+
+def test_python_attribute_of_a_tensor():
+    def change():
+        TAGGED.scale = 5.0
+
+    _both(_tagged, change, _x())
+
+
 def test_global_scalar():
     def change():
         global SCALE

@@ -11,7 +11,8 @@ sharp edge instead). Before tracing, :func:`walk` visits everything the function
   its code (and the code nested in it) names; from a bound method its ``__self__`` and
   function; from a ``functools.partial`` its function and bound arguments;
 * from an ``nn.Module``: its class, training flag, parameters, buffers, submodules, forward
-  hooks and every other attribute (and torch's global module hooks);
+  hooks and every other attribute (and torch's global module hooks); from a tensor the Python
+  attributes set on it (``w.scale = 2.0``);
 * from any other object: its class and its ``__dict__``/``__slots__``; from containers their
   items; from user-defined classes their methods and class attributes; from modules of the
   user's own code the attributes its code names.
@@ -227,7 +228,7 @@ class _Walker:
         self.seen[id(obj)] = (v, where)
         self.keep.append(obj)
         if isinstance(obj, Tensor):
-            self.tensor(obj, v, where)
+            self.tensor(obj, v, where, depth)
         elif isinstance(obj, type):
             self.cls(obj, v, where, depth)
         elif t is types.FunctionType:
@@ -296,7 +297,7 @@ class _Walker:
             self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(obj)}",
                        f"{where} == {obj!r}")
 
-    def tensor(self, obj: Tensor, v: str, where: str) -> None:
+    def tensor(self, obj: Tensor, v: str, where: str, depth: int) -> None:
         if is_leaked(obj) or _escaped(obj):
             self.w.leaked = True
             self.problem(f"{where} holds a tensor the function stored there while it was "
@@ -308,6 +309,8 @@ class _Walker:
                          "plain tensors only")
             return
         self.w.lifted.append(LiftedTensor(obj, v, where))
+        if obj.__dict__:  # Python attributes set on the tensor (``w.scale = 2.0``)
+            self.walk(obj.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
 
     def cls(self, obj: type, v: str, where: str, depth: int) -> None:
         self.guard(f"{v} is {self.const(obj)}", f"{where} is {obj.__qualname__}")
