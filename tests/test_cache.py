@@ -183,6 +183,33 @@ def test_python_attribute_of_a_tensor():
     _both(_tagged, change, _x())
 
 
+def _attributed(x):
+    return (x * _attributed.scale).sin().sum()
+
+
+_attributed.scale = 2.0  # type: ignore[attr-defined]
+
+
+def test_python_attribute_of_a_function():
+    _both(_attributed, lambda: setattr(_attributed, "scale", 5.0), _x())
+
+
+def test_an_iterator_is_state_that_advances():
+    """``next(it)`` inside the function: each call must read the next item, as torch.func
+    does, so the function is not captured (the plan says why)."""
+    def make():
+        it = iter([1.0, 2.0, 3.0, 4.0])
+        return lambda x: (x * next(it)).sin().sum()
+
+    x = _x()
+    with xafunc.strict(False):
+        p = xafunc.plan(make(), 1)(x)
+        assert p.strategy == "reference" and "iterator" in p.fallback
+        ours, theirs = make(), make()
+        for _ in range(3):
+            assert_tree_close(xderiv(ours, 1)(x), reference_deriv(theirs, 1)(x))
+
+
 def test_global_scalar():
     def change():
         global SCALE

@@ -51,7 +51,7 @@ import sysconfig
 import types
 import weakref
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +281,9 @@ class _Walker:
         elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
             self.problem(f"it uses Python's random module ({where}), whose results change "
                          "between calls")
+        elif isinstance(obj, Iterator):
+            self.problem(f"{where} is an iterator ({t.__name__}), whose position advances on "
+                         "every call")
         else:
             self.instance(obj, v, where, depth)
 
@@ -347,6 +350,8 @@ class _Walker:
         for i, (name, cell) in enumerate(zip(code.co_freevars, fn.__closure__ or ())):
             cv = self.var(f"{v}.__closure__[{i}]")
             self.walk(cell, cv, f"{where}: closure variable {name!r}", depth + 1)
+        if fn.__dict__ and not _library_file(code.co_filename):  # ``f.scale = 2.0``
+            self.walk(fn.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
         if _library_file(code.co_filename):
             self.impure_names(fn.__globals__, _code_names(code), where)
             return
