@@ -209,7 +209,7 @@ SCALAR_REDUCTIONS = {
     "amax": lambda x: x.amax() * x.amin(0, keepdim=True),
     "max_min": lambda x: x.max() + x.min(0).values * x.max(0, keepdim=True)[0],
     "median_mode": lambda x: x.median() * x.median(0).values + x.mode(0).values
-    + x.nanmedian(0).values,
+    + x.nanmedian(0).values * x.nanmedian(),
     "scans": lambda x: x.cummax(0).values * x.cummin(0).values,
     "logsumexp_softmax": lambda x: x.logsumexp(0) * x.softmax(0) + x.log_softmax(0),
     "aminmax_prod": lambda x: torch.aminmax(x)[1] * torch.aminmax(x, dim=0)[0] * x.prod(0),

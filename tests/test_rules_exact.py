@@ -252,6 +252,9 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
                                            x[2:8].reshape(3, 2).cos(), "mean",
                                            include_self=False),
         (_t(0.3, 1.0, 0.5, 1.0, 0.7, -0.2, 0.5, 1.0),), 0, (1, 2, 3)),
+    "nanmedian_ties_and_nan": (lambda x: torch.cat([x, _t(math.nan)]).nanmedian() * x.sum()
+                               + x.reshape(2, 2).nanmedian(),
+                               (_t(1.0, 1.0, 0.5, 2.0),), 0, (1, 2)),
     # pdist at coincident points and p = inf ties: cdist's conventions (_pdist_backward)
     "pdist_coincident_and_ties": (
         lambda x: F.pdist(x.reshape(3, 2)) + F.pdist(x.reshape(3, 2), math.inf)

@@ -565,10 +565,10 @@ aten = torch.ops.aten
 _SCALAR_AS_VECTOR = (
     aten.amax.default, aten.amin.default, aten.aminmax.default, aten.max.default,
     aten.max.dim, aten.min.default, aten.min.dim, aten.median.default, aten.median.dim,
-    aten.nanmedian.dim, aten.mode.default, aten.cummax.default, aten.cummin.default,
-    aten.prod.dim_int,
-    aten.var.correction, aten.var_mean.correction, aten.sort.default, aten.sort.stable,
-    aten.topk.default, aten.kthvalue.default, aten.flip.default,
+    aten.nanmedian.default, aten.nanmedian.dim, aten.mode.default, aten.cummax.default,
+    aten.cummin.default, aten.prod.dim_int, aten.var.correction, aten.var_mean.correction,
+    aten.sort.default, aten.sort.stable, aten.topk.default, aten.kthvalue.default,
+    aten.flip.default,
 )
 
 

@@ -115,11 +115,18 @@ for _op in (aten.sort.default, aten.sort.stable, aten.topk.default, aten.kthvalu
     register(_op)(_selecting(_op))
 
 
-@register(aten.median.default)
-def _median_all(x: Series) -> Series:
-    """``median(x)``: torch's derivative (``evenly_distribute_backward``) shares the gradient
-    among the entries equal to the median, as at the ties of ``max``."""
-    return _select_extreme(x, torch.median(x.primal), list(range(x.primal.dim())), False)
+def _median_all(op: Any) -> Any:
+    """``median(x)``, ``nanmedian(x)``: torch's derivative (``evenly_distribute_backward``)
+    shares the gradient among the entries equal to the median, as at the ties of ``max``."""
+
+    def rule(x: Series) -> Series:
+        return _select_extreme(x, op(x.primal), list(range(x.primal.dim())), False)
+
+    return rule
+
+
+register(aten.median.default)(_median_all(aten.median.default))
+register(aten.nanmedian.default)(_median_all(aten.nanmedian.default))
 
 
 @register(aten.max_pool2d_with_indices, aten.max_pool1d_with_indices,
