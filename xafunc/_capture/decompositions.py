@@ -197,6 +197,24 @@ def _std_mean(x: Any, dim: Any = None, *, correction: Any = None, keepdim: bool 
     return _safe_root(var, torch.sqrt), mean
 
 
+def _branches(select: Any, x: Any, inside: Any, outside: Any, at_in: float,
+              at_out: float) -> Any:
+    """``where(select, inside(x), outside(x))`` with each branch reading ``x`` masked to where
+    it is selected (``at_in``/``at_out`` elsewhere), so that an unselected branch -- a pole,
+    an overflow, a cancelling quotient -- neither reaches the value nor sends ``0 * inf`` into
+    a reverse level."""
+    return torch.where(select, inside(torch.where(select, x, at_in)),
+                       outside(torch.where(select, at_out, x)))
+
+
+def _series(coeffs: list[float], z: Any) -> Any:
+    """``sum_k coeffs[k] z^k`` by Horner's rule."""
+    out = z * coeffs[-1] + coeffs[-2]
+    for c in reversed(coeffs[:-2]):
+        out = out * z + c
+    return out
+
+
 _SINC_SERIES = [(-1) ** k / math.factorial(2 * k + 1) for k in range(16)]
 
 
@@ -207,17 +225,10 @@ def _sinc(x: Any) -> Any:
     rule, 8e-7 by torch's nested ``jvp``, 1e-15 by the series). torch's decomposition,
     ``where(u == 0, 1, sin(u) / u)``, has every derivative 0 at 0, and torch's own backward
     formula is 0 / 0 there (NaN from the second derivative on); the true second derivative is
-    ``-pi^2 / 3``. Each branch reads an input masked to where it is selected, so neither
-    divides by 0 nor overflows where it is not."""
+    ``-pi^2 / 3``."""
     u = x * math.pi
-    small = u.abs() < 1.0
-    us = torch.where(small, u, 0.0)
-    ub = torch.where(small, 1.0, u)
-    z = us * us
-    series = z * _SINC_SERIES[-1] + _SINC_SERIES[-2]
-    for c in reversed(_SINC_SERIES[:-2]):
-        series = series * z + c
-    return torch.where(small, series, torch.sin(ub) / ub)
+    return _branches(u.abs() < 1.0, u, lambda v: _series(_SINC_SERIES, v * v),
+                     lambda v: torch.sin(v) / v, 0.0, 1.0)
 
 
 def _float_pair(a: Any, b: Any) -> tuple[Any, Any]:
@@ -255,15 +266,16 @@ def _x_log(log: Any, pole: float) -> Any:
 
 def _log_ndtr(x: Any) -> Any:
     """torch's decomposition (``log(erfcx(-t) / 2) - t^2`` below 1, ``log1p(-erfc(t) / 2)``
-    above, ``t = x / sqrt(2)``) with each branch reading an input masked to where it is
-    selected: at ``x = -40`` the unselected branch is ``log1p(-1)``, whose infinite
-    derivative times the zero a reverse level sends it was NaN."""
-    t = x * 0.7071067811865476
-    low = x < 1.0
-    tl = torch.where(low, t, 0.0)
-    th = torch.where(low, 1.0, t)
-    return torch.where(low, torch.log(torch.special.erfcx(-tl) / 2) - tl * tl,
-                       torch.log1p(-torch.erfc(th) / 2))
+    above, ``t = x / sqrt(2)``), each branch on a masked input: at ``x = -40`` the unselected
+    branch is ``log1p(-1)``, whose infinite derivative times the zero a reverse level sends
+    it was NaN."""
+    def below(t: Any) -> Any:
+        return torch.log(torch.special.erfcx(-t) / 2) - t * t
+
+    def above(t: Any) -> Any:
+        return torch.log1p(-torch.erfc(t) / 2)
+
+    return _branches(x < 1.0, x * 0.7071067811865476, below, above, 0.0, 1.0)
 
 
 def _bessel(op: Any, n: int, scaled: bool) -> Any:
@@ -276,18 +288,14 @@ def _bessel(op: Any, n: int, scaled: bool) -> Any:
     torch's convention at 0 (``sgn(0) = 0``)."""
     coeffs = [1.0 / (math.factorial(m) * math.factorial(m + n)) for m in range(20)]
 
-    def bessel(x: Any) -> Any:
-        small = x.abs() < 2.0
-        xs = torch.where(small, x, 0.0)
-        z = xs * xs * 0.25
-        series = z * coeffs[-1] + coeffs[-2]
-        for c in reversed(coeffs[:-2]):
-            series = series * z + c
+    def series(x: Any) -> Any:
+        out = _series(coeffs, x * x * 0.25)
         if n == 1:
-            series = series * (xs * 0.5)
-        if scaled:
-            series = series * torch.exp(-xs.abs())
-        return torch.where(small, series, op(torch.where(small, 2.0, x)))
+            out = out * (x * 0.5)
+        return out * torch.exp(-x.abs()) if scaled else out
+
+    def bessel(x: Any) -> Any:
+        return _branches(x.abs() < 2.0, x, series, op, 0.0, 2.0)
 
     return bessel
 
