@@ -254,6 +254,20 @@ def test_constant_subgraphs_fold():
     assert _ops(gm) == [aten.mm.default]
 
 
+def test_like_factories_become_constants():
+    """``ones_like(y)``, the seed of a reverse sweep, reads only ``y``'s shape: it folds to a
+    constant, and the ops that computed ``y`` for it alone are dead code."""
+    def fn(x, w):
+        y = torch.tanh(x @ w)  # computed only for its shape
+        seed = torch.ones_like(y)
+        return (seed @ w.T) * x + torch.full_like(x, 2.0) + torch.zeros_like(x)
+
+    gm = _simplified(fn, torch.randn(1, 3), torch.randn(3, 4))
+    # (``+ zeros`` stays: ``-0.0 + 0.0`` is ``+0.0``)
+    assert _ops(gm) == [aten.permute.default, aten.mm.default, aten.mul.Tensor,
+                        aten.add.Tensor, aten.add.Tensor], gm.code
+
+
 def test_small_broadcast_operand_is_made_row_major():
     """NOTE [Broadcast operand layout]: ``h (8, 1, 64) * w.t() (3, 64)`` would come out with
     the size-3 dimension innermost; the small operand is copied so the output is row-major."""

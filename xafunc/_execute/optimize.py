@@ -59,7 +59,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
    chains that start at factories: nothing that reads a parameter (it may change in place
    between calls) or an input. They are evaluated by the same ops on the same device, so the
    constant is the value the graph would compute, and it carries no batch dimension or
-   gradient under ``vmap``/``grad`` either way.
+   gradient under ``vmap``/``grad`` either way. A ``full_like``/``zeros_like``/``ones_like``
+   of a row-major value is first the ``full`` of its (per-sample) shape, dtype and device:
+   it reads nothing else of its input, and the reverse sweep's seed ``ones_like(y)`` then
+   no longer keeps the primal output ``y`` -- often the whole last layer -- alive.
 7. Dead code elimination (random ops count as impure and stay), then recompile.
 8. Layout (NOTE [Broadcast operand layout]): a pointwise op that broadcasts a small,
    non-contiguous operand (a transposed weight slice, say) against a large one gets that
@@ -692,8 +695,32 @@ def _split_of_unit_view(gm: GraphModule, node: Node, outputs: set[Node]) -> Node
 
 
 # ------------------------------------------------------------------- constant subgraphs
+_LIKE_FILL = {
+    aten.full_like.default: lambda n: n.args[1],
+    aten.zeros_like.default: lambda n: 0,
+    aten.ones_like.default: lambda n: 1,
+}
+
+
 def _fold_constants(gm: GraphModule) -> None:
     graph = gm.graph
+    for node in list(graph.nodes):
+        # a factory ``*_like(x)`` reads only ``x``'s shape, dtype and device, which are fixed
+        # per graph: it is the ``full`` they give (row-major, as ``x`` was traced), and no
+        # longer keeps ``x`` alive -- the seed of a reverse sweep, ``ones_like(y)``, no longer
+        # needs the primal ``y`` (its last layer becomes dead code)
+        fill = _LIKE_FILL.get(node.target) if node.op == "call_function" else None
+        val = node.meta.get("val")
+        if (fill is None or not isinstance(val, torch.Tensor) or val.layout != torch.strided
+                or not val.is_contiguous() or not isinstance(fill(node), (int, float, bool))):
+            continue
+        with graph.inserting_before(node):
+            full = graph.call_function(aten.full.default, (list(val.shape), fill(node)), {
+                "dtype": val.dtype, "layout": torch.strided, "device": val.device,
+                "pin_memory": False})
+        full.meta.update(node.meta)
+        node.replace_all_uses_with(full)
+        graph.erase_node(node)
     values: dict[Node, Any] = {}
     for node in graph.nodes:
         if node.op != "call_function" or not pure_op(node.target):
