@@ -955,7 +955,8 @@ def _column_major_thin_weights(graph: Graph, static: set[Node]) -> None:
 # and ``K >= 16`` once ``M * K`` reaches 16384 (8192 if ``A`` is column-major), and not where ``A`` is
 # row-major and ``B`` column-major (0.4-1.5x: that is the layout the thin static weights above
 # are copied to), nor for ``N >= 16``. The operands' layouts are those of the first call,
-# read by running the graph once; any later layout gives the same values.
+# read by running the graph once (not for a graph with random ops, whose run would draw from
+# the caller's generator); any later layout gives the same values.
 _THIN_COLUMNS = (2, 8)
 _THIN_MIN_MK = {("row", "row"): 16384, ("col", "row"): 8192, ("col", "col"): 8192}
 
@@ -997,8 +998,10 @@ def transpose_thin_products(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
                 and val.dtype in (torch.float32, torch.float64)
                 and _THIN_COLUMNS[0] <= val.shape[1] <= _THIN_COLUMNS[1] < val.shape[0]):
             wanted.add(node)
-    if not wanted:
-        return
+    if not wanted or any(isinstance(n.target, torch._ops.OpOverload)
+                         and torch.Tag.nondeterministic_seeded in n.target.tags
+                         for n in gm.graph.nodes):
+        return  # (the probe run would draw from the caller's generator)
     probe = _Layouts(gm, wanted)
     probe.run(*inputs)
     graph = gm.graph
