@@ -362,7 +362,6 @@ def test_thin_products_are_computed_transposed(dtype: torch.dtype):
     oracle = jacrev(lambda x: w2.double() @ torch.tanh(w1.double() @ x))(x.double())
     tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     assert_tree_close(got, oracle.to(dtype), **tol)
-    aten = torch.ops.aten
     main = [e._fast.main for e in _executables(f)]
     assert main and all(isinstance(m, torch.jit.ScriptFunction) for m in main), main
     # the product the traced graph runs: (8, 256) @ (256, 1024)

@@ -952,13 +952,14 @@ def _column_major_thin_weights(graph: Graph, static: set[Node]) -> None:
 # later op sees the layout it saw before: ``clone(permute(mm(permute(B), permute(A))))``.
 # Measured over ``N`` in 2-16, ``M`` 32-1024, ``K`` 16-512 and the four row/column-major
 # layouts of the operands, TorchScript-run, copy included: it pays (1.1-36x) for ``N <= 8``
-# and ``K >= 16`` once ``M * K`` reaches 16384 (8192 if ``A`` is column-major), and not where ``A`` is
-# row-major and ``B`` column-major (0.4-1.5x: that is the layout the thin static weights above
-# are copied to), nor for ``N >= 16``. The operands' layouts are those of the first call,
-# read by running the graph once (not for a graph with random ops, whose run would draw from
-# the caller's generator); any later layout gives the same values.
+# and ``K >= 16`` once ``M * K`` reaches 16384 (8192 if ``A`` is column-major), and not
+# where ``A`` is row-major and ``B`` column-major (0.4-1.5x: that is the layout the thin
+# static weights above are copied to), nor for ``N >= 16``. The operands' layouts are those
+# of the first call, read by running the graph once (not for a graph with random ops, whose
+# run would draw from the caller's generator); any later layout gives the same values.
 _THIN_COLUMNS = (2, 8)
-_THIN_MIN_MK = {("row", "row"): 16384, ("col", "row"): 8192, ("col", "col"): 8192}
+_THIN_MIN_MK: dict[tuple[str | None, str | None], int] = {
+    ("row", "row"): 16384, ("col", "row"): 8192, ("col", "col"): 8192}
 
 
 def _major(t: Any) -> str | None:
