@@ -441,6 +441,28 @@ def test_shared_matrix_bmm_of_row_major_or_short_batches_become_one_mm():
     assert_tree_close(gm(h, w), copied(h, w))
 
 
+def test_unread_rows_of_a_product_are_not_computed():
+    """Pass 12: only the rows of ``mm(cat(pieces), w)`` that are read are computed, by a
+    product of their piece alone; what only the unread rows needed is dead code."""
+    def fn(a, b, w):
+        rows = torch.mm(torch.cat([a.sin(), b.cos()]), w)
+        return torch.split(rows, [2, 3])[1]
+
+    args = (torch.randn(2, 4, dtype=DT), torch.randn(3, 4, dtype=DT), torch.randn(4, 5, dtype=DT))
+    gm = record(fn, list(args))
+    expected = fn(*args)
+    simplify(gm, inexact=True)
+    assert _ops(gm) == [aten.cos.default, aten.mm.default], gm.code
+    assert_tree_close(gm(*args), expected)
+
+    def every_row(a, b, w):  # every piece read: one product stays
+        return [r * 2 for r in torch.split(torch.mm(torch.cat([a.sin(), b.cos()]), w), [2, 3])]
+
+    gm = record(every_row, list(args))
+    simplify(gm, inexact=True)
+    assert _ops(gm).count(aten.mm.default) == 1, gm.code
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)
