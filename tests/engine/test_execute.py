@@ -370,6 +370,27 @@ def test_thin_products_are_computed_transposed(dtype: torch.dtype):
     assert (8, 1024) in products and (1024, 8) not in products, products
 
 
+def test_power_of_two_factors_move_onto_hoisted_weights():
+    """``(x * s) * 2`` with ``s`` computed from the weights alone (a symmetric term of the
+    adjoint Hessian) runs as ``x * (s * 2)``, the scaled factor cached in the prologue: the
+    per-call graph has no product by 2 left; the numbers are the oracle's."""
+    net = _net(3)
+    x = torch.randn(3, dtype=DT)
+    h = xafunc.xhessian(lambda x: net(x).sum())
+    with torch.no_grad():
+        got = h(x)
+    assert_tree_close(got, jacrev(jacrev(lambda x: net(x).sum()))(x).detach())
+    fast = [e._fast for e in _executables(h.__wrapped__)]
+    assert fast, "the fast path did not run"
+    aten = torch.ops.aten
+
+    def by_two(g: torch.fx.Graph) -> list[torch.fx.Node]:
+        return [n for n in g.nodes if n.target is aten.mul.Tensor and n.args[1] == 2]
+
+    assert not any(by_two(f.functional.graph) for f in fast), fast[0].functional.code
+    assert any(by_two(f.prologue.graph) for f in fast), fast[0].prologue.code
+
+
 def test_unit_seeds_are_not_materialised_per_sample_under_vmap():
     """A first-order seed that a rule materialises (here ``x[:3]`` and ``x[3:]`` slice it) is
     the same for every sample: under ``vmap`` it stays one ``(n, k)`` constant (it was

@@ -686,6 +686,7 @@ class _FastPath:
                   and all(a in static for a in node.all_input_nodes)
                   and _small(node)):
                 static.add(node)
+        _scale_static_factors(graph, static)
         _column_major_thin_weights(graph, static)
         out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
         # values the main part needs from the static part (static inputs it reads directly
@@ -909,6 +910,38 @@ def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[
             copy = pro.call_function(torch.ops.aten.clone.default, (source,),
                                      {"memory_format": torch.contiguous_format})
         expand.replace_input_with(source, copy)
+
+
+def _power_of_two(c: Any) -> bool:
+    if type(c) not in (int, float) or not c or not math.isfinite(c):
+        return False
+    return math.frexp(abs(c))[0] == 0.5
+
+
+def _scale_static_factors(graph: Graph, static: set[Node]) -> None:
+    """``(x * s) * c`` with ``s`` static and ``c`` a power of two (the ``2`` of a symmetric
+    term) is ``x * (s * c)``: the scaled factor joins ``static`` and is hoisted, one op
+    fewer per call. Exact short of over- or underflow: a power of two scales exactly."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is not aten.mul.Tensor or node in static or len(node.args) != 2:
+            continue
+        a, c = node.args
+        if not (isinstance(a, Node) and a.target is aten.mul.Tensor and len(a.users) == 1
+                and a not in static and len(a.args) == 2 and _power_of_two(c)):
+            continue
+        i = next((i for i, f in enumerate(a.args) if isinstance(f, Node) and f in static
+                  and isinstance(f.meta.get("val"), Tensor)), None)
+        if i is None:
+            continue
+        factor = a.args[i]
+        with graph.inserting_before(a):
+            scaled = graph.call_function(aten.mul.Tensor, (factor, c))
+        scaled.meta["val"] = factor.meta["val"]
+        static.add(scaled)
+        a.args = tuple(scaled if j == i else f for j, f in enumerate(a.args))
+        node.replace_all_uses_with(a)
+        graph.erase_node(node)
 
 
 def _column_major_thin_weights(graph: Graph, static: set[Node]) -> None:
