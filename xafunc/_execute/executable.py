@@ -932,9 +932,9 @@ def _scale_static_factors(graph: Graph, static: set[Node]) -> None:
             continue
         i = next((i for i, f in enumerate(a.args) if isinstance(f, Node) and f in static
                   and isinstance(f.meta.get("val"), Tensor)), None)
-        if i is None:
+        factor = a.args[i] if i is not None else None
+        if not isinstance(factor, Node):
             continue
-        factor = a.args[i]
         with graph.inserting_before(a):
             scaled = graph.call_function(aten.mul.Tensor, (factor, c))
         scaled.meta["val"] = factor.meta["val"]
