@@ -921,7 +921,8 @@ def _power_of_two(c: Any) -> bool:
 def _scale_static_factors(graph: Graph, static: set[Node]) -> None:
     """``(x * s) * c`` with ``s`` static and ``c`` a power of two (the ``2`` of a symmetric
     term) is ``x * (s * c)``: the scaled factor joins ``static`` and is hoisted (if small
-    enough to keep, as every hoisted value), one op fewer per call. Exact short of over- or underflow: a power of two scales exactly."""
+    enough to keep, as every hoisted value), one op fewer per call. Exact short of over- or
+    underflow: a power of two scales exactly."""
     aten = torch.ops.aten
     for node in list(graph.nodes):
         if node.target is not aten.mul.Tensor or node in static or len(node.args) != 2:
