@@ -222,6 +222,12 @@ KINKS: dict[str, tuple[Callable[..., Any], tuple[Any, ...], Any, tuple[int, ...]
         + torch.special.xlog1py(x, x) + torch.special.xlog1py(x, _t(-1.0, 0.5, 3.0)),
         (_t(0.0, 1.0, 2.0),), 0, (1, 2, 3)),
     "entr_at_0": (torch.special.entr, (_t(0.0),), 0, (1, 2, 3)),
+    # torch's first derivative is infinite at 0 and 1 (log(x / (1 - x)) differentiated to NaN
+    # at 1); its higher ones are NaN there, ours the one-sided limits (user guide)
+    "logit_at_1": (torch.logit, (_t(1.0),), 0, (1,)),
+    "logit_at_0": (torch.logit, (_t(0.0),), 0, (1,)),
+    "logit_eps_at_bounds": (lambda x: torch.logit(x, eps=0.1),
+                            (_t(0.05, 0.1, 0.9, 0.95, 0.5),), 0, (1, 2, 3)),
     "pow_zero_base_tensor_exponent": (torch.pow, (_t(0.0, 1.0, 2.0, 0.0), _t(2.0, 3.0, 0.0, 1.0)),
                                       (0, 1), (1,)),
     "log_ndtr_tails": (torch.special.log_ndtr, (_t(-40.0, -10.0, 0.5, 40.0),), 0, (1, 2)),

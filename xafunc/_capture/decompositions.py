@@ -264,6 +264,17 @@ def _x_log(log: Any, pole: float) -> Any:
     return x_log
 
 
+def _logit(x: Any, eps: float | None = None) -> Any:
+    """``logit`` as ``log(x) - log1p(-x)`` on torch's clamp to ``[eps, 1 - eps]``. torch's
+    decomposition, ``log(x / (1 - x))``, differentiates to ``inf / inf``, NaN, at ``x = 1``
+    where torch's derivative (``1 / (x (1 - x))``) is infinite; this one's is ``1 + inf``."""
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    if eps is not None:
+        x = torch.where(x < eps, eps, torch.where(x > 1 - eps, 1 - eps, x))
+    return torch.log(x) - torch.log1p(-x)
+
+
 def _log_ndtr(x: Any) -> Any:
     """torch's decomposition (``log(erfcx(-t) / 2) - t^2`` below 1, ``log1p(-erfc(t) / 2)``
     above, ``t = x / sqrt(2)``), each branch on a masked input: at ``x = -40`` the unselected
@@ -660,6 +671,7 @@ def _decompositions() -> dict[Any, Any]:
         aten.std_mean.correction: _std_mean,
         aten.sinc.default: _sinc,
         aten.special_log_ndtr.default: _log_ndtr,
+        aten.logit.default: _logit,
         aten.as_strided.default: _as_strided,
         aten.multilabel_margin_loss_forward.default: _multilabel_margin_loss_forward,
         aten.binary_cross_entropy.default: _binary_cross_entropy,
