@@ -73,7 +73,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .._capture.tracer import unversioned
 from . import cuda_graph
 from .backward import vjp_graph
-from .optimize import for_autograd, pure_op
+from .optimize import for_autograd, power_of_two_scaling, pure_op
 
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
@@ -912,36 +912,28 @@ def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[
         expand.replace_input_with(source, copy)
 
 
-def _power_of_two(c: Any) -> bool:
-    if type(c) not in (int, float) or not c or not math.isfinite(c):
-        return False
-    return math.frexp(abs(c))[0] == 0.5
-
-
 def _scale_static_factors(graph: Graph, static: set[Node]) -> None:
     """``(x * s) * c`` with ``s`` static and ``c`` a power of two (the ``2`` of a symmetric
-    term) is ``x * (s * c)``: the scaled factor joins ``static`` and is hoisted (if small
-    enough to keep, as every hoisted value), one op fewer per call. Exact short of over- or
-    underflow: a power of two scales exactly."""
+    term; :func:`~.optimize.power_of_two_scaling`) is ``x * (s * c)``: the scaled factor joins
+    ``static`` and is hoisted (if small enough to keep, as every hoisted value), one op fewer
+    per call."""
     aten = torch.ops.aten
     for node in list(graph.nodes):
-        if node.target is not aten.mul.Tensor or node in static or len(node.args) != 2:
+        found = None if node in static else power_of_two_scaling(None, node)
+        if found is None or found[0] in static:
             continue
-        a, c = node.args
-        if not (isinstance(a, Node) and a.target is aten.mul.Tensor and len(a.users) == 1
-                and a not in static and len(a.args) == 2 and _power_of_two(c)):
-            continue
-        i = next((i for i, f in enumerate(a.args) if isinstance(f, Node) and f in static
-                  and isinstance(f.meta.get("val"), Tensor) and _small(f)), None)
-        factor = a.args[i] if i is not None else None
+        prod, c = found
+        i = next((i for i, f in enumerate(prod.args)
+                  if isinstance(f, Node) and f in static and _small(f)), None)
+        factor = prod.args[i] if i is not None else None
         if not isinstance(factor, Node):
             continue
-        with graph.inserting_before(a):
+        with graph.inserting_before(prod):
             scaled = graph.call_function(aten.mul.Tensor, (factor, c))
         scaled.meta["val"] = factor.meta["val"]
         static.add(scaled)
-        a.args = tuple(scaled if j == i else f for j, f in enumerate(a.args))
-        node.replace_all_uses_with(a)
+        prod.args = tuple(scaled if j == i else f for j, f in enumerate(prod.args))
+        node.replace_all_uses_with(prod)
         graph.erase_node(node)
 
 

@@ -177,7 +177,7 @@ def _mutates(target: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _val(gm: GraphModule, node: Any) -> torch.Tensor | None:
+def _val(gm: GraphModule | None, node: Any) -> torch.Tensor | None:
     """The (fake or, for constants, real) tensor a node stands for, if known."""
     if not isinstance(node, Node):
         return None
@@ -316,11 +316,11 @@ def _scalar_product(gm: GraphModule, node: Node) -> tuple[Node, float | int] | N
     return x, a * b
 
 
-def _scale_small_operand(gm: GraphModule, node: Node) -> tuple[Node, Node, float] | None:
-    """``(big, small, c)`` when ``node`` is ``(big * small) * c`` with ``c = +-2^k``, ``small``
-    broadcast against ``big`` and the product used only here: ``big * (small * c)`` is the same
-    value bit for bit (scaling by a power of two commutes with rounding, short of over- or
-    underflow) and scales the small tensor instead of the large one."""
+def power_of_two_scaling(gm: GraphModule | None, node: Node) -> tuple[Node, float] | None:
+    """``(prod, c)`` when ``node`` is ``prod * c`` with ``c = +-2^k`` and ``prod`` a product of
+    two floating tensors of ``node``'s dtype read only here: scaling either factor by ``c``
+    instead gives the same value bit for bit (a power of two commutes with rounding, short of
+    over- or underflow). ``gm`` holds the graph's constants (None: none are needed)."""
     if node.target is not aten.mul.Tensor or node.kwargs or len(node.args) != 2:
         return None
     prod, c = node.args
@@ -329,16 +329,28 @@ def _scale_small_operand(gm: GraphModule, node: Node) -> tuple[Node, Node, float
     if c == 0 or not math.isfinite(c) or math.frexp(abs(c))[0] != 0.5:
         return None
     if (prod.target is not aten.mul.Tensor or prod.kwargs or len(prod.args) != 2
-            or len(prod.users) != 1):
+            or len(prod.users) != 1 or not all(isinstance(a, Node) for a in prod.args)):
         return None
     out = _val(gm, node)
-    vals = [_val(gm, a) for a in prod.args]
     if out is None or not out.dtype.is_floating_point or any(
-            v is None or v.dtype != out.dtype for v in vals):
+            v is None or v.dtype != out.dtype for v in (_val(gm, a) for a in prod.args)):
         return None
+    return prod, c
+
+
+def _scale_small_operand(gm: GraphModule, node: Node) -> tuple[Node, Node, float] | None:
+    """``(big, small, c)`` when ``node`` is ``(big * small) * c`` (see
+    :func:`power_of_two_scaling`) with ``small`` broadcast against ``big``: ``big * (small *
+    c)`` scales the small tensor instead of the large one."""
+    found = power_of_two_scaling(gm, node)
+    if found is None:
+        return None
+    prod, c = found
+    out = _val(gm, node)
     a, b = prod.args
-    va, vb = vals
-    assert va is not None and vb is not None and isinstance(a, Node) and isinstance(b, Node)
+    va, vb = _val(gm, a), _val(gm, b)
+    assert out is not None and va is not None and vb is not None
+    assert isinstance(a, Node) and isinstance(b, Node)
     if vb.numel() < va.numel() and tuple(va.shape) == tuple(out.shape):
         return a, b, c
     if va.numel() < vb.numel() and tuple(vb.shape) == tuple(out.shape):
