@@ -107,15 +107,18 @@ class Runner:
 
 def _number(opts: argparse.Namespace, runner: Runner, fn: Callable[..., Any], args: tuple) -> int:
     """Calls per timing sample: ``--number``, or enough for ``--sample-ms`` (at most 1000),
-    from the fastest of three calls after the warm-up (the first calls after it may still
-    be settling: TorchScript profiles its first runs, allocators grow)."""
+    from the fastest of two calls after the warm-up, or of three when one is shorter than a
+    sample (the first calls after it may still be settling: TorchScript profiles its first
+    runs, allocators grow, xafunc captures its CUDA graph on a GPU's third call -- one such
+    call alone once set ``number`` to 1 there, timing latency where the rest timed
+    throughput)."""
     if opts.number != "auto":
         return int(opts.number)
     target = opts.sample_ms / 1e3
-    seconds = runner.call(fn, args)[0]
-    if seconds < target:
-        seconds = min([seconds] + [runner.call(fn, args)[0] for _ in range(2)])
-    return max(1, min(1000, math.ceil(target / max(seconds, 1e-9))))
+    times = [runner.call(fn, args)[0] for _ in range(2)]
+    if min(times) < target:
+        times.append(runner.call(fn, args)[0])
+    return max(1, min(1000, math.ceil(target / max(min(times), 1e-9))))
 
 
 #: Lines the profiler writes straight to file descriptor 2 on every start and stop (kineto's
