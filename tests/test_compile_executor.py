@@ -7,6 +7,7 @@ executor itself) or the plan's ``execution`` line, and compares with nested ``ja
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -121,6 +122,65 @@ def test_jet_compiles_its_propagation() -> None:
         assert_tree_close(y, f(x))
         assert_tree_close(list(series), expected)
     assert _counts() == (compiles + 1, calls + 2)
+
+
+def test_float32_tanh_is_compiled_as_cephes_tanhf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [Inductor's tanh]: inductor gets the float32 graph without ``tanh`` (and the
+    float64 one with it), and the values still match nested ``jacrev``."""
+    import torch._inductor.compile_fx as cfx
+
+    given: list[set[object]] = []
+    real = cfx.compile_fx
+
+    def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        given.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return real(gm, inputs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    net = _mlp()
+    net32 = copy.deepcopy(net).float()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return net(x).sum()
+
+    def f32(x: torch.Tensor) -> torch.Tensor:
+        return net32(x).sum()
+
+    xs = torch.randn(16, 3, dtype=torch.float64) * 2
+    expected = torch.func.vmap(reference_deriv(f, 2))(xs)
+    got = torch.func.vmap(xafunc.xhessian(f32, compile=True))(xs.float())
+    assert_tree_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert given and torch.ops.aten.tanh.default not in given[-1]
+    assert torch.ops.aten.copysign.Tensor in given[-1]
+    xafunc.xhessian(f, compile=True)(xs[0])
+    assert torch.ops.aten.tanh.default in given[-1]
+
+
+def test_cephes_tanhf_matches_tanh_to_float32_rounding() -> None:
+    """The rewritten ``tanh`` (run eagerly here; inductor computes the same formula) is within
+    1.5 float32 epsilons of the float64 ``tanh``, and exact at +-0, +-inf, NaN and the
+    subnormals, signs included."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xafunc._execute.executable import tanh_for_inductor
+
+    gm = make_fx(torch.tanh)(torch.ones(2))
+    assert tanh_for_inductor(gm.graph) == 1
+    gm.recompile()
+    mags = torch.cat([torch.logspace(-44, 2, 20001, dtype=torch.float64),
+                      torch.linspace(0.5, 0.75, 20001, dtype=torch.float64),
+                      torch.tensor([0.625, 44.0, 45.0, 89.0, 1e30], dtype=torch.float64)])
+    x = torch.cat([mags, -mags]).float()
+    out = gm(x)
+    exact = torch.tanh(x.double())
+    rel = ((out.double() - exact).abs() / exact.abs()).max().item()
+    assert rel <= 1.5 * torch.finfo(torch.float32).eps, rel
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45,
+                            -1e-45, 2e-40])
+    assert_tree_close(gm(special), torch.tanh(special), rtol=0.0, atol=0.0)
+    assert torch.equal(gm(special).signbit(), torch.tanh(special).signbit())
+    # float64 graphs keep torch's tanh
+    assert tanh_for_inductor(make_fx(torch.tanh)(torch.ones(2, dtype=torch.float64)).graph) == 0
 
 
 def test_evaluation_calls_with_trainable_weights_run_the_no_grad_code() -> None:
