@@ -566,6 +566,42 @@ def test_batch_that_cannot_fit_under_vmap_fails_before_allocating(monkeypatch):
                       torch.func.vmap(reference_deriv(f, 2))(xs))
 
 
+def test_batch_check_reads_device_memory_again_only_for_large_batches(monkeypatch):
+    """The free memory is read on the first call under vmap, then again only when a batch
+    needs more than ``RECHECK_FRACTION`` of that reading (``mem_get_info`` on a GPU is a
+    driver call); a batch that no longer fits is still refused before running."""
+    import xafunc._engine.memory as memory
+
+    free = [2 ** 30]
+    reads = []
+
+    def available(device):
+        reads.append(free[0])
+        return free[0]
+
+    monkeypatch.setattr(memory, "available_bytes", available)
+    f = lambda x: torch.tanh(x @ torch.ones(8, 64, dtype=F64)).sum()  # noqa: E731
+    hess = torch.func.vmap(xafunc.xhessian(f))
+    xs = torch.randn(16, 8, dtype=F64)
+    expected = torch.func.vmap(reference_deriv(f, 2))(xs)
+    assert_tree_close(hess(xs), expected)
+    first = len(reads)  # planning's reads (choose_chunk) and the batch check's
+    for _ in range(3):
+        assert_tree_close(hess(xs), expected)
+    assert len(reads) == first
+    # a batch needing more than that share of the last reading reads again, and is refused
+    # when it no longer fits
+    cpu = torch.device("cpu")
+    assert memory.check_batch("xhessian", 100.0, 10, cpu, free=2 ** 20) == 2 ** 20
+    assert len(reads) == first
+    free[0] = 4000
+    assert memory.check_batch("xhessian", 100.0, 10, cpu, free=3000) == 4000
+    assert len(reads) == first + 1
+    free[0] = 1000
+    with pytest.raises(ValueError, match="under vmap, a batch of 10 samples needs about"):
+        memory.check_batch("xhessian", 100.0, 10, cpu, free=3000)
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_a_function_differentiating_itself_with_autograd(order):
     """A function that takes the gradient of its own input with ``torch.autograd.grad`` (the

@@ -76,13 +76,22 @@ def choose_chunk(name: str, *, result_bytes: float, per_direction_bytes: float,
     return fit
 
 
+#: ``check_batch`` reads the device's free memory again only when a batch needs more than
+#: this share of the last reading (a driver call per call costs microseconds on a CPU and more
+#: on a GPU, where ``mem_get_info`` is an ioctl)
+RECHECK_FRACTION = 0.25
+
+
 def check_batch(name: str, per_sample_bytes: float, batch: int, device: torch.device,
-                budget: float | None = None) -> None:
+                free: int | None = None) -> int:
     """Under ``vmap`` every sample's computation runs at once: refuse a batch whose estimated
-    peak cannot fit, before allocating, naming the sizes and the remedy."""
-    if budget is None:
-        budget = BUDGET_FRACTION * available_bytes(device)
+    peak cannot fit, before allocating, naming the sizes and the remedy. ``free``: the free
+    bytes read by an earlier check of the same computation, reused while the batch needs
+    less than ``RECHECK_FRACTION`` of them; returns the reading used."""
     need = per_sample_bytes * batch
+    if free is None or need > RECHECK_FRACTION * free:
+        free = available_bytes(device)
+    budget = BUDGET_FRACTION * free
     if need > budget:
         fit = max(int(budget // max(per_sample_bytes, 1.0)), 1)
         raise ValueError(
@@ -90,3 +99,4 @@ def check_batch(name: str, per_sample_bytes: float, batch: int, device: torch.de
             f"({fmt_bytes(per_sample_bytes)} per sample) but only {fmt_bytes(budget)} of "
             f"{device.type} memory is available. Pass a smaller batch, or chunk_size={fit} "
             "(or smaller) to torch.func.vmap, or spread the batch over more processes.")
+    return free

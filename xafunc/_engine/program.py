@@ -164,6 +164,7 @@ class Program:
         self.chunk_size = chunk_size
         self.all_orders = all_orders
         self._seeds: dict[Any, Tensor] = {}
+        self._free_bytes: int | None = None  # the device memory free at a batch check
         self.compiler = Compiler(n_static, compile)
         self._compiled = self.compiler.fns  # the compiled graphs, by schedule key
         self.compile_note: str | None = None
@@ -425,7 +426,8 @@ class Program:
         z, others, targets = self.split.inputs(args, kwargs, lifted)
         batch = _vmap_batch(z)
         if batch > 1:
-            check_batch(self.name, self.schedules[0].est_peak_bytes, batch, z.device)
+            self._free_bytes = check_batch(self.name, self.schedules[0].est_peak_bytes, batch,
+                                           z.device, self._free_bytes)
         if self.all_orders:
             results = []
             aux = None
