@@ -463,6 +463,41 @@ def test_unread_rows_of_a_product_are_not_computed():
     assert _ops(gm).count(aten.mm.default) == 1, gm.code
 
 
+def test_activation_derivatives_are_one_kernel():
+    """Pass 13: ``g * ((1 - s) * s)`` of a sigmoid and ``g * (1 - t * t)`` of a tanh are
+    ``sigmoid_backward``/``tanh_backward`` (broadcasting as the product did), with the values
+    and the derivatives (``grad``, ``vmap``) of the unfused graph; a factor read twice
+    stays."""
+    def fn(x, g, h):
+        s, t = torch.sigmoid(x), torch.tanh(x)
+        return g * (aten.sub.Tensor(1, s) * s), (aten.sub.Tensor(1, t * t)) * h
+
+    args = (torch.randn(3, 4, dtype=DT), torch.randn(5, 3, 4, dtype=DT),
+            torch.randn(3, 4, dtype=DT))
+    gm = record(fn, list(args))
+    expected = fn(*args)
+    simplify(gm, inexact=True)
+    ops = _ops(gm)
+    assert aten.sigmoid_backward.default in ops and aten.tanh_backward.default in ops, gm.code
+    assert aten.mul.Tensor not in ops and aten.sub.Tensor not in ops, gm.code
+    assert_tree_close(gm(*args), expected)
+    assert_tree_close(torch.func.grad(lambda x: gm(x, *args[1:])[0].sum())(args[0]),
+                      torch.func.grad(lambda x: fn(x, *args[1:])[0].sum())(args[0]))
+    assert_tree_close(torch.func.vmap(gm)(*[a.unsqueeze(0) for a in args]),
+                      tuple(e.unsqueeze(0) for e in expected))
+
+    def shared(x, g):  # a factor or a part of one read elsewhere too: not fused
+        t, s = torch.tanh(x), torch.sigmoid(x)
+        d, sq, o = aten.sub.Tensor(1, t * t), t * t * 3, aten.sub.Tensor(1, s)
+        return g * d, d * 2, g * aten.sub.Tensor(1, sq), sq, g * (o * s), o * 2
+
+    gm = record(shared, [args[0], args[2]])
+    simplify(gm, inexact=True)
+    ops = _ops(gm)
+    assert aten.tanh_backward.default not in ops, gm.code
+    assert aten.sigmoid_backward.default not in ops, gm.code
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)

@@ -90,6 +90,11 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
     are each ``mm(piece, w)`` when some piece is never read, so neither it nor what only it
     reads is computed (:func:`_rows_of_a_product`): through a last linear layer an order-``K``
     derivative reads only the top Taylor coefficient (order-4 MLP graph 63 -> 54 operators).
+13. Activation derivatives (on request, one kernel's rounding for three): ``g * (1 - t * t)``
+    of ``t = tanh(x)`` is ``tanh_backward(g, t)`` and ``g * ((1 - s) * s)`` of ``s =
+    sigmoid(x)`` is ``sigmoid_backward(g, s)`` when the factor and its parts are read by
+    nothing else (:func:`_activation_derivatives`): a GRU's Jacobian graph 263 -> 227
+    operators, 7% faster.
 
 :func:`for_autograd` makes the copy of a graph that runs when autograd records: there a ``bmm``
 one of whose operands is the same matrix expanded over the batch (what ``matmul`` of a
@@ -138,7 +143,7 @@ _LAYOUT_COPY = "xafunc_layout_copy"
 
 def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
     """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it; with
-    ``inexact``, also passes 9 to 11 (for derivative graphs: their rounding may differ in the
+    ``inexact``, also passes 9 to 13 (for derivative graphs: their rounding may differ in the
     last place, as any two ways of computing a derivative do)."""
     graph = gm.graph
     for node in graph.nodes:
@@ -155,6 +160,7 @@ def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
         _sweeps(gm)
         _contiguous_outputs(gm)
         _sweeps(gm)
+        _activation_derivatives(gm)
         _fuse_products(gm)
         gm.graph.eliminate_dead_code()
     _sweeps(gm)  # e.g. the transposes pass 9 puts around a weight
@@ -1204,6 +1210,54 @@ def _fused_add(gm: GraphModule, node: Node) -> Node | None:
             with node.graph.inserting_before(node):
                 return _call(node, aten.addcmul.default, (c, *prod.args), out)
     return None
+
+
+def _activation_derivatives(gm: GraphModule) -> None:
+    """Pass 13 of NOTE [Graph simplification]: ``g * (1 - t * t)`` with ``t = tanh(x)`` is
+    ``tanh_backward(g, t)`` and ``g * ((1 - s) * s)`` with ``s = sigmoid(x)`` is
+    ``sigmoid_backward(g, s)``: one kernel for three, where the factor and its parts are read
+    by nothing else, of real floating tensors of one dtype (the kernels broadcast ``g`` and
+    the activation's output as ``mul`` does)."""
+    graph = gm.graph
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
+    for node in list(graph.nodes):
+        out = _real_binary(gm, node, aten.mul.Tensor)
+        if out is None or not node.users:
+            continue
+        for factor, g in (node.args, node.args[::-1]):
+            y, target = _activation_output(factor)
+            if target is not None and _same_meta(_val(gm, y), _val(gm, factor)):
+                with graph.inserting_before(node):
+                    _swap(node, _call(node, target, (g, y), out), outputs)
+                break
+    graph.eliminate_dead_code()
+
+
+def _activation_output(factor: Any) -> tuple[Any, Any]:
+    """``(t, tanh_backward)`` if ``factor`` is ``1 - t * t`` of ``t = tanh(x)``, ``(s,
+    sigmoid_backward)`` if it is ``(1 - s) * s`` of ``s = sigmoid(x)`` (either order), read
+    only by the product being fused; else ``(None, None)``."""
+    def one_minus(n: Any) -> Any:  # the ``v`` of a single-use ``1 - v``
+        if not isinstance(n, Node) or n.kwargs or len(n.args) != 2 or len(n.users) != 1:
+            return None
+        one, v = n.args if n.target is aten.sub.Tensor else \
+            n.args[::-1] if n.target is aten.rsub.Scalar else (None, None)
+        return v if type(one) in (int, float) and one == 1 and isinstance(v, Node) else None
+
+    if not isinstance(factor, Node) or len(factor.users) != 1:
+        return None, None
+    square = one_minus(factor)
+    if (isinstance(square, Node) and square.target is aten.mul.Tensor and not square.kwargs
+            and len(square.users) == 1 and len(square.args) == 2
+            and square.args[0] is square.args[1]
+            and getattr(square.args[0], "target", None) is aten.tanh.default):
+        return square.args[0], aten.tanh_backward.default
+    if factor.target is aten.mul.Tensor and not factor.kwargs and len(factor.args) == 2:
+        for a, b in (factor.args, factor.args[::-1]):
+            if getattr(b, "target", None) is aten.sigmoid.default and one_minus(a) is b:
+                return b, aten.sigmoid_backward.default
+    return None, None
 
 
 def _row_major(shape: list[int], like: torch.Tensor) -> ShapeTensor:
