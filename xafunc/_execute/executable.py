@@ -85,6 +85,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .._capture.decompositions import tanhf
 from .._capture.tracer import unversioned
 from . import cuda_graph
 from .backward import vjp_graph
@@ -1066,42 +1067,18 @@ def transpose_thin_products(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
     gm.recompile()
 
 
-#: Cephes' tanhf: tanh(x) = x + x * z * P(z), z = x * x, for |x| < 0.625 (highest power first)
-_TANHF_SMALL = 0.625
-_TANHF_P = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1,
-            -3.33332819422e-1)
-
-
 def tanh_for_inductor(graph: Graph) -> int:
-    """Rewrite each float32 ``tanh`` on a CPU in ``graph`` as inductor fuses and vectorises it
-    (NOTE [Inductor's tanh]); the number rewritten."""
-    aten = torch.ops.aten
+    """Rewrite each float32 ``tanh`` on a CPU in ``graph`` as :func:`tanhf`, which inductor
+    fuses and vectorises (NOTE [Inductor's tanh]); the number rewritten."""
+    tracer = torch.fx.proxy.GraphAppendingTracer(graph)
     done = 0
     for node in list(graph.nodes):
         val = node.meta.get("val")
-        if node.target is not aten.tanh.default or not isinstance(val, Tensor) \
+        if node.target is not torch.ops.aten.tanh.default or not isinstance(val, Tensor) \
                 or val.dtype != torch.float32 or val.device.type != "cpu":
             continue
-        x = node.args[0]
-
-        def op(target: Any, *args: Any) -> Node:
-            return graph.call_function(target, args)
-
         with graph.inserting_before(node):
-            a = op(aten.abs.default, x)
-            small = op(aten.lt.Scalar, a, _TANHF_SMALL)
-            xs = op(aten.where.self, small, a, op(aten.zeros_like.default, a))
-            z = op(aten.mul.Tensor, xs, xs)
-            p = op(aten.mul.Tensor, z, _TANHF_P[0])
-            for c in _TANHF_P[1:-1]:
-                p = op(aten.mul.Tensor, op(aten.add.Tensor, p, c), z)
-            p = op(aten.add.Tensor, p, _TANHF_P[-1])
-            near = op(aten.add.Tensor, xs, op(aten.mul.Tensor, op(aten.mul.Tensor, xs, z), p))
-            e = op(aten.exp.default, op(aten.mul.Tensor, a, 2.0))
-            far = op(aten.rsub.Scalar, op(aten.mul.Tensor, op(
-                aten.reciprocal.default, op(aten.add.Tensor, e, 1.0)), 2.0), 1.0)
-            # (the sign last, for both: -0.0 + 0.0 would drop the sign of -0.0)
-            out = op(aten.copysign.Tensor, op(aten.where.self, small, near, far), x)
+            out = tanhf(torch.fx.Proxy(node.args[0], tracer)).node  # type: ignore[arg-type]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         done += 1
