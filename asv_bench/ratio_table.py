@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -75,11 +76,21 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far: pages the kernel mapped in on first touch.
+    Allocations of a few MiB that glibc's ``malloc`` gives back to the system on ``free``
+    (above its mmap and trim thresholds, which adapt as the process runs) fault their pages
+    in again on every call, at about a microsecond a page, whatever computed them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Runner:
-    """Times calls on one device, synchronising CUDA and tracking its peak memory."""
+    """Times calls on one device, synchronising CUDA and tracking its peak memory, and counts
+    the minor page faults of the last timed calls (``faults``: per call)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self.faults = 0.0
 
     def sync(self) -> None:
         if self.cuda:
@@ -94,12 +105,14 @@ class Runner:
             self.sync()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+        f0 = minor_faults()
         t0 = time.perf_counter()
         for _ in range(number):
             out = fn(*args)
             del out
         self.sync()
         dt = (time.perf_counter() - t0) / number
+        self.faults = (minor_faults() - f0) / number
         if self.cuda:
             peak = torch.cuda.max_memory_allocated() - base
         return dt, peak
@@ -363,6 +376,10 @@ def _meta(opts: argparse.Namespace) -> dict[str, Any]:
         "commit": commit, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "mem_budget_gib": opts.mem_budget_gib, "first_call_timeout_s": opts.first_call_timeout,
+        # glibc malloc settings from the environment, which decide the page faults of large
+        # allocations (``minor_faults``); empty: its defaults
+        "malloc_env": {k: v for k, v in os.environ.items()
+                       if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
     }
 
 

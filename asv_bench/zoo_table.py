@@ -374,6 +374,7 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
     # 4. interleaved rounds
     _phase("timing")
     times: dict[str, list[float]] = {k: [] for k in timed}
+    faults: dict[str, list[float]] = {k: [] for k in timed}
     cuda_peaks: dict[str, int] = {}
     with torch.compiler.set_stance("fail_on_recompile"):
         for r in range(opts.repeat):
@@ -395,6 +396,7 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
                     times.pop(k)
                     continue
                 times[k].append(dt)
+                faults[k].append(runner.faults)
                 if peak is not None:
                     cuda_peaks[k] = max(cuda_peaks.get(k, 0), peak)
         # 5. peaks
@@ -410,19 +412,24 @@ def measure_case(case: ZooCase, opts: argparse.Namespace) -> dict[str, Any]:
                 peak_errors[k] = _why(e)
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
+    flt = {k: statistics.median(v) for k, v in faults.items() if v}
     rec["xafunc_ms"] = med.get("xafunc")
     rec["xafunc_held_ms"] = med.get("xafunc (held)")
     rec["xafunc_number"] = numbers.get("xafunc")
     rec["xafunc_peak_bytes"] = peaks.get("xafunc")
+    rec["xafunc_faults"] = flt.get("xafunc")
     for name, b in baselines.items():
         if name in med:
             b["ms"], b["peak_bytes"], b["number"] = med[name], peaks.get(name), numbers[name]
+            b["faults"] = flt[name]
         if name in peak_errors:
             b["peak_error"] = peak_errors[name]
     if "torch.compile" in med:
         comp["ms"], comp["peak_bytes"] = med["torch.compile"], peaks.get("torch.compile")
+        comp["faults"] = flt["torch.compile"]
     if "xafunc compile=True" in med:
         xc["ms"], xc["peak_bytes"] = med["xafunc compile=True"], peaks.get("xafunc compile=True")
+        xc["faults"] = flt["xafunc compile=True"]
     rec["baselines"] = baselines
 
     ok = {k: b["ms"] for k, b in baselines.items() if b["ms"] is not None and b["status"] == "ok"}
@@ -581,16 +588,20 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     s["geomean_xc_vs_xafunc"] = gm_xc("vs_xafunc", lambda r: True)
     ph = [r for r in records if r["name"] == "param_hessian" and r.get("ratio_vs_hessian")]
     s["param_hessian_vs_hessian"] = ph[0]["ratio_vs_hessian"] if ph else None
-    spread = {}
+    spread: dict[str, dict[str, float]] = {}
+    faults: dict[str, dict[str, float | None]] = {}
     for r in records:
         # per-sample under vmap is batch times the work: not comparable with the others
         if r["group"] == "mlp" and r.get("xafunc_ms") and r["formulation"] != "vmap":
             spread.setdefault(r["mlp_request"], {})[r["formulation"]] = r["xafunc_ms"]
-    s["formulation_spread"] = {
-        req: {"min_ms": min(v.values()), "max_ms": max(v.values()),
-              "fastest": min(v, key=v.__getitem__), "slowest": max(v, key=v.__getitem__),
-              "spread": max(v.values()) / min(v.values()), "n": len(v)}
-        for req, v in spread.items()}
+            faults.setdefault(r["mlp_request"], {})[r["formulation"]] = r.get("xafunc_faults")
+    s["formulation_spread"] = {}
+    for req, v in spread.items():
+        lo, hi = min(v, key=v.__getitem__), max(v, key=v.__getitem__)
+        s["formulation_spread"][req] = {
+            "min_ms": v[lo], "max_ms": v[hi], "fastest": lo, "slowest": hi,
+            "spread": v[hi] / v[lo], "n": len(v),
+            "fastest_faults": faults[req][lo], "slowest_faults": faults[req][hi]}
     anchors = sorted({fw for r in records for fw in r.get("anchors", {})})
     for fw in anchors:
         s[f"geomean_{fw}_order2"] = gm_fw = {"value": _geomean(
@@ -612,6 +623,11 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
         return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _faults(n: float | None) -> str:
+    """Minor page faults per call, where there are any (see ``ratio_table.minor_faults``)."""
+    return f"  {n:.0f} page faults/call" if n else ""
 
 
 def _plan_cell(r: dict[str, Any]) -> str:
@@ -693,7 +709,8 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
               "vmap excluded, it does batch times the work):")
         for req, s in summary["formulation_spread"].items():
             print(f"  {req:10s} {s['spread']:7.2f}x  fastest {s['fastest']} "
-                  f"{_fmt_ms(s['min_ms'])} ms, slowest {s['slowest']} {_fmt_ms(s['max_ms'])} ms"
+                  f"{_fmt_ms(s['min_ms'])} ms{_faults(s.get('fastest_faults'))}, slowest "
+                  f"{s['slowest']} {_fmt_ms(s['max_ms'])} ms{_faults(s.get('slowest_faults'))}"
                   f"  ({s['n']} formulations)")
 
     bad = [r for r in records if r["check"] != "ok"]
@@ -716,7 +733,7 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
         print(f"  {r['name']}: {r['label']}  [check {r['check']}, tolerance {r['tolerance']:g}]")
         print(f"    {'xafunc (inline)':40s} {_fmt_ms(r.get('xafunc_ms')):>9s}  peak "
               f"{_fmt_bytes(r.get('xafunc_peak_bytes'))}  first call "
-              f"{_fmt_ms(r.get('xafunc_first_call_ms'))} ms")
+              f"{_fmt_ms(r.get('xafunc_first_call_ms'))} ms{_faults(r.get('xafunc_faults'))}")
         if r.get("xafunc_held_ms") is not None:
             print(f"    {'xafunc (held transform)':40s} {_fmt_ms(r['xafunc_held_ms']):>9s}")
         x = r.get("xafunc_compile") or {}
@@ -738,7 +755,7 @@ def print_table(records: list[dict[str, Any]], summary: dict[str, Any], cuda: bo
             if b["status"] != "ok":
                 tag = f"  {b['status'].upper()}: {b['reason']}"
             print(f"    {name:40s} {_fmt_ms(b['ms']):>9s}  peak {_fmt_bytes(b['peak_bytes'])} "
-                  f"(est. {_fmt_bytes(b['estimated_bytes'])}){tag}")
+                  f"(est. {_fmt_bytes(b['estimated_bytes'])}){_faults(b.get('faults'))}{tag}")
         c = r["compile"]
         if c["of"] or c["status"] == "crashed":
             state = (f"{_fmt_ms(c['ms']):>9s}  peak {_fmt_bytes(c['peak_bytes'])}, compile "
