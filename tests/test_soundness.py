@@ -443,6 +443,89 @@ def test_optimizer_steps_between_calls_are_seen(make_optimizer):
         opt.step(closure)
 
 
+def _sgd_through_data(net, w, state):
+    for p in net.parameters():
+        p.data -= 0.1 * torch.ones_like(p)  # the hand-written SGD step of older tutorials
+
+
+def _held_data_alias(net, w, state):
+    if "alias" not in state:  # taken once, before the loop, and written every step
+        state["alias"] = [p.data for p in net.parameters()]
+    for a in state["alias"]:
+        a.mul_(0.9)
+
+
+def _held_numpy_view(net, w, state):
+    if "view" not in state:
+        state["view"] = w.detach().numpy()
+    state["view"][:] *= 1.1
+
+
+@pytest.mark.parametrize("write", [
+    _sgd_through_data,
+    lambda net, w, state: [p.data.mul_(1.5) for p in net.parameters()],
+    lambda net, w, state: [p.data.copy_(torch.randn_like(p)) for p in net.parameters()],
+    lambda net, w, state: w.data.add_(0.25),  # a closure's plain tensor
+    _held_data_alias,
+    _held_numpy_view,
+], ids=["sgd_through_data", "data_mul", "data_copy", "closure_data", "held_data_alias",
+        "held_numpy_view"])
+def test_writes_through_untracked_aliases_are_seen(write):
+    """Writes through ``.data`` and NumPy aliases bypass the version counters that the cache of
+    hoisted values trusts; they are seen all the same (NOTE [Unversioned writes]), whether the
+    alias is dropped at once or kept across calls. The values are hoisted (``no_grad``), so a
+    stale cache would show."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    w = torch.randn(3, 3, dtype=F64, requires_grad=True)
+    f = lambda x: net(torch.sin(w) @ x)  # noqa: E731  (``sin(w)`` is hoisted: a copy)
+    x = _x(3, seed=6)
+    state: dict[str, object] = {}
+    before = None
+    for step in range(3):
+        with torch.no_grad(), xafunc.strict():
+            got = xderiv(f, 2)(x)
+        assert_tree_close(got, reference_deriv(f, 2)(x), msg=f"after {step} writes")
+        assert before is None or not torch.allclose(got, before), "the weights moved"
+        before = got
+        with torch.no_grad():
+            write(net, w, state)
+
+
+def test_aliases_leave_torch_and_the_cache_alone(monkeypatch):
+    """The wrappers of ``Tensor.data`` and ``Tensor.numpy`` return what torch's do; calls that
+    take no alias keep the cached hoisted values, and an alias taken recomputes them once."""
+    import xafunc._execute.executable as executable
+
+    p = nn.Parameter(torch.randn(3, dtype=F64))
+    alias = p.data
+    assert type(alias) is torch.Tensor and not alias.requires_grad
+    assert alias.data_ptr() == p.data_ptr() and alias._version == 0
+    p.data = torch.zeros(3, dtype=F64)
+    assert p.requires_grad and type(p) is nn.Parameter and p.sum().item() == 0.0
+    t = torch.arange(3.0)
+    t.numpy()[0] = 7.0
+    assert t[0].item() == 7.0
+
+    stamps = []
+    take = executable._stamps
+    monkeypatch.setattr(executable, "_stamps", lambda ts: stamps.append(1) or take(ts))
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    h = xafunc.xhessian(net)
+    x = _x(3)
+    with torch.no_grad(), xafunc.strict():
+        h(x)
+        first = len(stamps)
+        for _ in range(3):
+            h(x)
+        assert first >= 1 and len(stamps) == first  # cached: no alias taken
+        net[0].weight.data  # an alias, dropped at once  # noqa: B018
+        h(x)
+        assert len(stamps) == first + 1
+        h(x)
+        assert len(stamps) == first + 1
+
+
 def test_running_statistics_are_noted_by_identity():
     """The hoisting cache distrusts exactly the running statistics' counters (the others keep
     caching), told apart by identity (never by ``==``, which is elementwise on tensors)."""

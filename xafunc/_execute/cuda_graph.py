@@ -15,7 +15,7 @@ What makes the replay return exactly what the interpreter would, every call:
   (same strides: the kernels read them as they read the originals). The call's arguments --
   the points *and* the weights -- are copied on every call, so the graph reads what the
   interpreter would read. Hoisted values are copied when the prologue recomputed them (they
-  follow the weights' version counters, with the blind spot NOTE [Fast execution] states).
+  follow the weights' version counters and NOTE [Unversioned writes]).
   Buffers are loaded by value (``copy_`` takes any layout of a later argument), except that
   of a broadcast input (an expanded weight), which copies the input's storage span and so
   takes only the same strides: a later input laid out otherwise runs the interpreter.

@@ -13,10 +13,9 @@ executors run the same graph:
     dict of ``functional_call``) and constants (transposes, slices, products of weights with the
     fixed seeds) are computed once by a *prologue* and cached with each input's identity (held
     weakly), storage pointer and version counter; an in-place update of a weight (an optimiser
-    step) bumps its counter and ``w.data = new`` or a new tensor changes the rest, either of
-    which recomputes the prologue on the next call. Like autograd's saved-tensor check, this
-    cannot see in-place writes through ``w.data`` (which has a version counter of its own):
-    after ``w.data.mul_(2)``, call ``w.mul_(1)`` under ``no_grad``;
+    step) bumps its counter and a new tensor changes the rest, either of which recomputes the
+    prologue on the next call, as do the writes version counters miss (``w.data.mul_(2)``,
+    fused optimisers; NOTE [Unversioned writes] in ``writes.py``);
   - *TorchScript*: the rest of the graph, with the hoisted values as inputs, is traced once
     by ``torch.jit.trace`` and run by its C++ interpreter (same aten kernels, same values, a
     fraction of the per-op cost), with pointwise ops writing into dead buffers
@@ -83,13 +82,12 @@ from torch import Tensor
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._capture.decompositions import tanhf
-from .._capture.tracer import unversioned
 from . import cuda_graph
 from .backward import vjp_graph
 from .optimize import for_autograd, power_of_two_scaling, pure_op
+from .writes import STEPS, counted
 
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
@@ -1092,40 +1090,20 @@ def _copy(graph: Graph) -> Graph:
     return new
 
 
-# NOTE [Unversioned writes]
-# Hoisted values are cached with their inputs' version counters, but two writers in torch do
-# not bump them. The batch-norm kernels update the running statistics in place: an
-# ``nn.BatchNorm`` model run once in train mode, outside any transform, then differentiated in
-# eval mode would reuse statistics from before that step. So the tracer notes every input a
-# batch-norm operator reads as running statistics (``tracer.unversioned``), and their stamps
-# never match. Fused optimisers (``Adam(fused=True)``, ``SGD(fused=True)``, ...) write the
-# parameters, and so does an optimiser of one's own that writes through ``p.data``: every
-# optimiser step in the process (a global post-step hook) is counted, and stamps taken before
-# the last step never match.
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(*_: Any) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _stamps(tensors: list[Tensor]) -> tuple[int, list[Any]] | None:
-    """What hoisted values depend on: the optimiser steps taken so far, and each tensor's
+    """What hoisted values depend on: the untracked writes counted so far, and each tensor's
     identity (held weakly, so a new tensor that reuses a freed one's memory is never mistaken
     for it), storage and version counter (None, never equal, for a tensor written without
     bumping it; NOTE [Unversioned writes])."""
     try:
-        return _OPTIMIZER_STEPS[0], [(weakref.ref(t), t.data_ptr(),
-                                      None if unversioned(t) else t._version) for t in tensors]
+        return STEPS[0], [(weakref.ref(t), t.data_ptr(), t._version if counted(t) else None)
+                          for t in tensors]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
 
 
 def _unchanged(stamps: tuple[int, list[Any]] | None, tensors: list[Tensor]) -> bool:
-    if stamps is None or stamps[0] != _OPTIMIZER_STEPS[0] or len(stamps[1]) != len(tensors):
+    if stamps is None or stamps[0] != STEPS[0] or len(stamps[1]) != len(tensors):
         return False
     for (ref, ptr, version), t in zip(stamps[1], tensors):
         if ref() is not t or t._version != version or t.data_ptr() != ptr:

@@ -1,0 +1,112 @@
+"""Writes to a tensor that its version counter does not count (NOTE [Unversioned writes]).
+
+NOTE [Unversioned writes]
+Hoisted values are cached with their inputs' version counters (``executable._stamps``), but
+some writes in torch do not bump them:
+
+* The batch-norm kernels update the running statistics in place. An ``nn.BatchNorm`` model run
+  once in train mode, outside any transform, then differentiated in eval mode would reuse
+  statistics from before that step. So the tracer notes every input a batch-norm operator
+  reads as running statistics (``tracer.unversioned``), and their stamps never match.
+* Fused optimisers (``Adam(fused=True)``, ``SGD(fused=True)``, ...) write the parameters.
+  Every optimiser step in the process is counted (a global post-step hook), and stamps taken
+  before the last one never match.
+* ``w.data`` is an alias of ``w`` with a version counter of its own: the hand-written SGD step
+  ``p.data -= lr * p.grad``, ``w.data.mul_(2)``, ``w.data.copy_(v)`` write ``w`` and leave its
+  counter alone, as does a NumPy array from ``w.numpy()``. Such writes go through an alias
+  that must be taken first, so from the import of xafunc on, ``Tensor.data`` (read or
+  assigned) and ``Tensor.numpy`` are wrapped: every alias taken counts as a step like an
+  optimiser's (covering the aliases written and dropped between two calls, the common case),
+  and while an alias is alive the tensors on its storage are unversioned (covering an alias
+  kept and written later, ``w = model.weight.data`` then ``w -= ...`` in the loop). The
+  wrappers call torch's own descriptor and method and return what they return.
+
+What stays unseen is what autograd cannot see either and no Python call announces: memory
+shared with other code from the start (``torch.from_numpy(a)``, ``torch.as_tensor(a)``,
+DLPack, ``frombuffer``) and aliases taken before xafunc was imported. After writing weights
+that way, call :func:`xafunc.clear_cache` or write them through torch under
+``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .._capture.tracer import unversioned
+
+#: Untracked writes that may have happened so far: optimiser steps and aliases taken. Stamps
+#: taken under an older count never match.
+STEPS = [0]
+
+# storage data pointer -> weak references to the live aliases of that storage (``.data``
+# tensors, NumPy arrays)
+_ALIASES: dict[int, list[weakref.ref[Any]]] = {}
+
+
+def _count_step(*_: Any) -> None:
+    STEPS[0] += 1
+
+
+def _note_alias(owner: Tensor, alias: Any) -> None:
+    """Count an alias of ``owner``'s storage and keep it (weakly) while it lives."""
+    STEPS[0] += 1
+    try:
+        key = owner.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
+        return
+    refs = _ALIASES.setdefault(key, [])
+    refs.append(weakref.ref(alias, lambda _: _forget(key)))
+
+
+def _forget(key: int) -> None:
+    refs = _ALIASES.get(key)
+    if refs is not None:
+        refs[:] = [r for r in refs if r() is not None]
+        if not refs:
+            del _ALIASES[key]
+
+
+def counted(t: Tensor) -> bool:
+    """Whether every write to ``t`` bumps its version counter as far as xafunc can tell: not a
+    batch-norm running statistic, and no ``.data`` or NumPy alias of its storage alive."""
+    if unversioned(t):
+        return False
+    if not _ALIASES:
+        return True
+    try:
+        return t.untyped_storage().data_ptr() not in _ALIASES
+    except Exception:  # noqa: BLE001 - no storage: nothing aliases it
+        return True
+
+
+def _install() -> None:
+    base = torch._C.TensorBase.__dict__["data"]
+    to_numpy = torch._C.TensorBase.numpy
+
+    def get_data(self: Tensor) -> Tensor:
+        alias = base.__get__(self)
+        _note_alias(self, alias)
+        return alias  # type: ignore[no-any-return]
+
+    def set_data(self: Tensor, value: Tensor) -> None:
+        STEPS[0] += 1
+        base.__set__(self, value)
+
+    @functools.wraps(to_numpy)
+    def numpy(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+        array = to_numpy(self, *args, **kwargs)
+        _note_alias(self, array)
+        return array
+
+    torch.Tensor.data = property(get_data, set_data, doc=base.__doc__)  # type: ignore[assignment]
+    torch.Tensor.numpy = numpy  # type: ignore[method-assign,assignment]
+
+
+register_optimizer_step_post_hook(_count_step)
+_install()
