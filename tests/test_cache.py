@@ -302,6 +302,31 @@ def test_default_dtype_is_part_of_the_signature():
         torch.set_default_dtype(torch.float32)
 
 
+
+def test_autocast_dtype_is_part_of_the_signature():
+    """A capture under bfloat16 autocast records its casts: under float16 autocast the same
+    call captures again and gives what a fresh capture gives, bit for bit."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    f = lambda x: net(x).sum()  # noqa: E731
+    x = torch.randn(3)
+
+    def under(dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=dtype):
+            return xhessian(f)(x)
+
+    fresh = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        xafunc.clear_cache()
+        fresh[dtype] = under(dtype)
+    assert not torch.equal(fresh[torch.float16], fresh[torch.bfloat16])
+    xafunc.clear_cache()
+    for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+        assert torch.equal(under(dtype), fresh[dtype]), dtype
+    with torch.autocast("cpu", dtype=torch.float16):
+        ref = reference_deriv(f, 2)(x)
+    assert_tree_close(under(torch.float16), ref.to(torch.float32), rtol=2e-3, atol=2e-3)
+
 def test_zero_dim_tensor_read_in_python_is_guarded_by_value():
     t = torch.tensor(2.0, dtype=F64)
     f = lambda x: (x * t.item()).sin().sum()  # noqa: E731

@@ -150,8 +150,12 @@ def _leaf_key(leaf: Any, objects: list[Any]) -> Hashable:
 
 
 def _global_state() -> Hashable:
-    return (torch.get_default_dtype(), torch.is_autocast_enabled("cpu"),
-            torch.is_autocast_enabled("cuda"))
+    """The process-wide settings a capture depends on: the default dtype, and per device
+    whether autocast is on and to which dtype it casts (a graph captured under bfloat16
+    autocast has its casts recorded: never reuse it under float16)."""
+    cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
+    return (torch.get_default_dtype(), cpu and torch.get_autocast_dtype("cpu"),
+            cuda and torch.get_autocast_dtype("cuda"))
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
