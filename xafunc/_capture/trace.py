@@ -54,6 +54,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from . import writes
 from .decompositions import capture_overrides, decomposition_table
 from .tracer import is_traced, record
 
@@ -102,7 +103,7 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
-        data = getattr(func, "__self__", None) is _DATA
+        data = getattr(func, "__self__", None) in writes.DATA_DESCRIPTORS
         if data:
             self.level_local = "x.data"
         if self.detached and _writes_self(func) and args and self._detached_alias(args[0]):
@@ -184,7 +185,6 @@ class _StandIns(TorchFunctionMode):
         return any(start <= ptr < start + max(size, 1) for start, size in self.value_buffers)
 
 
-_DATA = torch._C.TensorBase.__dict__["data"]
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                                "__ifloordiv__", "__imod__", "__ipow__", "__imatmul__",
                                "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})

@@ -45,7 +45,7 @@ runs, and needs only the dispatcher:
 * Every input an operator of the batch-norm family reads as running statistics (arguments 3
   and 4, and the inputs they are computed from) is noted: those kernels write them without
   bumping their version counters, which the executor's cache trusts (:func:`unversioned`,
-  NOTE [Unversioned writes] in ``_execute/writes.py``).
+  NOTE [Unversioned writes] in ``writes.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ executors run the same graph:
     weakly), storage pointer and version counter; an in-place update of a weight (an optimiser
     step) bumps its counter and a new tensor changes the rest, either of which recomputes the
     prologue on the next call, as do the writes version counters miss (``w.data.mul_(2)``,
-    fused optimisers; NOTE [Unversioned writes] in ``writes.py``);
+    fused optimisers; NOTE [Unversioned writes] in ``_capture/writes.py``);
   - *TorchScript*: the rest of the graph, with the hoisted values as inputs, is traced once
     by ``torch.jit.trace`` and run by its C++ interpreter (same aten kernels, same values, a
     fraction of the per-op cost), with pointwise ops writing into dead buffers
@@ -84,10 +84,10 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 
 from .._capture.decompositions import tanhf
+from .._capture.writes import STEPS, counted
 from . import cuda_graph
 from .backward import vjp_graph
 from .optimize import for_autograd, power_of_two_scaling, pure_op
-from .writes import STEPS, counted
 
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .._capture.tracer import unversioned
+from .tracer import unversioned
 
 #: Untracked writes that may have happened so far: optimiser steps and aliases taken. Stamps
 #: taken under an older count never match.
@@ -85,8 +85,14 @@ def counted(t: Tensor) -> bool:
         return True
 
 
+#: torch's ``Tensor.data`` descriptor, and the property that wraps it: what a torch function mode
+#: receives (as ``func.__self__``) for ``x.data`` (``trace._StandIns`` recognises both)
+DATA_DESCRIPTORS: tuple[Any, ...] = (torch._C.TensorBase.__dict__["data"],)
+
+
 def _install() -> None:
-    base = torch._C.TensorBase.__dict__["data"]
+    global DATA_DESCRIPTORS
+    base = DATA_DESCRIPTORS[0]
     to_numpy = torch._C.TensorBase.numpy
 
     def get_data(self: Tensor) -> Tensor:
@@ -104,7 +110,9 @@ def _install() -> None:
         _note_alias(self, array)
         return array
 
-    torch.Tensor.data = property(get_data, set_data, doc=base.__doc__)  # type: ignore[assignment]
+    wrapped = property(get_data, set_data, doc=base.__doc__)
+    torch.Tensor.data = wrapped  # type: ignore[assignment]
+    DATA_DESCRIPTORS = (base, wrapped)
     torch.Tensor.numpy = numpy  # type: ignore[method-assign,assignment]
 
 
