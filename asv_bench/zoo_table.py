@@ -627,7 +627,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _faults(n: float | None) -> str:
     """Minor page faults per call, where there are any (see ``ratio_table.minor_faults``)."""
-    return f"  {n:.0f} page faults/call" if n else ""
+    return f"  {n:.0f} page faults/call" if n and n >= 0.5 else ""
 
 
 def _plan_cell(r: dict[str, Any]) -> str:
