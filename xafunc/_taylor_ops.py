@@ -27,7 +27,6 @@ from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
-from ._execute.executable import outside_transforms
 from ._plan import level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal
@@ -378,19 +377,22 @@ def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int,
                       compile: bool = False) -> Callable[..., Any]:
     runner = Collapsed(g0, K)
     compiler = Compiler(n_static, compile)
+    fixed: list[Any] = []  # the exact method's directions, made before the first trace
 
     def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
         z, others, targets = split.inputs(args, kwargs, lifted)
-        def directions() -> Any:
-            return op.directions(z.shape[0], z.dtype, z.device)
 
-        # fixed directions are constants of the compiled graph: plain tensors, made outside
-        # any transform; random ones are drawn where the caller's transforms apply
-        dirs, weights, scale, unit_offset = (
-            outside_transforms(directions) if op.method == "exact" else directions())
+        def prepare() -> None:
+            # fixed directions are constants of the compiled graph: plain tensors, made once,
+            # before its first trace, outside any transform and outside the trace
+            if not fixed:
+                fixed[:] = op.directions(z.shape[0], z.dtype, z.device)
 
         def eager(z: Tensor, *others: Tensor) -> list[Tensor]:
+            # random directions are drawn on every call, where the caller's transforms apply
+            dirs, weights, scale, unit_offset = (
+                fixed if op.method == "exact" else op.directions(z.shape[0], z.dtype, z.device))
             first: Any = dirs if unit_offset is None else UnitSeed(unit_offset, dirs.shape[0])
             y, rest = runner(weights, Col(z, [first] + [None] * (K - 2), None), *others)
             if isinstance(y, Col) and y.s is not None:
@@ -400,7 +402,7 @@ def _collapsed_engine(split: Split, g0: Any, K: int, n_static: int,
             return [s, *[_col_primal(r) for r in rest]]
 
         if op.method == "exact":  # fixed directions: compile (see NOTE [Compiled propagation])
-            res = compiler.run("exact", lambda: None, eager, z, list(others))
+            res = compiler.run("exact", prepare, eager, z, list(others))
         else:  # fresh random directions on every call
             res = eager(z, *others)
         write_back(targets, list(res[1:]))
