@@ -492,6 +492,26 @@ def test_writes_through_untracked_aliases_are_seen(write):
             write(net, w, state)
 
 
+@pytest.mark.parametrize("tie", ["data_of_another", "held_tensor"])
+def test_storage_shared_by_assigning_data_is_seen(tie):
+    """``w.data = v`` gives ``w`` the storage of ``v`` under a version counter of its own: an
+    in-place write to ``v`` (``p1`` after ``p2.data = p1.data``, or a tensor the caller keeps)
+    bumps only ``v``'s counter, and the values hoisted from ``w`` must follow all the same."""
+    source = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
+    if tie == "data_of_another":
+        source = nn.Parameter(source)
+    w = torch.zeros(3, 3, dtype=F64)
+    w.data = source.data if tie == "data_of_another" else source
+    f = lambda x: (torch.sin(w) @ x).tanh().sum()  # noqa: E731  (``sin(w)`` is hoisted)
+    x = _x(3, seed=8)
+    for step in range(3):
+        with torch.no_grad(), xafunc.strict():
+            got = xderiv(f, 2)(x)
+        assert_tree_close(got, reference_deriv(f, 2)(x), msg=f"after {step} writes")
+        with torch.no_grad():
+            source.mul_(0.8).add_(0.05)  # bumps the counter of ``source`` alone
+
+
 def test_aliases_leave_torch_and_the_cache_alone(monkeypatch):
     """The wrappers of ``Tensor.data`` and ``Tensor.numpy`` return what torch's do; calls that
     take no alias keep the cached hoisted values, and an alias taken recomputes them once."""
@@ -510,7 +530,8 @@ def test_aliases_leave_torch_and_the_cache_alone(monkeypatch):
     stamps = []
     take = executable._stamps
     monkeypatch.setattr(executable, "_stamps", lambda ts: stamps.append(1) or take(ts))
-    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    # ``.to()`` assigns ``param.data``: a new tensor, then (a second time) the same one
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64).to(F64)
     h = xafunc.xhessian(net)
     x = _x(3)
     with torch.no_grad(), xafunc.strict():

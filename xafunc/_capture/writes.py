@@ -18,8 +18,10 @@ some writes in torch do not bump them:
   assigned) and ``Tensor.numpy`` are wrapped: every alias taken counts as a step like an
   optimiser's (covering the aliases written and dropped between two calls, the common case),
   and while an alias is alive the tensors on its storage are unversioned (covering an alias
-  kept and written later, ``w = model.weight.data`` then ``w -= ...`` in the loop). The
-  wrappers call torch's own descriptor and method and return what they return.
+  kept and written later, ``w = model.weight.data`` then ``w -= ...`` in the loop). Assigning
+  ``w.data = v`` makes ``w`` an alias of ``v`` (and, for ``p2.data = p1.data``, of ``p1`` for
+  as long as ``p2`` lives). The wrappers call torch's own descriptor and method and return
+  what they return.
 
 What stays unseen is what autograd cannot see either and no Python call announces: memory
 shared with other code from the start (``torch.from_numpy(a)``, ``torch.as_tensor(a)``,
@@ -53,15 +55,19 @@ def _count_step(*_: Any) -> None:
     STEPS[0] += 1
 
 
+def _storage_key(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
+        return None
+
+
 def _note_alias(owner: Tensor, alias: Any) -> None:
     """Count an alias of ``owner``'s storage and keep it (weakly) while it lives."""
     STEPS[0] += 1
-    try:
-        key = owner.untyped_storage().data_ptr()
-    except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
-        return
-    refs = _ALIASES.setdefault(key, [])
-    refs.append(weakref.ref(alias, lambda _: _forget(key)))
+    key = _storage_key(owner)
+    if key is not None:
+        _ALIASES.setdefault(key, []).append(weakref.ref(alias, lambda _: _forget(key)))
 
 
 def _forget(key: int) -> None:
@@ -77,12 +83,7 @@ def counted(t: Tensor) -> bool:
     batch-norm running statistic, and no ``.data`` or NumPy alias of its storage alive."""
     if unversioned(t):
         return False
-    if not _ALIASES:
-        return True
-    try:
-        return t.untyped_storage().data_ptr() not in _ALIASES
-    except Exception:  # noqa: BLE001 - no storage: nothing aliases it
-        return True
+    return not _ALIASES or _storage_key(t) not in _ALIASES
 
 
 #: torch's ``Tensor.data`` descriptor, and the property that wraps it: what a torch function mode
@@ -101,8 +102,19 @@ def _install() -> None:
         return alias  # type: ignore[no-any-return]
 
     def set_data(self: Tensor, value: Tensor) -> None:
-        STEPS[0] += 1
+        key = _storage_key(value)
+        if key is not None and key == _storage_key(self):  # ``.to()`` that changed nothing
+            base.__set__(self, value)
+            return
+        shared = key in _ALIASES
         base.__set__(self, value)
+        # ``self`` now has ``value``'s storage under a version counter of its own: writes
+        # through ``value`` are not counted while it lives, nor, where ``value`` was itself an
+        # alias (``p2.data = p1.data``, tying two weights), writes through the other tensor
+        # for as long as ``self`` lives
+        _note_alias(self, value)
+        if shared:
+            _note_alias(self, self)
 
     @functools.wraps(to_numpy)
     def numpy(self: Tensor, *args: Any, **kwargs: Any) -> Any:
