@@ -376,10 +376,11 @@ def _meta(opts: argparse.Namespace) -> dict[str, Any]:
         "commit": commit, "python": platform.python_version(),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "mem_budget_gib": opts.mem_budget_gib, "first_call_timeout_s": opts.first_call_timeout,
-        # glibc malloc settings from the environment, which decide the page faults of large
-        # allocations (``minor_faults``); empty: its defaults
+        # glibc malloc's and torch's allocator settings from the environment, which decide
+        # the page faults of large allocations (``minor_faults``); empty: their defaults
         "malloc_env": {k: v for k, v in os.environ.items()
-                       if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"},
+                       if k.startswith("MALLOC_")
+                       or k in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")},
     }
 
 
