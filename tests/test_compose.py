@@ -89,6 +89,32 @@ def test_nested_vmap():
             assert_tree_close(out[i, j], reference_deriv(mlp, 2, 1)(params, xs[i, j]))
 
 
+@pytest.mark.parametrize("request_", ["xjacobian", "xhessian", "xderivs", "xlaplacian",
+                                      "xbiharmonic", "nested"])
+def test_vmap_over_an_empty_batch(request_):
+    """``vmap`` over zero samples returns torch.func's empty results (shapes, dtypes, pytree),
+    before and after the same transform has run on a non-empty batch, under strict mode: there
+    is nothing to compute, so it is not a fallback."""
+    import xafunc
+
+    params = make_params()
+    g = lambda x: mlp(params, x).sum()  # noqa: E731
+    ours, theirs = {
+        "xjacobian": (xjacobian(g), jacrev(g)),
+        "xhessian": (xhessian(g), jacrev(jacrev(g))),
+        "xderivs": (xderivs(g, 2), lambda x: (g(x), jacrev(g)(x), jacrev(jacrev(g))(x))),
+        "xlaplacian": (xafunc.xlaplacian(g), lambda x: jacrev(jacrev(g))(x).trace()),
+        "xbiharmonic": (xafunc.xbiharmonic(g),
+                        lambda x: torch.einsum("iijj->", jacrev(jacrev(jacrev(jacrev(g))))(x))),
+        "nested": (vmap(xhessian(g)), vmap(jacrev(jacrev(g)))),
+    }[request_]
+    for batch in ((0, 2), (3, 2), (0, 2)):
+        xs = rnd(*batch, seed=4) if request_ != "nested" else rnd(2, *batch, seed=4)
+        with xafunc.strict():
+            got = vmap(ours)(xs)
+        assert_tree_close(got, vmap(theirs)(xs), msg=f"batch {batch}")
+
+
 def test_vmap_xderivs_and_tuple_argnums():
     params, xs, ws = make_params(), rnd(3, 2, seed=1), rnd(3, 2, seed=2)
 

@@ -305,9 +305,36 @@ def strict_checked(name: str, reason: str | None, run: Callable[..., Any]) -> Ca
     return checked
 
 
+def empty_vmap_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``vmap`` batches a tensor argument over zero samples (at any of its levels).
+    The engine's programs flatten and reshape per sample, which an empty batch leaves
+    ambiguous; nested torch.func returns the empty result, so such a call runs it."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    fx = torch._C._functorch
+    for t in arg_tensors(args, kwargs):
+        while isinstance(t, Tensor) and fx.is_batchedtensor(t):
+            inner = fx.get_unwrapped(t)
+            if inner.shape[fx.maybe_get_bdim(t)] == 0:
+                return True
+            t = inner
+    return False
+
+
+def empty_batch_plan(req: Request, args: tuple[Any, ...], name: str) -> Plan:
+    """The plan of a call that ``vmap`` batches over zero samples (:func:`empty_vmap_batch`):
+    nested torch.func on the function itself, allowed under :func:`strict` (the engine has
+    nothing to compute)."""
+    argnums = normalize_argnums(name, req.argnums, len(args))
+    in_numel = sum(leaf.numel() for a in argnums for leaf in pytree.tree_leaves(args[a]))
+    return _reference_plan(req, argnums, in_numel, None, "vmap over an empty batch: nested "
+                           "torch.func gives its empty result", None, checked=False)
+
+
 def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: int | None,
-                    reason: str | None, split: Split | None) -> Plan:
-    """Nested torch.func on the captured graph (or on ``func`` when there is none)."""
+                    reason: str | None, split: Split | None, checked: bool = True) -> Plan:
+    """Nested torch.func on the captured graph (or on ``func`` when there is none); refused
+    under :func:`strict` unless requested (``mode="reference"``) or not ``checked``."""
     explicit = req.mode == "reference"
     # the function itself: nested jacrev exactly (a forward level would differentiate through
     # torch.no_grad blocks, which forward-mode AD ignores)
@@ -353,7 +380,7 @@ def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: in
             return value, pytree.tree_unflatten(list(aux_leaves), split.layout.aux_spec)
         return value
 
-    plan.runner = run if explicit else strict_checked(req.transform, reason, run)
+    plan.runner = run if explicit or not checked else strict_checked(req.transform, reason, run)
     return plan
 
 

@@ -27,7 +27,7 @@ from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
-from ._plan import level_local_reason, strict_checked
+from ._plan import empty_vmap_batch, level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal
 
@@ -325,6 +325,9 @@ class _Operator:
         return outside_compiler(self.run, *args, **kwargs)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
+        if empty_vmap_batch(args, kwargs):  # nothing to compute: nested torch.func's shapes
+            argnums = V.normalize_argnums(self.name, self.argnums, len(args))
+            return _raw_reference(argnums, isinstance(self.argnums, int))(self, args, kwargs, ())
         entry, lifted = CACHE.lookup(self.func, args, kwargs)
         plan = entry.plans.get(self.request)
         if plan is None:
@@ -471,7 +474,8 @@ def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[...,
         pos = [p for a in argnums for p in range(starts[a], starts[a] + len(
             pytree.tree_leaves(args[a])))]
         shapes = [leaves[p].shape for p in pos]
-        z = torch.cat([leaves[p].reshape(-1) for p in pos])
+        # (sizes, not -1: a tensor vmapped over zero samples reshapes only to explicit sizes)
+        z = torch.cat([leaves[p].reshape(leaves[p].numel()) for p in pos])
         out_info: dict[str, Any] = {}
 
         def g(x: Tensor) -> Tensor:
@@ -482,7 +486,7 @@ def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[...,
             a, k = pytree.tree_unflatten(new, spec)
             ys, out_info["spec"] = _tensor_leaves(op.name, op.func(*a, **k))
             out_info["shapes"] = [tuple(y.shape) for y in ys]
-            return torch.cat([y.reshape(-1) for y in ys])
+            return torch.cat([y.reshape(y.numel()) for y in ys])
 
         dirs, weights, scale, _ = op.directions(z.shape[0], z.dtype, z.device)
         with SafeNorms():

@@ -17,7 +17,7 @@ from typing import Any
 from . import _validate as V
 from ._capture.cache import CACHE, eager_under_compile, outside_compiler
 from ._capture.request import Request
-from ._plan import Plan, build_plan
+from ._plan import Plan, build_plan, empty_batch_plan, empty_vmap_batch
 from ._typing import Argnums, Func, Mode
 
 
@@ -66,6 +66,9 @@ class _Transform:
         return outside_compiler(self.run, *args, **kwargs)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
+        if empty_vmap_batch(args, kwargs):
+            return empty_batch_plan(self.request, args, self.name).run(self.func, args, kwargs,
+                                                                       ())
         plan, lifted = self.plan_for(args, kwargs)
         return plan.run(self.func, args, kwargs, lifted)
 
