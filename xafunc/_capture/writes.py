@@ -33,6 +33,7 @@ that way, call :func:`xafunc.clear_cache` or write them through torch under
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any
 
@@ -49,6 +50,8 @@ STEPS = [0]
 # storage data pointer -> weak references to the live aliases of that storage (``.data``
 # tensors, NumPy arrays)
 _ALIASES: dict[int, list[weakref.ref[Any]]] = {}
+_LOCK = threading.RLock()  # aliases are taken and die on any thread (re-entered: a weakref
+# callback can run inside the locked block, when an allocation there collects a dead alias)
 
 
 def _count_step(*_: Any) -> None:
@@ -67,15 +70,18 @@ def _note_alias(owner: Tensor, alias: Any) -> None:
     STEPS[0] += 1
     key = _storage_key(owner)
     if key is not None:
-        _ALIASES.setdefault(key, []).append(weakref.ref(alias, lambda _: _forget(key)))
+        ref = weakref.ref(alias, lambda _: _forget(key))
+        with _LOCK:
+            _ALIASES.setdefault(key, []).append(ref)
 
 
 def _forget(key: int) -> None:
-    refs = _ALIASES.get(key)
-    if refs is not None:
-        refs[:] = [r for r in refs if r() is not None]
-        if not refs:
-            del _ALIASES[key]
+    with _LOCK:
+        refs = _ALIASES.get(key)
+        if refs is not None:
+            refs[:] = [r for r in refs if r() is not None]
+            if not refs:
+                del _ALIASES[key]
 
 
 def counted(t: Tensor) -> bool:
