@@ -383,6 +383,20 @@ def test_float32_stays_float32(mode, device):
 
 
 @pytest.mark.fallback
+@pytest.mark.parametrize("compiler", ["script", "trace"])
+def test_torchscript_modules_run_nested_torch_func(compiler):
+    """A ``torch.jit.script``/``trace`` module keeps its code and attributes in C++, where the
+    guards cannot look: it runs nested torch.func (as ``jacrev`` of it does), saying why,
+    instead of failing inside the walk of its submodules."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(torch.float64)
+    x = t(3, seed=3)
+    scripted = torch.jit.script(net) if compiler == "script" else torch.jit.trace(net, (x,))
+    plan = xafunc.plan(scripted, 2)(x)
+    assert plan.strategy == "reference" and "TorchScript module" in plan.fallback
+    assert_tree_close(xhessian(scripted)(x), reference_deriv(net, 2)(x))
+
+
+@pytest.mark.fallback
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_mixed_dtype_arguments(mode):
     """Leaf dtypes follow nested jacrev: float32 and float64 inputs, float64 output (the

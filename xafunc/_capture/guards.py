@@ -241,6 +241,9 @@ class _Walker:
             self.builtin(obj, v, where, depth)
         elif t is types.ModuleType:
             self.module(obj, v, where)
+        elif isinstance(obj, torch.jit.ScriptModule):  # before nn.Module: it is one
+            raise Unguardable(f"{where} is a TorchScript module (torch.jit.script or trace), "
+                              "whose code and attributes live in C++")
         elif isinstance(obj, torch.nn.Module):
             self.nn_module(obj, v, where, depth)
         elif t is functools.partial:
