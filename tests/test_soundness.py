@@ -545,6 +545,12 @@ def test_aliases_leave_torch_and_the_cache_alone(monkeypatch):
         assert len(stamps) == first + 1
         h(x)
         assert len(stamps) == first + 1
+        loss = (net(x) ** 2).sum()
+        for _ in range(3):  # aliases of other tensors (a training loop's ``loss.data``)
+            loss.data.item()
+            loss.detach().numpy()
+            h(x)
+        assert len(stamps) == first + 1
 
 
 def test_running_statistics_are_noted_by_identity():
@@ -560,7 +566,7 @@ def test_running_statistics_are_noted_by_identity():
     assert unversioned(mean) and unversioned(var)
     assert not unversioned(weight) and not unversioned(mean.clone())
     stamps = _stamps([mean, weight])
-    assert stamps is not None and stamps[1][0][2] is None and stamps[1][1][2] == weight._version
+    assert stamps is not None and stamps[2][0][2] is None and stamps[2][1][2] == weight._version
 
 
 def test_failed_call_leaves_module_buffers_alone(monkeypatch):

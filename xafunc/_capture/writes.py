@@ -15,10 +15,12 @@ some writes in torch do not bump them:
   ``p.data -= lr * p.grad``, ``w.data.mul_(2)``, ``w.data.copy_(v)`` write ``w`` and leave its
   counter alone, as does a NumPy array from ``w.numpy()``. Such writes go through an alias
   that must be taken first, so from the import of xafunc on, ``Tensor.data`` (read or
-  assigned) and ``Tensor.numpy`` are wrapped: every alias taken counts as a step like an
-  optimiser's (covering the aliases written and dropped between two calls, the common case),
-  and while an alias is alive the tensors on its storage are unversioned (covering an alias
-  kept and written later, ``w = model.weight.data`` then ``w -= ...`` in the loop). Assigning
+  assigned) and ``Tensor.numpy`` are wrapped: every alias taken is counted against its
+  storage, and a stamp whose storages have had an alias taken since never matches (covering
+  the aliases written and dropped between two calls, the common case, while ``loss.data`` in
+  a training loop invalidates nothing); while an alias is alive the tensors on its storage are
+  unversioned (covering an alias kept and written later, ``w = model.weight.data`` then
+  ``w -= ...`` in the loop). Assigning
   ``w.data = v`` makes ``w`` an alias of ``v`` (and, for ``p2.data = p1.data``, of ``p1`` for
   as long as ``p2`` lives). The wrappers call torch's own descriptor and method and return
   what they return.
@@ -43,9 +45,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .tracer import unversioned
 
-#: Untracked writes that may have happened so far: optimiser steps and aliases taken. Stamps
-#: taken under an older count never match.
+#: Untracked writes that may have touched any tensor: optimiser steps. Stamps taken under an
+#: older count never match.
 STEPS = [0]
+#: Aliases taken so far, in the process and per storage (data pointer -> count): a stamp taken
+#: under an older total looks up its own storages' counts, so that ``loss.data`` in a training
+#: loop recomputes nothing
+TOUCHES = [0]
+_TOUCHED: dict[int, int] = {}
+_MAX_TOUCHED = 4096  # storages counted before the counts are forgotten (and all stamps)
 
 # storage data pointer -> weak references to the live aliases of that storage (``.data``
 # tensors, NumPy arrays)
@@ -58,7 +66,8 @@ def _count_step(*_: Any) -> None:
     STEPS[0] += 1
 
 
-def _storage_key(t: Tensor) -> int | None:
+def storage_key(t: Tensor) -> int | None:
+    """The data pointer of ``t``'s storage (what aliases are counted by), or None."""
     try:
         return t.untyped_storage().data_ptr()  # type: ignore[no-any-return]
     except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
@@ -67,12 +76,24 @@ def _storage_key(t: Tensor) -> int | None:
 
 def _note_alias(owner: Tensor, alias: Any) -> None:
     """Count an alias of ``owner``'s storage and keep it (weakly) while it lives."""
-    STEPS[0] += 1
-    key = _storage_key(owner)
-    if key is not None:
-        ref = weakref.ref(alias, lambda _: _forget(key))
-        with _LOCK:
-            _ALIASES.setdefault(key, []).append(ref)
+    key = storage_key(owner)
+    if key is None:  # which storage is not known: every stamp is stale
+        STEPS[0] += 1
+        return
+    ref = weakref.ref(alias, lambda _: _forget(key))
+    with _LOCK:
+        if len(_TOUCHED) >= _MAX_TOUCHED and key not in _TOUCHED:
+            _TOUCHED.clear()
+            STEPS[0] += 1
+        _TOUCHED[key] = _TOUCHED.get(key, 0) + 1
+        TOUCHES[0] += 1
+        _ALIASES.setdefault(key, []).append(ref)
+
+
+def touched(key: int | None) -> int:
+    """How many aliases of the storage at ``key`` have been taken (since the counts were last
+    forgotten)."""
+    return _TOUCHED.get(key, 0) if key is not None else 0
 
 
 def _forget(key: int) -> None:
@@ -89,7 +110,7 @@ def counted(t: Tensor) -> bool:
     batch-norm running statistic, and no ``.data`` or NumPy alias of its storage alive."""
     if unversioned(t):
         return False
-    return not _ALIASES or _storage_key(t) not in _ALIASES
+    return not _ALIASES or storage_key(t) not in _ALIASES
 
 
 #: torch's ``Tensor.data`` descriptor, and the property that wraps it: what a torch function mode
@@ -108,8 +129,8 @@ def _install() -> None:
         return alias  # type: ignore[no-any-return]
 
     def set_data(self: Tensor, value: Tensor) -> None:
-        key = _storage_key(value)
-        if key is not None and key == _storage_key(self):  # ``.to()`` that changed nothing
+        key = storage_key(value)
+        if key is not None and key == storage_key(self):  # ``.to()`` that changed nothing
             base.__set__(self, value)
             return
         shared = key in _ALIASES

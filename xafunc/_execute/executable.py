@@ -84,7 +84,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 
 from .._capture.decompositions import tanhf
-from .._capture.writes import STEPS, counted
+from .._capture.writes import STEPS, TOUCHES, counted, storage_key, touched
 from . import cuda_graph
 from .backward import vjp_graph
 from .optimize import for_autograd, power_of_two_scaling, pure_op
@@ -766,7 +766,7 @@ class _FastPath:
         self.inductor: Any = None
         self.compile_seconds: float | None = None
         self._strides: list[tuple[int, ...]] = []
-        self._cache: tuple[Any, list[Tensor]] | None = None
+        self._cache: tuple[list[Any] | None, list[Tensor]] | None = None
 
     def hoisted(self, args: tuple[Any, ...]) -> list[Tensor]:
         inputs = [*args[self.n_dynamic:], *self.consts]
@@ -1090,24 +1090,29 @@ def _copy(graph: Graph) -> Graph:
     return new
 
 
-def _stamps(tensors: list[Tensor]) -> tuple[int, list[Any]] | None:
-    """What hoisted values depend on: the untracked writes counted so far, and each tensor's
-    identity (held weakly, so a new tensor that reuses a freed one's memory is never mistaken
-    for it), storage and version counter (None, never equal, for a tensor written without
-    bumping it; NOTE [Unversioned writes])."""
+def _stamps(tensors: list[Tensor]) -> list[Any] | None:
+    """What hoisted values depend on (NOTE [Unversioned writes]): ``[optimiser steps, aliases
+    taken, per tensor (identity held weakly -- a new tensor that reuses a freed one's memory
+    is never mistaken for it --, data pointer, version counter -- None, never equal, for a
+    tensor written without bumping it --, storage and its aliases taken)]``."""
     try:
-        return STEPS[0], [(weakref.ref(t), t.data_ptr(), t._version if counted(t) else None)
-                          for t in tensors]
+        return [STEPS[0], TOUCHES[0], [
+            (weakref.ref(t), t.data_ptr(), t._version if counted(t) else None, key, touched(key))
+            for t in tensors for key in (storage_key(t),)]]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
 
 
-def _unchanged(stamps: tuple[int, list[Any]] | None, tensors: list[Tensor]) -> bool:
-    if stamps is None or stamps[0] != STEPS[0] or len(stamps[1]) != len(tensors):
+def _unchanged(stamps: list[Any] | None, tensors: list[Tensor]) -> bool:
+    if stamps is None or stamps[0] != STEPS[0] or len(stamps[2]) != len(tensors):
         return False
-    for (ref, ptr, version), t in zip(stamps[1], tensors):
+    for (ref, ptr, version, _, _), t in zip(stamps[2], tensors):
         if ref() is not t or t._version != version or t.data_ptr() != ptr:
             return False
+    if stamps[1] != TOUCHES[0]:  # aliases were taken since: of these tensors' storages?
+        if any(touched(key) != n for _, _, _, key, n in stamps[2]):
+            return False
+        stamps[1] = TOUCHES[0]
     return True
 
 
