@@ -27,6 +27,7 @@ from ._capture.trace import CaptureError, graph_problems
 from ._engine.collapsed import Col, Collapsed, contract
 from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
+from ._execute.executable import outside_transforms
 from ._plan import empty_vmap_batch, level_local_reason, strict_checked
 from ._reference import SafeNorms
 from ._rules.series import Series, UnitSeed, primal
@@ -505,10 +506,12 @@ def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[...,
 def _fixed_directions(K: int, n: int, dtype: torch.dtype, device: torch.device
                       ) -> tuple[Tensor, Tensor | None, float, int | None]:
     """The exact methods' directions: ``e_i`` (Laplacian), ``e_i``, ``e_i +- e_j``
-    (biharmonic)."""
+    (biharmonic); plain tensors, made outside any torch.func transform (under a grad level a
+    factory's result is wrapped at that level, and the cache outlives it)."""
     if K == 2:
-        return torch.eye(n, dtype=dtype, device=device), None, 2.0, 0
-    return _biharmonic_directions(n, dtype, device)
+        return outside_transforms(lambda: torch.eye(n, dtype=dtype, device=device)), None, \
+            2.0, 0
+    return outside_transforms(lambda: _biharmonic_directions(n, dtype, device))
 
 
 def _biharmonic_directions(n: int, dtype: torch.dtype, device: torch.device

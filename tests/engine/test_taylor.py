@@ -149,6 +149,33 @@ def test_jet_fallback_data_dependent_control_flow():
         _close(ser[k - 1], _nested_jvp(torch.sin, x, v, k))
 
 
+@pytest.mark.fallback
+@pytest.mark.parametrize("operator", [xlaplacian, xbiharmonic])
+def test_fixed_directions_made_under_grad_are_plain(operator):
+    """The exact directions are cached process-wide: the first ones made under a grad level
+    (here by the fallback for a function that reads ``.item()`` of its input) must be plain
+    tensors, not wrappers of that level, and every later call must still be right."""
+    from xafunc._taylor_ops import _fixed_directions
+
+    _fixed_directions.cache_clear()
+    W = torch.randn(3, 3, dtype=DT, generator=torch.Generator().manual_seed(3))
+    f = lambda w, x: torch.sin(w @ x).pow(2).sum() + 0.0 * x.sum().item()  # noqa: E731
+    x = torch.randn(3, dtype=DT, generator=torch.Generator().manual_seed(4))
+    K = 2 if operator is xlaplacian else 4
+
+    def ref(w):
+        d = lambda y: f(w, y)  # noqa: E731
+        for _ in range(K):
+            d = jacrev(d)
+        return torch.einsum("iijj->" if K == 4 else "ii->", d(x))
+
+    for _ in range(2):
+        _close(grad(lambda w: operator(f, argnums=1)(w, x))(W), grad(ref)(W))
+        (dirs, *_), = [_fixed_directions(K, 3, DT, torch.device("cpu"))]
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(dirs)
+        _close(operator(f, argnums=1)(W, x), ref(W))
+
+
 def test_jet_cache_and_composition_with_vmap_and_grad():
     W = torch.randn(5, 4, dtype=DT)
     f = lambda x: torch.tanh(x @ W.T).sum()  # noqa: E731
