@@ -836,8 +836,9 @@ class _FastPath:
                 # (on a copy: inductor's passes may rewrite the graph they are given)
                 graph = _copy(self.functional.graph)
                 tanh_for_inductor(graph)
-                compiled = cast(Callable[..., Any], compile_fx(
-                    GraphModule(self.functional, graph), list(inputs)))
+                gm = GraphModule(self.functional, graph)
+                transpose_thin_products(gm, tuple(inputs))
+                compiled = cast(Callable[..., Any], compile_fx(gm, list(inputs)))
                 compiled(*inputs)  # C++ or Triton builds may be deferred to the first run
             seconds = time.perf_counter() - start
             self.compile_seconds = seconds
@@ -989,19 +990,29 @@ def _column_major_thin_weights(graph: Graph, static: set[Node]) -> None:
 # MKL's CPU GEMM is slow at a product ``A (M, K) @ B (K, N)`` with few columns (``N`` 2-8)
 # and many rows: ``(1024, 256) @ (256, 8)``, the tangents of a forward Jacobian through a wide
 # layer, takes 300 us, while the same numbers as ``(B^T @ A^T)^T`` -- an ``(8, 1024)`` result
-# -- take 78 us (one CPU thread, float32; float64 alike). The main part, traced on its first
-# call, computes such a product transposed and copies the result back to row-major, so every
-# later op sees the layout it saw before: ``clone(permute(mm(permute(B), permute(A))))``.
-# Measured over ``N`` in 2-16, ``M`` 32-1024, ``K`` 16-512 and the four row/column-major
-# layouts of the operands, TorchScript-run, copy included: it pays (1.1-36x) for ``N <= 8``
-# and ``K >= 16`` once ``M * K`` reaches 16384 (8192 if ``A`` is column-major), and not
-# where ``A`` is row-major and ``B`` column-major (0.4-1.5x: that is the layout the thin
-# static weights above are copied to), nor for ``N >= 16``. The operands' layouts are those
-# of the first call, read by running the graph once (not for a graph with random ops, whose
-# run would draw from the caller's generator); any later layout gives the same values.
+# -- take 78 us; ``(1024, 64) @ (64, 8)`` with ``B`` a transposed weight (a layer's tangents
+# in a per-sample Hessian under ``vmap``) 42-72 us against 20 (one CPU thread, float32;
+# float64 alike). The main part, traced on its first call, computes such a product as
+# ``permute(mm(permute(B), permute(A)))`` and leaves the result transposed: the pointwise ops
+# reading it follow its layout, where a copy back to row-major would cost more than half of
+# what the transposed product saves (12 us of 1024 x 8). An output of the graph that was
+# row-major and no longer is gets that copy (the graph runs once more to find them), so
+# callers see the layouts they saw before. Measured over ``N`` in 2-16, ``M`` 32-4096, ``K``
+# 2-512 and the four row/column-major layouts of the operands: the transposed product pays
+# (1.1-36x) for ``N <= 8`` and ``K >= 16`` once ``M * K`` reaches 16384 (8192 if ``A`` is
+# column-major), and where ``A`` is row-major and ``B`` column-major (the layout of ``x @
+# W.T``, and the one the thin static weights above are copied to) from ``M = 512`` rows on
+# (1.1-7.8x; 0.6-1.7x below); not for ``N >= 16``. Coupling-flow Hessians under ``vmap``
+# (64 x 16 -> 64 -> 1) ran 8% faster with that last case, 7% with ``compile=True``, where
+# inductor is handed the rewritten graph. The operands' layouts are those of the first call,
+# read by running the graph once (not for a graph with random ops, whose run would draw from
+# the caller's generator); any later layout gives the same values.
 _THIN_COLUMNS = (2, 8)
 _THIN_MIN_MK: dict[tuple[str | None, str | None], int] = {
     ("row", "row"): 16384, ("col", "row"): 8192, ("col", "col"): 8192}
+#: rows from which a product of a row-major ``A`` by a column-major ``B`` (a transposed weight)
+#: with 2-8 columns runs transposed, its result left transposed (no copy)
+_THIN_ROW_COL_ROWS = 512
 
 
 def _major(t: Any) -> str | None:
@@ -1046,10 +1057,14 @@ def transpose_thin_products(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
                          for n in gm.graph.nodes):
         return  # (the probe run would draw from the caller's generator)
     probe = _Layouts(gm, wanted)
-    probe.run(*inputs)
+    before = probe.run(*inputs)
     graph = gm.graph
+    done = False
     for node, (layouts, k) in probe.seen.items():
-        if k < 16 or node.meta["val"].shape[0] * k < _THIN_MIN_MK.get(layouts, math.inf):
+        m = node.meta["val"].shape[0]
+        if layouts == ("row", "col") and k >= 2 and m >= _THIN_ROW_COL_ROWS:
+            pass
+        elif k < 16 or m * k < _THIN_MIN_MK.get(layouts, math.inf):
             continue
         a, b = node.args
         with graph.inserting_before(node):
@@ -1057,12 +1072,34 @@ def transpose_thin_products(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
             at = graph.call_function(aten.permute.default, (a, [1, 0]))
             product = graph.call_function(aten.mm.default, (bt, at))
             back = graph.call_function(aten.permute.default, (product, [1, 0]))
-            copy = graph.call_function(aten.clone.default, (back,),
-                                       {"memory_format": torch.contiguous_format})
-        copy.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(copy)
+        back.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(back)
         graph.erase_node(node)
-    gm.recompile()
+        done = True
+    if done:
+        gm.recompile()
+        _keep_output_layouts(gm, inputs, before)
+
+
+def _keep_output_layouts(gm: GraphModule, inputs: tuple[Any, ...], before: Any) -> None:
+    """Copy to row-major each output of ``gm`` that was row-major in ``before`` (the outputs
+    of the graph as it was, for ``inputs``) and no longer is (NOTE [Thin products])."""
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    nodes, was, now = out_node.args[0], before, gm(*inputs)
+    if not isinstance(nodes, (tuple, list)):
+        nodes, was, now = (nodes,), (was,), (now,)
+    fixed = list(nodes)
+    for i, (node, b, a) in enumerate(zip(nodes, was, now, strict=True)):
+        if (isinstance(node, Node) and isinstance(a, Tensor) and isinstance(b, Tensor)
+                and b.is_contiguous() and not a.is_contiguous()):
+            with gm.graph.inserting_before(out_node):
+                fixed[i] = gm.graph.call_function(torch.ops.aten.clone.default, (node,),
+                                                  {"memory_format": torch.contiguous_format})
+            fixed[i].meta["val"] = node.meta.get("val")
+    if fixed != list(nodes):
+        out_node.args = (type(nodes)(fixed) if isinstance(out_node.args[0], (tuple, list))
+                         else fixed[0],)
+        gm.recompile()
 
 
 def tanh_for_inductor(graph: Graph) -> int:
