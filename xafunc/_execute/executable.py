@@ -51,6 +51,20 @@ later call whose inputs are laid out differently runs the functional FX graph in
 recompiling. A failure to compile or to run the compiled code once falls back to TorchScript,
 and the reason is kept in ``executor``. The other executors are unchanged.
 
+NOTE [Inductor's small products]
+A per-sample Hessian of a network of few inputs ends in a ``bmm`` of many tiny products,
+``(256, 2, 64) @ (256, 64, 2)``: MKL's batched GEMM spends about 0.14 us per matrix on them
+(35 us here, 140 us for 1024 samples; one CPU thread), where the same numbers as a product
+and a sum over ``k``, one reduction inductor generates, take a few. Before the graph is
+compiled, such a ``bmm`` on a CPU (results of ``m x n <= 64`` entries, ``m, n >= 2``, ``k >=
+16``) becomes that product and sum, from a batch of 128 on: for 64 samples the batched GEMM
+costs only a few microseconds, and a SIREN's third derivatives (64 products of ``4 x 64 x
+2``) ran 5% slower rewritten. Per-sample
+Hessians under ``vmap`` (256 x 2 -> 64 -> 64 -> 1) ran 10% faster with ``compile=True``.
+(Products with ``m`` or ``n`` of 1 inductor already turns into reductions; ``16 x 16``
+results ran slower as reductions.) The sum runs in another order than the GEMM's: float
+rounding, as the contract allows.
+
 NOTE [Inductor's tanh]
 On a CPU, inductor's code computes a float32 ``tanh`` at about 1.5 ns an element (25 us for
 256 x 64 on one thread, as slow as eager ``torch.tanh``), where its ``exp`` takes 0.3 ns; a
@@ -836,6 +850,7 @@ class _FastPath:
                 # (on a copy: inductor's passes may rewrite the graph they are given)
                 graph = _copy(self.functional.graph)
                 tanh_for_inductor(graph)
+                small_products_for_inductor(graph)
                 gm = GraphModule(self.functional, graph)
                 transpose_thin_products(gm, tuple(inputs))
                 compiled = cast(Callable[..., Any], compile_fx(gm, list(inputs)))
@@ -1114,6 +1129,36 @@ def tanh_for_inductor(graph: Graph) -> int:
             continue
         with graph.inserting_before(node):
             out = tanhf(torch.fx.Proxy(node.args[0], tracer)).node  # type: ignore[arg-type]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        done += 1
+    return done
+
+
+def small_products_for_inductor(graph: Graph) -> int:
+    """Rewrite each CPU ``bmm`` of ``graph`` over a batch of 128 or more small products
+    (``m n <= 64``, ``m, n >= 2``, ``k >= 16``) as a product and a sum, one reduction
+    inductor fuses with its neighbours (NOTE [Inductor's small products]); the number
+    rewritten."""
+    aten = torch.ops.aten
+    done = 0
+    for node in list(graph.nodes):
+        val = node.meta.get("val")
+        if node.target is not aten.bmm.default or not isinstance(val, Tensor) \
+                or val.dtype not in (torch.float32, torch.float64) \
+                or val.device.type != "cpu" or val.shape[0] < 128 or min(val.shape[1:]) < 2 \
+                or val.shape[1] * val.shape[2] > 64:
+            continue
+        a, b = node.args
+        aval = a.meta.get("val") if isinstance(a, Node) else None
+        if not isinstance(aval, Tensor) or aval.shape[2] < 16:
+            continue
+        with graph.inserting_before(node):
+            left = graph.call_function(aten.unsqueeze.default, (a, -1))
+            right = graph.call_function(aten.unsqueeze.default, (b, -3))
+            prod = graph.call_function(aten.mul.Tensor, (left, right))
+            out = graph.call_function(aten.sum.dim_IntList, (prod, [-2]))
+        out.meta["val"] = val
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         done += 1
