@@ -239,6 +239,51 @@ def test_planning_consumes_no_random_numbers():
     assert_tree_equal(after, torch.rand(4))
 
 
+_SINGULAR = {
+    "sqrt": (lambda x: x.sqrt().sum(), [0.0, 1.0, 4.0]),
+    "log": (lambda x: (x.log() * x.sin()).sum(), [0.0, 1.0, 2.0]),
+    "reciprocal": (lambda x: (1 / x).tanh(), [0.0, -1.0, 3.0]),
+    "pow": (lambda x: (x.abs() ** 1.5).sum(), [0.0, 2.0, -1.0]),
+    "exp_overflow": (lambda x: x.exp().sum(), [800.0, 1.0, -2.0]),
+}
+
+
+def _same_specials(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.equal(got.isnan(), want.isnan()), (got, want)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(
+        got[got.isinf()], want[want.isinf()]), (got, want)
+    fin = want.isfinite()
+    assert_tree_close(got[fin], want[fin])
+
+
+@pytest.mark.parametrize("name", sorted(_SINGULAR))
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_infinite_derivatives_are_placed_as_nested_jacrev_places_them(name, order):
+    """At a point where a derivative is infinite, forward mode multiplies the infinity by the
+    zero tangents of the other directions and spreads ``nan`` over finite entries (the
+    gradient of ``sqrt(x).sum()`` at ``(0, 1, 4)`` was ``(inf, nan, nan)``). Such a result is
+    answered by nested jacrev (NOTE [Non-finite results]): the same NaNs, infinities and
+    finite values as torch.func, plainly, under ``vmap`` (one singular sample among finite
+    ones) and under ``grad``; at finite points the engine's plan runs, under ``strict``."""
+    f, point = _SINGULAR[name]
+    x = torch.tensor(point, dtype=torch.float64)
+    want = reference_deriv(f, order)(x)
+    with xafunc.strict():
+        got = xderiv(f, order)(x)
+        assert xafunc.plan(f, order)(x).strategy == "engine"
+        assert any("NaN or an infinity" in d for d in xafunc.plan(f, order)(x).details)
+        xs = torch.stack([x, x.abs() + 0.5, x.abs() + 1.0])
+        got_v = torch.func.vmap(xderiv(f, order))(xs)
+        ok = torch.func.vmap(xderiv(f, order))(xs[1:])  # finite everywhere: the engine's
+    _same_specials(got, want)
+    _same_specials(got_v, torch.func.vmap(reference_deriv(f, order))(xs))
+    assert_tree_close(ok, torch.func.vmap(reference_deriv(f, order))(xs[1:]))
+    g = torch.func.grad(lambda v: xderiv(f, order)(v).nan_to_num(0.0, 0.0, 0.0).sum())
+    g_ref = torch.func.grad(lambda v: reference_deriv(f, order)(v).nan_to_num(0.0, 0.0, 0.0)
+                            .sum())
+    _same_specials(g(x), g_ref(x))
+
+
 @pytest.mark.fallback
 def test_python_randomness_falls_back():
     import random
