@@ -244,7 +244,7 @@ _SINGULAR = {
     "log": (lambda x: (x.log() * x.sin()).sum(), [0.0, 1.0, 2.0]),
     "reciprocal": (lambda x: (1 / x).tanh(), [0.0, -1.0, 3.0]),
     "pow": (lambda x: (x.abs() ** 1.5).sum(), [0.0, 2.0, -1.0]),
-    "exp_overflow": (lambda x: x.exp().sum(), [800.0, 1.0, -2.0]),
+    "quotient": (lambda x: (x.sin() / x.flip(0)).sum(), [0.5, 1.0, 0.0]),
 }
 
 

@@ -244,8 +244,7 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
 
 
 # NOTE [Non-finite results]
-# Where a derivative is infinite -- ``sqrt``, ``log``, ``1 / x`` at 0, ``exp`` past overflow --
-# the strategies place the IEEE special values differently: forward mode multiplies the
+# Where a derivative is infinite -- ``sqrt``, ``log``, ``1 / x`` at 0 -- the strategies place the IEEE special values differently: forward mode multiplies the
 # infinite factor by the zero tangents of the other directions, ``inf * 0 = nan``, and a sum
 # then spreads the NaN over entries that are finite. The gradient of ``sqrt(x).sum()`` at ``x
 # = (0, 1, 4)`` is ``(inf, 0.5, 0.25)`` by nested ``jacrev`` and was ``(inf, nan, nan)`` by
@@ -253,14 +252,17 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
 # call whose result holds a NaN or an infinity is answered by nested ``jacrev`` of the
 # captured graph instead. The check is one sum per result leaf (``sum`` is finite exactly
 # when every entry is, short of an overflow of the sum, which only costs the slower path):
-# 2.5 us for a 64 KiB result alone, 46 us for 4 MiB, but 10-15 us after a 0.3 ms call (any
-# extra reduction costs 9 us there, its code gone cold; message passing and coupling-flow
-# Jacobians and Hessians 3-5% slower); so it runs only where the captured function has
-# an operator outside ``_FINITE_OPS`` (finite inputs give finite values and derivatives of
-# every order there, short of overflow): tanh, sine and ReLU networks pay nothing. Not
-# checked: results on other devices than the CPU (the check would wait for the device),
-# under dispatch modes and tracers, functions that draw random numbers or update buffers (a
-# second evaluation would draw or update again), and the Taylor operators.
+# 2.5 us for a 64 KiB result alone, 46 us for 4 MiB, but 15-35 us after a 0.3-0.5 ms call
+# (even an unrelated tiny sum costs 9 us there), 5-10% of a message-passing Jacobian. So it
+# runs only where the captured function has an operator outside ``_FINITE_OPS``, where finite
+# inputs give finite values and derivatives of every order short of overflow: a division by a
+# tensor, ``sqrt``, ``log``, a fractional power, ``atan2`` have infinite values or slopes at
+# finite points; ``exp`` only past overflow, like ``mul``, so tanh, sine, ReLU and
+# exponential networks pay nothing. An overflow is not checked (``exp(800.)`` in a result
+# spreads NaN as before). Not checked either: results on other devices than the CPU (the
+# check would wait for the device), under dispatch modes and tracers, functions that draw
+# random numbers or update buffers (a second evaluation would draw or update again), and the
+# Taylor operators.
 _FINITE_OPS = frozenset(getattr(torch.ops.aten, name).default if "." not in name else
                         getattr(getattr(torch.ops.aten, name.split(".")[0]), name.split(".")[1])
                         for name in (
@@ -277,7 +279,8 @@ _FINITE_OPS = frozenset(getattr(torch.ops.aten, name).default if "." not in name
     "sigmoid", "gelu", "silu", "leaky_relu", "hardtanh", "abs", "sign", "maximum", "minimum",
     "amax", "amin", "max.dim", "min.dim", "erf", "convolution", "embedding", "copy",
     "_softmax", "constant_pad_nd", "tanh_backward", "sigmoid_backward", "lift_fresh_copy",
-    "index_put", "index_add", "scatter_add", "scatter.src", "var_mean.correction",
+    "index_put", "index_add", "scatter_add", "scatter.src", "var_mean.correction", "exp",
+    "expm1", "exp2", "sinh", "cosh", "softplus", "elu", "celu", "_log_softmax", "logsumexp",
 )) | {operator.getitem}
 
 
