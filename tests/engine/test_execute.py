@@ -344,6 +344,18 @@ def test_thin_weights_are_column_major_in_the_prologue():
     assert copies, fast[0].prologue.code
 
 
+def _assert_transposed_product(f, got, oracle, dtype) -> None:
+    """``got`` is the float64 ``oracle`` to ``dtype``'s rounding, and ``f``'s traced graphs
+    run the ``(8, 1024)`` product transposed, never the ``(1024, 8)`` one."""
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    assert_tree_close(got, oracle.to(dtype), **tol)
+    main = [e._fast.main for e in _executables(f)]
+    assert main and all(isinstance(m, torch.jit.ScriptFunction) for m in main), main
+    products = [tuple(n.output().type().sizes()) for m in main for n in m.graph.nodes()
+                if n.kind() == "aten::mm"]
+    assert (8, 1024) in products and (1024, 8) not in products, products
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_thin_products_are_computed_transposed(dtype: torch.dtype):
     """A forward Jacobian's tangents through a wide layer, ``(1024, 256) @ (256, 8)`` (MKL is
@@ -360,14 +372,8 @@ def test_thin_products_are_computed_transposed(dtype: torch.dtype):
     got = jac(x)
     assert got.is_contiguous()
     oracle = jacrev(lambda x: w2.double() @ torch.tanh(w1.double() @ x))(x.double())
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    assert_tree_close(got, oracle.to(dtype), **tol)
-    main = [e._fast.main for e in _executables(f)]
-    assert main and all(isinstance(m, torch.jit.ScriptFunction) for m in main), main
     # the product the traced graph runs: (8, 256) @ (256, 1024)
-    products = [tuple(n.output().type().sizes()) for m in main for n in m.graph.nodes()
-                if n.kind() == "aten::mm"]
-    assert (8, 1024) in products and (1024, 8) not in products, products
+    _assert_transposed_product(f, got, oracle, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -387,13 +393,7 @@ def test_thin_products_by_a_transposed_weight_stay_transposed(dtype: torch.dtype
     assert got.is_contiguous()
     oracle = vmap(jacrev(jacrev(lambda x: torch.tanh(
         torch.tanh(x @ w1.double().T) @ w2.double().T).sum())))(xs.double())
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    assert_tree_close(got, oracle.to(dtype), **tol)
-    main = [e._fast.main for e in _executables(f)]
-    assert main and all(isinstance(m, torch.jit.ScriptFunction) for m in main), main
-    products = [tuple(n.output().type().sizes()) for m in main for n in m.graph.nodes()
-                if n.kind() == "aten::mm"]
-    assert (8, 1024) in products and (1024, 8) not in products, products
+    _assert_transposed_product(f, got, oracle, dtype)
 
 
 def test_power_of_two_factors_move_onto_hoisted_weights():
