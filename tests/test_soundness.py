@@ -284,6 +284,24 @@ def test_infinite_derivatives_are_placed_as_nested_jacrev_places_them(name, orde
     _same_specials(g(x), g_ref(x))
 
 
+def test_only_operators_on_differentiated_values_are_checked_for_infinities():
+    """The check of NOTE [Non-finite results] runs where an operator that can make an
+    infinite derivative reads a value that depends on the differentiated input: not for a
+    weight's ``sqrt`` or a division by constant degrees (a mean aggregation), nor for
+    exponential networks; for a division by the input, yes."""
+    w = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    x = torch.ones(3, dtype=F64)
+
+    def checked(f) -> bool:
+        return any("NaN or an infinity" in d for d in xafunc.plan(f, 2)(x).details)
+
+    assert not checked(lambda x: (x * w.sqrt()).sin().sum())
+    assert not checked(lambda x: (x / (w + 1)).sin().sum())
+    assert not checked(lambda x: x.exp().sum())
+    assert checked(lambda x: (w / x).sin().sum())
+    assert checked(lambda x: (x * w).sqrt().sum())
+
+
 @pytest.mark.fallback
 def test_python_randomness_falls_back():
     import random

@@ -218,7 +218,7 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
 
             # NOTE [Non-finite results]: where the result may hold an infinity, the call
             # whose result does is answered by nested jacrev instead
-            singular = _may_be_non_finite(cap.graph)
+            singular = _may_be_non_finite(cap.graph, split.diff)
             exact = None
             if singular is not None and cap.prologue is None and not cap.mutated:
                 exact = _reference_plan(dataclasses.replace(req, mode="reverse"), argnums,
@@ -244,24 +244,27 @@ def _build_plan(req: Request, entry: Entry, args: tuple[Any, ...], kwargs: dict[
 
 
 # NOTE [Non-finite results]
-# Where a derivative is infinite -- ``sqrt``, ``log``, ``1 / x`` at 0 -- the strategies place the IEEE special values differently: forward mode multiplies the
-# infinite factor by the zero tangents of the other directions, ``inf * 0 = nan``, and a sum
-# then spreads the NaN over entries that are finite. The gradient of ``sqrt(x).sum()`` at ``x
-# = (0, 1, 4)`` is ``(inf, 0.5, 0.25)`` by nested ``jacrev`` and was ``(inf, nan, nan)`` by
-# forward mode (``jacfwd``'s answer too). The contract is nested ``jacrev``'s result, so a
-# call whose result holds a NaN or an infinity is answered by nested ``jacrev`` of the
-# captured graph instead. The check is one sum per result leaf (``sum`` is finite exactly
-# when every entry is, short of an overflow of the sum, which only costs the slower path):
-# 2.5 us for a 64 KiB result alone, 46 us for 4 MiB, but 15-35 us after a 0.3-0.5 ms call
-# (even an unrelated tiny sum costs 9 us there), 5-10% of a message-passing Jacobian. So it
-# runs only where the captured function has an operator outside ``_FINITE_OPS``, where finite
-# inputs give finite values and derivatives of every order short of overflow: a division by a
-# tensor, ``sqrt``, ``log``, a fractional power, ``atan2`` have infinite values or slopes at
-# finite points; ``exp`` only past overflow, like ``mul``, so tanh, sine, ReLU and
-# exponential networks pay nothing. An overflow is not checked (``exp(800.)`` in a result
-# spreads NaN as before). Not checked either: results on other devices than the CPU (the
-# check would wait for the device), under dispatch modes and tracers, functions that draw
-# random numbers or update buffers (a second evaluation would draw or update again), and the
+# Where a derivative is infinite -- ``sqrt``, ``log``, ``1 / x`` at 0 -- the strategies
+# place the IEEE special values differently: forward mode multiplies the infinite factor by
+# the zero tangents of the other directions, ``inf * 0 = nan``, and a sum then spreads the
+# NaN over entries that are finite. The gradient of ``sqrt(x).sum()`` at ``x = (0, 1, 4)``
+# is ``(inf, 0.5, 0.25)`` by nested ``jacrev`` and was ``(inf, nan, nan)`` by forward mode
+# (``jacfwd``'s answer too). The contract is nested ``jacrev``'s result, so a call whose
+# result holds a NaN or an infinity is answered by nested ``jacrev`` of the captured graph
+# instead. The check is one sum per result leaf (``sum`` is finite exactly when every entry
+# is, short of an overflow of the sum, which only costs the slower path): 2.5 us for a 64
+# KiB result alone, 46 us for 4 MiB, but 15-35 us after a 0.3-0.5 ms call (even an
+# unrelated tiny sum costs 9 us there), 5-10% of a message-passing Jacobian. So it runs only
+# where the captured function applies, to values that depend on the differentiated inputs,
+# an operator outside ``_FINITE_OPS`` -- where finite inputs give finite values and
+# derivatives of every order short of overflow: a division by such a value, ``sqrt``,
+# ``log``, a fractional power, ``atan2`` have infinite values or slopes at finite points;
+# ``exp`` only past overflow, like ``mul``; a division by a constant is infinite only where
+# its value is. Tanh, sine, ReLU and exponential networks, and a mean aggregation dividing
+# by node degrees, pay nothing. An overflow is not checked (``exp(800.)`` in a result spreads
+# NaN as before). Not checked either: results on other devices than the CPU (the check
+# would wait for the device), under dispatch modes and tracers, functions that draw random
+# numbers or update buffers (a second evaluation would draw or update again), and the
 # Taylor operators.
 _FINITE_OPS = frozenset(getattr(torch.ops.aten, name).default if "." not in name else
                         getattr(getattr(torch.ops.aten, name.split(".")[0]), name.split(".")[1])
@@ -284,17 +287,25 @@ _FINITE_OPS = frozenset(getattr(torch.ops.aten, name).default if "." not in name
 )) | {operator.getitem}
 
 
-def _may_be_non_finite(gm: Any) -> str | None:
-    """The first operator of the captured graph ``gm`` that can make an infinite value or
-    derivative from finite inputs, or None (see NOTE [Non-finite results])."""
+def _may_be_non_finite(gm: Any, diff: list[int]) -> str | None:
+    """The first operator of the captured graph ``gm`` that can make an infinite derivative
+    with respect to its inputs at ``diff`` (placeholder indices) where the values are finite,
+    or None (see NOTE [Non-finite results]). Operators on values that do not depend on those
+    inputs are never differentiated, and a division only where its divisor depends on them:
+    ``a / c`` by a constant ``c`` is infinite where its derivative is."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    varying = {placeholders[i] for i in diff}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target in _FINITE_OPS:
+        if node.op != "call_function" or not any(a in varying for a in node.all_input_nodes):
             continue
-        if node.target in (torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.div.Tensor) \
-                and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool):
-            e = node.args[1]  # x ** k for a whole k >= 1, or x / c for a constant c != 0
-            if (node.target is torch.ops.aten.div.Tensor and e != 0) or (e >= 1 and e == int(e)):
-                continue
+        varying.add(node)
+        if node.target in _FINITE_OPS:
+            continue
+        if node.target is torch.ops.aten.div.Tensor and node.args[1] not in varying:
+            continue
+        e = node.args[1] if node.target is torch.ops.aten.pow.Tensor_Scalar else None
+        if isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 1 and e == int(e):
+            continue  # x ** k for a whole k >= 1
         return str(node.target).removeprefix("aten.").removesuffix(".default")
     return None
 
