@@ -59,11 +59,10 @@ and a sum over ``k``, one reduction inductor generates, take a few. Before the g
 compiled, such a ``bmm`` on a CPU (results of ``m x n <= 64`` entries, ``m, n >= 2``, ``k >=
 16``) becomes that product and sum, from a batch of 128 on: for 64 samples the batched GEMM
 costs only a few microseconds, and a SIREN's third derivatives (64 products of ``4 x 64 x
-2``) ran 5% slower rewritten. Per-sample
-Hessians under ``vmap`` (256 x 2 -> 64 -> 64 -> 1) ran 10% faster with ``compile=True``.
-(Products with ``m`` or ``n`` of 1 inductor already turns into reductions; ``16 x 16``
-results ran slower as reductions.) The sum runs in another order than the GEMM's: float
-rounding, as the contract allows.
+2``) ran 5% slower rewritten. Per-sample Hessians under ``vmap`` (256 x 2 -> 64 -> 64 -> 1)
+ran 10% faster with ``compile=True``. (Products with ``m`` or ``n`` of 1 inductor already
+turns into reductions; ``16 x 16`` results ran slower as reductions.) The sum runs in
+another order than the GEMM's: float rounding, as the contract allows.
 
 NOTE [Inductor's tanh]
 On a CPU, inductor's code computes a float32 ``tanh`` at about 1.5 ns an element (25 us for
