@@ -248,12 +248,23 @@ def test_training_steps_run_inductor_forward_and_backward() -> None:
     assert InductorStats.autograd_calls == calls + 4
 
 
-def test_torch_func_grad_steps_run_inductor_forward_and_backward() -> None:
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_torch_func_grad_steps_run_inductor_forward_and_backward(
+        saved: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.func.grad`` over ``functional_call`` parameters of a vmapped third derivative:
-    with compile=True the graph is one Function at the grad level, its forward and its
-    backward graph run inductor's code (NOTE [Backward graphs]), and the gradient is
-    torch.func's."""
+    with compile=True the graph is one Function at the grad level, and the gradient is
+    torch.func's. With enough product FLOPs (``saved``: the bound lowered to this small
+    graph's) it runs inductor's forward and backward code, compiled once (NOTE [Saved
+    activations at a grad level]); otherwise its forward and its backward graph run
+    inductor's code, compiled once each (NOTE [Backward graphs]). A pullback run twice gives
+    the same; the pullback under a later ``grad``, ``jacrev`` (its backward under ``vmap``)
+    and ``grad`` of ``grad`` run the backward graph either way."""
+    from xafunc._execute import executable
     from xafunc._execute.executable import BackwardStats
+
+    if saved:
+        monkeypatch.setattr(executable, "_SAVED_MIN_FLOPS", 0.0)
+    xafunc.clear_cache()  # graphs compiled by the other case are not reused
 
     net = _mlp()
     params = {k: v.detach() for k, v in net.named_parameters()}
@@ -273,10 +284,46 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward() -> None:
 
     expected = torch.func.grad(loss)(params, None)
     compiles, backward = InductorStats.compiles, BackwardStats.calls
+    trained = InductorStats.autograd_calls
     for step in range(2):
         assert_tree_close(torch.func.grad(loss)(params, True), expected, msg=f"step {step}")
-    assert InductorStats.compiles == compiles + 2  # the forward and the backward graph
-    assert BackwardStats.calls == backward + 2
+    # the forward and backward code once, or the forward and the backward graph
+    assert InductorStats.compiles == compiles + (1 if saved else 2)
+    assert (InductorStats.autograd_calls, BackwardStats.calls) == (
+        (trained + 2, backward) if saved else (trained, backward + 2))
+    backward = BackwardStats.calls
+    value, pull = torch.func.vjp(lambda p: loss(p, True), params)
+    for again in range(2):
+        assert_tree_close(pull(torch.ones_like(value))[0], expected, msg=f"pullback {again}")
+    assert (BackwardStats.calls == backward) == saved
+    backward = BackwardStats.calls
+    # the pullback differentiated by a later grad (its level number reused): the backward
+    # graph, on the values of the exited level's tensors
+    slope = torch.func.grad(lambda s: pull(s)[0]["0.weight"].sum())(torch.ones_like(value))
+    assert_tree_close(slope, expected["0.weight"].sum(), msg="grad of the pullback")
+    assert BackwardStats.calls > backward
+    backward = BackwardStats.calls
+
+    # jacrev's backward runs under vmap over the cotangents: the backward graph
+    weight = params["0.weight"]
+
+    def per_point(w: torch.Tensor, compile: bool | None) -> torch.Tensor:
+        p = {**params, "0.weight": w}
+        return torch.func.vmap(residual, in_dims=(None, 0, None))(p, xs, compile)
+
+    jac = torch.func.jacrev(per_point)(weight, True)
+    assert_tree_close(jac, torch.func.jacrev(per_point)(weight, None), msg="jacrev")
+    assert BackwardStats.calls > backward
+    # grad of grad: the inner level's backward is differentiated by the outer one
+    backward = BackwardStats.calls
+
+    def grad_norm(w: torch.Tensor, compile: bool | None) -> torch.Tensor:
+        g = torch.func.grad(lambda v: per_point(v, compile).pow(2).mean())(w)
+        return g.pow(2).sum()
+
+    assert_tree_close(torch.func.grad(grad_norm)(weight, True),
+                      torch.func.grad(grad_norm)(weight, None), msg="grad of grad")
+    assert BackwardStats.calls > backward
 
 
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:

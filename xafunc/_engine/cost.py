@@ -150,6 +150,16 @@ def product_flops(node: torch.fx.Node, name: str, size: int) -> tuple[float, Any
     return f, a, b, (sa, sb)
 
 
+def matrix_product_flops(graph: torch.fx.Graph) -> float:
+    """The multiply-adds (two FLOPs each) of every matrix-product family node of ``graph``."""
+    total = 0.0
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op == "call_function" and name in _PRODUCTS:
+            total += product_flops(node, name, numel(node.meta.get("val")))[0]
+    return total
+
+
 def graph_flops(gm: torch.fx.GraphModule) -> tuple[dict[Any, float], float]:
     """Rough FLOPs of each node that depends on ``z`` (the first input), and the part of them
     that first-order forward mode does not spend.

@@ -16,7 +16,9 @@ too. It takes the inputs and the cotangents and recomputes the forward values it
 more than recording saves (measured: 0.9-1.6x the recorded step), so a CPU records
 (``executable.BACKWARD_GRAPHS``) -- except with ``compile=True`` at torch.func's grad levels,
 where inductor fuses both graphs (measured: ``torch.func.grad`` PINN steps level with
-recording for wide Laplacians, up to 3x faster for higher orders; NOTE [Inductor executor]).
+recording for wide Laplacians, up to 3x faster for higher orders; NOTE [Inductor executor]),
+unless the graph's products are large enough that keeping the forward values beats
+recomputing them (NOTE [Saved activations at a grad level] in ``executable.py``).
 
 A backward graph is never differentiated through its own operators: the trace records
 autograd's saved values as ``detach``, so its operators compute the right values but not the

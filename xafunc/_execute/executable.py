@@ -82,6 +82,7 @@ faster, a Fourier-feature PINN's Laplacian 6 %.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -92,12 +93,13 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch._C._functorch import TransformType
+from torch._C._functorch import TransformType, get_unwrapped, maybe_get_level
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.fx import Graph, GraphModule, Node
 
 from .._capture.decompositions import tanhf
 from .._capture.writes import STEPS, TOUCHES, counted, storage_key, touched
+from .._engine.cost import matrix_product_flops
 from . import cuda_graph
 from .backward import vjp_graph
 from .optimize import for_autograd, power_of_two_scaling, pure_op
@@ -204,6 +206,11 @@ class Executable:
         graphs])."""
         return bool(self._backward)
 
+    @functools.cached_property
+    def product_flops(self) -> float:
+        """The FLOPs of the graph's matrix products."""
+        return matrix_product_flops(self.gm.graph)
+
     @property
     def code(self) -> str:
         return self.gm.code
@@ -256,9 +263,19 @@ class Executable:
 
     def _inductor_autograd(self, args: tuple[Any, ...]) -> Any:
         """The outputs, with autograd history, by inductor's forward and backward code for
-        this graph (``compile_fx`` of inputs that require grad runs AOTAutograd), compiled on
-        first use for the call's layout and ``requires_grad`` pattern; None where it cannot
-        run (it failed to compile, or a constant of the graph requires grad)."""
+        this graph, or None where it cannot run (see ``trained_code``)."""
+        compiled = self.trained_code(args)
+        if compiled is None:
+            return None
+        InductorStats.autograd_calls += 1
+        return _fill(self._template, _apply_trained(self, compiled, *args))
+
+    def trained_code(self, args: tuple[Any, ...]) -> Any:
+        """Inductor's forward and backward code for this graph on plain ``args`` whose
+        ``requires_grad`` marks the differentiated inputs (``compile_fx`` of such inputs runs
+        AOTAutograd: its forward keeps what its backward needs), compiled on first use for the
+        call's layout and ``requires_grad`` pattern; None where it cannot run (it failed to
+        compile, or a constant of the graph requires grad)."""
         key = tuple((a.requires_grad, a.stride()) for a in args)
         compiled = self._trained.get(key)
         if compiled is None:
@@ -267,10 +284,7 @@ class Executable:
             else:
                 compiled = _compile_autograd(self.recorded_graph, args)
             self._trained[key] = compiled
-        if compiled is _FAILED:
-            return None
-        InductorStats.autograd_calls += 1
-        return _fill(self._template, _apply_trained(self, compiled, *args))
+        return None if compiled is _FAILED else compiled
 
     def composable_call(self, args: tuple[Any, ...]) -> Any:
         """What this graph computes, differentiable by autograd and any torch.func transform:
@@ -496,7 +510,8 @@ def _backward_by_graph(ctx: Any, needs: tuple[bool, ...], grads: tuple[Tensor, .
     """The gradients of a graph Function's tensor inputs (``needs``: which want one) by the
     backward graph (NOTE [Backward graphs])."""
     exe: Executable = ctx.exe
-    args = ctx.saved_tensors
+    # a pullback run after its transform exited holds wrappers of a dead level: their values
+    args = tuple(map(_alive, ctx.saved_tensors))
     wanted = tuple(i for i, need in enumerate(needs) if need)
     given = tuple(i for i, g in enumerate(grads) if g is not None)
     result: list[Any] = [None] * len(args)
@@ -508,6 +523,13 @@ def _backward_by_graph(ctx: Any, needs: tuple[bool, ...], grads: tuple[Tensor, .
         for i, g, r in zip(wanted, got, reached):
             result[i] = g if r else None
     return result
+
+
+def _alive(t: Tensor) -> Tensor:
+    """``t`` without the wrappers of torch.func levels that have exited."""
+    while maybe_get_level(t) == -2:  # functorch's mark of a dead wrapper
+        t = get_unwrapped(t)
+    return t
 
 
 try:  # functorch's single-level machinery (torch/_functorch/autograd_function.py)
@@ -530,7 +552,7 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
         if interpreter is not None and interpreter.key() == TransformType.Grad:
             with enable_single_level_autograd_function():
                 return _LevelGraphFunction.apply(  # type: ignore[attr-defined]
-                    exe, interpreter.level(), *args)
+                    exe, interpreter.level(), _Saved(), *args)
     elif not _needs_grad(args):  # beneath the last level, nothing to record
         return tuple(exe.run_plain(args))
     return _GraphFunction.apply(exe, *args)
@@ -547,24 +569,117 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # outputs; ``setup_context`` and ``backward`` are :class:`_GraphFunction`'s, on the level's
 # tensors. A step of ``torch.func.grad`` over a Laplacian residual with ``compile=True``
 # (2 -> 64 -> 64 -> 1, 1024 points) takes 15% less time.
+
+# NOTE [Saved activations at a grad level]
+# With ``compile=True`` on a CPU, the graph's Function at the only grad level
+# (``torch.func.grad`` or ``vjp`` of a training loss, no transform outside it) runs
+# inductor's forward and backward code for the graph (``Executable.trained_code``, what
+# ``loss.backward()``'s calls run: AOTAutograd's forward keeps the values its backward needs)
+# on the plain tensors beneath the level, those the level differentiates marked as
+# requiring grad; its backward runs the backward code on what the forward kept, through a
+# nested ``torch.autograd.grad``. The backward graph (NOTE [Backward graphs]) would first
+# recompute the forward values, matrix products included. That costs more than AOTAutograd's
+# runtime and the nested backward pass (about 0.5 ms a step here) only for graphs with many
+# product FLOPs, so smaller graphs keep the backward graph (``_SAVED_MIN_FLOPS``). Measured,
+# ``torch.func.grad`` PINN steps (one thread, medians of three alternating processes):
+#
+# * biharmonic, 4 -> 128 -> 128 -> 1 over 256 points (4.2e8 product FLOPs): 26.7 -> 21.2 ms;
+# * Laplacian, 16 -> 256 -> 256 -> 1 over 256 points (6.1e8): 31.3 -> 26.7 ms;
+# * Laplacian, 8 -> 128 -> 128 -> 1 over 4096 points (1.4e9): 94.5 -> 78.2 ms;
+# * third derivatives, 2 -> 64 -> 64 -> 1 over 1024 points (5.3e7): 10 % slower this way;
+#   the Laplacian of that network (3.4e7): level.
+#
+# A backward under another transform (``jacrev``'s ``vmap`` over the cotangents, ``grad`` of
+# ``grad``, a pullback differentiated by a later ``grad``) and a GPU (not measured) run the
+# backward graph.
+
+#: the matrix products of a graph worth keeping its activations for (NOTE [Saved activations at
+#: a grad level]): 1e8 FLOPs take about 1 ms on one CPU core, twice what AOTAutograd's
+#: runtime and a nested backward pass cost a step
+_SAVED_MIN_FLOPS = 1e8
+
+
+class _Saved:
+    """What the forward of :class:`_LevelGraphFunction` kept for its backward: the plain
+    inputs, those it differentiates marked ``requires_grad``, inductor's outputs with their
+    autograd history, and one of the level's tensors; or nothing (``inputs is None``: the
+    backward graph runs)."""
+
+    __slots__ = ("inputs", "outputs", "probe")
+
+    def __init__(self) -> None:
+        self.inputs: list[Any] | None = None
+        self.outputs: list[Tensor] = []
+        self.probe: Tensor | None = None  # a tensor of the level: alive while the level is
+
+
+def _saved_forward(exe: Executable, args: tuple[Any, ...], inner: tuple[Any, ...],
+                   saved: _Saved) -> tuple[Tensor, ...] | None:
+    """The outputs of ``exe`` on ``inner`` (``args`` unwrapped from the only grad level, which
+    differentiates those of ``args`` that require grad) by inductor's training code, their
+    history kept in ``saved`` (NOTE [Saved activations at a grad level]); None where it does
+    not apply: without ``compile=True``, on a backward graph (whose traced operators are not
+    differentiable: NOTE [Backward graphs]), under another transform, or where autograd
+    records the plain tensors too."""
+    if not exe.compile or exe.source is not None \
+            or torch._C._are_functorch_transforms_active() \
+            or not all(isinstance(a, Tensor) and not a.is_cuda for a in inner) \
+            or _needs_grad(inner) or exe.product_flops < _SAVED_MIN_FLOPS:
+        return None
+    with torch.enable_grad():
+        marked = tuple(a.detach().requires_grad_() if b.requires_grad else a
+                       for a, b in zip(inner, args))
+        compiled = exe.trained_code(marked) if any(a.requires_grad for a in marked) else None
+        if compiled is None:
+            return None
+        saved.outputs = list(compiled(*marked))
+    saved.inputs = list(marked)
+    saved.probe = next(b for b in args if b.requires_grad)
+    InductorStats.autograd_calls += 1
+    return tuple(o.detach() for o in saved.outputs)
+
+
 if _SINGLE_LEVEL:
     class _LevelGraphFunction(_SingleLevelFunction):
         @staticmethod
-        def forward(exe: Executable, level: int, *args: Tensor) -> Any:  # type: ignore[override]
+        def forward(exe: Executable, level: int, saved: _Saved,  # type: ignore[override]
+                    *args: Tensor) -> Any:
             interpreter = retrieve_current_functorch_interpreter()
             inner = tuple(_unwrap_for_grad(a, level) if isinstance(a, Tensor) else a
                           for a in args)
             with torch.enable_grad(), _set_fwd_grad_enabled(True), interpreter.lower():
-                out = _apply_graph_function(exe, inner)
+                out = _saved_forward(exe, args, inner, saved)
+                if out is None:
+                    out = _apply_graph_function(exe, inner)
             return tuple(_wrap_for_grad(o, level) if isinstance(o, Tensor) else o for o in out)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-            _GraphFunction.setup_context(ctx, (inputs[0], *inputs[2:]), output)
+            ctx.level, ctx.saved = inputs[1], inputs[2]
+            _GraphFunction.setup_context(ctx, (inputs[0], *inputs[3:]), output)
 
         @staticmethod
         def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
-            return (None, None, *_backward_by_graph(ctx, ctx.needs_input_grad[2:], grads))
+            needs = ctx.needs_input_grad[3:]
+            saved: _Saved = ctx.saved
+            levels = retrieve_all_functorch_interpreters()
+            # at the level (``grad``), or after it (``vjp``'s pullback), with no other
+            # transform active; a level's number is reused once its transform has exited
+            alive = saved.probe is not None and maybe_get_level(saved.probe) == ctx.level
+            if saved.inputs is not None and len(levels) == alive and all(
+                    a.requires_grad for a, need in zip(saved.inputs, needs) if need):
+                level = ctx.level
+                plain = tuple(None if g is None else _unwrap_for_grad(g, level) for g in grads)
+                with contextlib.ExitStack() as stack:
+                    if alive:
+                        stack.enter_context(levels[0].lower())
+                    stack.enter_context(torch.enable_grad())
+                    # retain_graph: a caller may run this backward again
+                    got = _input_grads(saved.outputs, plain, saved.inputs, retain_graph=True)
+                return (None, None, None, *(
+                    None if not need or g is None else _wrap_for_grad(g, level) if alive else g
+                    for g, need in zip(got, needs)))
+            return (None, None, None, *_backward_by_graph(ctx, needs, grads))
 
 
 def _composable_vjp(exe: Executable, wanted: tuple[int, ...], cot_at: list[int],
