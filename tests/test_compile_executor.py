@@ -258,7 +258,9 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward(
     activations at a grad level]); otherwise its forward and its backward graph run
     inductor's code, compiled once each (NOTE [Backward graphs]). A pullback run twice gives
     the same; the pullback under a later ``grad``, ``jacrev`` (its backward under ``vmap``)
-    and ``grad`` of ``grad`` run the backward graph either way."""
+    and ``grad`` of ``grad`` run the backward graph either way, and a double backward inside
+    the level (``autograd.grad(..., create_graph=True)`` within ``grad``) differentiates the
+    gradients through it."""
     from xafunc._execute import executable
     from xafunc._execute.executable import BackwardStats
 
@@ -324,6 +326,14 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward(
     assert_tree_close(torch.func.grad(grad_norm)(weight, True),
                       torch.func.grad(grad_norm)(weight, None), msg="grad of grad")
     assert BackwardStats.calls > backward
+
+    # a double backward inside the level: its gradients are differentiated there again
+    def inner_norm(w: torch.Tensor, compile: bool | None) -> torch.Tensor:
+        (g,) = torch.autograd.grad(per_point(w, compile).pow(2).mean(), w, create_graph=True)
+        return g.pow(2).sum()
+
+    assert_tree_close(torch.func.grad(inner_norm)(weight, True),
+                      torch.func.grad(inner_norm)(weight, None), msg="double backward")
 
 
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
