@@ -157,6 +157,57 @@ def test_float32_tanh_is_compiled_as_cephes_tanhf(monkeypatch: pytest.MonkeyPatc
     assert torch.ops.aten.tanh.default in given[-1]
 
 
+def test_float32_training_graphs_take_tanh_as_cephes_with_tanh_backward(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [Inductor's tanh], training: the graph compiled for a ``loss.backward()`` step
+    computes each float32 ``tanh`` by the formula in a Function whose backward is
+    ``tanh_backward`` of its output (no ``aten.tanh`` left), and the parameter gradients match
+    torch.func's float64 ones to float32 rounding. Far from zero, where the formula's own
+    derivative would be ``inf / inf``, the gradient is ``tanh``'s."""
+    import torch._inductor.compile_fx as cfx
+
+    from xafunc._execute.executable import _CephesTanh
+
+    given: list[set[object]] = []
+    real = cfx.compile_fx
+
+    def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        given.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return real(gm, inputs)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    net = _mlp(requires_grad=True)
+    net32 = copy.deepcopy(net).float()
+    xs = torch.randn(6, 3, dtype=torch.float64)
+    names = [k for k, _ in net.named_parameters() if k != "2.bias"]
+
+    def loss(module: torch.nn.Module, compile: bool | None) -> torch.Tensor:
+        def u(x: torch.Tensor) -> torch.Tensor:
+            return module(x).squeeze(-1)
+
+        if compile is None:
+            hess = torch.func.vmap(reference_deriv(u, 2))(xs)
+            return hess.diagonal(dim1=-2, dim2=-1).sum(-1).pow(2).mean()
+        lap = torch.func.vmap(xafunc.xlaplacian(u, compile=compile))(xs.float())
+        return lap.pow(2).mean()
+
+    weights = dict(net.named_parameters())
+    expected = torch.autograd.grad(loss(net, None), [weights[k] for k in names])
+    weights32 = dict(net32.named_parameters())
+    trained = InductorStats.autograd_calls
+    for step in range(3):
+        got = torch.autograd.grad(loss(net32, True), [weights32[k] for k in names])
+        assert_tree_close([g.double() for g in got], list(expected), rtol=1e-4, atol=1e-5,
+                          msg=f"step {step}")
+    assert InductorStats.autograd_calls > trained
+    assert _CephesTanh.apply in given[-1] and torch.ops.aten.tanh.default not in given[-1]
+
+    x = torch.tensor([0.0, 0.3, -0.7, 3.0, -50.0, 1e30], requires_grad=True)
+    (slope,) = torch.autograd.grad(_CephesTanh.apply(x).sum(), x)
+    exact = 1 - torch.tanh(x.detach().double()) ** 2
+    assert_tree_close(slope.double(), exact, rtol=1e-6, atol=1e-7)
+
+
 def test_cephes_tanhf_matches_tanh_to_float32_rounding() -> None:
     """The rewritten ``tanh`` (run eagerly here; inductor computes the same formula) is within
     1.5 float32 epsilons of the float64 ``tanh``, and exact at +-0, +-inf, NaN and the
