@@ -613,7 +613,8 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # gradients again at the same level) returns the gradients through the backward graph's
 # Function with its forward's results given (``_Saved.values``): differentiable as the
 # backward graph's are, with nothing recomputed unless they are differentiated (the extra
-# Function costs about 0.2 ms a step, within the noise of the steps measured above).
+# Function costs about 0.2 ms a step, within the noise of the steps measured above, and the
+# backward graph is traced, not compiled, on the first step).
 
 #: the matrix products of a graph worth keeping its activations for (NOTE [Saved activations at
 #: a grad level]): 1e8 FLOPs take about 1 ms on one CPU core, twice what AOTAutograd's
