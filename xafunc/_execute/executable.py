@@ -596,15 +596,19 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # requiring grad; its backward runs the backward code on what the forward kept, through a
 # nested ``torch.autograd.grad``. The backward graph (NOTE [Backward graphs]) would first
 # recompute the forward values, matrix products included. That costs more than AOTAutograd's
-# runtime and the nested backward pass (about 0.5 ms a step here) only for graphs with many
-# product FLOPs, so smaller graphs keep the backward graph (``_SAVED_MIN_FLOPS``). Measured,
+# runtime wrappers and the nested backward pass (about 0.2 ms a step here) except for graphs
+# with few product FLOPs, which keep the backward graph (``_SAVED_MIN_FLOPS``). Measured,
 # ``torch.func.grad`` PINN steps (one thread, medians of three alternating processes):
 #
 # * biharmonic, 4 -> 128 -> 128 -> 1 over 256 points (4.2e8 product FLOPs): 26.7 -> 21.2 ms;
 # * Laplacian, 16 -> 256 -> 256 -> 1 over 256 points (6.1e8): 31.3 -> 26.7 ms;
 # * Laplacian, 8 -> 128 -> 128 -> 1 over 4096 points (1.4e9): 94.5 -> 78.2 ms;
-# * third derivatives, 2 -> 64 -> 64 -> 1 over 1024 points (5.3e7): 10 % slower this way;
-#   the Laplacian of that network (3.4e7): level.
+# * Laplacian, 2 -> 64 -> 64 -> 1 over 1024 points (3.4e7): 3.06 -> 2.65 ms (measured with
+#   NOTE [Inductor's tanh]'s training code; without it, the forward code's slow ``tanh``
+#   made this case level and third derivatives of that network, 5.3e7, 10 % slower; with
+#   it they are level);
+# * Laplacians of 2 -> 32 -> 32 -> 1 over 128 points (1.1e6) and 2 -> 64 -> 64 -> 1 over
+#   256 points (8.5e6): 0.94 -> 1.1 ms and 1.4 -> 1.45-2.2 ms, slower: below the bound.
 #
 # A backward under another transform (``jacrev``'s ``vmap`` over the cotangents, ``grad`` of
 # ``grad``, a pullback differentiated by a later ``grad``) and a GPU (not measured) run the
@@ -617,9 +621,10 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # backward graph is traced, not compiled, on the first step).
 
 #: the matrix products of a graph worth keeping its activations for (NOTE [Saved activations at
-#: a grad level]): 1e8 FLOPs take about 1 ms on one CPU core, twice what AOTAutograd's
-#: runtime and a nested backward pass cost a step
-_SAVED_MIN_FLOPS = 1e8
+#: a grad level]): recomputing the forward's share of 2e7 FLOPs, and the values around them,
+#: takes about what AOTAutograd's runtime and a nested backward pass cost a step (0.2 ms on
+#: one CPU core)
+_SAVED_MIN_FLOPS = 2e7
 
 
 class _Saved:
