@@ -125,9 +125,8 @@ def test_jet_compiles_its_propagation() -> None:
     assert _counts() == (compiles + 1, calls + 2)
 
 
-def test_float32_tanh_is_compiled_as_cephes_tanhf(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NOTE [Inductor's tanh]: inductor gets the float32 graph without ``tanh`` (and the
-    float64 one with it), and the values still match nested ``jacrev``."""
+def _graphs_given_to_inductor(monkeypatch: pytest.MonkeyPatch) -> list[set[object]]:
+    """The operators of each graph handed to ``compile_fx`` from now on, appended as it is."""
     import torch._inductor.compile_fx as cfx
 
     given: list[set[object]] = []
@@ -138,6 +137,13 @@ def test_float32_tanh_is_compiled_as_cephes_tanhf(monkeypatch: pytest.MonkeyPatc
         return real(gm, inputs)
 
     monkeypatch.setattr(cfx, "compile_fx", spy)
+    return given
+
+
+def test_float32_tanh_is_compiled_as_cephes_tanhf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [Inductor's tanh]: inductor gets the float32 graph without ``tanh`` (and the
+    float64 one with it), and the values still match nested ``jacrev``."""
+    given = _graphs_given_to_inductor(monkeypatch)
     net = _mlp()
     net32 = copy.deepcopy(net).float()
 
@@ -164,18 +170,9 @@ def test_float32_training_graphs_take_tanh_as_cephes_with_tanh_backward(
     ``tanh_backward`` of its output (no ``aten.tanh`` left), and the parameter gradients match
     torch.func's float64 ones to float32 rounding. Far from zero, where the formula's own
     derivative would be ``inf / inf``, the gradient is ``tanh``'s."""
-    import torch._inductor.compile_fx as cfx
-
     from xafunc._execute.executable import _CephesTanh
 
-    given: list[set[object]] = []
-    real = cfx.compile_fx
-
-    def spy(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
-        given.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
-        return real(gm, inputs)
-
-    monkeypatch.setattr(cfx, "compile_fx", spy)
+    given = _graphs_given_to_inductor(monkeypatch)
     net = _mlp(requires_grad=True)
     net32 = copy.deepcopy(net).float()
     xs = torch.randn(6, 3, dtype=torch.float64)
