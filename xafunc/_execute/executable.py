@@ -648,12 +648,12 @@ def _saved_forward(exe: Executable, args: tuple[Any, ...], inner: tuple[Any, ...
     """The outputs of ``exe`` on ``inner`` (``args`` unwrapped from the only grad level, which
     differentiates those of ``args`` that require grad) by inductor's training code, their
     history kept in ``saved`` (NOTE [Saved activations at a grad level]); None where it does
-    not apply: without ``compile=True``, on a backward graph (whose traced operators are not
-    differentiable: NOTE [Backward graphs]), under another transform, or where autograd
-    records the plain tensors too."""
+    not apply: without ``compile=True``, off a CPU, on a backward graph (whose traced
+    operators are not differentiable: NOTE [Backward graphs]), under another transform, or
+    where autograd records the plain tensors too."""
     if not exe.compile or exe.source is not None \
             or torch._C._are_functorch_transforms_active() \
-            or not all(isinstance(a, Tensor) and not a.is_cuda for a in inner) \
+            or not all(isinstance(a, Tensor) and a.device.type == "cpu" for a in inner) \
             or _needs_grad(inner) or exe.product_flops < _SAVED_MIN_FLOPS:
         return None
     with torch.enable_grad():
