@@ -138,6 +138,105 @@ def test_vmap_runs_the_fast_path():
     assert "torchscript" in [e.executor for e in _executables(net)]
 
 
+def _record_dispatch(exe: Executable) -> list[bool]:
+    """Wrap ``exe``'s fast path so that each run of its main part records whether it ran
+    beneath the autograd dispatch keys (NOTE [Below autograd])."""
+    fast, seen = exe._fast, []
+    main = fast.main
+
+    def recorded(*args: torch.Tensor) -> object:
+        seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(
+            torch._C.DispatchKey.ADInplaceOrView))
+        return main(*args)
+
+    fast.main = recorded
+    return seen
+
+
+def test_plain_calls_run_beneath_the_autograd_keys():
+    """NOTE [Below autograd]: a plain call's main part runs beneath autograd's dispatch keys
+    -- without gradients, under the recompute node (weights that require grad) and under
+    ``vmap`` --, but not while forward-mode AD or autocast act on the call; every value and
+    the autograd history of the result are still torch.func's."""
+    import torch.autograd.forward_ad as fwAD
+
+    net = _net(5)
+    x, xs = torch.randn(3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    h = xafunc.xhessian(net)
+    with torch.no_grad():
+        h(x), vmap(h)(xs)
+    (_, single), (_, batched) = sorted(_compiled(net), key=lambda kv: "vmap" in str(kv[0]))
+    seen = _record_dispatch(single)
+    seen_batched = _record_dispatch(batched)
+    with torch.no_grad():
+        assert_tree_close(h(x), _hessian_ref(net, x))
+        assert_tree_close(vmap(h)(xs), vmap(jacrev(jacrev(net)))(xs).detach())
+    out = h(x)  # weights require grad: the recompute node
+    assert type(out.grad_fn).__name__ == "_RecomputeBackward"
+    params = list(net.parameters())
+    got = torch.autograd.grad(out.square().sum(), params, allow_unused=True,
+                              materialize_grads=True)
+    expected = torch.autograd.grad(jacrev(jacrev(net))(x).square().sum(), params,
+                                   allow_unused=True, materialize_grads=True)
+    assert_tree_close(got, expected)
+    assert seen == [True, True] and seen_batched == [True]
+    with torch.no_grad():
+        with fwAD.dual_level():
+            assert_tree_close(h(x), _hessian_ref(net, x))
+    assert seen == [True, True, False]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h(x)  # captured again: autocast's dtype is part of the signature
+        (cast,) = [e for e in _executables(net) if e not in (single, batched)]
+        seen_cast = _record_dispatch(cast)
+        h(x)
+    assert seen_cast == [False]
+
+
+def test_outputs_sharing_storage_run_above_the_autograd_keys():
+    """An output that is a view of the argument keeps autograd's view metadata and shared
+    version counter, as eager code gives it (NOTE [Below autograd])."""
+    f = lambda x: (x.sin().sum(), x.view(-1))  # noqa: E731
+    jac = xafunc.xjacobian(f, has_aux=True)
+    x = torch.randn(2, 3, dtype=DT)
+    jac(x)
+    (exe,) = _executables(f)
+    assert exe._fast.below_autograd is False
+    seen = _record_dispatch(exe)
+    d, aux = jac(x)
+    assert seen == [False]
+    assert_tree_close(d, torch.cos(x))
+    assert aux._base is x
+    version = x._version
+    aux.add_(1.0)
+    assert x._version == version + 1
+
+
+def test_output_aliasing_analysis():
+    """:func:`_may_alias_outputs` on small graphs: fresh outputs are not aliased; an output
+    that is an input, a view of one, returned twice, or a view of another output is; so is a
+    graph that writes into an input."""
+    from torch.fx import symbolic_trace
+
+    from xafunc._execute.executable import _may_alias_outputs
+
+    aten = torch.ops.aten
+
+    def aliased(fn: object) -> bool:
+        return _may_alias_outputs(symbolic_trace(fn).graph)
+
+    assert not aliased(lambda x: (aten.mul.Tensor(x, 2), aten.sin.default(x)))
+    assert not aliased(lambda x: aten.reshape.default(aten.mul.Tensor(x, 2), [-1]))
+    assert aliased(lambda x: (aten.sin.default(x), x))
+    assert aliased(lambda x: aten.reshape.default(x, [-1]))
+    assert aliased(lambda x: (lambda y: (y, y))(aten.sin.default(x)))
+    assert aliased(lambda x: (lambda y: (y, aten.permute.default(y, [1, 0])))(
+        aten.sin.default(x)))
+    assert aliased(lambda x: (lambda p: (p[0], p[1]))(
+        aten.split_with_sizes.default(aten.sin.default(x), [1, 1])))
+    assert aliased(lambda x: aten.mul_.Tensor(x, 2).sum())
+    assert not aliased(lambda x: aten.mul_.Tensor(aten.sin.default(x), 2))
+
+
 def test_inference_tensors_have_no_version_counter():
     net = _net(4)
     x = torch.randn(3, dtype=DT)

@@ -19,7 +19,7 @@ executors run the same graph:
   - *TorchScript*: the rest of the graph, with the hoisted values as inputs, is traced once
     by ``torch.jit.trace`` and run by its C++ interpreter (same aten kernels, same values, a
     fraction of the per-op cost), with pointwise ops writing into dead buffers
-    (NOTE [Buffer reuse]);
+    (NOTE [Buffer reuse]), beneath the autograd dispatch keys (NOTE [Below autograd]);
   - or, with ``compile=True``, *inductor*: the same rest, still functional, compiled by
     torch.compile's code generator (NOTE [Inductor executor]);
   - on a GPU, the rest is replayed as one CUDA graph from its third call on
@@ -91,6 +91,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 import time
 import warnings
 import weakref
@@ -101,6 +102,7 @@ import torch
 from torch import Tensor
 from torch._C._functorch import TransformType, get_unwrapped, maybe_get_level
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
 from torch.fx import Graph, GraphModule, Node
 
 from .._capture.decompositions import tanhf
@@ -933,6 +935,8 @@ class _FastPath:
         # trailing inputs of ``main`` (NOTE [Scalar operands]); inductor's graph has none
         self.scalars = scalar_inputs(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
+        # NOTE [Below autograd]: whether the main part may run beneath the autograd keys
+        self.below_autograd = not _may_alias_outputs(rewritten)
         # NOTE [CUDA graphs]: why the main part cannot be replayed (None: it can be, once it
         # has run ``WARM_UP`` times), or the captured graph
         self.why_not_graph = cuda_graph.why_not(rewritten)
@@ -1054,6 +1058,9 @@ class _FastPath:
             out = self._replay(inputs, len(args), hoisted)
             if out is not None:
                 return out
+        if self.below_autograd and _nothing_above_autograd():
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                return self.main(*inputs)
         return self.main(*inputs)
 
     def _replay(self, inputs: tuple[Any, ...], n_args: int, hoisted: Any) -> Any:
@@ -1085,6 +1092,69 @@ class _FastPath:
             cuda_graph.ReplayStats.captures += 1
             self.cuda_graph = graph
         return graph(inputs, hoisted)
+
+
+# NOTE [Below autograd]
+# The main part of a plain call runs where nothing is recorded: no input requires grad under
+# grad mode, or in a Function's forward (NOTE [Recompute]). Each of its operators would
+# still pass the autograd and ADInplaceOrView dispatch keys, which under ``no_grad`` only
+# check and redispatch -- about a fifth of a small graph's run time (one CPU thread: an
+# unrolled LSTM's Hessian 783 -> 617 us, a residual MLP's 197 -> 146 us, a 6th-order jet's
+# 127 -> 104 us). So it runs beneath them (``_AutoDispatchBelowADInplaceOrView``, as
+# PyTorch's own custom-op kernels run): same kernels, same values. What those keys would
+# have added is autograd metadata: no history (none is recorded here anyway), and views
+# that do not know their base nor share its version counter. Every tensor the main part
+# makes is its own, except that an output may be a view of an input or of another output
+# (an output returned twice, a reshape of the argument); then a later in-place write to one
+# would not bump the other's version counter, and autograd could miss it. Such graphs
+# (:func:`_may_alias_outputs`) run above the keys. So do calls where something else acts
+# at or above them (:func:`_nothing_above_autograd`): torch.func transforms (their grad
+# levels are autograd), forward-mode AD's dual levels (the autograd kernels propagate
+# tangents) and autocast (its keys are excluded with autograd's: the graph would run
+# without the casts autocast applies to it today).
+
+
+def _nothing_above_autograd() -> bool:
+    """No torch.func transform, forward-AD dual level or autocast is active."""
+    return not (torch._C._are_functorch_transforms_active()
+                or torch._C._is_any_autocast_enabled() or forward_ad._current_level >= 0)
+
+
+def _may_alias_outputs(graph: Graph) -> bool:
+    """Whether an output of ``graph`` may share storage with an input, a constant or another
+    output, or an operator may write into an input: a view or in-place operator's result
+    (any argument with an alias annotation) is taken to share its argument's storage, and
+    an unknown callable its arguments'."""
+    root: dict[Node, Node] = {}
+    for n in graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            root[n] = n
+            continue
+        if n.op != "call_function":
+            continue
+        sources: list[Any] = []
+        target = n.target
+        if target is operator.getitem:
+            sources = [n.args[0]]
+        elif isinstance(target, torch._ops.OpOverload):
+            schema = target._schema
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None:
+                    continue
+                value = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
+                sources.append(value)
+                if arg.alias_info.is_write and isinstance(value, Node) \
+                        and root[value].op != "call_function":
+                    return True  # writes into an input or a constant
+        else:
+            sources = list(n.all_input_nodes)
+        roots = {root[s] for s in sources if isinstance(s, Node)}
+        if len(roots) > 1:
+            return True
+        root[n] = roots.pop() if roots else n
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = [root[o] for o in _template(out_node.args[0])[0] if isinstance(o, Node)]
+    return len(set(outs)) < len(outs) or any(o.op != "call_function" for o in outs)
 
 
 def _row_major_batched_weights(pro: Graph, env: dict[Node, Node], hoisted: list[Node]) -> None:
