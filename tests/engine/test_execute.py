@@ -233,7 +233,10 @@ def test_output_aliasing_analysis():
         aten.sin.default(x)))
     assert aliased(lambda x: (lambda p: (p[0], p[1]))(
         aten.split_with_sizes.default(aten.sin.default(x), [1, 1])))
-    assert aliased(lambda x: aten.mul_.Tensor(x, 2).sum())
+    assert aliased(lambda x: aten.sum.default(aten.mul_.Tensor(x, 2)))
+    # a method or other callable is taken to alias its inputs
+    assert aliased(lambda x: x.view(-1))
+    assert not aliased(lambda x: aten.sin.default(x).view(-1))
     assert not aliased(lambda x: aten.mul_.Tensor(aten.sin.default(x), 2))
 
 

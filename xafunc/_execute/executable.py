@@ -1130,10 +1130,10 @@ def _may_alias_outputs(graph: Graph) -> bool:
         if n.op in ("placeholder", "get_attr"):
             root[n] = n
             continue
-        if n.op != "call_function":
+        if n.op == "output":
             continue
         sources: list[Any] = []
-        target = n.target
+        target = n.target if n.op == "call_function" else None
         if target is operator.getitem:
             sources = [n.args[0]]
         elif isinstance(target, torch._ops.OpOverload):
