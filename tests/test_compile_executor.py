@@ -296,25 +296,29 @@ def test_training_steps_run_inductor_forward_and_backward() -> None:
     assert InductorStats.autograd_calls == calls + 4
 
 
-@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
-def test_torch_func_grad_steps_run_inductor_forward_and_backward(
-        saved: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["saved", "recomputed", "default"])
+def test_torch_func_grad_steps_run_one_function_at_the_level(
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch.func.grad`` over ``functional_call`` parameters of a vmapped third derivative:
-    with compile=True the graph is one Function at the grad level, and the gradient is
-    torch.func's. With enough product FLOPs (``saved``: the bound lowered to this small
+    the graph is one Function at the grad level, and the gradient is torch.func's. With
+    compile=True and enough product FLOPs (``saved``: the bound lowered to this small
     graph's) it runs inductor's forward and backward code, compiled once (NOTE [Saved
-    activations at a grad level]); otherwise its forward and its backward graph run
-    inductor's code, compiled once each (NOTE [Backward graphs]). A pullback run twice gives
-    the same; the pullback under a later ``grad``, ``jacrev`` (its backward under ``vmap``)
-    and ``grad`` of ``grad`` run the backward graph either way, and a double backward inside
+    activations at a grad level]); with fewer (``recomputed``) its forward and its backward
+    graph run inductor's code, compiled once each (NOTE [Backward graphs]); without compile
+    (``default``) its forward is recorded by autograd beneath the level and differentiated
+    there (NOTE [Saved activations at a grad level]). A pullback run twice gives the same;
+    the pullback under a later ``grad`` and ``jacrev`` (its backward under ``vmap``) run the
+    backward graph, ``grad`` of ``grad`` too with compile=True, and a double backward inside
     the level (``autograd.grad(..., create_graph=True)`` within ``grad``) differentiates the
     gradients through it."""
     from xafunc._execute import executable
-    from xafunc._execute.executable import BackwardStats
+    from xafunc._execute.executable import BackwardStats, SavedStats
 
-    if saved:
+    if mode == "saved":
         monkeypatch.setattr(executable, "_SAVED_MIN_FLOPS", 0.0)
-    xafunc.clear_cache()  # graphs compiled by the other case are not reused
+    compiled = mode != "default"
+    keeps = mode != "recomputed"
+    xafunc.clear_cache()  # graphs compiled by the other cases are not reused
 
     net = _mlp()
     params = {k: v.detach() for k, v in net.named_parameters()}
@@ -334,18 +338,20 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward(
 
     expected = torch.func.grad(loss)(params, None)
     compiles, backward = InductorStats.compiles, BackwardStats.calls
-    trained = InductorStats.autograd_calls
+    trained, kept = InductorStats.autograd_calls, SavedStats.calls
     for step in range(2):
-        assert_tree_close(torch.func.grad(loss)(params, True), expected, msg=f"step {step}")
-    # the forward and backward code once, or the forward and the backward graph
-    assert InductorStats.compiles == compiles + (1 if saved else 2)
-    assert (InductorStats.autograd_calls, BackwardStats.calls) == (
-        (trained + 2, backward) if saved else (trained, backward + 2))
+        assert_tree_close(torch.func.grad(loss)(params, compiled), expected, msg=f"step {step}")
+    # the forward and backward code once, or the forward and the backward graph; or nothing
+    assert InductorStats.compiles == compiles + {"saved": 1, "recomputed": 2, "default": 0}[mode]
+    assert (InductorStats.autograd_calls, SavedStats.calls, BackwardStats.calls) == {
+        "saved": (trained + 2, kept + 2, backward),
+        "recomputed": (trained, kept, backward + 2),
+        "default": (trained, kept + 2, backward)}[mode]
     backward = BackwardStats.calls
-    value, pull = torch.func.vjp(lambda p: loss(p, True), params)
+    value, pull = torch.func.vjp(lambda p: loss(p, compiled), params)
     for again in range(2):
         assert_tree_close(pull(torch.ones_like(value))[0], expected, msg=f"pullback {again}")
-    assert (BackwardStats.calls == backward) == saved
+    assert (BackwardStats.calls == backward) == keeps
     backward = BackwardStats.calls
     # the pullback differentiated by a later grad (its level number reused): the backward
     # graph, on the values of the exited level's tensors
@@ -361,7 +367,7 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward(
         p = {**params, "0.weight": w}
         return torch.func.vmap(residual, in_dims=(None, 0, None))(p, xs, compile)
 
-    jac = torch.func.jacrev(per_point)(weight, True)
+    jac = torch.func.jacrev(per_point)(weight, compiled)
     assert_tree_close(jac, torch.func.jacrev(per_point)(weight, None), msg="jacrev")
     assert BackwardStats.calls > backward
     # grad of grad: the inner level's backward is differentiated by the outer one
@@ -371,16 +377,16 @@ def test_torch_func_grad_steps_run_inductor_forward_and_backward(
         g = torch.func.grad(lambda v: per_point(v, compile).pow(2).mean())(w)
         return g.pow(2).sum()
 
-    assert_tree_close(torch.func.grad(grad_norm)(weight, True),
+    assert_tree_close(torch.func.grad(grad_norm)(weight, compiled),
                       torch.func.grad(grad_norm)(weight, None), msg="grad of grad")
-    assert BackwardStats.calls > backward
+    assert (BackwardStats.calls > backward) == compiled  # default: recorded op by op
 
     # a double backward inside the level: its gradients are differentiated there again
     def inner_norm(w: torch.Tensor, compile: bool | None) -> torch.Tensor:
         (g,) = torch.autograd.grad(per_point(w, compile).pow(2).mean(), w, create_graph=True)
         return g.pow(2).sum()
 
-    assert_tree_close(torch.func.grad(inner_norm)(weight, True),
+    assert_tree_close(torch.func.grad(inner_norm)(weight, compiled),
                       torch.func.grad(inner_norm)(weight, None), msg="double backward")
 
 
