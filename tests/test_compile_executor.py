@@ -390,6 +390,35 @@ def test_torch_func_grad_steps_run_one_function_at_the_level(
                       torch.func.grad(inner_norm)(weight, None), msg="double backward")
 
 
+def test_grad_over_inputs_with_trainable_weights_records_at_the_level() -> None:
+    """``torch.func.grad`` over the points of a loss whose network's weights require grad:
+    autograd records the weights beneath the level, so the default executor records the graph
+    at the level as before, keeping no activations beneath it (NOTE [Saved activations at a
+    grad level]); the gradient with respect to the points, and then to the weights, are
+    torch.func's."""
+    from xafunc._execute.executable import BackwardStats, SavedStats
+
+    net = _mlp(requires_grad=True)
+    xs = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss(x: torch.Tensor, ref: bool) -> torch.Tensor:
+        def f(y: torch.Tensor) -> torch.Tensor:
+            return net(y).squeeze(-1)
+
+        lap = (lambda y: reference_deriv(f, 2)(y).trace()) if ref else xafunc.xlaplacian(f)
+        return torch.func.vmap(lap)(x).pow(2).sum()
+
+    kept, backward = SavedStats.calls, BackwardStats.calls
+    got = torch.func.grad(loss)(xs, False)
+    expected = torch.func.grad(loss)(xs, True)
+    assert_tree_close(got, expected)
+    weights = list(net.parameters())[:2]
+    assert_tree_close(torch.autograd.grad(got.sum(), weights),
+                      torch.autograd.grad(expected.sum(), weights), msg="weights")
+    # recorded op by op at the level: neither kept activations nor a backward graph
+    assert (SavedStats.calls, BackwardStats.calls) == (kept, backward)
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 

@@ -716,10 +716,13 @@ def _keeps_activations(exe: Executable, args: tuple[Any, ...]) -> bool:
     """Whether a call of the default executor's graph at torch.func's levels applies it as
     one Function at the level that keeps its activations (NOTE [Saved activations at a grad
     level]): there is one level (``_grad_levels_only`` checks it is a grad level), the
-    graph is not a backward graph, and its tensors are on a CPU."""
+    graph is not a backward graph, its tensors are on a CPU, and autograd records none of
+    those the level does not wrap (weights that require grad, under ``grad`` over the
+    inputs: recorded at the level as before)."""
     return _SINGLE_LEVEL and exe.source is None \
         and len(retrieve_all_functorch_interpreters()) == 1 \
-        and all(isinstance(a, Tensor) and a.device.type == "cpu" for a in args)
+        and all(isinstance(a, Tensor) and a.device.type == "cpu" for a in args) \
+        and not _needs_grad([a for a in args if not _is_wrapped(a)])
 
 
 def _saved_backward(ctx: Any, needs: tuple[bool, ...], grads: tuple[Tensor, ...]
