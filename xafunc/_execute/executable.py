@@ -262,9 +262,8 @@ class Executable:
                 # weights require grad: the result must carry autograd history, which is
                 # recorded only if a backward pass ever asks for it (NOTE [Recompute])
                 return _fill(self._template, _apply_recompute(self, *args))
-        if mode == "transformed" and (self.compile or backward_graphs(args)
-                                      or _keeps_activations(self, args)) \
-                and _grad_levels_only():
+        if mode == "transformed" and _grad_levels_only() and (
+                self.compile or backward_graphs(args) or _keeps_activations(self, args)):
             # one Function at the grad levels: the plain fast path beneath them, and a
             # backward graph (NOTE [Backward graphs]); with compile=True both run inductor's
             # code (NOTE [Inductor executor], training); at the only grad level on a CPU, the
@@ -424,9 +423,7 @@ def _recorded_grads(exe: Executable, args: tuple[Tensor, ...], grads: tuple[Tens
     outputs, by the graph recomputed with autograd recording (NOTE [Recompute]); with grad
     mode on (a double backward asks for the graph of these), differentiable."""
     create = torch.is_grad_enabled()
-    with torch.enable_grad():
-        outs = _recorded_outputs(exe, args)
-        return _input_grads(outs, grads, args, create_graph=create)
+    return _input_grads(_recorded_outputs(exe, args), grads, args, create_graph=create)
 
 
 def _recorded_outputs(exe: Executable, args: tuple[Tensor, ...]) -> list[Any]:
