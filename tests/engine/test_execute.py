@@ -52,7 +52,7 @@ def test_plain_call_uses_torchscript_and_matches():
         again = h(x)
     assert_tree_close(out, _hessian_ref(net, x))
     assert_tree_close(again, out, rtol=0.0, atol=0.0)
-    assert [e.executor for e in _executables(net)] == ["torchscript"]
+    assert [e.executor.split(",")[0] for e in _executables(net)] == ["torchscript"]
 
 
 def test_autograd_through_the_transform_recomputes_then_records():
@@ -66,7 +66,7 @@ def test_autograd_through_the_transform_recomputes_then_records():
     out = h(x)
     assert out.requires_grad and type(out.grad_fn).__name__ == "_RecomputeBackward"
     (exe,) = _executables(net)
-    assert exe.executor == "torchscript" and not exe.recording
+    assert exe.executor.startswith("torchscript") and not exe.recording
     params = list(net.parameters())
 
     def grads(value: torch.Tensor, create: bool = False) -> tuple[torch.Tensor, ...]:
@@ -135,7 +135,7 @@ def test_vmap_runs_the_fast_path():
     with torch.no_grad():
         out = vmap(h)(xs)
     assert_tree_close(out, vmap(jacrev(jacrev(net)))(xs).detach())
-    assert "torchscript" in [e.executor for e in _executables(net)]
+    assert "torchscript" in [e.executor.split(",")[0] for e in _executables(net)]
 
 
 def _record_dispatch(exe: Executable) -> list[bool]:
@@ -238,6 +238,152 @@ def test_output_aliasing_analysis():
     assert aliased(lambda x: x.view(-1))
     assert not aliased(lambda x: aten.sin.default(x).view(-1))
     assert not aliased(lambda x: aten.mul_.Tensor(aten.sin.default(x), 2))
+
+
+def _deep_net(seed: int = 0, depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(3, 16), torch.nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(16, 16), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 1)).to(DT)
+
+
+def _count_static_runs(exe: Executable) -> list[int]:
+    """Wrap ``exe``'s static runtime so that each of its runs is counted."""
+    fast, runs = exe._fast, [0]
+    static = fast.static
+    assert static is not None, exe.executor
+
+    def counted(*args: torch.Tensor) -> object:
+        runs[0] += 1
+        return static(*args)
+
+    fast.static = counted
+    return runs
+
+
+def _deriv4_ref(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return jacrev(jacrev(jacrev(jacrev(net))))(x).detach()
+
+
+def test_small_graphs_run_by_the_static_runtime():
+    """NOTE [Static runtime]: a small graph of many operators per output runs by PyTorch's
+    static runtime on plain calls, without gradients, under the recompute node and under
+    ``vmap``; its results are torch.func's, ordinary tensors of their own (an in-place update
+    and autograd accept them, a later call does not write them), and gradients through the
+    recompute node are torch.func's."""
+    net = _deep_net()
+    x, xs = torch.randn(3, dtype=DT), torch.randn(4, 3, dtype=DT)
+    d4 = xafunc.xderiv(net, 4)
+    with torch.no_grad():
+        d4(x), vmap(d4)(xs)
+    exes = _executables(net)
+    assert len(exes) == 2 and all(e.executor == "torchscript, run by the static runtime"
+                                  for e in exes), [e.executor for e in exes]
+    runs = [_count_static_runs(e) for e in exes]
+    with torch.no_grad():
+        first = d4(x)
+        second = d4(x)
+        assert_tree_close(vmap(d4)(xs), vmap(jacrev(jacrev(jacrev(jacrev(net)))))(xs).detach())
+    expected = _deriv4_ref(net, x)
+    assert_tree_close(first, expected)
+    assert not first.is_inference() and first.data_ptr() != second.data_ptr()
+    version = first._version
+    first.add_(1.0)  # an inference tensor would refuse this outside inference mode
+    assert first._version == version + 1
+    assert_tree_close(second, expected)  # not written by the first call's update
+    w = torch.ones((), dtype=DT, requires_grad=True)
+    (second * w).sum().backward()  # saved for backward: no inference tensor
+    assert_tree_close(w.grad, expected.sum())
+    out = d4(x)  # weights require grad: the recompute node
+    assert type(out.grad_fn).__name__ == "_RecomputeBackward"
+    params = list(net.parameters())
+    got = torch.autograd.grad(out.square().sum(), params, allow_unused=True,
+                              materialize_grads=True)
+    assert_tree_close(got, torch.autograd.grad(
+        jacrev(jacrev(jacrev(jacrev(net))))(x).square().sum(), params, allow_unused=True,
+        materialize_grads=True))
+    assert sorted(r[0] for r in runs) == [1, 3]  # three single calls, one batched
+    assert "static runtime" in str(xafunc.plan(net, 4)(x))
+
+
+def test_the_static_runtime_is_kept_only_where_it_matches_torchscript(monkeypatch):
+    """Built, the static runtime runs on the tracing inputs; a runtime whose outputs differ
+    from TorchScript's in a value, a NaN or a stride is never used."""
+    from xafunc._execute import executable as ex
+
+    real = torch._C._jit_to_static_module
+
+    def changed(how: str):  # a runtime whose outputs differ from TorchScript's
+        def build(graph: torch._C.Graph) -> object:
+            module = real(graph)
+
+            def run(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                outs = list(module(*args))
+                first = outs[0].clone()
+                if how == "value":  # one unit in the last place
+                    first.view(-1)[0] = torch.nextafter(first.view(-1)[0],
+                                                        torch.tensor(float("inf"), dtype=DT))
+                elif how == "nan":
+                    first.view(-1)[0] = float("nan")
+                else:  # the same values laid out column-major
+                    dims = list(reversed(range(first.dim())))
+                    first = first.permute(dims).contiguous().permute(dims)
+                outs[0] = first
+                return tuple(outs)
+            return run
+        return build
+
+    net, x = _deep_net(1), torch.randn(3, dtype=DT)
+    for how in ("value", "nan", "stride", "none"):
+        xafunc.clear_cache()
+        if how != "none":
+            monkeypatch.setattr(torch._C, "_jit_to_static_module", changed(how))
+        with torch.no_grad():
+            assert_tree_close(xafunc.xderiv(net, 4)(x), _deriv4_ref(net, x))
+        monkeypatch.setattr(torch._C, "_jit_to_static_module", real)
+        (exe,) = _executables(net)
+        assert (exe._fast.static is None) == (how != "none"), (how, exe.executor)
+    # where it does not apply: too many outputs per operator, too many bytes
+    monkeypatch.setattr(ex, "STATIC_RUNTIME_OPS_PER_OUTPUT", 10**6)
+    xafunc.clear_cache()
+    with torch.no_grad():
+        xafunc.xderiv(net, 4)(x)
+    assert [e.executor for e in _executables(net)] == ["torchscript"]
+    monkeypatch.setattr(ex, "STATIC_RUNTIME_OPS_PER_OUTPUT", 1)
+    monkeypatch.setattr(ex, "STATIC_RUNTIME_BYTES", 0)
+    xafunc.clear_cache()
+    with torch.no_grad():
+        xafunc.xderiv(net, 4)(x)
+    assert [e.executor for e in _executables(net)] == ["torchscript"]
+
+
+def test_the_static_runtime_under_threads():
+    """Calls from several threads at once (the runtime keeps one state per graph, which the
+    Python lock serialises) all return torch.func's values."""
+    import threading
+
+    net = _deep_net(2)
+    xs = torch.randn(8, 3, dtype=DT)
+    d4 = xafunc.xderiv(net, 4)
+    with torch.no_grad():
+        d4(xs[0])
+    (exe,) = _executables(net)
+    assert "static runtime" in exe.executor
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                results[i] = d4(xs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        assert_tree_close(results[i], _deriv4_ref(net, x))
 
 
 def test_inference_tensors_have_no_version_counter():
@@ -388,7 +534,7 @@ def test_plain_calls_convert_no_scalars():
     names = [e.name for e in prof.events()]
     assert "aten::tanh_" in names or "aten::tanh" in names  # the compiled graph ran
     assert "aten::to" not in names, sorted(set(names))
-    assert [e.executor for e in _executables(net)] == ["torchscript"]
+    assert [e.executor.split(",")[0] for e in _executables(net)] == ["torchscript"]
     assert_tree_close(fast, jacrev(jacrev(jacrev(net.double())))(x.double()).float().detach(),
                       rtol=1e-4, atol=1e-5)
 
@@ -558,7 +704,7 @@ def test_vmap_of_a_function_slicing_its_input_runs_the_batched_fast_path():
         got = vmap(xafunc.xhessian(f))(xs)
     assert_tree_close(got, vmap(jacrev(jacrev(f)))(xs))
     executors = [e.executor for e in _executables(f)]
-    assert executors and all(e == "torchscript" for e in executors), executors
+    assert executors and all(e.startswith("torchscript") for e in executors), executors
 
 
 def _residual_net(p, x):  # type: ignore[no-untyped-def]

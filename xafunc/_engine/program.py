@@ -266,6 +266,9 @@ class Program:
         if not self.compiler.wants_compile:
             exes = self.compiler.executables()
             line = EXECUTION
+            if any("static runtime" in e.executor for e in exes):
+                line += ("; plain calls of a small graph on a CPU run by PyTorch's static "
+                         "runtime (NOTE [Static runtime])")
             if any("CUDA graph" in e.executor for e in exes):
                 line += "; on the GPU, replayed as CUDA graphs (NOTE [CUDA graphs])"
             if any(e.has_backward_graphs for e in exes):
