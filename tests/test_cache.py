@@ -327,6 +327,29 @@ def test_autocast_dtype_is_part_of_the_signature():
         ref = reference_deriv(f, 2)(x)
     assert_tree_close(under(torch.float16), ref.to(torch.float32), rtol=2e-3, atol=2e-3)
 
+def test_a_capture_under_inference_mode_serves_only_inference_mode():
+    """A graph captured under ``torch.inference_mode`` holds inference tensors (its constants,
+    the values its prologue hoists), which autograd refuses to save: a later call whose result
+    is differentiated captures again, and trains as torch.func's nesting does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 1)).to(F64)
+    x = torch.randn(3, dtype=F64)
+    params = list(net.parameters())
+    with torch.inference_mode():
+        for _ in range(2):
+            out = xderiv(net, 3)(x)
+    assert out.is_inference()
+    assert_tree_close(out, reference_deriv(net, 3)(x).detach())
+    for _ in range(2):  # the recompute node's backward, then a recording call
+        got = torch.autograd.grad(xderiv(net, 3)(x).square().sum(), params,
+                                  allow_unused=True, materialize_grads=True)
+        expected = torch.autograd.grad(reference_deriv(net, 3)(x).square().sum(), params,
+                                       allow_unused=True, materialize_grads=True)
+        assert_tree_close(got, expected)
+    assert xafunc.cache_info().misses == 2
+
+
 def test_zero_dim_tensor_read_in_python_is_guarded_by_value():
     t = torch.tensor(2.0, dtype=F64)
     f = lambda x: (x * t.item()).sin().sum()  # noqa: E731
