@@ -1195,9 +1195,10 @@ def _nothing_above_autograd() -> bool:
 # serving) runs the same TorchScript graph with less: each op's kernel called through its
 # out-variant into buffers a memory planner laid out once, without the dispatcher's round
 # trips. On one CPU thread the main part ran 14-22 % faster for a residual MLP's Hessian, the
-# LSTM's, a 6th-order jet and an order-4 MLP derivative, 3-8 % for SIREN, flow, GRU and
-# per-sample Hessians, and level for kernel-bound graphs (a transformer block, Laplacians
-# of 128 points). It is used on a CPU for a main part
+# LSTM's, a 6th-order jet and an order-4 MLP derivative (the last two below the rules that
+# follow: a whole call gained 0-9 %), 3-8 % for SIREN, flow, GRU and per-sample Hessians, and
+# level for kernel-bound graphs (a transformer block, Laplacians of 128 points). It is used on
+# a CPU for a main part
 # * whose intermediate values take at most ``STATIC_RUNTIME_BYTES`` in all: a larger graph is
 #   bound by its kernels. Its planner lays the intermediates out in one block, allocated at the
 #   start of every run and freed at its end (nothing is held between calls), 2-3x the peak of
