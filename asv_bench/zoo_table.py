@@ -198,7 +198,8 @@ def _static_runtime_blocks() -> Callable[[], int]:
     from xafunc._execute import executable
 
     built: list[tuple[Any, list[torch.Tensor]]] = []
-    real = executable._static_runtime
+    # the library's own function, also when an earlier case of this process wrapped it
+    real = getattr(executable._static_runtime, "__wrapped__", executable._static_runtime)
 
     def record(traced: Any, inputs: tuple[Any, ...]) -> Any:
         run = real(traced, inputs)
@@ -207,9 +208,13 @@ def _static_runtime_blocks() -> Callable[[], int]:
                           [t.detach() for t in inputs]))
         return run
 
+    record.__wrapped__ = real  # type: ignore[attr-defined]
     executable._static_runtime = record
+    known: list[int] = []
 
     def largest() -> int:
+        if known:  # read once per case
+            return known[0]
         most = 0
         for module, inputs in built:
             sys.stdout.flush()
@@ -225,6 +230,7 @@ def _static_runtime_blocks() -> Callable[[], int]:
                 text = tmp.read().decode(errors="replace")
             found = re.search(r"Total memory managed: (\d+) bytes", text)
             most = max(most, int(found.group(1)) if found else 0)
+        known.append(most)
         return most
 
     return largest
