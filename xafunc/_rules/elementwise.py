@@ -148,7 +148,7 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
 #   tanh(x / 2) = sigmoid(x) - sigmoid(-x)``, i.e. ``v 2^(1-j) Q_j(u)`` with ``v = sigmoid(x)
 #   sigmoid(-x)``.
 #
-# Now at most 5 epsilons to the eighth derivative for both, and gelu's sixth 15. Series of
+# Now about 5 epsilons at the eighth derivative for both, and 15 at gelu's sixth. Series of
 # degree 1 or 2 keep the form in ``y`` (at most 7 epsilons there, tails aside): torch's own
 # ``tanh_backward`` and ``sigmoid_backward``, which the simplifier fuses with no extra kernel;
 # the accurate factor costs three kernels on the primal.
