@@ -14,6 +14,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from . import _validate as V
 from ._capture.cache import CACHE, eager_under_compile, outside_compiler
 from ._capture.request import Request
@@ -39,7 +41,12 @@ class _Transform:
 
     @property
     def __name__(self) -> str:  # type: ignore[override]
-        return getattr(self.func, "__name__", type(self.func).__name__)
+        # (``vmap`` reads it three times a call; an ``nn.Module`` has none, and looking it up
+        # on one raises and catches an AttributeError in ``Module.__getattr__``, 2 us)
+        func = self.func
+        own = vars(func).get("__name__") if isinstance(func, torch.nn.Module) else \
+            getattr(func, "__name__", None)
+        return own if isinstance(own, str) else type(func).__name__
 
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
