@@ -153,7 +153,7 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
 # Now about 5 epsilons at the eighth derivative for both, and 15 at gelu's sixth. Series of
 # degree 1 or 2 keep the form in ``y`` (at most 7 epsilons there, tails aside): torch's own
 # ``tanh_backward`` and ``sigmoid_backward``, which the simplifier fuses with no extra kernel;
-# the accurate factor costs four kernels on the primal (fused by ``compile=True``).
+# the accurate factor costs four or five kernels on the primal (fused by ``compile=True``).
 
 
 @functools.cache
