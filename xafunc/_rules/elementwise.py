@@ -157,9 +157,11 @@ def _poly_values(polys: list[tuple[float, ...]], y: Tensor) -> list[Tensor]:
 
 
 @functools.cache
-def _quotients(K: int) -> list[tuple[float, ...]]:
-    """``Q_j / j!`` for ``j = 1..K``: tanh's ``P_j`` divided by ``1 - y^2`` (NOTE [Higher
-    derivatives of tanh and sigmoid])."""
+def _quotients(kind: str, K: int) -> list[tuple[float, ...]]:
+    """The polynomials ``_tanh_values``/``_sigmoid_values`` multiply their factor by, for
+    ``j = 1..K``: ``Q_j / j!`` (tanh's ``P_j`` divided by ``1 - y^2``) times 4 for tanh (its
+    factor is ``sech^2 / 4``), times ``2^(1-j)`` for sigmoid (NOTE [Higher derivatives of tanh
+    and sigmoid])."""
     out = []
     for j, p in enumerate(_poly_derivatives((1.0, 0.0, -1.0), K), start=1):
         rem, q = list(p), [0.0] * (len(p) - 2)
@@ -168,7 +170,8 @@ def _quotients(K: int) -> list[tuple[float, ...]]:
             rem[i - 2] += rem[i]
             rem[i] = 0.0
         assert all(abs(r) < 1e-9 * max(map(abs, p)) for r in rem), (j, rem)
-        out.append(tuple(c / math.factorial(j) for c in q))
+        scale = 4.0 if kind == "tanh" else 2.0 ** (1 - j)
+        out.append(tuple(c * scale / math.factorial(j) for c in q))
     return out
 
 
@@ -178,7 +181,7 @@ def _tanh_values(x: Tensor, y: Tensor, K: int) -> list[Tensor]:
         return _poly_values(_polys("tanh", K), y)
     twice = x * 2
     quarter = torch.sigmoid(twice) * torch.sigmoid(-twice)  # sech^2(x) / 4
-    return _times(quarter, [tuple(4 * c for c in q) for q in _quotients(K)], y)
+    return _times(quarter, _quotients("tanh", K), y)
 
 
 def _sigmoid_values(x: Tensor, y: Tensor, K: int) -> list[Tensor]:
@@ -186,9 +189,7 @@ def _sigmoid_values(x: Tensor, y: Tensor, K: int) -> list[Tensor]:
     if K <= 2:
         return _poly_values(_polys("sigmoid", K), y)
     neg = torch.sigmoid(-x)
-    halves = [tuple(c * 2.0 ** (1 - j) for c in q)
-              for j, q in enumerate(_quotients(K), start=1)]
-    return _times(y * neg, halves, y - neg)
+    return _times(y * neg, _quotients("sigmoid", K), y - neg)
 
 
 def _times(factor: Tensor, polys: list[tuple[float, ...]], t: Tensor) -> list[Tensor]:
