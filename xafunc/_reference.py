@@ -35,6 +35,7 @@ import torch.func
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 Level = str  # "fwd" or "rev"
 
@@ -165,6 +166,24 @@ def _group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None,
     if weight is not None:
         y = y * weight.reshape(shape)
     return y + bias.reshape(shape) if bias is not None else y
+
+
+class NoGradCuts(TorchFunctionMode):
+    """NOTE [No-grad blocks under forward mode]
+    ``torch.no_grad()`` does not apply to forward-mode AD (torch documents it): nested
+    ``jvp`` differentiates through a ``no_grad`` block that nested ``jacrev`` treats as a
+    constant, so ``jacfwd`` and ``jacrev`` of such a function disagree. xafunc's contract is
+    ``jacrev``'s -- the capture detaches what runs with grad mode off, at every order -- and a
+    reference that differentiates the user's function by forward mode (``jet``'s) runs it under
+    this mode: every torch call made with grad mode off returns its tensors detached, which
+    under ``jvp`` have no tangent."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            return out
+        return pytree.tree_map_only(Tensor, lambda t: t.detach(), out)
 
 
 class SafeNorms(TorchFunctionMode):

@@ -29,7 +29,7 @@ from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
 from ._execute.executable import outside_transforms
 from ._plan import empty_vmap_batch, level_local_reason, strict_checked
-from ._reference import SafeNorms
+from ._reference import NoGradCuts, SafeNorms
 from ._rules.series import Series, UnitSeed, primal
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
@@ -89,14 +89,17 @@ def jet(func: Callable[..., Any], primals: Sequence[Tensor],
     line (``series[i] = (v_i, 0, ..., 0)``), ``series_out[k-1] = D^k f(x)[v, ..., v]``, the
     ``k``-th directional derivative, which is what ``k`` nested ``torch.func.jvp`` calls along
     ``v`` return. (Internally xafunc works with plain Taylor coefficients and converts at the
-    boundary.)
+    boundary.) ``.detach()`` and ``torch.no_grad()`` blocks are constants, as in every xafunc
+    transform and in nested ``jacrev``; torch's forward mode (``jvp``, ``jacfwd``) ignores
+    grad mode and differentiates through ``no_grad`` blocks.
 
     The function is captured once per call signature (shapes, dtypes, devices, ``K``) into an
     aten graph and every operator is applied to the whole series at once, so the cost grows
     like ``K^2`` to ``K^3`` elementwise operations per node rather than ``2^K`` as for nested
     ``jvp``. Functions the engine cannot capture (data-dependent control flow, operators
-    without a Taylor rule) are computed with nested ``torch.func.jvp`` instead, with the same
-    result. ``jet`` composes with ``torch.func.vmap``, ``grad``, ``jacrev`` and ``jvp``.
+    without a Taylor rule) are computed with nested ``torch.func.jvp`` instead (its ``no_grad``
+    blocks kept constant), with the same result. ``jet`` composes with ``torch.func.vmap``,
+    ``grad``, ``jacrev`` and ``jvp``.
 
     Args:
         func: A function of ``len(primals)`` tensors returning a tensor or a pytree of tensors.
@@ -242,8 +245,10 @@ def _jet_plan(entry: Entry, compile: bool = False) -> Callable[..., Any]:
 def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
                    series: Sequence[Sequence[Tensor | None]], K: int,
                    lifted: tuple[Tensor, ...]) -> tuple[Any, Any]:
-    """Nested ``torch.func.jvp`` on ``t -> func(x(t))``: derivatives at ``t = 0``."""
+    """Nested ``torch.func.jvp`` on ``t -> func(x(t))``: derivatives at ``t = 0``; ``func``
+    runs once, its ``no_grad`` blocks constants (NOTE [No-grad blocks under forward mode])."""
     t0 = torch.zeros((), dtype=primals[0].dtype, device=primals[0].device)
+    out_spec: list[Any] = []
 
     def curve(t: Tensor) -> list[Tensor]:
         xs = []
@@ -253,13 +258,18 @@ def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
                 if c is not None:
                     x = x + c * (t ** k / math.factorial(k))
             xs.append(x)
-        return _tensor_leaves("jet", func(*xs))[0]
+        with torch.enable_grad(), NoGradCuts():  # as the capture traces it
+            leaves, spec = _tensor_leaves("jet", func(*xs))
+        out_spec.append(spec)
+        return leaves
 
+    recording = torch.is_grad_enabled()
     with SafeNorms():
         y, ds = _jvp_derivatives(curve, t0, K)
-        _, spec = pytree.tree_flatten(func(*primals))
+    if not recording:  # (``func`` ran with grad mode on: nothing of it is kept)
+        y, ds = [t.detach() for t in y], [[t.detach() for t in d] for d in ds]
     ser = [tuple(d[j] for d in ds) for j in range(len(y))]
-    return pytree.tree_unflatten(list(y), spec), pytree.tree_unflatten(ser, spec)
+    return pytree.tree_unflatten(list(y), out_spec[0]), pytree.tree_unflatten(ser, out_spec[0])
 
 
 # ========================================================================== the operators
@@ -463,7 +473,8 @@ def _graph_reference(split: Split, K: int) -> Callable[..., Any]:
 
 
 def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[..., Any]:
-    """Nested ``jvp`` of the function itself (it could not be captured)."""
+    """Nested ``jacrev`` of the function itself (it could not be captured), contracted with
+    the directions (``_jacrev_along``)."""
 
     def run(op: _Operator, args: tuple[Any, ...], kwargs: dict[str, Any],
             lifted: tuple[Tensor, ...]) -> Any:
@@ -573,9 +584,11 @@ def xlaplacian(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, *,
     call. Under ``torch.func.vmap`` pass ``randomness="different"`` (independent directions
     per sample) or ``"same"``.
 
-    Functions the engine cannot capture are computed with nested ``torch.func.jvp`` along the
-    same directions. The result composes with ``torch.func.vmap`` (e.g. per-sample Laplacians
-    of collocation points) and ``torch.func.grad`` / ``jacrev`` (e.g. PINN losses).
+    Functions the engine cannot run are computed by nested torch.func along the same
+    directions (``jvp`` on the captured graph, or ``jacrev`` of the function itself contracted
+    with them, which keeps its ``no_grad`` blocks constant as the engine does). The result
+    composes with ``torch.func.vmap`` (e.g. per-sample Laplacians of collocation points) and
+    ``torch.func.grad`` / ``jacrev`` (e.g. PINN losses).
 
     Args:
         func: A function returning a tensor or a pytree of tensors.

@@ -150,6 +150,48 @@ def test_jet_fallback_data_dependent_control_flow():
 
 
 @pytest.mark.fallback
+@pytest.mark.parametrize("reads_a_value", [False, True], ids=["engine", "reference"])
+def test_jet_treats_no_grad_blocks_as_constants(reads_a_value):
+    """A ``torch.no_grad()`` block is a constant in ``jet`` as in nested ``jacrev`` (NOTE
+    [No-grad blocks under forward mode]), whether the engine runs (under strict) or the
+    function reads a value in Python and the reference runs: both give the contraction of
+    nested ``jacrev`` along ``v``. Nested ``jvp`` differentiates through the block (torch's
+    forward mode ignores grad mode) and differs. Called under ``torch.no_grad()``, the
+    reference's series carry no history."""
+    from tests._compare import assert_tree_close
+
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=DT,
+                    requires_grad=True)
+
+    def f(x):
+        with torch.no_grad():
+            c = x.abs().sum() + (w * w).sum()
+        s = (2.0 if x.sum().item() > 0 else 3.0) if reads_a_value else 2.0
+        return torch.sin(w @ x) * c * s + (x ** 3).sum() * c
+
+    x = torch.tensor([0.3, -0.5, 0.9], dtype=DT)
+    v = torch.tensor([1.0, 0.5, -0.3], dtype=DT)
+    K = 3
+    with xafunc.strict(not reads_a_value):
+        y, ser = jet(f, (x,), ((v,) + (None,) * (K - 1),))
+    D, expected = f, []
+    for _ in range(K):
+        D = jacrev(D)
+        T = D(x)
+        for _ in range(T.dim() - 1):
+            T = T @ v
+        expected.append(T)
+    assert_tree_close(list(ser), expected)
+    assert_tree_close(y, f(x))
+    with pytest.raises(AssertionError):
+        assert_tree_close(ser[1], _nested_jvp(f, x, v, 2))
+    with torch.no_grad():
+        _, quiet = jet(f, (x,), ((v,) + (None,) * (K - 1),))
+    assert not any(t.requires_grad for t in quiet)
+    assert_tree_close([t.detach() for t in quiet], [t.detach() for t in ser])
+
+
+@pytest.mark.fallback
 @pytest.mark.parametrize("operator", [xlaplacian, xbiharmonic])
 def test_fixed_directions_made_under_grad_are_plain(operator):
     """The exact directions are cached process-wide: the first ones made under a grad level
