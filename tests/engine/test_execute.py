@@ -401,6 +401,31 @@ def test_inference_tensors_have_no_version_counter():
     assert_tree_close(again, expected)
 
 
+def test_constants_made_under_inference_mode_serve_later_calls():
+    """The process-wide constants a propagation is traced with (seeds, interpolation
+    matrices) are ordinary tensors even when first made under ``torch.inference_mode``: a
+    third derivative evaluated there once, then another model's third derivatives (the same
+    cached constants) backpropagated, and differentiated by ``jacrev``, are torch.func's
+    (inference tensors in those caches made every later backward raise)."""
+    xafunc.clear_cache()
+    from xafunc._engine import interpolate
+
+    interpolate.interpolation_constants.cache_clear()
+    x = torch.randn(3, dtype=DT)
+    with torch.inference_mode():
+        xafunc.xderiv(_net(5), 3)(x)
+    net = _net(6)
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        xafunc.xderiv(net, 3)(x).sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    jacrev(jacrev(jacrev(net)))(x).sum().backward()
+    assert_tree_close(grads, [p.grad for p in net.parameters()])
+    assert_tree_close(jacrev(lambda y: xafunc.xderiv(net, 3)(y).sum())(x),
+                      jacrev(lambda y: jacrev(jacrev(jacrev(net)))(y).sum())(x))
+
+
 def test_plain_call_conditions():
     x = torch.randn(2)
     assert plain_call((x,))

@@ -870,12 +870,16 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
 
 
 def outside_transforms(make: Callable[[], Any]) -> Any:
-    """``make()`` run with no torch.func transform active, so that the constants it makes
-    for a trace are plain tensors (under a grad level even a factory's result is wrapped at
-    that level, which outlives it in a cache and breaks later traces)."""
+    """``make()`` run with no torch.func transform active and inference mode off, so that the
+    constants it makes for a trace, and the process-wide caches they come from (seeds,
+    interpolation matrices), are plain tensors: under a grad level even a factory's result is
+    wrapped at that level, and under ``torch.inference_mode`` it is an inference tensor, which
+    autograd refuses to save; either outlives the call in a cache and breaks later calls
+    (a third derivative evaluated under inference mode made every later one on as many inputs
+    fail its backward)."""
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-    with temporarily_clear_interpreter_stack():
+    with temporarily_clear_interpreter_stack(), torch.inference_mode(False):
         return make()
 
 
