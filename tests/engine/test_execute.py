@@ -843,3 +843,95 @@ def test_batched_graphs_per_propagation_are_bounded(monkeypatch):
             xs = torch.randn(b, 3, generator=torch.Generator().manual_seed(b), dtype=DT)
             assert_tree_close(vmap(xafunc.xhessian(net))(xs), vmap(jacrev(jacrev(net)))(xs))
     assert len(_graphs(net, batched=True)) == 3 and _graphs(net, batched=False)
+
+
+# ------------------------------------------------------------------ NOTE [NumPy's tanh]
+def _tanh_values(dtype: torch.dtype) -> torch.Tensor:
+    """8192 values (more than ``MIN_NUMEL``) across ``dtype``'s range, the special ones
+    first."""
+    g = torch.Generator().manual_seed(0)
+    tiny = torch.finfo(dtype).tiny
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), tiny / 4,
+                            -tiny / 4, 1e-30, -1e-30, 9.0, -9.0, 20.0, 800.0], dtype=dtype)
+    spread = torch.cat([torch.linspace(-12, 12, 4000, dtype=dtype),
+                        torch.logspace(-40, 1.3, 2000, dtype=dtype),
+                        torch.randn(8192, generator=g, dtype=dtype) * 3])
+    return torch.cat([special, -spread])[:8192]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaN where NaN, and the same sign bits (``-0.0`` is not ``0.0``)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        a.nan_to_num(7.0), b.nan_to_num(7.0)) and torch.equal(a.signbit(), b.signbit())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_tanh_kernel(dtype):
+    """``xafunc::tanh`` and ``tanh_`` (NumPy's ufunc) are within 1.5 ulps (float32) or 2
+    (float64) of the exact value and give torch's values and signs at +-0, +-inf, NaN and
+    subnormals, for contiguous, transposed and expanded inputs; a tensor that requires grad,
+    and a large one spread over many threads, get ATen's result."""
+    from xafunc._execute import kernels
+
+    x = _tanh_values(dtype)
+    got = torch.ops.xafunc.tanh(x)
+    exact = torch.tanh(x.double())
+    spacing = torch.nextafter(exact.to(dtype).abs(), torch.tensor(float("inf"), dtype=dtype)
+                              ).double() - exact.to(dtype).abs().double()
+    finite = exact.isfinite()
+    ulps = ((got.double() - exact).abs() / spacing)[finite]
+    assert ulps.max() <= (1.5 if dtype == torch.float32 else 2.0), ulps.max()
+    assert_tree_close(got, torch.tanh(x), rtol=4 * torch.finfo(dtype).eps, atol=0.0)
+    assert _same_values(got[:9], torch.tanh(x[:9]))  # +-0, +-inf, NaN, subnormals, tiny
+    for form in (x.reshape(128, 64).t(), x[:128].expand(64, 128)):
+        assert_tree_close(torch.ops.xafunc.tanh(form), torch.tanh(form),
+                          rtol=4 * torch.finfo(dtype).eps, atol=0.0)
+    inplace = x.clone()
+    assert torch.ops.xafunc.tanh_(inplace) is inplace
+    assert _same_values(inplace, got)
+    w = x.clone().requires_grad_()
+    with torch.no_grad():
+        assert _same_values(torch.ops.xafunc.tanh(w), torch.tanh(w))
+    big = torch.randn(8 * kernels._ATEN_GRAIN, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert not kernels._numpy_can(big)
+        assert _same_values(torch.ops.xafunc.tanh(big), torch.tanh(big))
+        torch.set_num_threads(1)
+        assert kernels._numpy_can(big)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_large_tanh_layers_run_numpys_kernel():
+    """A plain call whose graph applies ``tanh`` to ``MIN_NUMEL`` elements or more runs
+    ``xafunc::tanh`` there, and ATen's ``tanh`` in a graph of fewer, with torch.func's
+    numbers; the recompute node (weights that require grad) runs the same fast path, and the
+    gradient through it (the recorded graph, ATen's ``tanh``) is torch.func's."""
+    from xafunc._execute import kernels
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                              torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DT)
+
+    def u(x):
+        return net(x).sum()
+
+    xs = torch.randn(kernels.MIN_NUMEL // 64, 2, dtype=DT)
+    h = vmap(xafunc.xhessian(u))
+    ref = vmap(jacrev(jacrev(u)))
+    with torch.no_grad():
+        out, few = h(xs), h(xs[:4])
+    assert_tree_close(out, ref(xs).detach())
+    assert_tree_close(few, ref(xs[:4]).detach())
+    mains = [str(e._fast.main.graph) for e in _executables(u)]
+    assert len(mains) == 2
+    assert sum("xafunc::tanh" in g for g in mains) == 1, mains
+    recorded = h(xs)
+    assert recorded.requires_grad
+    assert_tree_close(recorded.detach(), out, rtol=0.0, atol=0.0)
+    recorded.sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    ref(xs).sum().backward()
+    assert_tree_close(grads, [p.grad for p in net.parameters()])
