@@ -113,7 +113,7 @@ from .._capture.writes import STEPS, TOUCHES, counted, storage_key, touched
 from .._engine.cost import matrix_product_flops
 from . import cuda_graph
 from .backward import vjp_graph
-from .kernels import numpy_tanh
+from .kernels import numpy_kernels
 from .optimize import for_autograd, power_of_two_scaling, pure_op
 
 _FAILED: Any = object()
@@ -995,7 +995,7 @@ class _FastPath:
         self.functional = GraphModule(gm, main)  # inductor's input (no in-place rewrites)
         rewritten = _copy(main)
         reuse_buffers(rewritten)
-        self.numpy_tanh = numpy_tanh(rewritten)  # NOTE [NumPy's tanh]
+        self.numpy_ops = numpy_kernels(rewritten)  # NOTE [NumPy kernels]
         # trailing inputs of ``main`` (NOTE [Scalar operands]); inductor's graph has none
         self.scalars = scalar_inputs(rewritten)
         self.main: Callable[..., Any] = GraphModule(gm, rewritten)
@@ -1066,10 +1066,10 @@ class _FastPath:
             return f"{self.base} (compile=True, but inductor failed: {self.failure})"
         if self.cuda_graph is not None:
             return f"{self.base}, replayed as a CUDA graph"
-        tanh = f", {self.numpy_tanh} tanh by NumPy" if self.numpy_tanh else ""
+        numpy = f", {self.numpy_ops} ops by NumPy" if self.numpy_ops else ""
         if self.static is not None:
-            return f"{self.base}, run by the static runtime{tanh}"
-        return self.base + tanh
+            return f"{self.base}, run by the static runtime{numpy}"
+        return self.base + numpy
 
     def compile_inductor(self, args: tuple[Any, ...]) -> bool:
         """Compile the functional main part with inductor and run it once on ``args`` (see
