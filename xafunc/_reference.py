@@ -183,7 +183,9 @@ class NoGradCuts(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if torch.is_grad_enabled():
             return out
-        return pytree.tree_map_only(Tensor, lambda t: t.detach(), out)
+        # a tensor the call returns as it was given (``add_``, ``requires_grad_``) stays itself
+        given = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        return pytree.tree_map_only(Tensor, lambda t: t if id(t) in given else t.detach(), out)
 
 
 class SafeNorms(TorchFunctionMode):
