@@ -459,6 +459,60 @@ def test_compile_must_be_a_bool(i: int, name: str) -> None:
         _transforms("yes")[i]()  # type: ignore[operator]
 
 
+def test_products_of_few_rows_become_reductions_for_inductor(monkeypatch) -> None:
+    """The Hessian of a residual tanh network in its 4 inputs multiplies 1- and 4-row
+    matrices by the 16 x 16 weights: inductor gets them as products and sums (NOTE
+    [Inductor's small products]); the rewrite ran and the compiled code gives nested
+    ``jacrev``'s numbers; alone, the rewrite gives ``mm``'s and ``addmm``'s values and leaves
+    products of many rows or many multiply-adds alone."""
+    from xafunc._execute import executable as ex
+
+    rewritten: list[int] = []
+
+    def counted(graph: torch.fx.Graph) -> int:
+        rewritten.append(original(graph))
+        return rewritten[-1]
+
+    original = ex.small_products_for_inductor
+    monkeypatch.setattr(ex, "small_products_for_inductor", counted)
+    torch.manual_seed(22)
+    w = [torch.randn(16, 16, dtype=torch.float64) / 4 for _ in range(3)]
+    w_in, b = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ w_in.T + b)
+        for m in w:
+            h = h + torch.tanh(torch.addmm(b, h.unsqueeze(0), m).squeeze(0))
+        return h.sum()
+
+    x = torch.randn(4, dtype=torch.float64)
+    compiles, calls = _counts()
+    got = xafunc.xhessian(f, compile=True)(x)
+    assert _counts() == (compiles + 1, calls + 1)
+    assert sum(rewritten) >= 4, rewritten
+    assert_tree_close(got, reference_deriv(f, 2)(x))
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a, b)
+
+    def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(c, a, b)
+
+    for rows, inner, cols, expected in ((4, 16, 16, 1), (24, 16, 32, 1), (25, 8, 8, 0),
+                                        (8, 64, 64, 0)):
+        a, b, c = torch.randn(rows, inner), torch.randn(inner, cols), torch.randn(cols)
+        for fn, args in ((mm, (a, b)), (addmm, (c, a, b))):
+            gm = torch.fx.experimental.proxy_tensor.make_fx(fn)(*args)
+            for node, value in zip(gm.graph.find_nodes(op="placeholder"), args, strict=True):
+                node.meta["val"] = value
+            for node in gm.graph.nodes:
+                if node.op == "call_function":
+                    node.meta["val"] = fn(*args)
+            assert original(gm.graph) == expected, (fn.__name__, rows, inner, cols)
+            gm.recompile()
+            assert_tree_close(gm(*args), fn(*args), rtol=1e-5, atol=1e-5)
+
+
 def test_small_batched_products_become_reductions_for_inductor(monkeypatch) -> None:
     """Per-sample Hessians of a 2 -> 16 -> 16 -> 1 network under ``vmap`` end in a ``bmm`` of
     128 products of ``2 x 16 x 2``, which inductor gets as a product and a sum (NOTE [Inductor's
