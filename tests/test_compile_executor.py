@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -459,22 +460,30 @@ def test_compile_must_be_a_bool(i: int, name: str) -> None:
         _transforms("yes")[i]()  # type: ignore[operator]
 
 
+def _count_small_product_rewrites(monkeypatch: pytest.MonkeyPatch
+                                  ) -> tuple[list[int], Callable[[torch.fx.Graph], int]]:
+    """A list that collects the number of products each later compile rewrites (NOTE
+    [Inductor's small products]), and the rewrite itself."""
+    from xafunc._execute import executable as ex
+
+    rewritten: list[int] = []
+    original = ex.small_products_for_inductor
+
+    def counted(graph: torch.fx.Graph) -> int:
+        rewritten.append(original(graph))
+        return rewritten[-1]
+
+    monkeypatch.setattr(ex, "small_products_for_inductor", counted)
+    return rewritten, original
+
+
 def test_products_of_few_rows_become_reductions_for_inductor(monkeypatch) -> None:
     """The Hessian of a residual tanh network in its 4 inputs multiplies 1- and 4-row
     matrices by the 16 x 16 weights: inductor gets them as products and sums (NOTE
     [Inductor's small products]); the rewrite ran and the compiled code gives nested
     ``jacrev``'s numbers; alone, the rewrite gives ``mm``'s and ``addmm``'s values and leaves
     products of many rows or many multiply-adds alone."""
-    from xafunc._execute import executable as ex
-
-    rewritten: list[int] = []
-
-    def counted(graph: torch.fx.Graph) -> int:
-        rewritten.append(original(graph))
-        return rewritten[-1]
-
-    original = ex.small_products_for_inductor
-    monkeypatch.setattr(ex, "small_products_for_inductor", counted)
+    rewritten, original = _count_small_product_rewrites(monkeypatch)
     torch.manual_seed(22)
     w = [torch.randn(16, 16, dtype=torch.float64) / 4 for _ in range(3)]
     w_in, b = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
@@ -518,16 +527,7 @@ def test_small_batched_products_become_reductions_for_inductor(monkeypatch) -> N
     128 products of ``2 x 16 x 2``, which inductor gets as a product and a sum (NOTE [Inductor's
     small products]): the rewrite ran, and the compiled code gives nested ``jacrev``'s
     numbers; the rewritten graph alone gives ``bmm``'s."""
-    from xafunc._execute import executable as ex
-
-    rewritten: list[int] = []
-
-    def counted(graph: torch.fx.Graph) -> int:
-        rewritten.append(original(graph))
-        return rewritten[-1]
-
-    original = ex.small_products_for_inductor
-    monkeypatch.setattr(ex, "small_products_for_inductor", counted)
+    rewritten, original = _count_small_product_rewrites(monkeypatch)
     torch.manual_seed(21)
     net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
                               torch.nn.Tanh(), torch.nn.Linear(16, 1))
