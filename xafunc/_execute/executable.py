@@ -1571,16 +1571,14 @@ def small_products_for_inductor(graph: Graph) -> int:
     done = 0
     for node in list(graph.nodes):
         val = node.meta.get("val")
-        if node.target not in _SMALL_PRODUCTS or not isinstance(val, Tensor) \
+        if node.target not in _SMALL_PRODUCTS or node.kwargs or not isinstance(val, Tensor) \
                 or val.dtype not in (torch.float32, torch.float64) or val.device.type != "cpu":
-            continue
+            continue  # (kwargs: addmm's beta and alpha)
         bias, (a, b) = (node.args[0], node.args[1:3]) if node.target is aten.addmm.default \
             else (None, node.args[:2])
         aval = a.meta.get("val") if isinstance(a, Node) else None
         if not isinstance(aval, Tensor) or aval.dtype != val.dtype \
                 or not _small_product(node, val.shape, aval.shape[-1]):
-            continue
-        if node.target is aten.addmm.default and node.kwargs:  # beta, alpha
             continue
         with graph.inserting_before(node):
             left = graph.call_function(aten.unsqueeze.default, (a, -1))
