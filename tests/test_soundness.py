@@ -477,6 +477,52 @@ def test_running_statistics_updated_by_eager_steps_are_seen(norm):
         net.eval()
 
 
+@pytest.mark.parametrize("replace", ["attribute", "functional_call"])
+def test_running_statistics_replaced_by_new_tensors_are_seen(replace):
+    """Running statistics replaced by new tensors (an assignment, a new state dict for
+    ``functional_call``) pass the guards -- the same shapes, read afresh on every call -- and
+    the kernels then write *them* without bumping their counters: they are noted where the
+    graph reads running statistics on every call, not only as the traced tensors (NOTE
+    [Unversioned writes])."""
+    torch.manual_seed(5)
+    xafunc.clear_cache()
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
+    net = net.to(F64).eval()
+    # (the count of batches, written with its counter bumped, would hide a stale cache)
+    state = {**dict(net.named_parameters()), **{
+        k: v for k, v in net.named_buffers() if not k.endswith("num_batches_tracked")}}
+    if replace == "functional_call":
+        f = lambda s, x: torch.func.functional_call(net, s, (x.unsqueeze(0),)).sum()  # noqa: E731
+    else:
+        f = lambda x: net(x.unsqueeze(0)).sum()  # noqa: E731
+    x = _x(3, seed=6)
+    for step in range(3):
+        # new tensors, same values: the guards hold, the graph is reused
+        if replace == "functional_call":
+            state = {k: v.clone() if k.endswith(("_mean", "_var")) else v
+                     for k, v in state.items()}
+        else:
+            net[1].running_mean = net[1].running_mean.clone()
+            net[1].running_var = net[1].running_var.clone()
+        for when in ("before", "after"):  # the first call caches what it may
+            with torch.no_grad():
+                ref = (reference_deriv(f, 2, 1)(state, x) if replace == "functional_call"
+                       else reference_deriv(f, 2)(x))
+            with torch.no_grad(), xafunc.strict():
+                got = (xderiv(f, 2, argnums=1)(state, x) if replace == "functional_call"
+                       else xderiv(f, 2)(x))
+            assert_tree_close(got, ref, msg=f"step {step}, {when} the eager train-mode step")
+            if when == "before":
+                with torch.no_grad():  # the kernel writes the new tensors
+                    batch = torch.randn(6, 3, dtype=F64) * 2 + 1
+                    if replace == "functional_call":
+                        torch.func.functional_call(net.train(), state, (batch,))
+                    else:
+                        net.train()(batch)
+                net.eval()
+    assert xafunc.cache_info().misses == 1  # one capture served every call
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, foreach=True),
     lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
@@ -616,9 +662,10 @@ def test_aliases_leave_torch_and_the_cache_alone(monkeypatch):
         assert len(stamps) == first + 1
 
 
-def test_running_statistics_are_noted_by_identity():
+def test_running_statistics_are_noted_by_storage():
     """The hoisting cache distrusts exactly the running statistics' counters (the others keep
-    caching), told apart by identity (never by ``==``, which is elementwise on tensors)."""
+    caching), told apart by the storage the kernels write (a view of it too; never by ``==``,
+    which is elementwise on tensors)."""
     from xafunc._capture.tracer import unversioned
     from xafunc._execute.executable import _stamps
 
@@ -628,6 +675,7 @@ def test_running_statistics_are_noted_by_identity():
     mean, var, weight = net.running_mean, net.running_var, net.weight
     assert unversioned(mean) and unversioned(var)
     assert not unversioned(weight) and not unversioned(mean.clone())
+    assert unversioned(mean[1:]) and unversioned(mean.detach())
     stamps = _stamps([mean, weight])
     assert stamps is not None and stamps[2][0][2] is None and stamps[2][1][2] == weight._version
 

@@ -65,7 +65,7 @@ from torch.utils import _pytree as pytree
 
 from .guards import _SCALARS, GuardSet, compile_guards, walk
 from .trace import Captured, capture, capturing
-from .tracer import VALUE_DEPENDENT
+from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
 #: captures kept per function (least recently used evicted)
 MAX_ENTRIES = 8
@@ -106,6 +106,10 @@ class Entry:
     # how the trace changed the Python state it reads (NOTE [Python side effects]); such an
     # entry has no guards and serves its call only
     changed_state: str | None = None
+    # the argument leaves and lifted tensors its graph reads as batch-norm running statistics
+    # (NOTE [Unversioned writes]), by position: noted again on every hit, since a tensor that
+    # replaced the traced one there passes the guards
+    running_stats: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
 
 @dataclass
@@ -241,6 +245,8 @@ class CaptureCache:
                 lifted = entry.guards.check(func, objects)
                 if type(lifted) is tuple:
                     self.hits += 1
+                    if entry.running_stats != ((), ()):
+                        _note_running_stats(entry, args, kwargs, leaves, lifted)
                     if i:
                         slot.entries.insert(0, slot.entries.pop(i))
                     return entry, lifted
@@ -398,7 +404,23 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
                 w.lifted[i].tensor for i in used)
         cap = Captured(reason=f"it changes Python state it reads ({changed})")
         return Entry(sig, cap, None, changed_state=changed), ()
-    return Entry(sig, cap, guards), lifted
+    stats = (tuple(i for i, v in enumerate(leaves) if isinstance(v, Tensor) and unversioned(v)),
+             tuple(i for i, t in enumerate(lifted) if unversioned(t)))
+    return Entry(sig, cap, guards, running_stats=stats), lifted
+
+
+def _note_running_stats(entry: Entry, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        leaves: list[Any] | None, lifted: tuple[Tensor, ...]) -> None:
+    """Note the tensors this call passes where ``entry``'s graph reads running statistics
+    (NOTE [Unversioned writes])."""
+    at_leaves, at_lifted = entry.running_stats
+    if at_leaves:
+        if leaves is None:
+            leaves = pytree.tree_flatten((args, kwargs))[0]
+        for i in at_leaves:
+            note_unversioned(leaves[i])
+    for i in at_lifted:
+        note_unversioned(lifted[i])
 
 
 _WRITES_GRAD_LEAF = "leaf Variable that requires grad is being used in an in-place operation"

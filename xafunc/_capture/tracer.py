@@ -43,9 +43,9 @@ runs, and needs only the dispatcher:
   generator=g)``) raises before it draws: a graph cannot hold the generator, and the reference
   then draws from it exactly what torch.func would.
 * Every input an operator of the batch-norm family reads as running statistics (arguments 3
-  and 4, and the inputs they are computed from) is noted: those kernels write them without
-  bumping their version counters, which the executor's cache trusts (:func:`unversioned`,
-  NOTE [Unversioned writes] in ``writes.py``).
+  and 4, and the inputs they are computed from) is noted, by storage: those kernels write
+  them without bumping their version counters, which the executor's cache trusts
+  (:func:`unversioned`, NOTE [Unversioned writes] in ``writes.py``).
 """
 
 from __future__ import annotations
@@ -72,20 +72,43 @@ _RUNNING_STATS_OPS = {
     aten._native_batch_norm_legit_functional, aten._batch_norm_with_update,
     aten._batch_norm_no_update, aten.cudnn_batch_norm, aten.miopen_batch_norm,
 }
-# id -> weak reference (a ``WeakSet`` compares tensors with ``==``, which is elementwise)
-_UNVERSIONED: dict[int, weakref.ref[Tensor]] = {}
+# storage data pointer -> weak reference to the storage read as running statistics: the
+# storage, not the tensor, is what those kernels write, and a weak reference to a tensor would
+# stop ``torch.utils.swap_tensors`` (``nn.Module.to`` under
+# ``torch.__future__.set_swap_module_params_on_conversion``) from swapping it
+_UNVERSIONED: dict[int, weakref.ref[Any]] = {}
 
 
-def _note_unversioned(t: Tensor) -> None:
-    key = id(t)
-    _UNVERSIONED[key] = weakref.ref(t, lambda _: _UNVERSIONED.pop(key, None))
+def note_unversioned(t: Tensor) -> None:
+    """Note that ``t``'s storage may be written without its version counter changing."""
+    try:
+        storage = t.untyped_storage()
+    except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
+        return
+    key = storage.data_ptr()
+    ref = _UNVERSIONED.get(key)
+    if ref is not None and ref() is storage:
+        return
+
+    def forget(dead: weakref.ref[Any]) -> None:
+        if _UNVERSIONED.get(key) is dead:  # not a newer storage's entry at the same address
+            del _UNVERSIONED[key]
+
+    _UNVERSIONED[key] = weakref.ref(storage, forget)
 
 
 def unversioned(t: Tensor) -> bool:
     """Whether ``t`` may be written in place without its version counter changing (a
-    recorded function read it as batch-norm running statistics; NOTE [Unversioned writes])."""
-    ref = _UNVERSIONED.get(id(t))
-    return ref is not None and ref() is t
+    recorded function read its storage as batch-norm running statistics; NOTE [Unversioned
+    writes])."""
+    if not _UNVERSIONED:
+        return False
+    try:
+        storage = t.untyped_storage()
+    except Exception:  # noqa: BLE001 - no storage: nothing was noted for it
+        return False
+    ref = _UNVERSIONED.get(storage.data_ptr())
+    return ref is not None and ref() is storage
 
 
 class TraceError(Exception):
@@ -446,5 +469,5 @@ def record(fn: Callable[..., Any], examples: list[Any],
     placeholders = [n for n in recorder.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, examples):
         if node in recorder.running_stats and isinstance(example, Tensor):
-            _note_unversioned(example)
+            note_unversioned(example)
     return GraphModule(recorder.root, recorder.graph)

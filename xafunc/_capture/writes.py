@@ -6,8 +6,11 @@ some writes in torch do not bump them:
 
 * The batch-norm kernels update the running statistics in place. An ``nn.BatchNorm`` model run
   once in train mode, outside any transform, then differentiated in eval mode would reuse
-  statistics from before that step. So the tracer notes every input a batch-norm operator
-  reads as running statistics (``tracer.unversioned``), and their stamps never match.
+  statistics from before that step. So the tracer notes the storage of every input a
+  batch-norm operator reads as running statistics (``tracer.unversioned``), and their stamps
+  never match. The capture cache notes again, on every call, the tensors passed where its
+  graph reads them: a new tensor there (``bn.running_mean = ...``, another state dict for
+  ``functional_call``) passes the guards and is written as the traced one was.
 * Fused optimisers (``Adam(fused=True)``, ``SGD(fused=True)``, ...) write the parameters.
   Every optimiser step in the process is counted (a global post-step hook), and stamps taken
   before the last one never match.
