@@ -527,6 +527,44 @@ def test_deleted_models_are_collected():
     assert ref() is None and ref2() is None
 
 
+@pytest.mark.parametrize("use", ["evaluate", "backward", "func_grad", "backward_compiled"])
+def test_modules_convert_by_swapping_tensors_after_calls(use):
+    """``nn.Module.to`` under ``torch.__future__.set_swap_module_params_on_conversion`` (and
+    any ``torch.utils.swap_tensors``) refuses a tensor that a weak reference or another C++
+    reference holds: the cache holds neither on the caller's tensors -- what it must keep for
+    their identity it holds as Python references, hoisted views are detached, inductor
+    compiles against stand-ins -- and the converted module is then captured afresh."""
+    net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 1))
+    net = net.to(F64).eval()
+    xs = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    compile = use == "backward_compiled"
+
+    def u(x):
+        return net(x.unsqueeze(0)).sum()
+
+    def loss(p):
+        fn = lambda x: functional_call(net, p, (x.unsqueeze(0),)).sum()  # noqa: E731
+        return vmap(xlaplacian(fn))(xs).pow(2).mean()
+
+    for _ in range(2):
+        if use == "func_grad":
+            grad(loss)({k: v.detach() for k, v in net.named_parameters()})
+        elif use == "evaluate":
+            with torch.no_grad():
+                vmap(xlaplacian(u))(xs)
+        else:
+            vmap(xlaplacian(u, compile=compile))(xs).pow(2).mean().backward()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        net.float()
+        assert xhessian(u)(xs[0].float()).dtype == torch.float32
+        net.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert_tree_close(xhessian(u)(xs[0]), reference_deriv(u, 2)(xs[0]))
+
+
 def test_entries_per_function_are_bounded_and_clearable():
     from xafunc._capture.cache import CACHE, MAX_ENTRIES
 

@@ -11,8 +11,8 @@ executors run the same graph:
   - *hoisting*: nodes that depend only on the static inputs (the caller's weights: lifted from
     closures and modules, or passed as non-differentiated arguments, such as the parameter
     dict of ``functional_call``) and constants (transposes, slices, products of weights with the
-    fixed seeds) are computed once by a *prologue* and cached with each input's identity (held
-    weakly), storage pointer and version counter; an in-place update of a weight (an optimiser
+    fixed seeds) are computed once by a *prologue* and cached with each input (held, for its
+    identity), storage pointer and version counter; an in-place update of a weight (an optimiser
     step) bumps its counter and a new tensor changes the rest, either of which recomputes the
     prologue on the next call, as do the writes version counters miss (``w.data.mul_(2)``,
     fused optimisers; NOTE [Unversioned writes] in ``_capture/writes.py``);
@@ -106,7 +106,6 @@ import math
 import operator
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -871,7 +870,12 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
         # no donated buffers: a backward with retain_graph=True may run twice
         with warnings.catch_warnings(), torch._functorch.config.patch(donated_buffer=False):
             warnings.simplefilter("ignore")
-            compiled = compile_fx(GraphModule(gm, graph), list(args))
+            # detached stand-ins (requiring grad as the arguments do): what inductor keeps of
+            # its example inputs must not hold the caller's tensors, which
+            # ``torch.utils.swap_tensors`` then refuses to swap
+            compiled = compile_fx(GraphModule(gm, graph), [
+                a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
+                for a in args])
     except Exception:  # noqa: BLE001 - inductor is an accelerator, not a requirement
         InductorStats.failures += 1
         return _FAILED
@@ -1033,7 +1037,10 @@ class _FastPath:
         if cache is not None and _unchanged(cache[0], inputs):
             return cache[1]
         with torch.no_grad():
-            values = list(self.prologue(*inputs))
+            # views detached: a view holds its base tensor, which ``torch.utils.swap_tensors``
+            # (``nn.Module.to`` under ``set_swap_module_params_on_conversion``) then refuses
+            # to swap; the storage is shared all the same
+            values = [v.detach() if v._is_view() else v for v in self.prologue(*inputs)]
         device = next((a.device for a in args[:self.n_dynamic]
                        if isinstance(a, Tensor) and a.device.type != "cpu"), None)
         if device is not None:
@@ -1616,12 +1623,14 @@ def _copy(graph: Graph) -> Graph:
 
 def _stamps(tensors: list[Tensor]) -> list[Any] | None:
     """What hoisted values depend on (NOTE [Unversioned writes]): ``[optimiser steps, aliases
-    taken, per tensor (identity held weakly -- a new tensor that reuses a freed one's memory
-    is never mistaken for it --, data pointer, version counter -- None, never equal, for a
-    tensor written without bumping it --, storage and its aliases taken)]``."""
+    taken, per tensor (the tensor itself -- held, so that a new tensor that reuses its memory
+    is never mistaken for it, and not by a weak reference, which would stop
+    ``torch.utils.swap_tensors`` from swapping it --, data pointer, version counter -- None,
+    never equal, for a tensor written without bumping it --, storage and its aliases
+    taken)]``."""
     try:
         return [STEPS[0], TOUCHES[0], [
-            (weakref.ref(t), t.data_ptr(), t._version if counted(t) else None, key, touched(key))
+            (t, t.data_ptr(), t._version if counted(t) else None, key, touched(key))
             for t in tensors for key in (storage_key(t),)]]
     except (RuntimeError, TypeError):  # inference tensors have no version counter: never cache
         return None
@@ -1630,8 +1639,8 @@ def _stamps(tensors: list[Tensor]) -> list[Any] | None:
 def _unchanged(stamps: list[Any] | None, tensors: list[Tensor]) -> bool:
     if stamps is None or stamps[0] != STEPS[0] or len(stamps[2]) != len(tensors):
         return False
-    for (ref, ptr, version, _, _), t in zip(stamps[2], tensors):
-        if ref() is not t or t._version != version or t.data_ptr() != ptr:
+    for (held, ptr, version, _, _), t in zip(stamps[2], tensors):
+        if held is not t or t._version != version or t.data_ptr() != ptr:
             return False
     if stamps[1] != TOUCHES[0]:  # aliases were taken since: of these tensors' storages?
         if any(touched(key) != n for _, _, _, key, n in stamps[2]):
