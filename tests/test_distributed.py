@@ -153,6 +153,30 @@ _RUNNERS = {"ddp_laplacian": _run_ddp, "ddp_order3": _run_ddp, "functional": _ru
             "fsdp2": _run_fsdp2, "fsdp2_order3": _run_fsdp2}
 
 
+def _run_collectives(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Weights written by collectives between calls (``broadcast`` to start every rank from
+    rank 0's weights, ``all_reduce`` to sum the models), which bump no version counter (NOTE
+    [Unversioned writes]): per write, xafunc's Hessian (weights held, values hoisted) and
+    nested ``jacrev``'s, computed after it."""
+    from torch.func import jacrev
+
+    import xafunc
+
+    torch.manual_seed(10 + rank)  # different weights per rank
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    u = lambda x: net(x).squeeze(-1)  # noqa: E731
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    out = []
+    with torch.no_grad():
+        xafunc.xhessian(u)(x)  # cached: the values hoisted from the weights
+        for write in (dist.broadcast, dist.all_reduce):
+            for p in net.parameters():
+                write(p, 0) if write is dist.broadcast else write(p)
+            with xafunc.strict():
+                out.append((xafunc.xhessian(u)(x), jacrev(jacrev(u))(x)))
+    return out
+
+
 def _worker(rank: int, folder: str) -> None:
     """One rank: every scenario in turn, results to ``folder/rank{rank}.pt``."""
     torch.set_num_threads(1)
@@ -164,6 +188,7 @@ def _worker(rank: int, folder: str) -> None:
             t0 = time.perf_counter()
             results[name] = _RUNNERS[name](name, rank)
             results[name + ":seconds"] = time.perf_counter() - t0
+        results["collectives"] = _run_collectives(rank)
         torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -270,6 +295,18 @@ def test_ranks_saw_different_data(spawned: dict[int, dict[str, Any]]) -> None:
     with pytest.raises(AssertionError):
         assert_tree_close(local[0], spawned[0]["ddp_laplacian"][0]["grads"], rtol=RTOL,
                           atol=ATOL)
+
+
+def test_weights_written_by_collectives_are_seen(spawned: dict[int, dict[str, Any]]) -> None:
+    """After ``dist.broadcast`` and ``dist.all_reduce`` wrote a model's weights (no version
+    counter moves), each rank's derivative is that of the written weights, not one hoisted
+    from its own initial ones (seeded apart); after the broadcast the ranks agree."""
+    for rank in range(WORLD):
+        for i, (got, expected) in enumerate(spawned[rank]["collectives"]):
+            assert_tree_close(got, expected, rtol=RTOL, atol=ATOL,
+                              msg=f"rank {rank}, after {('broadcast', 'all_reduce')[i]}")
+    assert_tree_close(spawned[0]["collectives"][0][0], spawned[1]["collectives"][0][0],
+                      rtol=RTOL, atol=ATOL)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -523,6 +523,32 @@ def test_running_statistics_replaced_by_new_tensors_are_seen(replace):
     assert xafunc.cache_info().misses == 1  # one capture served every call
 
 
+def _write_shared(net: nn.Module) -> None:
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5).add_(0.25)
+
+
+def test_weights_written_by_another_process_are_seen():
+    """Hogwild training: ``share_memory()`` weights written in place by another process move
+    no counter in this one (NOTE [Unversioned writes]); the values hoisted from them must not
+    be reused."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64).share_memory()
+    f = lambda x: net(x).squeeze(-1)  # noqa: E731
+    x = _x(3, seed=9)
+    with torch.no_grad(), xafunc.strict():
+        before = xderiv(f, 2)(x)
+        child = torch.multiprocessing.get_context("spawn").Process(target=_write_shared,
+                                                                   args=(net,))
+        child.start()
+        child.join(timeout=120)
+        assert child.exitcode == 0
+        got = xderiv(f, 2)(x)
+    assert not torch.allclose(got, before), "the other process wrote the weights"
+    assert_tree_close(got, reference_deriv(f, 2)(x))
+
+
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, foreach=True),
     lambda p: torch.optim.Adam(p, lr=0.1, fused=True),

@@ -27,6 +27,14 @@ some writes in torch do not bump them:
   ``w.data = v`` makes ``w`` an alias of ``v`` (and, for ``p2.data = p1.data``, of ``p1`` for
   as long as ``p2`` lives). The wrappers call torch's own descriptor and method and return
   what they return.
+* Other processes write CPU tensors in shared memory (``model.share_memory()``, Hogwild
+  training with ``torch.multiprocessing``) without this process's counters moving: such
+  tensors are unversioned too.
+* ``torch.distributed``'s collectives write the tensors they are given (``dist.broadcast(p,
+  0)`` to start every rank from the same weights, ``dist.all_reduce(p)`` to average models)
+  without bumping their counters. The collectives of ``torch.distributed`` are wrapped to
+  count as an optimiser step does (DDP's own gradient buckets, written in C++, are gradients,
+  not weights).
 
 What stays unseen is what autograd cannot see either and no Python call announces: memory
 shared with other code from the start (``torch.from_numpy(a)``, ``torch.as_tensor(a)``,
@@ -110,10 +118,20 @@ def _forget(key: int) -> None:
 
 def counted(t: Tensor) -> bool:
     """Whether every write to ``t`` bumps its version counter as far as xafunc can tell: not a
-    batch-norm running statistic, and no ``.data`` or NumPy alias of its storage alive."""
-    if unversioned(t):
+    batch-norm running statistic, not in memory shared between processes, and no ``.data``
+    or NumPy alias of its storage alive."""
+    if unversioned(t) or _shared(t):
         return False
     return not _ALIASES or storage_key(t) not in _ALIASES
+
+
+def _shared(t: Tensor) -> bool:
+    """Whether ``t`` lives in CPU memory shared between processes (``share_memory_``, a tensor
+    sent through ``torch.multiprocessing``), which other processes write unseen (Hogwild)."""
+    try:
+        return t.device.type == "cpu" and t.untyped_storage().is_shared()
+    except Exception:  # noqa: BLE001 - no storage (a wrapper or subclass being traced)
+        return False
 
 
 #: torch's ``Tensor.data`` descriptor, and the property that wraps it: what a torch function mode
@@ -158,5 +176,42 @@ def _install() -> None:
     torch.Tensor.numpy = numpy  # type: ignore[method-assign,assignment]
 
 
+#: the collectives of ``torch.distributed`` that write tensors they are given
+_COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
+                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+                "scatter", "gather", "recv", "irecv", "batch_isend_irecv",
+                "all_reduce_coalesced", "all_gather_coalesced", "_all_gather_base",
+                "_reduce_scatter_base")
+
+
+def _counting(collective: Any) -> Any:
+    @functools.wraps(collective)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return collective(*args, **kwargs)
+        finally:
+            STEPS[0] += 1
+
+    return call
+
+
+def _count_collectives() -> None:
+    """Wrap the collectives in both namespaces users reach them by (NOTE [Unversioned
+    writes])."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed import distributed_c10d
+
+    for name in _COLLECTIVES:
+        collective = getattr(distributed_c10d, name, None)
+        if collective is None:
+            continue
+        wrapped = _counting(collective)
+        for namespace in (torch.distributed, distributed_c10d):
+            if getattr(namespace, name, None) is collective:
+                setattr(namespace, name, wrapped)
+
+
 register_optimizer_step_post_hook(_count_step)
 _install()
+_count_collectives()
