@@ -406,6 +406,24 @@ def test_empty_intermediate(order):
     assert_tree_close(xderiv(g, order)(x), reference_deriv(g, order)(x))
 
 
+@pytest.mark.fallback
+def test_meta_tensors_give_torch_funcs_shapes():
+    """Meta tensors (a model built under ``torch.device("meta")`` to size things) hold no
+    values to trace: every transform answers by the reference, with torch.func's shapes, and
+    the plan says why."""
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(F64)
+        x = torch.empty(3, dtype=F64)
+    u = lambda x: net(x).squeeze(-1)  # noqa: E731
+    for order in (1, 2, 3):
+        got, expected = xderiv(u, order)(x), reference_deriv(u, order)(x)
+        assert got.is_meta and got.shape == expected.shape and got.dtype == F64
+    assert xlaplacian(u)(x).shape == () and xafunc.xbiharmonic(u)(x).shape == ()
+    assert jet(u, (x,), ((x, x),))[1][1].shape == ()
+    plan = xafunc.plan(u, 2)(x)
+    assert plan.strategy == "reference" and "meta tensors" in plan.fallback
+
+
 def test_non_tensor_aux_is_refused():
     f = lambda x: (x.sin().sum(), 3.0)  # noqa: E731
     with pytest.raises(TypeError, match=r"xderiv: has_aux=True requires aux to be a tensor"):

@@ -346,6 +346,10 @@ def _leaves_of(args: tuple[Any, ...], positions: tuple[int, ...]) -> frozenset[i
 def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], spec: Any,
                    objects: list[Any], grad: frozenset[int]
                    ) -> tuple[Entry, tuple[Tensor, ...]]:
+    if any(isinstance(v, Tensor) and v.is_meta for v in leaves):
+        # no values to trace, bake or simplify on: the reference gives torch.func's shapes
+        return Entry(sig, Captured(reason="its arguments are meta tensors, which hold no "
+                                          "values to trace"), None), ()
     w = walk(func, objects)
     if w.problems:
         # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
