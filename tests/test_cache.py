@@ -565,6 +565,33 @@ def test_modules_convert_by_swapping_tensors_after_calls(use):
     assert_tree_close(xhessian(u)(xs[0]), reference_deriv(u, 2)(xs[0]))
 
 
+def test_threads_calling_one_transform_get_their_own_results():
+    """Python threads (a server answering requests) call one transform at once on different
+    inputs: the first calls capture, later ones share the executable, its hoisted values and
+    its static runtime (plain calls), or record autograd history (weights requiring grad)."""
+    import threading
+
+    net = _net(2)
+    xs = [_x(3, seed=s) for s in range(6)]
+    expected = [reference_deriv(net, 3)(x) for x in xs]
+    failures: list[str] = []
+
+    def work(i: int) -> None:
+        for it in range(40):
+            k = (i + it) % len(xs)
+            with torch.set_grad_enabled(it % 2 == 0):
+                got = xderiv(net, 3)(xs[k])
+            if not torch.allclose(got, expected[k], rtol=1e-7, atol=1e-9):
+                failures.append(f"thread {i}, call {it}: input {k}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
+
+
 def test_entries_per_function_are_bounded_and_clearable():
     from xafunc._capture.cache import CACHE, MAX_ENTRIES
 
