@@ -420,6 +420,44 @@ def test_grad_over_inputs_with_trainable_weights_records_at_the_level() -> None:
     assert (SavedStats.calls, BackwardStats.calls) == (kept, backward)
 
 
+def test_casts_to_lower_precision_round_as_in_eager_code() -> None:
+    """Inductor keeps the wider value of a cast to a lower precision and back unless told to
+    emulate it (NOTE [Inductor executor]): the derivatives of a function that rounds through
+    bfloat16 were 5e-2 off. Plain calls and a training step give the default executor's
+    numbers; those are torch.func's to the rounding of the low precision (torch's ``jacfwd``
+    and ``jacrev`` themselves differ by 1e-3 here: each rounds its tangents or cotangents at
+    the casts in its own order)."""
+    w = torch.linspace(-1.0, 1.0, 24).reshape(8, 3).requires_grad_()
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(w @ x.bfloat16().float())
+        return (h.half() * 3).float().sin().sum()
+
+    x = torch.linspace(0.1, 0.9, 3)
+    compiles, calls = _counts()
+    with torch.no_grad():
+        for order in (1, 2):
+            got = xafunc.xderiv(u, order, compile=True)(x)
+            assert_tree_close(got, xafunc.xderiv(u, order)(x), rtol=1e-6, atol=1e-6,
+                              msg=f"order {order}, compiled vs not")
+            assert_tree_close(got, reference_deriv(u, order)(x), rtol=1e-2, atol=5e-3,
+                              msg=f"order {order}")
+    assert _counts() == (compiles + 2, calls + 2)
+    xs = torch.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    def grad_of_loss(lap: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return torch.autograd.grad(torch.func.vmap(lap)(xs).pow(2).mean(), w)[0]
+
+    default = grad_of_loss(xafunc.xlaplacian(u))
+    autograd_calls = InductorStats.autograd_calls
+    for step in range(2):  # the second step runs inductor's forward and backward code
+        got = grad_of_loss(xafunc.xlaplacian(u, compile=True))
+        assert_tree_close(got, default, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    assert InductorStats.autograd_calls == autograd_calls + 1
+    expected = grad_of_loss(lambda x: torch.func.jacrev(torch.func.jacrev(u))(x).trace())
+    assert_tree_close(default, expected, rtol=1e-2, atol=5e-3)
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 

@@ -51,7 +51,10 @@ buffer reuse pass is not applied. It compiles once per ``Executable`` (a capture
 and plan: shapes, dtypes and devices are fixed); the code assumes the examples' strides, so a
 later call whose inputs are laid out differently runs the functional FX graph instead of
 recompiling. A failure to compile or to run the compiled code once falls back to TorchScript,
-and the reason is kept in ``executor``. The other executors are unchanged.
+and the reason is kept in ``executor``. The other executors are unchanged. Inductor compiles
+with ``emulate_precision_casts``: by default it keeps the wider value of a cast to a lower
+precision and back (``x.bfloat16().float()``), so the derivatives of a function that rounds
+through bfloat16 came out 5e-2 off; with it, every cast rounds as the eager kernels do.
 
 NOTE [Inductor's small products]
 A per-sample Hessian of a network of few inputs ends in a ``bmm`` of many tiny products,
@@ -497,8 +500,10 @@ class _Trained(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
         if torch.is_grad_enabled():
             return (None, None, *_recorded_grads(ctx.exe, ctx.saved_tensors, grads))
-        # retain_graph: a caller's backward(retain_graph=True) may run this backward again
-        return (None, None, *_input_grads(ctx.outs, grads, ctx.inner, retain_graph=True))
+        # retain_graph: a caller's backward(retain_graph=True) may run this backward again;
+        # inductor compiles the backward code on its first run, with xafunc's settings
+        with _inductor_settings():
+            return (None, None, *_input_grads(ctx.outs, grads, ctx.inner, retain_graph=True))
 
 
 # ``_Recompute.apply`` without ``Function.apply``'s Python prelude, which only matters under
@@ -852,6 +857,14 @@ def _grad_levels_only(live: bool = True) -> bool:
     return (bool(levels) or not live) and all(lv.key() == TransformType.Grad for lv in levels)
 
 
+def _inductor_settings(**more: Any) -> Any:
+    """Inductor's configuration for xafunc's graphs (NOTE [Inductor executor]): casts to a
+    lower precision round as the eager kernels do."""
+    from torch._inductor import config
+
+    return config.patch(emulate_precision_casts=True, **more)
+
+
 def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
     """``gm`` (a graph as autograd records it, ``Executable.recorded_graph``) compiled by
     inductor for calls whose history autograd records (flat outputs; see
@@ -867,8 +880,10 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
         out_node.args = (tuple(flat),)
         tanh_for_inductor(graph, training=True)
         start = time.perf_counter()
-        # no donated buffers: a backward with retain_graph=True may run twice
-        with warnings.catch_warnings(), torch._functorch.config.patch(donated_buffer=False):
+        # no donated buffers: a backward with retain_graph=True may run twice (the backward
+        # code is compiled at its first call, under the same settings: ``_Trained.backward``)
+        with warnings.catch_warnings(), torch._functorch.config.patch(donated_buffer=False), \
+                _inductor_settings():
             warnings.simplefilter("ignore")
             # detached stand-ins (requiring grad as the arguments do): what inductor keeps of
             # its example inputs must not hold the caller's tensors, which
@@ -1094,7 +1109,6 @@ class _FastPath:
         ``executor`` and return False."""
         self.inductor = False
         try:
-            from torch._inductor import config
             from torch._inductor.compile_fx import compile_fx
 
             inputs = [t.detach() for t in (*args, *self.hoisted(args))]
@@ -1102,7 +1116,8 @@ class _FastPath:
             # no size/stride assertions in the generated code: ``run`` below calls it only
             # with the strides it was compiled for (and an executable's shapes are fixed);
             # they cost 2-9% of a latency-bound graph's call
-            with torch.no_grad(), warnings.catch_warnings(), config.patch(size_asserts=False):
+            with torch.no_grad(), warnings.catch_warnings(), \
+                    _inductor_settings(size_asserts=False):
                 warnings.simplefilter("ignore")
                 # a callable here (other types are for ahead-of-time compilation)
                 # (on a copy: inductor's passes may rewrite the graph they are given)
