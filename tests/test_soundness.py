@@ -406,6 +406,32 @@ def test_empty_intermediate(order):
     assert_tree_close(xderiv(g, order)(x), reference_deriv(g, order)(x))
 
 
+@pytest.mark.parametrize("order", (1, 2))
+def test_low_precision_casts_round_as_the_nesting_of_the_schedule(order):
+    """Through casts to float16/bfloat16 torch rounds each tangent or cotangent where its value
+    was rounded, so nested ``jacfwd`` and ``jacrev`` differ by the low precision's rounding;
+    ``mode="reverse"`` returns nested ``jacrev``'s numbers, and a first-order forward mode
+    ``jacfwd``'s (the Taylor arithmetic of a higher forward order rounds in its own way)."""
+    w = torch.linspace(-1.0, 1.0, 24).reshape(8, 3)
+
+    def u(x):
+        return (torch.tanh(w @ x.bfloat16().float()).half() * 3).float().sin().sum()
+
+    def nested(transform):
+        g = u
+        for _ in range(order):
+            g = transform(g)
+        return g(x)
+
+    x = torch.linspace(0.1, 0.9, 3)
+    reverse = nested(jacrev)
+    assert_tree_close(xderiv(u, order, mode="reverse")(x), reverse, rtol=1e-6, atol=1e-7)
+    if order == 1:
+        forward = nested(torch.func.jacfwd)
+        assert_tree_close(xderiv(u, 1, mode="forward")(x), forward, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(reverse, forward, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.fallback
 def test_meta_tensors_give_torch_funcs_shapes():
     """Meta tensors (a model built under ``torch.device("meta")`` to size things) hold no
