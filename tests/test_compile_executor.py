@@ -458,6 +458,30 @@ def test_casts_to_lower_precision_round_as_in_eager_code() -> None:
     assert_tree_close(default, expected, rtol=1e-2, atol=5e-3)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_weights_written_between_forward_and_backward_raise_as_in_torch(compile: bool) -> None:
+    """A weight written in place after the forward (an optimiser step before ``backward``) makes
+    autograd's backward raise, eager and torch.func alike; inductor's backward code would mix
+    the activations it saved with the new values, so ``compile=True`` training steps check
+    the versions of what they differentiate too."""
+    net = _mlp(requires_grad=True)
+    xs = torch.randn(4, 3, dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        u = lambda x: net(x).squeeze(-1)  # noqa: E731
+        return torch.func.vmap(xafunc.xlaplacian(u, compile=compile))(xs).pow(2).mean()
+
+    autograd_calls = InductorStats.autograd_calls
+    for _ in range(2):  # the second step is a training step's code (inductor's, compile=True)
+        loss().backward()
+    assert InductorStats.autograd_calls == autograd_calls + compile
+    out = loss()
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 

@@ -498,8 +498,12 @@ class _Trained(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        # unpacked first: an argument written in place since the forward (a weight, by an
+        # optimiser step) raises autograd's error, as eager code would, where inductor's
+        # backward code would mix the old activations with the new values
+        saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (None, None, *_recorded_grads(ctx.exe, ctx.saved_tensors, grads))
+            return (None, None, *_recorded_grads(ctx.exe, saved, grads))
         # retain_graph: a caller's backward(retain_graph=True) may run this backward again;
         # inductor compiles the backward code on its first run, with xafunc's settings
         with _inductor_settings():
