@@ -482,6 +482,53 @@ def test_weights_written_between_forward_and_backward_raise_as_in_torch(compile:
         out.backward()
 
 
+def test_kernels_are_generated_for_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On more than one thread torch 2.13's C++ code for a scatter's accumulation (the
+    backward of an indexing) writes out of bounds (NOTE [Inductor executor]): a random
+    program's training step on two threads had gradients 20-50 % off, or a corrupted heap, in
+    about half of the processes. So every graph inductor compiles for xafunc -- the no-grad
+    code, a training step's forward and its backward, compiled at its first run -- is
+    generated for one thread (and with casts emulated), whatever torch's thread count; the
+    step, run with two threads, matches torch.func."""
+    from torch._inductor import config
+    from torch._inductor.graph import GraphLowering
+
+    seen: list[tuple[int, bool]] = []  # the settings of every graph inductor generates code for
+    codegen = GraphLowering.codegen
+
+    def spy(self: GraphLowering, *args: object, **kwargs: object) -> object:
+        seen.append((config.cpp.threads, config.emulate_precision_casts))
+        return codegen(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphLowering, "codegen", spy)
+    net = _mlp(requires_grad=True)
+    xs = torch.randn(4, 3, dtype=torch.float64)
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        return net(x).squeeze(-1)
+
+    params = dict(net.named_parameters())
+    names = [k for k in params if k != "2.bias"]  # the last bias does not reach a Hessian
+
+    def grads(hessian: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        loss = torch.func.vmap(hessian)(xs).pow(2).mean()
+        return list(torch.autograd.grad(loss, [params[k] for k in names]))
+
+    expected = grads(torch.func.jacrev(torch.func.jacrev(u)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for step in range(3):  # TorchScript, then inductor's forward and backward code
+            assert_tree_close(grads(xafunc.xhessian(u, compile=True)), expected,
+                              msg=f"step {step}")
+        with torch.no_grad():
+            xafunc.xhessian(u, compile=True)(xs[0])
+            xafunc.xhessian(u, compile=True)(xs[0])  # the second no-grad call compiles
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) >= 3 and set(seen) == {(1, True)}, seen
+
+
 def test_failed_compile_falls_back_to_torchscript(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.compile_fx as inductor
 

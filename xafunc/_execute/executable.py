@@ -54,7 +54,12 @@ recompiling. A failure to compile or to run the compiled code once falls back to
 and the reason is kept in ``executor``. The other executors are unchanged. Inductor compiles
 with ``emulate_precision_casts``: by default it keeps the wider value of a cast to a lower
 precision and back (``x.bfloat16().float()``), so the derivatives of a function that rounds
-through bfloat16 came out 5e-2 off; with it, every cast rounds as the eager kernels do.
+through bfloat16 came out 5e-2 off; with it, every cast rounds as the eager kernels do. And
+its C++ kernels are generated for one thread (``cpp.threads``): for more, torch 2.13 writes
+the accumulations of a scatter (the backward of an indexing) with vectorised atomic adds
+whose index is wrong on tiled loops (``120*x0_inner`` for ``60*x0_inner``), out of bounds: a
+PINN training step's gradients 20-50 % off on two threads, or a corrupted heap. The
+extern matrix products still use torch's threads.
 
 NOTE [Inductor's small products]
 A per-sample Hessian of a network of few inputs ends in a ``bmm`` of many tiny products,
@@ -863,10 +868,10 @@ def _grad_levels_only(live: bool = True) -> bool:
 
 def _inductor_settings(**more: Any) -> Any:
     """Inductor's configuration for xafunc's graphs (NOTE [Inductor executor]): casts to a
-    lower precision round as the eager kernels do."""
+    lower precision round as the eager kernels do, and C++ kernels run on one thread."""
     from torch._inductor import config
 
-    return config.patch(emulate_precision_casts=True, **more)
+    return config.patch({"emulate_precision_casts": True, "cpp.threads": 1, **more})
 
 
 def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
