@@ -190,7 +190,7 @@ def _counting(collective: Any) -> Any:
         try:
             return collective(*args, **kwargs)
         finally:
-            STEPS[0] += 1
+            _count_step()  # as an optimiser step
 
     return call
 
