@@ -466,6 +466,47 @@ def test_a_state_tensor_read_and_replaced_each_call_advances_once_per_call():
         assert_tree_close(model.h * 1, h, msg=f"state after call {call}")
 
 
+def test_operators_returning_their_argument_leave_the_callers_tensor_in_state():
+    """An operator that returns its argument itself -- an ``out=`` tensor, an in-place
+    method, a ``.to()`` that converts nothing -- returns the caller's tensor while traced, as
+    in eager code. A train-mode ``spectral_norm`` does ``self._u = normalize(.., out=self._u)``
+    on every call: its power iteration's buffers stay plain tensors (``deepcopy`` and
+    ``state_dict`` keep working), advance once per call as under torch.func, and one capture
+    serves every call."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 6)), nn.Tanh(),
+                          nn.Linear(6, 1)).to(F64)
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin)]
+    x = _x()
+    for call in range(4):
+        assert_tree_close(xhessian(lambda x: model(x).sum())(x),
+                          reference_deriv(lambda x: twin(x).sum(), 2)(x), msg=f"call {call}")
+        for m, opt in zip((model, twin), opts):  # a train step moves the weights
+            opt.zero_grad()
+            m(x).sum().backward()
+            opt.step()
+        state, expected = model.state_dict(), twin.state_dict()
+        assert all(type(v) is torch.Tensor for v in state.values())
+        assert_tree_close(dict(state), dict(expected), msg=f"state after call {call}")
+    copy.deepcopy(model)
+    info = xafunc.cache_info()
+    assert (info.misses, info.hits) == (1, 3), info
+
+    weight, kept = torch.randn(4, 3, dtype=F64), {}
+
+    def cast(x):  # ``kept["w"]`` is the weight itself, as in eager code
+        kept["w"] = weight.to(x.dtype).contiguous()
+        return torch.tanh(x @ kept["w"].T).sum()
+
+    expected = reference_deriv(lambda x: torch.tanh(x @ weight.T).sum(), 2)(x)
+    for _ in range(3):
+        assert_tree_close(xhessian(cast)(x), expected)
+        assert kept["w"] is weight
+
+
 def test_explicit_generators_draw_what_torch_func_draws():
     gen = torch.Generator().manual_seed(3)
     f = lambda x: (x * torch.rand(3, generator=gen, dtype=F64)).sin().sum()  # noqa: E731

@@ -84,10 +84,15 @@ def _swap(x: Any, table: dict[int, Tensor]) -> Any:
 class _StandIns(TorchFunctionMode):
     """Replace the caller's tensors by their graph-input stand-ins wherever they are used."""
 
-    def __init__(self, table: dict[int, Tensor], value_buffers: list[tuple[int, int]],
-                 baked: dict[int, Tensor]) -> None:
+    def __init__(self, table: dict[int, Tensor], callers: dict[int, Tensor],
+                 value_buffers: list[tuple[int, int]], baked: dict[int, Tensor]) -> None:
         super().__init__()
         self.table = table
+        # stand-in id -> the caller's tensor it stands for: an operator that returns its
+        # argument itself (``w.add_(1)``, ``out=w``, a ``w.to(w.dtype)`` that converts nothing)
+        # returns the caller's tensor, as in eager code, so ``self.u = normalize(.., out=self.u)``
+        # stores no stand-in in the caller's state
+        self.callers = callers
         self.value_buffers = value_buffers
         self.baked = baked
         self.made: dict[int, Tensor] = {}  # constants made from the baked tensors
@@ -134,7 +139,7 @@ class _StandIns(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is Tensor.detach:
             self.detached[id(out)] = out
-        return out
+        return _swap(out, self.callers)
 
     def _detached_alias(self, t: Any) -> bool:
         if not isinstance(t, Tensor):
@@ -295,13 +300,14 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
         with _clear_functorch(), torch.inference_mode(False):
 
             def run(*tensors: Tensor) -> list[Tensor]:
-                table = {id(t): s for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))
-                         if i not in baked}
+                pairs = [(t, s) for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))
+                         if i not in baked]
+                table = {id(t): s for t, s in pairs}
                 new = list(leaves)
                 for i, t in zip(tensor_pos, tensors):
                     new[i] = t
                 args, kwargs = pytree.tree_unflatten(new, spec)
-                stand = _StandIns(table, value_buffers or [],
+                stand = _StandIns(table, {id(s): t for t, s in pairs}, value_buffers or [],
                                   {id(lifted[i]): lifted[i] for i in baked})
                 with _watch_autograd_functions() as applied, torch.enable_grad(), stand:
                     out = func(*args, **kwargs)
