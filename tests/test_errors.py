@@ -157,6 +157,30 @@ def test_non_float_tensor_at_differentiated_position(name, bad, shown):
         t(X, bad)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensor_at_differentiated_position(name, layout):
+    dense = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    bad = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    t = TRANSFORMS[name](lambda x, y: (x * y.to_dense()).sum(), argnums=1)
+    with pytest.raises(TypeError, match=m(f"{name}:", "argument 1", str(bad.layout),
+                                          "to_dense")):
+        t(dense, bad)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_sparse_tensor_given_to_taylor_transforms(layout):
+    dense = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    bad = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    for taylor in (xafunc.xlaplacian, xafunc.xbiharmonic):
+        with pytest.raises(TypeError, match=m(taylor.__name__, str(bad.layout), "to_dense")):
+            taylor(lambda x: x.to_dense().sin().sum())(bad)
+    with pytest.raises(TypeError, match=m("jet", "primals[0]", str(bad.layout), "to_dense")):
+        xafunc.jet(lambda x: x.to_dense().sin(), (bad,), ((bad,),))
+
+
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 @pytest.mark.parametrize("bad,shown", [(1.5, "float (1.5)"), ("abc", "str ('abc')"),
                                        (3, "int (3)"), ([1.0, 2.0], "float (1.0)")])

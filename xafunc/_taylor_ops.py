@@ -39,6 +39,9 @@ __all__ = ["jet", "xlaplacian", "xbiharmonic"]
 def _check_float(name: str, what: str, t: Any) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}.")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name}: {what} is a {t.layout} tensor; derivatives are taken with "
+                        "respect to dense tensors, as in torch.func. Pass x.to_dense().")
     if not (t.dtype.is_floating_point or t.dtype.is_complex):
         raise TypeError(f"{name}: {what} must have a floating-point dtype, got {t.dtype}. "
                         "Convert it with .float() or .double().")

@@ -131,6 +131,13 @@ def check_diff_args(name: str, args: tuple[Any, ...], argnums: tuple[int, ...]) 
                     f"({leaf!r}); only tensors can be differentiated. Wrap it with "
                     "torch.tensor(...) or exclude it from argnums."
                 )
+            if leaf.layout is not torch.strided:
+                raise TypeError(
+                    f"{name}: argument {a} is differentiated but is a {leaf.layout} tensor; "
+                    "derivatives are taken with respect to dense tensors, as in torch.func. "
+                    "Pass x.to_dense() there (a sparse tensor the function only reads can stay "
+                    "sparse outside argnums)."
+                )
             if not leaf.dtype.is_floating_point:
                 raise TypeError(
                     f"{name}: argument {a} is differentiated but has dtype {leaf.dtype}; "
