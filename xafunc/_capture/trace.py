@@ -23,9 +23,10 @@ what makes the graph *mean* what ``func`` means under torch.func:
   but not its derivative history, which only the reference reproduces. Operators that run
   while grad mode is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their
   outputs detached (the tracer's ``no_grad_cut``), exactly what autograd does;
-  ``torch.inference_mode`` and ``torch.autograd.Function`` subclasses (a custom backward
-  defines the derivative, which a Taylor rule cannot see) make the capture fail, so the
-  reference honours them as torch.func does.
+  ``torch.inference_mode``, ``torch.autograd.Function`` subclasses (a custom backward
+  defines the derivative, which a Taylor rule cannot see) and gradient hooks
+  (``h.register_hook``) make the capture fail, so the reference honours them as torch.func
+  does.
 * **Side effects.** In-place updates of inputs (a train-mode BatchNorm's running statistics,
   a counter buffer) become, after functionalization, extra graph outputs: the new values,
   written back once per call after the derivative was computed (``Captured.mutated``), so a
@@ -108,6 +109,10 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
+        if func is Tensor.register_hook:
+            raise CaptureError(
+                "it registers a hook on a tensor's gradient (x.register_hook), which changes "
+                "the derivatives reverse mode computes: only nested torch.func runs it")
         data = getattr(func, "__self__", None) in writes.DATA_DESCRIPTORS
         if data:
             self.level_local = "x.data"
