@@ -273,6 +273,34 @@ def test_module_attribute_training_flag_hooks_submodules():
         assert_tree_close(got, reference_deriv(gate, 2)(_x()))
 
 
+@pytest.mark.fallback
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")
+def test_module_backward_hooks_added_after_a_call_run_the_reference():
+    """A module's backward hooks change what reverse mode computes (a full hook wraps the
+    module in an autograd.Function, which torch.func refuses; an old-style hook scales the
+    gradient in the module's grad_fn). Added after a call, the capture was reused and the
+    hook ignored."""
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    net, x = _net(), _x()
+    f = lambda x: net(x).sum()  # noqa: E731
+    plain = xhessian(f)(x)
+    handle = net[1].register_backward_hook(lambda mod, gi, go: (gi[0] * 3,))
+    expected = reference_deriv(f, 2)(x)
+    assert (expected - plain).abs().max() > 1e-3  # nested jacrev runs the hook
+    with xafunc.strict(False):
+        assert_tree_close(xhessian(f)(x), expected)
+        assert "backward hooks" in xafunc.plan(f, 2)(x).fallback
+        handle.remove()
+        for register in (net[2].register_full_backward_hook, register_module_full_backward_hook):
+            handle = register(lambda mod, gi, go: None)
+            with pytest.raises(RuntimeError, match="setup_context"):  # as torch.func raises
+                xhessian(f)(x)
+            handle.remove()
+    with xafunc.strict():  # the capture serves again once the hooks are gone
+        assert_tree_close(xhessian(f)(x), plain)
+
+
 def test_non_tensor_arguments_mutated_in_place():
     class Cfg:
         def __init__(self):

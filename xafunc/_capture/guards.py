@@ -29,7 +29,7 @@ Every value reached becomes one of three things:
   ``__dict__`` sizes, empty hook tables);
 * a **problem** that sends the function to the reference strategy, with the reason in the plan:
   Python-level randomness or clocks (``random``, ``time``, ``numpy.random``, reseeding torch),
-  tensor subclasses, objects that can neither be looked into nor referenced weakly, or more
+  module backward hooks (they change what reverse mode computes), tensor subclasses, objects that can neither be looked into nor referenced weakly, or more
   state than it is worth guarding.
 
 The walk is compiled into one straight-line Python function (``GuardSet.check``) that returns
@@ -81,15 +81,21 @@ _IMPURE_NAMES = {
 # nn.Module attributes that cannot change what ``forward`` computes
 _MODULE_SKIP = frozenset({
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_backward_hooks",
-    "_backward_pre_hooks", "_is_full_backward_hook", "_version",
+    "_load_state_dict_post_hooks", "_non_persistent_buffers_set", "_is_full_backward_hook",
+    "_version",
     # RNNBase: a cache of its weight attributes (which are lifted) that ``forward`` rebuilds
     # whenever the weak references no longer point at them, as after every ``functional_call``
     "_flat_weights", "_flat_weight_refs",
 })
 _GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                         "_global_forward_hooks_always_called",
-                        "_global_forward_hooks_with_kwargs")
+                        "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks",
+                        "_global_backward_hooks")
+# a module's backward hooks wrap its inputs and outputs in autograd nodes that change the
+# gradients reverse mode computes, which a graph of forward operators cannot see
+_BACKWARD_HOOKS = ("_backward_pre_hooks", "_backward_hooks")
+_HOOKS_REFERENCE = ("has backward hooks ({}), which change the derivatives reverse mode computes: "
+                    "only nested torch.func runs them")
 
 
 def _escaped(t: Tensor) -> bool:
@@ -424,18 +430,23 @@ class _Walker:
             for name in _GLOBAL_MODULE_HOOKS:
                 hooks = getattr(mm, name)
                 hv = self.var(f"{self.const(mm)}.{name}")
-                if hooks:
+                if hooks and name.startswith("_global_backward"):
+                    self.problem("torch " + _HOOKS_REFERENCE.format(name))
+                elif hooks:
                     self.walk(hooks, hv, f"torch.nn.modules.module.{name}", depth + 1)
                 else:
                     self.guard(f"not {hv}", f"no global module hooks ({name})")
         d = vars(m)
         dv = self.var(f"{v}.__dict__")
         self.guard(f"len({dv}) == {len(d)}", f"{where} has the same attributes")
-        empty_hooks = [k for k in d if k.startswith("_forward") and isinstance(d[k], dict)
-                       and not d[k] and k not in _MODULE_SKIP]
+        backward = [k for k in _BACKWARD_HOOKS if d.get(k)]
+        if backward:
+            self.problem(f"{where} " + _HOOKS_REFERENCE.format(", ".join(backward)))
+        empty_hooks = [k for k in d if k.startswith(("_forward", "_backward"))
+                       and isinstance(d[k], dict) and not d[k] and k not in _MODULE_SKIP]
         if empty_hooks:  # one check for all the (usually empty) hook tables
             self.guard(" or ".join(f"{dv}[{k!r}]" for k in empty_hooks).join(("not (", ")")),
-                       f"{where} has no forward hooks")
+                       f"{where} has no hooks")
         for k in d:
             if k in _MODULE_SKIP or k in empty_hooks:
                 continue
