@@ -580,6 +580,38 @@ def test_partial_and_bound_methods_key_on_the_function():
     assert xafunc.cache_info().misses == 2  # the value of ``a`` is guarded
 
 
+def test_new_python_number_arguments_on_every_call_stop_being_traced():
+    """NOTE [Scalar arguments]: a time passed as a float (or a step as an int) with a new value
+    on every call was traced on every call (100x the cost of nested torch.func). After
+    SCALAR_VALUES values, new values run the reference, with one warning naming the argument;
+    the values captured keep their captures."""
+    net = _net()
+
+    def u(x, t, *, step=0):
+        return (net(x) * t + step).sin().sum()
+
+    x = _x()
+    ts = [0.1 * k for k in range(cache.SCALAR_VALUES + 4)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k, t in enumerate(ts):
+            with xafunc.strict(k < cache.SCALAR_VALUES):
+                assert_tree_close(xhessian(u)(x, t), reference_deriv(u, 2)(x, t), msg=f"t={t}")
+    assert [str(w.message).split(";")[0].split(".")[-1] for w in caught] == [
+        "u is called with a new value of args[1] on every call"]
+    info = xafunc.cache_info()
+    assert (info.misses, info.hits) == (cache.SCALAR_VALUES, 4), info
+    with xafunc.strict():  # a captured value still runs its capture
+        assert_tree_close(xhessian(u)(x, ts[0]), reference_deriv(u, 2)(x, ts[0]))
+    with xafunc.strict(False):
+        assert "Python number argument(s) args[1]" in xafunc.plan(u, 2)(x, 9.5).fallback
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(cache.SCALAR_VALUES + 1):  # a keyword argument, counted apart
+                xhessian(u)(x, 0.5, step=step)
+        assert "new value of kwargs['step']" in str(caught[-1].message), caught
+
+
 def test_deleted_models_are_collected():
     net = _net()
     ref = weakref.ref(net)

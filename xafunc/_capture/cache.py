@@ -16,6 +16,17 @@ to :data:`MAX_ENTRIES` captures, most recently used first; each holds
 * the plans built on it, one per :class:`~.request.Request`, so ``xderiv(f, 1)`` and
   ``xderiv(f, 3)`` and ``xlaplacian(f)`` share one capture.
 
+NOTE [Scalar arguments]
+Python numbers among the arguments are part of the signature by value: a graph bakes them in
+(and Python code may branch on them, size a tensor with them, or read them with ``math``), so
+a capture serves one value. A function called with a different value on every call (a time
+``t`` or a step counter passed as a float or int) would be traced on every call: some 100
+times the cost of the call itself. Once :data:`SCALAR_VALUES` values of the same arguments
+(everything else in the signature the same) have been captured, calls with a new value run the
+reference without being traced -- torch.func's speed -- and a warning, once, names the
+argument and the remedy (pass it as a tensor, which is read afresh). The captured values keep
+their captures.
+
 A call whose signature matches and whose guards hold is a *hit*; otherwise the function is
 traced again (a *miss*; a *recapture* when an entry with the same signature failed its guards).
 When one function keeps being recaptured, a warning names the guard that keeps failing, once,
@@ -74,6 +85,10 @@ WARN_AFTER = 8
 #: captures in a row that changed the Python state they read, after which the function runs
 #: the reference without being traced (NOTE [Python side effects])
 SELF_CHANGES = 3
+#: values of the same Python scalar arguments (the rest of the signature unchanged) captured
+#: for one function, after which calls with a new value run the reference without being
+#: traced (NOTE [Scalar arguments])
+SCALAR_VALUES = 4
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,10 @@ class _Slot:
     # once ``self_changes`` reached SELF_CHANGES: the reference entry of each signature
     reference: dict[Hashable, Entry] | None = None
     reference_reason: str = ""
+    # per signature with scalar values left out: the scalar leaves of each value captured,
+    # and once SCALAR_VALUES were, the reference entry new values run (NOTE [Scalar arguments])
+    scalar_values: dict[Hashable, list[list[Any]]] = field(default_factory=dict)
+    scalar_reference: dict[Hashable, Entry] = field(default_factory=dict)
 
 
 def identity(func: Any) -> Any:
@@ -259,15 +278,21 @@ class CaptureCache:
             self.hits += 1
             return ref, ()
         with self._lock:
-            self.misses += 1
             if leaves is None:
                 leaves, spec = pytree.tree_flatten((args, kwargs))
+            if key is not None and slot is None:
+                slot = self._slots.setdefault(key, _Slot())
+            scalars = None
+            if slot is not None and failed is None:
+                scalars = _scalar_variant(func, slot, differentiated, leaves, spec)
+                if type(scalars) is Entry:
+                    self.hits += 1
+                    return scalars, ()
+            self.misses += 1
             grad = _leaves_of(args, differentiated) if differentiated else frozenset()
             entry, lifted = _capture_entry(func, sig, leaves, spec, objects, grad)
-            if key is None:
-                return entry, lifted
             if slot is None:
-                slot = self._slots.setdefault(key, _Slot())
+                return entry, lifted
             slot.self_changes = slot.self_changes + 1 if entry.changed_state else 0
             if slot.self_changes >= SELF_CHANGES:
                 slot.reference = {}
@@ -290,6 +315,8 @@ class CaptureCache:
                         f"{fguards.describe(failed[1])}. Pass changing values as tensor "
                         "arguments (they are read afresh) instead of Python state.",
                         stacklevel=_caller_level())
+            if scalars is not None:
+                slot.scalar_values.setdefault(scalars[0], []).append(scalars[1])
             slot.entries.insert(0, entry)
             del slot.entries[MAX_ENTRIES:]
             return entry, lifted
@@ -311,6 +338,43 @@ class CaptureCache:
         with self._lock:
             self._slots = weakref.WeakKeyDictionary()
             self.hits = self.misses = self.recaptures = 0
+
+
+def _scalar_variant(func: Any, slot: _Slot, differentiated: tuple[int, ...], leaves: list[Any],
+                    spec: Any) -> Any:
+    """For a call that matched no capture: ``(key, scalar leaves)`` to note once it is
+    captured, where ``key`` is its signature with the values of Python numbers left out; or
+    the reference entry to run when :data:`SCALAR_VALUES` values of them have been captured
+    already (NOTE [Scalar arguments]); or None without scalar leaves."""
+    at = [i for i, leaf in enumerate(leaves) if type(leaf) in (int, float)]
+    if not at:
+        return None
+    objects: list[Any] = []
+    rest = tuple((type(leaf),) if i in at else _leaf_key(leaf, objects)
+                 for i, leaf in enumerate(leaves))
+    key = (spec, rest, differentiated, _global_state())
+    ref = slot.scalar_reference.get(key)
+    if ref is not None:
+        return ref
+    seen = slot.scalar_values.get(key, [])
+    values = [leaves[i] for i in at]
+    if len(seen) < SCALAR_VALUES:
+        return key, values
+    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(
+        pytree.tree_unflatten(leaves, spec))[0]]
+    changing = ", ".join(
+        ("args" if paths[i].startswith("[0]") else "kwargs") + paths[i][3:]
+        for j, i in enumerate(at) if any(v[j] != values[j] for v in seen))
+    reason = (f"it is called with new values of the Python number argument(s) {changing} "
+              f"again and again ({len(seen) + 1} values so far): each value would need its "
+              "own capture (NOTE [Scalar arguments])")
+    warnings.warn(
+        f"xafunc: {_name(func)} is called with a new value of {changing} on every call; "
+        "each value needs its own capture, so calls with new values run nested torch.func. "
+        "Pass it as a tensor (torch.tensor(value)), which is read afresh on every call, to "
+        "keep one capture.", stacklevel=_caller_level())
+    ref = slot.scalar_reference[key] = Entry(None, Captured(reason=reason), None)
+    return ref
 
 
 def _caller_level() -> int:
