@@ -37,9 +37,13 @@ def _seed() -> None:
 def _engine_must_run(request: pytest.FixtureRequest):
     """Every test runs under ``xafunc.strict()``: a request falling back to nested torch.func
     raises, so each numeric test proves the engine ran. Tests of requests meant to fall back
-    are marked ``@pytest.mark.fallback`` and assert the plan's strategy and reason instead."""
+    are marked ``@pytest.mark.fallback`` and assert the plan's strategy and reason instead.
+    Each test starts from an empty capture cache: tests that call one function with many
+    configurations (parametrized, property-based) would otherwise add up to a capture storm
+    across tests (NOTE [Capture storms]), and no test depends on another's captures."""
     import xafunc
 
+    xafunc.clear_cache()
     with xafunc.strict(request.node.get_closest_marker("fallback") is None):
         yield
 

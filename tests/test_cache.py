@@ -581,9 +581,9 @@ def test_partial_and_bound_methods_key_on_the_function():
 
 
 def test_new_python_number_arguments_on_every_call_stop_being_traced():
-    """NOTE [Scalar arguments]: a time passed as a float (or a step as an int) with a new value
-    on every call was traced on every call (100x the cost of nested torch.func). After
-    SCALAR_VALUES values, new values run the reference, with one warning naming the argument;
+    """NOTE [Capture storms]: a time passed as a float (or a step as an int) with a new value on
+    every call was traced on every call (100x the cost of nested torch.func). After
+    STORM_AFTER captures, new values run the reference, with one warning naming the argument;
     the values captured keep their captures."""
     net = _net()
 
@@ -591,25 +591,53 @@ def test_new_python_number_arguments_on_every_call_stop_being_traced():
         return (net(x) * t + step).sin().sum()
 
     x = _x()
-    ts = [0.1 * k for k in range(cache.SCALAR_VALUES + 4)]
+    ts = [0.1 * k for k in range(cache.STORM_AFTER + 4)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for k, t in enumerate(ts):
-            with xafunc.strict(k < cache.SCALAR_VALUES):
+            with xafunc.strict(k < cache.STORM_AFTER):
                 assert_tree_close(xhessian(u)(x, t), reference_deriv(u, 2)(x, t), msg=f"t={t}")
-    assert [str(w.message).split(";")[0].split(".")[-1] for w in caught] == [
-        "u is called with a new value of args[1] on every call"]
+    assert len(caught) == 1 and caught[0].filename == __file__, caught
+    message = str(caught[0].message)
+    assert f"u was traced on {cache.STORM_AFTER} of its {cache.STORM_AFTER} calls" in message
+    assert "args[1] (0.7000000000000001, was 0.6000000000000001)" in message
+    assert "torch.tensor(value)" in message
     info = xafunc.cache_info()
-    assert (info.misses, info.hits) == (cache.SCALAR_VALUES, 4), info
+    assert (info.misses, info.hits) == (cache.STORM_AFTER, 4), info
     with xafunc.strict():  # a captured value still runs its capture
-        assert_tree_close(xhessian(u)(x, ts[0]), reference_deriv(u, 2)(x, ts[0]))
+        assert_tree_close(xhessian(u)(x, ts[-5]), reference_deriv(u, 2)(x, ts[-5]))
     with xafunc.strict(False):
-        assert "Python number argument(s) args[1]" in xafunc.plan(u, 2)(x, 9.5).fallback
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for step in range(cache.SCALAR_VALUES + 1):  # a keyword argument, counted apart
-                xhessian(u)(x, 0.5, step=step)
-        assert "new value of kwargs['step']" in str(caught[-1].message), caught
+        assert "its arguments keep changing" in xafunc.plan(u, 2)(x, 9.5).fallback
+
+
+def test_a_function_traced_on_most_calls_stops_being_traced():
+    """A global reassigned every step (a recapture on every call), and a batch whose size
+    changes every step: after STORM_AFTER captures, calls matching none of them run the
+    reference; a function traced now and then (here every fourth call) keeps being traced."""
+    state = {"k": 0.0}
+    f = lambda x: (x + state["k"]).sin().sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            state["k"] = float(i)
+            with xafunc.strict(i < cache.STORM_AFTER):
+                assert_tree_close(xjacobian(f)(_x()), reference_deriv(f, 1)(_x()))
+    assert len(caught) == 1 and caught[0].filename == __file__, caught
+    assert "state it reads keeps changing" in str(caught[0].message)
+    assert "['k'] == 6.0" in str(caught[0].message)  # the last capture's guard
+    g = lambda x: torch.tanh(x).sum()  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(1, 13):
+            with xafunc.strict(n <= cache.STORM_AFTER):
+                xhessian(g)(_x(n))
+    assert "args[0] (shape (8,), torch.float64, was shape (7,)" in str(caught[0].message)
+    assert "torch.vmap" in str(caught[0].message)
+    h = lambda x: torch.exp(x).sum()  # noqa: E731
+    with xafunc.strict():
+        for n in range(1, 13):
+            for _ in range(4):
+                xhessian(h)(_x(n))
 
 
 def test_deleted_models_are_collected():
@@ -697,27 +725,12 @@ def test_entries_per_function_are_bounded_and_clearable():
     from xafunc._capture.cache import CACHE, MAX_ENTRIES
 
     f = lambda x: x.sin().sum()  # noqa: E731
-    for n in range(1, MAX_ENTRIES + 4):  # a new shape each time
-        xhessian(f)(_x(n))
+    for n in range(1, MAX_ENTRIES + 4):  # a new shape every third call (not a storm)
+        for _ in range(3):
+            xhessian(f)(_x(n))
     assert len(CACHE.entries(f)) == MAX_ENTRIES
     xafunc.clear_cache()
     assert xafunc.cache_info() == xafunc.CacheInfo(0, 0, 0, 0, 0)
-
-
-def test_repeated_recapture_warns_once_naming_the_guard():
-    import torch._dynamo  # noqa: F401 - calls then pass through dynamo's ``disable`` wrapper
-
-    state = {"k": 0.0}
-    f = lambda x: (x + state["k"]).sin().sum()  # noqa: E731
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for i in range(12):
-            state["k"] = float(i)
-            xjacobian(f)(_x())
-    warned = [w for w in caught if "captured again" in str(w.message)]
-    assert len(warned) == 1
-    assert "['k']" in str(warned[0].message) and "== " in str(warned[0].message)
-    assert warned[0].filename == __file__, "the warning points at the user's call"
 
 
 # ------------------------------------------------------------- under torch.func transforms

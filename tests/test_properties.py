@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import xafunc
 from tests._compare import assert_tree_close, reference_deriv
 from xafunc import xderiv
 
@@ -58,6 +59,7 @@ def mlp_problems(draw):
 @settings(max_examples=30, **SETTINGS)
 @given(mlp_problems())
 def test_random_mlp(problem):
+    xafunc.clear_cache()  # each example is a new program, not a capture storm
     widths, acts, batched, seed, argnum, order, mode = problem
     g = torch.Generator().manual_seed(seed)
     x = _randn(g, *((2, widths[0]) if batched else (widths[0],)))
@@ -102,6 +104,7 @@ def conv_problems(draw):
 @settings(max_examples=25, **SETTINGS)
 @given(conv_problems())
 def test_random_conv_net(problem):
+    xafunc.clear_cache()  # each example is a new program, not a capture storm
     dim, c_in, c_out, kernel, size, stride, padding, act, pool, seed, argnum, order, mode = problem
     g = torch.Generator().manual_seed(seed)
     spatial = (size,) * dim
@@ -216,6 +219,7 @@ def test_random_graphs_every_mode_agrees_with_the_oracle(problem):
     """Residual, attention, normalisation, convolution, stop-gradient, no_grad and dropout
     blocks in random order: every engine mode (under strict, so the engine ran) equals nested
     jacrev of the same realisation, and the modes equal each other."""
+    xafunc.clear_cache()  # each example is a new program, not a capture storm
     kinds, width, n_in, m, act_name, seed, order = problem
     g = torch.Generator().manual_seed(seed)
     act = ACTIVATIONS[act_name]

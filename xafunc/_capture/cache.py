@@ -16,21 +16,19 @@ to :data:`MAX_ENTRIES` captures, most recently used first; each holds
 * the plans built on it, one per :class:`~.request.Request`, so ``xderiv(f, 1)`` and
   ``xderiv(f, 3)`` and ``xlaplacian(f)`` share one capture.
 
-NOTE [Scalar arguments]
-Python numbers among the arguments are part of the signature by value: a graph bakes them in
-(and Python code may branch on them, size a tensor with them, or read them with ``math``), so
-a capture serves one value. A function called with a different value on every call (a time
-``t`` or a step counter passed as a float or int) would be traced on every call: some 100
-times the cost of the call itself. Once :data:`SCALAR_VALUES` values of the same arguments
-(everything else in the signature the same) have been captured, calls with a new value run the
-reference without being traced -- torch.func's speed -- and a warning, once, names the
-argument and the remedy (pass it as a tensor, which is read afresh). The captured values keep
-their captures.
-
 A call whose signature matches and whose guards hold is a *hit*; otherwise the function is
 traced again (a *miss*; a *recapture* when an entry with the same signature failed its guards).
-When one function keeps being recaptured, a warning names the guard that keeps failing, once,
-as torch.compile's recompile warning does. :func:`cache_info` reads the counters,
+
+NOTE [Capture storms]
+A capture costs 0.1-1 s; a function that needs a new one on most calls -- a time ``t`` or a
+step counter passed as a Python number (numbers are part of the signature by value: a graph
+bakes them in), a global it reads reassigned every step, a batch whose size changes every step
+outside ``vmap`` -- would be traced on every call, 10-100 times slower than nested torch.func.
+Once a function has been traced :data:`STORM_AFTER` times and on at least half of its calls,
+calls that match none of its captures run the reference without being traced (torch.func's
+speed), and a warning, once, names what keeps changing (the argument, or the guard that keeps
+failing) and the remedy, as torch.compile's recompile limit does; the captures it has keep
+serving the calls they match. :func:`cache_info` reads the counters,
 :func:`clear_cache` empties the cache.
 
 NOTE [Python side effects]
@@ -80,15 +78,12 @@ from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
 #: captures kept per function (least recently used evicted)
 MAX_ENTRIES = 8
-#: recaptures of one function after which the warning is given
-WARN_AFTER = 8
+#: captures of one function (on at least half its calls) after which calls matching none of
+#: them run the reference without being traced (NOTE [Capture storms])
+STORM_AFTER = 8
 #: captures in a row that changed the Python state they read, after which the function runs
 #: the reference without being traced (NOTE [Python side effects])
 SELF_CHANGES = 3
-#: values of the same Python scalar arguments (the rest of the signature unchanged) captured
-#: for one function, after which calls with a new value run the reference without being
-#: traced (NOTE [Scalar arguments])
-SCALAR_VALUES = 4
 
 
 @dataclass(frozen=True)
@@ -131,15 +126,14 @@ class Entry:
 class _Slot:
     entries: list[Entry] = field(default_factory=list)
     recaptures: int = 0
-    warned: bool = False
+    calls: int = 0
+    traced: int = 0  # calls that captured (NOTE [Capture storms])
+    storm: str | None = None  # once set, why calls matching no capture run the reference
+    last_traced: list[Hashable] | None = None  # the leaf keys of the last call traced
     self_changes: int = 0  # captures in a row that changed the state they read
     # once ``self_changes`` reached SELF_CHANGES: the reference entry of each signature
     reference: dict[Hashable, Entry] | None = None
     reference_reason: str = ""
-    # per signature with scalar values left out: the scalar leaves of each value captured,
-    # and once SCALAR_VALUES were, the reference entry new values run (NOTE [Scalar arguments])
-    scalar_values: dict[Hashable, list[list[Any]]] = field(default_factory=dict)
-    scalar_reference: dict[Hashable, Entry] = field(default_factory=dict)
 
 
 def identity(func: Any) -> Any:
@@ -264,12 +258,14 @@ class CaptureCache:
                 lifted = entry.guards.check(func, objects)
                 if type(lifted) is tuple:
                     self.hits += 1
+                    slot.calls += 1
                     if entry.running_stats != ((), ()):
                         _note_running_stats(entry, args, kwargs, leaves, lifted)
                     if i:
                         slot.entries.insert(0, slot.entries.pop(i))
                     return entry, lifted
-                failed = (entry, lifted)
+                if failed is None:  # the most recent capture's failing guard
+                    failed = (entry, lifted)
         if slot is not None and slot.reference is not None:
             ref = slot.reference.get(sig)
             if ref is None:
@@ -278,21 +274,18 @@ class CaptureCache:
             self.hits += 1
             return ref, ()
         with self._lock:
+            if slot is not None and slot.storm is not None:  # NOTE [Capture storms]
+                self.hits += 1
+                return Entry(sig, Captured(reason=slot.storm), None), ()
+            self.misses += 1
             if leaves is None:
                 leaves, spec = pytree.tree_flatten((args, kwargs))
-            if key is not None and slot is None:
-                slot = self._slots.setdefault(key, _Slot())
-            scalars = None
-            if slot is not None and failed is None:
-                scalars = _scalar_variant(func, slot, differentiated, leaves, spec)
-                if type(scalars) is Entry:
-                    self.hits += 1
-                    return scalars, ()
-            self.misses += 1
             grad = _leaves_of(args, differentiated) if differentiated else frozenset()
             entry, lifted = _capture_entry(func, sig, leaves, spec, objects, grad)
-            if slot is None:
+            if key is None:
                 return entry, lifted
+            if slot is None:
+                slot = self._slots.setdefault(key, _Slot())
             slot.self_changes = slot.self_changes + 1 if entry.changed_state else 0
             if slot.self_changes >= SELF_CHANGES:
                 slot.reference = {}
@@ -305,18 +298,12 @@ class CaptureCache:
             if failed is not None:
                 self.recaptures += 1
                 slot.recaptures += 1
-                if slot.recaptures >= WARN_AFTER and not slot.warned:
-                    slot.warned = True
-                    fguards = failed[0].guards
-                    assert fguards is not None
-                    warnings.warn(
-                        f"xafunc: {_name(func)} has been captured again {slot.recaptures} times "
-                        f"because state it reads keeps changing; last failing guard: "
-                        f"{fguards.describe(failed[1])}. Pass changing values as tensor "
-                        "arguments (they are read afresh) instead of Python state.",
-                        stacklevel=_caller_level())
-            if scalars is not None:
-                slot.scalar_values.setdefault(scalars[0], []).append(scalars[1])
+            slot.calls += 1
+            slot.traced += 1
+            traced = [_leaf_key(leaf, []) for leaf in leaves]
+            if slot.traced >= STORM_AFTER and 2 * slot.traced >= slot.calls:
+                slot.storm = _storm(func, slot, traced, leaves, spec, failed)
+            slot.last_traced = traced
             slot.entries.insert(0, entry)
             del slot.entries[MAX_ENTRIES:]
             return entry, lifted
@@ -340,41 +327,52 @@ class CaptureCache:
             self.hits = self.misses = self.recaptures = 0
 
 
-def _scalar_variant(func: Any, slot: _Slot, differentiated: tuple[int, ...], leaves: list[Any],
-                    spec: Any) -> Any:
-    """For a call that matched no capture: ``(key, scalar leaves)`` to note once it is
-    captured, where ``key`` is its signature with the values of Python numbers left out; or
-    the reference entry to run when :data:`SCALAR_VALUES` values of them have been captured
-    already (NOTE [Scalar arguments]); or None without scalar leaves."""
-    at = [i for i, leaf in enumerate(leaves) if type(leaf) in (int, float)]
-    if not at:
-        return None
-    objects: list[Any] = []
-    rest = tuple((type(leaf),) if i in at else _leaf_key(leaf, objects)
-                 for i, leaf in enumerate(leaves))
-    key = (spec, rest, differentiated, _global_state())
-    ref = slot.scalar_reference.get(key)
-    if ref is not None:
-        return ref
-    seen = slot.scalar_values.get(key, [])
-    values = [leaves[i] for i in at]
-    if len(seen) < SCALAR_VALUES:
-        return key, values
-    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(
-        pytree.tree_unflatten(leaves, spec))[0]]
-    changing = ", ".join(
-        ("args" if paths[i].startswith("[0]") else "kwargs") + paths[i][3:]
-        for j, i in enumerate(at) if any(v[j] != values[j] for v in seen))
-    reason = (f"it is called with new values of the Python number argument(s) {changing} "
-              f"again and again ({len(seen) + 1} values so far): each value would need its "
-              "own capture (NOTE [Scalar arguments])")
+def _storm(func: Any, slot: _Slot, traced: list[Hashable], leaves: list[Any], spec: Any,
+           failed: tuple[Entry, Any] | None) -> str:
+    """Why ``func`` keeps being traced, for the plan; warned once (NOTE [Capture storms])."""
+    before = slot.last_traced or []
+    changed = [i for i, (a, b) in enumerate(zip(before, traced)) if a != b] \
+        if len(before) == len(traced) else []
+    if failed is not None:
+        guards = failed[0].guards
+        assert guards is not None
+        why = f"state it reads keeps changing (last failing guard: {guards.describe(failed[1])})"
+        remedy = ("Pass values that change as tensor arguments (read afresh on every call) "
+                  "instead of Python state.")
+    elif changed:
+        paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(
+            pytree.tree_unflatten(leaves, spec))[0]]
+        why = "its arguments keep changing: " + ", ".join(
+            f"{('args' if paths[i].startswith('[0]') else 'kwargs') + paths[i][3:]} "
+            f"({_shown(leaves[i])}, was {_shown(before[i])})" for i in changed)
+        remedy = ""
+        if any(not isinstance(leaves[i], Tensor) for i in changed):
+            remedy += ("Pass a number that changes as a tensor (torch.tensor(value)), which is "
+                       "read afresh on every call. ")
+        if any(isinstance(leaves[i], Tensor) for i in changed):
+            remedy += ("Keep tensor shapes to a few (pad the batch), or map a per-sample "
+                       "function over the batch with torch.vmap, whose batch size is not part "
+                       "of the capture.")
+    else:
+        why, remedy = f"its calls need more captures than the {MAX_ENTRIES} kept", ""
     warnings.warn(
-        f"xafunc: {_name(func)} is called with a new value of {changing} on every call; "
-        "each value needs its own capture, so calls with new values run nested torch.func. "
-        "Pass it as a tensor (torch.tensor(value)), which is read afresh on every call, to "
-        "keep one capture.", stacklevel=_caller_level())
-    ref = slot.scalar_reference[key] = Entry(None, Captured(reason=reason), None)
-    return ref
+        f"xafunc: {_name(func)} was traced on {slot.traced} of its {slot.calls} calls: {why}. "
+        "From now on, calls that match none of its captures run nested torch.func without "
+        f"being traced. {remedy}".rstrip(), stacklevel=_caller_level())
+    return (f"{why}; it was traced on {slot.traced} of its {slot.calls} calls, so calls that "
+            "match none of its captures run without being traced (NOTE [Capture storms])")
+
+
+def _shown(leaf: Any) -> str:
+    """A leaf, or its key (``_leaf_key``), as the storm warning shows it."""
+    if isinstance(leaf, Tensor):
+        return f"shape {tuple(leaf.shape)}, {leaf.dtype}"
+    if type(leaf) is tuple and len(leaf) == 4 and isinstance(leaf[0], torch.Size):
+        return f"shape {tuple(leaf[0])}, {leaf[1]}"
+    if type(leaf) is tuple and len(leaf) == 2 and type(leaf[0]) is type:  # a scalar's key
+        value = leaf[1]
+        return repr(value[0] if leaf[0] is float and type(value) is tuple else value)
+    return repr(leaf)
 
 
 def _caller_level() -> int:
