@@ -301,6 +301,35 @@ def test_module_backward_hooks_added_after_a_call_run_the_reference():
         assert_tree_close(xhessian(f)(x), plain)
 
 
+def test_compiled_and_graph_modules_are_captured_as_the_code_they_run():
+    """A ``torch.compile``'d module or function is captured as its original code (it runs
+    that while traced), and an ``fx.GraphModule`` (``symbolic_trace``, ``torch.export``'s
+    ``.module()``) as its generated ``forward``: they ran the reference before (its graph's
+    state could not be guarded), 50x slower. A recompiled GraphModule is captured again."""
+    net, x = _net(), _x()
+    expected = lambda: reference_deriv(lambda x: net(x).sum(), 2)(x)  # noqa: E731
+    compiled = torch.compile(net)
+    function = torch.compile(lambda x: net(x).sum())
+    traced = torch.fx.symbolic_trace(net)
+    exported = torch.export.export(net, (x,)).module()
+    for model in (compiled, traced, exported):
+        assert_tree_close(xhessian(lambda x, m=model: m(x).sum())(x), expected())
+    assert_tree_close(xhessian(function)(x), expected())
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)  # shared by all four
+    for model in (compiled, traced):
+        assert_tree_close(xhessian(lambda x, m=model: m(x).sum())(x), expected())
+    assert_tree_close(xhessian(function)(x), expected())
+    for node in traced.graph.nodes:  # tanh -> sin
+        if node.op == "call_module" and node.target == "1":
+            with traced.graph.inserting_after(node):
+                node.replace_all_uses_with(traced.graph.call_function(torch.sin, node.args))
+            traced.graph.erase_node(node)
+    traced.recompile()
+    assert_tree_close(xhessian(lambda x: traced(x).sum())(x), reference_deriv(
+        lambda x: net[2](torch.sin(net[0](x))).sum(), 2)(x))
+
+
 def test_non_tensor_arguments_mutated_in_place():
     class Cfg:
         def __init__(self):

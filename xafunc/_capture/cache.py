@@ -141,8 +141,12 @@ def identity(func: Any) -> Any:
     while True:
         t = type(func)
         if t is types.FunctionType:
-            return func.__code__
-        if t is types.MethodType:
+            # a ``torch.compile``'d function runs its original while captured (``trace``)
+            original = getattr(func, "_torchdynamo_orig_callable", None)
+            if original is None:
+                return func.__code__
+            func = original
+        elif t is types.MethodType:
             func = func.__func__
         elif isinstance(func, functools.partial):
             func = func.func

@@ -12,7 +12,10 @@ sharp edge instead). Before tracing, :func:`walk` visits everything the function
   function; from a ``functools.partial`` its function and bound arguments;
 * from an ``nn.Module``: its class, training flag, parameters, buffers, submodules, forward
   hooks and every other attribute (and torch's global module hooks); from a tensor the Python
-  attributes set on it (``w.scale = 2.0``);
+  attributes set on it (``w.scale = 2.0``); from a ``torch.compile``'d module or function, its
+  original (which is what runs while it is traced); from an ``fx.GraphModule``
+  (``symbolic_trace``, ``torch.export``'s ``.module()``), its generated ``forward`` instead of
+  the graph it was generated from;
 * from any other object: its class and its ``__dict__``/``__slots__``; from containers their
   items; from user-defined classes their methods and class attributes; from modules of the
   user's own code the attributes its code names.
@@ -29,8 +32,9 @@ Every value reached becomes one of three things:
   ``__dict__`` sizes, empty hook tables);
 * a **problem** that sends the function to the reference strategy, with the reason in the plan:
   Python-level randomness or clocks (``random``, ``time``, ``numpy.random``, reseeding torch),
-  module backward hooks (they change what reverse mode computes), tensor subclasses, objects that can neither be looked into nor referenced weakly, or more
-  state than it is worth guarding.
+  module backward hooks (they change what reverse mode computes), tensor subclasses, objects
+  that can neither be looked into nor referenced weakly, or more state than it is worth
+  guarding.
 
 The walk is compiled into one straight-line Python function (``GuardSet.check``) that returns
 the lifted tensors, or the index of the first guard that failed (``-1``: the structure itself
@@ -87,6 +91,14 @@ _MODULE_SKIP = frozenset({
     # whenever the weak references no longer point at them, as after every ``functional_call``
     "_flat_weights", "_flat_weight_refs",
 })
+# ``torch.fx.GraphModule`` attributes (``symbolic_trace``, ``torch.export``'s ``.module()``):
+# the graph and what built it; what runs is the ``forward`` generated from it, walked instead
+_GRAPH_MODULE_SKIP = frozenset({
+    "_graph", "_code", "_lineno_map", "_prologue_start", "_tracer_cls", "_tracer_extras",
+    "meta", "_replace_hooks", "_create_node_hooks", "_erase_node_hooks", "_deepcopy_hooks",
+    "shape_env", "range_constraints", "_in_spec", "_out_spec", "validate_inputs", "train",
+    "eval",
+})
 _GLOBAL_MODULE_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                         "_global_forward_hooks_always_called",
                         "_global_forward_hooks_with_kwargs", "_global_backward_pre_hooks",
@@ -107,6 +119,19 @@ def _escaped(t: Tensor) -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return fx.maybe_get_level(t) not in {i.level() for i in retrieve_all_functorch_interpreters()}
+
+
+def _compiled(obj: Any) -> tuple[str, Any] | None:
+    """``(attribute, original)`` of a ``torch.compile``'d module or function, else None."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before it is imported
+        return None
+    if isinstance(obj, torch.nn.Module):
+        if isinstance(obj, sys.modules["torch._dynamo.eval_frame"].OptimizedModule):
+            return "_orig_mod", obj._orig_mod
+        return None
+    original = getattr(obj, "_torchdynamo_orig_callable", None) \
+        if type(obj) is types.FunctionType else None
+    return None if original is None else ("_torchdynamo_orig_callable", original)
 
 
 def _library_paths() -> tuple[str, ...]:
@@ -233,7 +258,12 @@ class _Walker:
             return
         self.seen[id(obj)] = (v, where)
         self.keep.append(obj)
-        if isinstance(obj, Tensor):
+        compiled = _compiled(obj)
+        if compiled is not None:  # what runs is the original code (``trace``): walk that
+            self.guard(f"type({v}) is {self.const(t)}", f"{where} is compiled")
+            self.walk(compiled[1], self.var(f"{v}.{compiled[0]}"), f"{where} (its original)",
+                      depth + 1)
+        elif isinstance(obj, Tensor):
             self.tensor(obj, v, where, depth)
         elif isinstance(obj, type):
             self.cls(obj, v, where, depth)
@@ -447,8 +477,12 @@ class _Walker:
         if empty_hooks:  # one check for all the (usually empty) hook tables
             self.guard(" or ".join(f"{dv}[{k!r}]" for k in empty_hooks).join(("not (", ")")),
                        f"{where} has no hooks")
+        graph_module = isinstance(m, torch.fx.GraphModule)
+        if graph_module:  # its generated code (a new function on every ``recompile()``)
+            self.walk(cls.forward, self.var(f"type({v}).forward"), f"{where}.forward",
+                      depth + 1)
         for k in d:
-            if k in _MODULE_SKIP or k in empty_hooks:
+            if k in _MODULE_SKIP or k in empty_hooks or (graph_module and k in _GRAPH_MODULE_SKIP):
                 continue
             value = d[k]
             label = f"{where}.{k}"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -302,7 +303,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
     meta: dict[str, Any] = {}
     _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
-        with _clear_functorch(), torch.inference_mode(False):
+        with _clear_functorch(), torch.inference_mode(False), _compiled_code_runs_eagerly():
 
             def run(*tensors: Tensor) -> list[Tensor]:
                 pairs = [(t, s) for i, (t, s) in enumerate(zip(lifted, tensors[len(tensor_pos):]))
@@ -361,6 +362,17 @@ def _clear_functorch() -> Iterator[None]:
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
     with temporarily_clear_interpreter_stack():
+        yield
+
+
+@contextlib.contextmanager
+def _compiled_code_runs_eagerly() -> Iterator[None]:
+    """A ``torch.compile``'d module or function the traced function calls runs its original
+    code, which is what gets recorded (the guards walk that code: ``guards._compiled``)."""
+    if "torch._dynamo" not in sys.modules:  # nothing is compiled before it is imported
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
         yield
 
 
