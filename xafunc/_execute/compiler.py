@@ -22,7 +22,11 @@ only on a CPU (the PINN training steps of ``asv_bench/training_table.py`` under
 ``torch.func.grad``: up to 1.4x faster than the per-sample graph through the ``vmap`` level
 too, a third-order residual in 2 inputs the most, none slower by more than the noise).
 Anything else (other transforms in between, inputs batched at different levels, a layout
-beyond the ``MAX_BATCHED_LAYOUTS`` traced per propagation) takes the general path.
+beyond the ``MAX_BATCHED_LAYOUTS`` traced per propagation) takes the general path. So does
+the first call of a layout other than the first (a batch size that may never come back:
+tracing one costs 0.1-0.2 s, the general path about nested torch.func's time); its graph is
+traced when the layout comes back, so a loop whose batch size changes every step never traces
+after its first call.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _NO_FAST_PATH: Any = object()
 #: every step) runs per sample through vmap's batching rules instead of tracing again (tens of
 #: milliseconds each) into a cache that would grow without bound
 MAX_BATCHED_LAYOUTS = 8
+#: layouts met once and not traced (yet), remembered per compiler
+_MAX_SIGHTED = 256
 
 
 class Compiler:
@@ -50,6 +56,7 @@ class Compiler:
     def __init__(self, n_static: int = 0, compile: bool = False) -> None:
         self.fns: dict[Any, Callable[..., Any]] = {}
         self._layouts: dict[Any, int] = {}  # batched graphs traced per key
+        self._sighted: set[Any] = set()  # batched layouts met once, not traced
         self.note: str | None = None
         self.n_static = n_static  # the last inputs are static (see ``Executable``)
         # plain calls run inductor's code (NOTE [Inductor executor]); ``set_compile`` may
@@ -127,9 +134,16 @@ class Compiler:
         bkey = (key, "vmap", tuple(dims), tuple(tuple(p.shape) for p in phys))
         fn = self.fns.get(bkey)
         if fn is None:
-            if self._layouts.get(key, 0) >= MAX_BATCHED_LAYOUTS:
+            traced = self._layouts.get(key, 0)
+            if traced >= MAX_BATCHED_LAYOUTS:
                 return None
-            self._layouts[key] = self._layouts.get(key, 0) + 1
+            if traced and bkey not in self._sighted:  # traced if it comes back
+                if len(self._sighted) >= _MAX_SIGHTED:
+                    self._sighted.clear()
+                self._sighted.add(bkey)
+                return None
+            self._sighted.discard(bkey)
+            self._layouts[key] = traced + 1
             outside_transforms(prepare)
             try:
                 fn = Executable(simplify(trace(torch.vmap(eager, in_dims=tuple(dims)), phys),
