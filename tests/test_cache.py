@@ -494,6 +494,41 @@ def test_tensors_stored_in_python_state_hold_each_calls_values():
         assert "on every call" in xafunc.plan(model, 2)(x).fallback
 
 
+def test_tensors_built_while_traced_and_kept_in_state_are_plain_tensors():
+    """A tensor built on the first call and kept (a lazily built weight transform or grid, a
+    ``functools.lru_cache``'d helper) was the tracer's own tensor ever after: every later call
+    ran the reference, and ``deepcopy`` failed. It is now a plain tensor of its values, and
+    the capture made once it is built serves the calls after."""
+    import copy
+
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.wt, self.grid = nn.Linear(3, 4).to(F64), None, None
+
+        def forward(self, x):
+            if self.wt is None:  # built on the first call
+                self.wt = self.lin.weight.t().contiguous()
+                self.grid = torch.linspace(0.5, 1.5, 4, dtype=x.dtype)
+            return (torch.tanh(x @ self.wt + self.lin.bias) * self.grid).sum()
+
+    @functools.lru_cache
+    def basis(n):
+        return torch.eye(n, dtype=F64) * 2
+
+    model, x = Lazy(), _x()
+    grid = torch.linspace(0.5, 1.5, 4, dtype=F64)
+    expected = reference_deriv(lambda x: (torch.tanh(model.lin(x)) * grid).sum(), 2)(x)
+    for call in range(4):
+        assert_tree_close(xhessian(model)(x), expected, msg=f"call {call}")
+        assert_tree_close(xhessian(lambda x: (basis(3) @ x).sin().sum())(x),
+                          reference_deriv(lambda x: (2 * x).sin().sum(), 2)(x))
+    assert type(model.wt) is torch.Tensor and type(model.grid) is torch.Tensor
+    assert type(basis(3)) is torch.Tensor
+    copy.deepcopy(model)
+    assert xafunc.cache_info().misses == 3  # Lazy: built on the first, captured on the second
+
+
 def test_a_state_tensor_read_and_replaced_each_call_advances_once_per_call():
     """``self.h = tanh(W h + x)``: the graph reads ``h`` and the call replaces it. The first
     call's capture serves that call only, and ``h`` then holds that call's value; the second

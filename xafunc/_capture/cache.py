@@ -43,9 +43,12 @@ effects (a counter would count twice and the result would use the doubled count)
 * a capture that changed the state it reads is used **for this call only** (it is not
   cached): its graph is what this one run of ``func`` computed, and the next call traces again
   (a lazily built attribute is built once, and the next capture is kept);
-* a tensor ``func`` stored in its state while traced (or while the reference ran) behaves as
-  its value afterwards, as tensors leaked by torch.func's transforms do; the walk finds it and
-  sends the call to the reference, since only a run of ``func`` can store the next one;
+* a tensor ``func`` stored in its state while traced is a plain tensor of its values
+  afterwards (``_Recorder.release``; the values torch.func leaves there, without their
+  autograd history), read afresh by the next capture like any other; one it stored while the
+  reference ran (a tensor of a torch.func transform that has returned) behaves as its value,
+  and the walk sends the call to the reference, since only a run of ``func`` can store the
+  next one;
 * the retries of a failed trace (values baked, no grad) are skipped once the state changed;
 * a function that changes its state on :data:`SELF_CHANGES` captures in a row runs the
   reference from then on without being traced (``func`` once per call, as torch.func).

@@ -324,7 +324,8 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                         f"it applies the torch.autograd.Function {applied[0]}, whose custom "
                         "backward defines its derivative")
                 out_leaves, meta["spec"] = pytree.tree_flatten(out)
-                meta["leaves"] = out_leaves
+                meta["leaves"] = [TensorMeta(tuple(v.shape), v.dtype, v.device)
+                                  if isinstance(v, Tensor) else v for v in out_leaves]
                 return [v for v in out_leaves if isinstance(v, Tensor)]
 
             examples = [*arg_tensors, *lifted]
@@ -350,8 +351,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
         prologue, n_random = _hoist_random(gm, len(tensor_pos))
     except CaptureError as e:
         return Captured(reason=str(e))
-    out_leaves = [TensorMeta(tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else v
-                  for v in meta["leaves"]]
+    out_leaves = meta["leaves"]
     return Captured(graph=gm, prologue=prologue, n_args=len(tensor_pos), n_random=n_random,
                     n_lifted=len(lifted), out_spec=meta["spec"], out_leaves=out_leaves,
                     mutated=mutated, level_local=meta["level_local"])

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -176,6 +177,8 @@ class _Traced(Tensor):
             dtype=value.dtype, layout=value.layout, device=value.device,
             requires_grad=requires_grad)
         t._value, t._node, t._recorder = value, node, recorder
+        if recorder.made is not None:
+            recorder.made.append(weakref.ref(t))
         return t  # type: ignore[no-any-return]
 
     @property
@@ -265,6 +268,29 @@ class _Recorder(TorchDispatchMode):
         self.keep: list[Tensor] = []  # constants stay alive (their ids key ``constants``)
         self.active = False
         self.running_stats: set[Node] = set()  # inputs read as running statistics
+        # capture: every tensor of the trace, to find those the function stored in Python
+        # state (``release``)
+        self.made: list[weakref.ref[_Traced]] | None = [] if no_grad_cut else None
+
+    def release(self) -> None:
+        """Turn the tensors of the finished trace that the function stored in Python state
+        (``self.cache = w.t()``, ``self.grid = torch.linspace(...)``) into plain tensors of
+        their values, what torch.func leaves there for values that do not depend on the
+        differentiated inputs: a ``_Traced`` there would make every later call run the
+        reference (``guards``: a leaked tensor), fail ``deepcopy`` and ``torch.save``.
+        The trace holds none of them any more, so any other reference is the caller's."""
+        if self.made is None:
+            return
+        alive = [t for t in (r() for r in self.made) if t is not None]
+        self.made = None  # no weak references left: ``swap_tensors`` refuses those
+        for t in alive:
+            # references: ``alive``, the loop variable, ``getrefcount``'s argument
+            if sys.getrefcount(t) > 3:
+                plain = t._value.detach()
+                try:
+                    torch.utils.swap_tensors(t, plain)
+                except RuntimeError:  # saved by autograd, say: it stays a ``_Traced``
+                    pass
 
     def _note_running_stats(self, stats: Any) -> None:
         """Note the inputs ``stats`` are computed from (NOTE [Unversioned writes])."""
@@ -466,6 +492,9 @@ def record(fn: Callable[..., Any], examples: list[Any],
             recorder.graph.output(pytree.tree_map(recorder._node, out))
         finally:
             recorder.active = False
+            del traced
+            out = None
+            recorder.release()
     placeholders = [n for n in recorder.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, examples):
         if node in recorder.running_stats and isinstance(example, Tensor):
