@@ -832,14 +832,14 @@ def test_graphs_run_as_fx_where_torchscript_cannot_run_as_autograd_records_them(
 
 def test_batched_graphs_per_propagation_are_bounded(monkeypatch):
     """A batched graph is traced per layout (batch size): the first on its first call, the
-    others when they come back (a batch size met once runs per sample through vmap's batching
-    rules, about nested torch.func's time, instead of a 0.1 s trace), and past
-    ``MAX_BATCHED_LAYOUTS`` of them never, so a loop whose batch size changes every step
-    neither re-traces every step nor grows the cache without bound. Every size gets the
-    oracle's numbers."""
+    others on their ``TRACE_AFTER``-th (until then per sample through vmap's batching rules,
+    faster than nested torch.func, instead of a 0.1 s trace), and past ``MAX_BATCHED_LAYOUTS``
+    of them never, so a loop whose batch size changes every step neither re-traces every step
+    nor grows the cache without bound. Every size gets the oracle's numbers."""
     from xafunc._execute import compiler
 
     monkeypatch.setattr(compiler, "MAX_BATCHED_LAYOUTS", 3)
+    monkeypatch.setattr(compiler, "TRACE_AFTER", 2)
     xafunc.clear_cache()
     net = _net(4)
     traced = []
@@ -927,7 +927,7 @@ def test_large_tanh_layers_run_numpys_kernel():
     ``xafunc::tanh`` there, and ATen's ``tanh`` in a graph of fewer, with torch.func's
     numbers; the recompute node (weights that require grad) runs the same fast path, and the
     gradient through it (the recorded graph, ATen's ``tanh``) is torch.func's."""
-    from xafunc._execute import kernels
+    from xafunc._execute import compiler, kernels
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
                               torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DT)
@@ -940,7 +940,8 @@ def test_large_tanh_layers_run_numpys_kernel():
     ref = vmap(jacrev(jacrev(u)))
     with torch.no_grad():
         out, few = h(xs), h(xs[:4])
-        few = h(xs[:4])  # a second batch size is traced when it comes back
+        for _ in range(compiler.TRACE_AFTER - 1):  # a second batch size: traced once it
+            few = h(xs[:4])                          # has kept coming back
     assert_tree_close(out, ref(xs).detach())
     assert_tree_close(few, ref(xs[:4]).detach())
     mains = [str(e._fast.main.graph) for e in _executables(u) if e._fast is not None]

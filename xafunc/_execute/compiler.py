@@ -22,11 +22,11 @@ only on a CPU (the PINN training steps of ``asv_bench/training_table.py`` under
 ``torch.func.grad``: up to 1.4x faster than the per-sample graph through the ``vmap`` level
 too, a third-order residual in 2 inputs the most, none slower by more than the noise).
 Anything else (other transforms in between, inputs batched at different levels, a layout
-beyond the ``MAX_BATCHED_LAYOUTS`` traced per propagation) takes the general path. So does
-the first call of a layout other than the first (a batch size that may never come back:
-tracing one costs 0.1-0.2 s, the general path about nested torch.func's time); its graph is
-traced when the layout comes back, so a loop whose batch size changes every step never traces
-after its first call.
+beyond the ``MAX_BATCHED_LAYOUTS`` traced per propagation) takes the general path. So do the
+first ``TRACE_AFTER - 1`` calls of a layout other than the first: tracing one costs 0.1-0.2 s,
+what some 200 calls save over the general path (itself 3-4x faster than nested torch.func
+through ``vmap``), so only a batch size that keeps coming back is traced -- not each of the
+sizes of a loop whose batch size grows or is drawn at random every step.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ _NO_FAST_PATH: Any = object()
 #: every step) runs per sample through vmap's batching rules instead of tracing again (tens of
 #: milliseconds each) into a cache that would grow without bound
 MAX_BATCHED_LAYOUTS = 8
-#: layouts met once and not traced (yet), remembered per compiler
+#: calls of a batched layout (other than a propagation's first) after which it is traced
+TRACE_AFTER = 16
+#: layouts met and not traced (yet), counted per compiler
 _MAX_SIGHTED = 256
 
 
@@ -56,7 +58,7 @@ class Compiler:
     def __init__(self, n_static: int = 0, compile: bool = False) -> None:
         self.fns: dict[Any, Callable[..., Any]] = {}
         self._layouts: dict[Any, int] = {}  # batched graphs traced per key
-        self._sighted: set[Any] = set()  # batched layouts met once, not traced
+        self._sighted: dict[Any, int] = {}  # calls of batched layouts not traced (yet)
         self.note: str | None = None
         self.n_static = n_static  # the last inputs are static (see ``Executable``)
         # plain calls run inductor's code (NOTE [Inductor executor]); ``set_compile`` may
@@ -137,12 +139,13 @@ class Compiler:
             traced = self._layouts.get(key, 0)
             if traced >= MAX_BATCHED_LAYOUTS:
                 return None
-            if traced and bkey not in self._sighted:  # traced if it comes back
+            calls = self._sighted.get(bkey, 0) + 1
+            if traced and calls < TRACE_AFTER:  # traced once it keeps coming back
                 if len(self._sighted) >= _MAX_SIGHTED:
                     self._sighted.clear()
-                self._sighted.add(bkey)
+                self._sighted[bkey] = calls
                 return None
-            self._sighted.discard(bkey)
+            self._sighted.pop(bkey, None)
             self._layouts[key] = traced + 1
             outside_transforms(prepare)
             try:
