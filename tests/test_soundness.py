@@ -161,6 +161,25 @@ def test_stop_gradients_in_taylor_transforms(name):
 
 
 @pytest.mark.fallback
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_torchscript_modules_get_right_derivatives_on_every_call(make):
+    """A TorchScript module runs the reference. Under torch.func, torch 2.13's optimized
+    executor specializes a scripted module and returns a Hessian of zero from the second call
+    on (0.17 off here); the reference runs it unoptimized (NOTE [A reference that is
+    right])."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 2)).to(torch.float64)
+    x = _x()
+    module = torch.jit.script(net) if make == "script" else torch.jit.trace(net, x)
+    f = lambda x: module(x).sum()  # noqa: E731
+    for order in (2, 2, 3, 2, 3):
+        assert_tree_close(xderiv(f, order)(x), reference_deriv(lambda x: net(x).sum(), order)(x),
+                          msg=f"order {order}")
+    assert "TorchScript" in xafunc.plan(f, 2)(x).fallback
+
+
+@pytest.mark.fallback
 def test_inference_mode_is_refused_as_torch_func_refuses_it():
     def f(x):
         with torch.inference_mode():

@@ -27,7 +27,7 @@ from ._capture.cache import Entry
 from ._capture.request import Request, Split, arg_tensors, write_back
 from ._capture.trace import TensorMeta, capturing
 from ._engine.memory import fmt_bytes
-from ._reference import SafeNorms, choose_levels, nested_derivative, run_nested
+from ._reference import choose_levels, nested_derivative, reference_mode, run_nested
 from ._validate import check_diff_args, normalize_argnums
 
 
@@ -469,9 +469,8 @@ def _reference_plan(req: Request, argnums: tuple[int, ...], in_numel: int, m: in
             return nested_derivative(g, lv, argspec, has_aux=has_aux,
                                      chunk_size=req.chunk_size, all_orders=req.all_orders)
 
-        with contextlib.ExitStack() as stack:
-            if split is None and req.order >= 3:  # nested jacrev of the norms is right to 2
-                stack.enter_context(SafeNorms())
+        # nested jacrev of the norms is right to order 2
+        with reference_mode(safe_norms=split is None and req.order >= 3):
             out, ran = run_nested(make, state["levels"], args)
         if ran != state["levels"]:
             state["levels"] = plan.schedule = ran

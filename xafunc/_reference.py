@@ -16,7 +16,10 @@ user's function itself, with the normalisation functions replaced by their formu
 mode costs a Python call per operator). It nests reverse levels only, except a first-order
 Jacobian of a wider output (forward mode), and falls back to pure reverse nesting if a forward
 level raises (e.g. ``torch.cdist`` has no forward-mode formula), so it is never slower than
-plain nested ``jacrev`` and never fails where that works.
+plain nested ``jacrev`` and never fails where that works. TorchScript modules run unoptimized
+under the reference (:func:`reference_mode`): torch 2.13's optimized executor, once it has
+specialized a scripted module under torch.func, returns second derivatives of zero from its
+second call on.
 
 ``levels`` lists the first-order transform used at each nesting level, innermost first:
 ``("rev", "fwd")`` is ``jacfwd(jacrev(f))``. Every nesting returns the same pytree: for ``k``
@@ -27,7 +30,8 @@ derivative, ..., then that of the outermost; leaf shapes are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -186,6 +190,18 @@ class NoGradCuts(TorchFunctionMode):
         # a tensor the call returns as it was given (``add_``, ``requires_grad_``) stays itself
         given = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
         return pytree.tree_map_only(Tensor, lambda t: t if id(t) in given else t.detach(), out)
+
+
+@contextlib.contextmanager
+def reference_mode(safe_norms: bool) -> Iterator[None]:
+    """How the reference runs the user's function (NOTE [A reference that is right]):
+    TorchScript unoptimized, and with ``safe_norms`` the norms as their formulas."""
+    with torch.jit.optimized_execution(False):
+        if safe_norms:
+            with SafeNorms():
+                yield
+        else:
+            yield
 
 
 class SafeNorms(TorchFunctionMode):

@@ -29,7 +29,7 @@ from ._engine.taylor import Propagator
 from ._execute.compiler import Compiler
 from ._execute.executable import outside_transforms
 from ._plan import empty_vmap_batch, level_local_reason, strict_checked
-from ._reference import NoGradCuts, SafeNorms
+from ._reference import NoGradCuts, reference_mode
 from ._rules.series import Series, UnitSeed, primal
 
 __all__ = ["jet", "xlaplacian", "xbiharmonic"]
@@ -267,7 +267,7 @@ def _jet_reference(func: Callable[..., Any], primals: tuple[Tensor, ...],
         return leaves
 
     recording = torch.is_grad_enabled()
-    with SafeNorms():
+    with reference_mode(safe_norms=True):
         y, ds = _jvp_derivatives(curve, t0, K)
     if not recording:  # (``func`` ran with grad mode on: nothing of it is kept)
         y, ds = [t.detach() for t in y], [[t.detach() for t in d] for d in ds]
@@ -504,7 +504,7 @@ def _raw_reference(argnums: tuple[int, ...], int_argnums: bool) -> Callable[...,
             return torch.cat([y.reshape(y.numel()) for y in ys])
 
         dirs, weights, scale, _ = op.directions(z.shape[0], z.dtype, z.device)
-        with SafeNorms():
+        with reference_mode(safe_norms=True):
             res = _jacrev_along(g, z, dirs, weights, scale, op.K)
         outs, offset = [], 0
         for shape in out_info["shapes"]:
