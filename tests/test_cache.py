@@ -301,6 +301,28 @@ def test_module_backward_hooks_added_after_a_call_run_the_reference():
         assert_tree_close(xhessian(f)(x), plain)
 
 
+@pytest.mark.fallback
+def test_functions_the_engine_cannot_run_are_walked_once():
+    """A function whose state the engine cannot use (Python's ``random`` module, a TorchScript
+    module) ran the reference after walking its state again on every call: a third over
+    nested torch.func for a small MLP. The walk's guards now cache that verdict; a change
+    they catch walks again."""
+    import random
+
+    net, x = _net(), _x()
+    scripted = torch.jit.script(_net(1))
+    f = lambda x: (net(x) * (1 + 0 * random.random())).sum()  # noqa: E731
+    g = lambda x: scripted(x).sum()  # noqa: E731
+    with xafunc.strict(False):
+        for _ in range(3):
+            assert_tree_close(xhessian(f)(x), reference_deriv(lambda x: net(x).sum(), 2)(x))
+            assert_tree_close(xhessian(g)(x), reference_deriv(_net(1), 2)(x).sum(0))
+        info = xafunc.cache_info()
+        assert (info.misses, info.hits) == (2, 4), info
+        assert "random" in xafunc.plan(f, 2)(x).fallback
+        assert "TorchScript" in xafunc.plan(g, 2)(x).fallback
+
+
 def test_compiled_and_graph_modules_are_captured_as_the_code_they_run():
     """A ``torch.compile``'d module or function is captured as its original code (it runs
     that while traced), and an ``fx.GraphModule`` (``symbolic_trace``, ``torch.export``'s

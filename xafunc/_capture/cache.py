@@ -421,9 +421,12 @@ def _capture_entry(func: Callable[..., Any], sig: Hashable, leaves: list[Any], s
                                           "values to trace"), None), ()
     w = walk(func, objects)
     if w.problems:
-        # the state cannot be (fully) guarded: nothing is traced, the reference runs ``func``
+        # nothing is traced, the reference runs ``func``; cached (the walk costs as much as a
+        # small reference call) where every value reached was guarded: the same state has the
+        # same problems
         reason = "; ".join(w.problems)
-        return Entry(sig, Captured(reason=reason), None,
+        guards = compile_guards(w, []) if w.complete and not w.leaked else None
+        return Entry(sig, Captured(reason=reason), guards,
                      changed_state=reason if w.leaked else None), ()
     tensors = [lt.tensor for lt in w.lifted]
     cap = capture(func, leaves, spec, tensors, w.value_buffers, grad=grad)

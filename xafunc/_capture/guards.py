@@ -204,6 +204,9 @@ class Walk:
     value_buffers: list[tuple[int, int]] = field(default_factory=list)
     # state holds a tensor the function stored there while it was traced
     leaked: bool = False
+    # every value reached was guarded or lifted (no ``Unguardable``): the guards then also
+    # tell when the problems found could have gone away
+    complete: bool = True
 
     def tensor_table(self) -> dict[int, LiftedTensor]:
         return {id(lt.tensor): lt for lt in self.lifted}
@@ -278,8 +281,9 @@ class _Walker:
         elif t is types.ModuleType:
             self.module(obj, v, where)
         elif isinstance(obj, torch.jit.ScriptModule):  # before nn.Module: it is one
-            raise Unguardable(f"{where} is a TorchScript module (torch.jit.script or trace), "
-                              "whose code and attributes live in C++")
+            self.guard(f"{v} is {self.const(obj, weak=True)}", f"{where} is the same module")
+            self.problem(f"cannot guard the state it reads: {where} is a TorchScript module "
+                         "(torch.jit.script or trace), whose code and attributes live in C++")
         elif isinstance(obj, torch.nn.Module):
             self.nn_module(obj, v, where, depth)
         elif t is functools.partial:
@@ -347,6 +351,7 @@ class _Walker:
                          "[Python side effects])")
             return
         if type(obj) not in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and not _plain_like(obj):
+            self.guard(f"type({v}) is {self.const(type(obj))}", f"{where} is a {type(obj)}")
             self.problem(f"{where} is a tensor subclass ({type(obj).__name__}); xafunc captures "
                          "plain tensors only")
             return
@@ -461,6 +466,7 @@ class _Walker:
                 hooks = getattr(mm, name)
                 hv = self.var(f"{self.const(mm)}.{name}")
                 if hooks and name.startswith("_global_backward"):
+                    self.guard(f"{hv}", f"torch has global backward hooks ({name})")
                     self.problem("torch " + _HOOKS_REFERENCE.format(name))
                 elif hooks:
                     self.walk(hooks, hv, f"torch.nn.modules.module.{name}", depth + 1)
@@ -471,6 +477,8 @@ class _Walker:
         self.guard(f"len({dv}) == {len(d)}", f"{where} has the same attributes")
         backward = [k for k in _BACKWARD_HOOKS if d.get(k)]
         if backward:
+            self.guard(" and ".join(f"{dv}[{k!r}]" for k in backward), f"{where} has backward "
+                       "hooks")
             self.problem(f"{where} " + _HOOKS_REFERENCE.format(", ".join(backward)))
         empty_hooks = [k for k in d if k.startswith(("_forward", "_backward"))
                        and isinstance(d[k], dict) and not d[k] and k not in _MODULE_SKIP]
@@ -618,8 +626,10 @@ def walk(func: Any, arg_objects: list[Any]) -> Walk:
             w.walk(a, w.var(f"A[{i}]"), f"argument object {i}")
     except Unguardable as e:
         w.w.problems.append(f"cannot guard the state it reads: {e}")
+        w.w.complete = False
     except RecursionError:
         w.w.problems.append("cannot guard the state it reads: it is nested too deeply")
+        w.w.complete = False
     return w.w
 
 
