@@ -7,7 +7,8 @@ compare.
 
 NOTE [A reference that is right]
 torch's own nested derivatives are wrong in places (torch 2.13: nested ``jacrev`` of
-``native_layer_norm`` and ``native_batch_norm(training=True)`` from order 3, nested
+``native_layer_norm`` and ``native_batch_norm(training=True)`` -- so ``instance_norm``, a
+batch norm underneath -- from order 3, nested
 ``jvp``/``jacfwd`` of ``layer_norm`` from order 2): their composite backward formulas do not
 carry higher-order terms. So the reference differentiates the *captured* graph whenever there
 is one -- decomposed into core operators, whose derivatives are right -- and only otherwise the
@@ -158,6 +159,36 @@ def _batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | No
     return y + bias.reshape(shape) if bias is not None else y
 
 
+def _instance_norm(x: Tensor, running_mean: Tensor | None = None,
+                   running_var: Tensor | None = None, weight: Tensor | None = None,
+                   bias: Tensor | None = None, use_input_stats: bool = True,
+                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    n, c = x.shape[0], x.shape[1]
+    shape = [1, c] + [1] * (x.dim() - 2)
+    if use_input_stats:  # a batch norm of one sample with a channel per (sample, channel)
+        y = _batch_norm(x.reshape(1, n * c, *x.shape[2:]), None, None, training=True,
+                        eps=eps).reshape(x.shape)
+        if running_mean is not None and running_var is not None:
+            # as torch updates them (in C++, below torch.func's levels): the mean over the
+            # samples of each one's update, from the values of ``x``
+            from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+            fx = torch._C._functorch
+            v = x
+            while fx.is_gradtrackingtensor(v):
+                v = fx.get_unwrapped(v)
+            with temporarily_clear_interpreter_stack(), torch.no_grad():
+                per = v.detach().reshape(n, c, -1)
+                running_mean.mul_(1 - momentum).add_(per.mean(-1).mean(0) * momentum)
+                running_var.mul_(1 - momentum).add_(per.var(-1).mean(0) * momentum)
+    else:
+        assert running_mean is not None and running_var is not None
+        y = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    return y + bias.reshape(shape) if bias is not None else y
+
+
 def _group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None,
                 bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     n, c = x.shape[0], x.shape[1]
@@ -205,12 +236,13 @@ def reference_mode(safe_norms: bool) -> Iterator[None]:
 
 
 class SafeNorms(TorchFunctionMode):
-    """Run ``layer_norm``/``batch_norm``/``group_norm`` as their formulas, whose nested
-    derivatives torch gets right (see NOTE [A reference that is right])."""
+    """Run ``layer_norm``/``batch_norm``/``instance_norm``/``group_norm`` as their formulas,
+    whose nested derivatives torch gets right (see NOTE [A reference that is right])."""
 
     _FORMULAS: dict[Any, Callable[..., Tensor]] = {
         F.layer_norm: _layer_norm, torch.layer_norm: _layer_norm,
         F.batch_norm: _batch_norm, F.group_norm: _group_norm, torch.group_norm: _group_norm,
+        F.instance_norm: _instance_norm,
     }
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
