@@ -657,6 +657,25 @@ def test_inline_calls_hit_the_cache():
     assert xafunc.cache_info().misses == 3
 
 
+def test_taylor_operators_share_the_capture_of_nested_jacrev():
+    """``xlaplacian``/``xbiharmonic`` trace the function with the differentiated arguments
+    requiring grad, as nested jacrev runs it: a function that tests ``x.requires_grad`` takes
+    the same branch (it took the other: a Laplacian a quarter of nested jacrev's here, and a
+    gradient hook registered under that test was ignored), and one capture serves them and
+    ``xderiv`` of the same arguments."""
+    def f(x):
+        return (x.sin() * (2.0 if x.requires_grad else 1.0)).pow(2).sum()
+
+    x = _x()
+    hess = reference_deriv(f, 2)(x)
+    assert_tree_close(xlaplacian(f)(x), hess.diagonal().sum())
+    assert_tree_close(xhessian(f)(x), hess)
+    xafunc.xbiharmonic(f)(x)
+    xderiv(f, 3)(x)
+    info = xafunc.cache_info()
+    assert (info.misses, info.hits) == (1, 3), info
+
+
 def test_partial_and_bound_methods_key_on_the_function():
     def f(x, a):
         return (x * a).sin().sum()

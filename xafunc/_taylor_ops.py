@@ -342,7 +342,10 @@ class _Operator:
         if empty_vmap_batch(args, kwargs):  # nothing to compute: nested torch.func's shapes
             argnums = V.normalize_argnums(self.name, self.argnums, len(args))
             return _raw_reference(argnums, isinstance(self.argnums, int))(self, args, kwargs, ())
-        entry, lifted = CACHE.lookup(self.func, args, kwargs)
+        # traced as nested jacrev runs it -- the arguments differentiated require grad, which
+        # ``func`` may test -- so the capture is also ``xderiv``'s of the same arguments
+        differentiated = tuple(sorted(V.normalize_argnums(self.name, self.argnums, len(args))))
+        entry, lifted = CACHE.lookup(self.func, args, kwargs, differentiated)
         plan = entry.plans.get(self.request)
         if plan is None:
             plan = entry.plans[self.request] = _operator_plan(self, entry, args, kwargs, lifted)
