@@ -102,6 +102,13 @@ def _grad_hook(x):
     return (h * h).sum() + x.exp().sum()
 
 
+def _grad_fn_hook(x):
+    y = x.sin()
+    if y.grad_fn is not None:  # a hook on the autograd node itself
+        y.grad_fn.register_prehook(lambda grad_outputs: (grad_outputs[0] * 2,))
+    return (y * y).sum() + x.exp().sum()
+
+
 # name -> (function, engine runs it at every order?)
 STOP_GRADIENTS = {
     "detach": (lambda x: (x * x.detach()).sin().sum() + x.detach().exp() @ x, True),
@@ -117,9 +124,11 @@ STOP_GRADIENTS = {
     "clip": (lambda x: (_Clip.apply(x * 2) * x).sum(), False),
     # a gradient hook changes what reverse mode computes: always the reference
     "grad_hook": (_grad_hook, False),
+    "grad_fn_hook": (_grad_fn_hook, False),
 }
 # the functions that always run the reference -> why
-CUSTOM = {"ste": "autograd.Function", "clip": "autograd.Function", "grad_hook": "register_hook"}
+CUSTOM = {"ste": "autograd.Function", "clip": "autograd.Function", "grad_hook": "register_hook",
+          "grad_fn_hook": "grad_fn"}
 
 
 @pytest.mark.fallback

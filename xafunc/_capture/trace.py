@@ -24,9 +24,9 @@ what makes the graph *mean* what ``func`` means under torch.func:
   while grad mode is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their
   outputs detached (the tracer's ``no_grad_cut``), exactly what autograd does;
   ``torch.inference_mode``, ``torch.autograd.Function`` subclasses (a custom backward
-  defines the derivative, which a Taylor rule cannot see) and gradient hooks
-  (``h.register_hook``) make the capture fail, so the reference honours them as torch.func
-  does.
+  defines the derivative, which a Taylor rule cannot see), gradient hooks
+  (``h.register_hook``) and reads of ``y.grad_fn`` (whose hooks cannot be seen) make the
+  capture fail, so the reference honours them as torch.func does.
 * **Side effects.** In-place updates of inputs (a train-mode BatchNorm's running statistics,
   a counter buffer) become, after functionalization, extra graph outputs: the new values,
   written back once per call after the derivative was computed (``Captured.mutated``), so a
@@ -110,10 +110,15 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
-        if func is Tensor.register_hook:
+        if func is Tensor.register_hook or (getattr(func, "__self__", None) is _GRAD_FN
+                                            and getattr(func, "__name__", None) == "__get__"):
+            # a gradient hook, or a read of ``y.grad_fn`` (whose ``register_hook`` and
+            # ``register_prehook`` the tracer cannot see), changes or may change the
+            # derivatives reverse mode computes
             raise CaptureError(
-                "it registers a hook on a tensor's gradient (x.register_hook), which changes "
-                "the derivatives reverse mode computes: only nested torch.func runs it")
+                "it registers a hook on a tensor's gradient (x.register_hook) or reads a "
+                "tensor's grad_fn (to hook or walk the autograd graph): only nested torch.func "
+                "runs those")
         data = getattr(func, "__self__", None) in writes.DATA_DESCRIPTORS
         if data:
             self.level_local = "x.data"
@@ -214,6 +219,9 @@ def _writes_self(func: Any) -> bool:
 _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Tensor.__bool__,
                 Tensor.__index__}
 
+
+# the ``grad_fn`` property of tensors
+_GRAD_FN = torch._C.TensorBase.__dict__["grad_fn"]
 
 _WATCH = threading.local()
 _TRACING = threading.local()
