@@ -620,6 +620,21 @@ def test_operators_returning_their_argument_leave_the_callers_tensor_in_state():
         assert_tree_close(xhessian(cast)(x), expected)
         assert kept["w"] is weight
 
+    class Alias(nn.Module):  # ``self.w = <a Parameter>`` registers it (reading its grad_fn)
+        def __init__(self):
+            super().__init__()
+            self.lin, self.w = nn.Linear(3, 4).to(F64), None
+
+        def forward(self, x):
+            self.w = self.lin.weight.to(x.dtype)
+            return torch.tanh(x @ self.w.T).sum()
+
+    alias = Alias()
+    expected = reference_deriv(lambda x: torch.tanh(x @ alias.lin.weight.T).sum(), 2)(x)
+    for _ in range(3):
+        assert_tree_close(xhessian(alias)(x), expected)
+        assert alias.w is alias.lin.weight
+
 
 def test_explicit_generators_draw_what_torch_func_draws():
     gen = torch.Generator().manual_seed(3)

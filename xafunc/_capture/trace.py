@@ -111,10 +111,12 @@ class _StandIns(TorchFunctionMode):
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
         if func is Tensor.register_hook or (getattr(func, "__self__", None) is _GRAD_FN
-                                            and getattr(func, "__name__", None) == "__get__"):
-            # a gradient hook, or a read of ``y.grad_fn`` (whose ``register_hook`` and
-            # ``register_prehook`` the tracer cannot see), changes or may change the
-            # derivatives reverse mode computes
+                                            and getattr(func, "__name__", None) == "__get__"
+                                            and args and is_traced(args[0])):
+            # a gradient hook, or a read of ``y.grad_fn`` of a tensor of the trace (whose
+            # ``register_hook`` and ``register_prehook`` the tracer cannot see), changes or may
+            # change the derivatives reverse mode computes (a caller's tensor read for its
+            # ``grad_fn`` -- ``register_parameter`` checks it is a leaf -- is not the trace's)
             raise CaptureError(
                 "it registers a hook on a tensor's gradient (x.register_hook) or reads a "
                 "tensor's grad_fn (to hook or walk the autograd graph): only nested torch.func "
