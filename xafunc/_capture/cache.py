@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from .guards import _SCALARS, GuardSet, compile_guards, walk
+from .guards import _SCALARS, GuardSet, _compiled, compile_guards, walk
 from .trace import Captured, capture, capturing
 from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
@@ -145,10 +145,10 @@ def identity(func: Any) -> Any:
         t = type(func)
         if t is types.FunctionType:
             # a ``torch.compile``'d function runs its original while captured (``trace``)
-            original = getattr(func, "_torchdynamo_orig_callable", None)
-            if original is None:
+            compiled = _compiled(func)
+            if compiled is None:
                 return func.__code__
-            func = original
+            func = compiled[1]
         elif t is types.MethodType:
             func = func.__func__
         elif isinstance(func, functools.partial):

@@ -110,13 +110,7 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
-        if func is Tensor.register_hook or (getattr(func, "__self__", None) is _GRAD_FN
-                                            and getattr(func, "__name__", None) == "__get__"
-                                            and args and is_traced(args[0])):
-            # a gradient hook, or a read of ``y.grad_fn`` of a tensor of the trace (whose
-            # ``register_hook`` and ``register_prehook`` the tracer cannot see), changes or may
-            # change the derivatives reverse mode computes (a caller's tensor read for its
-            # ``grad_fn`` -- ``register_parameter`` checks it is a leaf -- is not the trace's)
+        if _hooks_gradients(func, args):
             raise CaptureError(
                 "it registers a hook on a tensor's gradient (x.register_hook) or reads a "
                 "tensor's grad_fn (to hook or walk the autograd graph): only nested torch.func "
@@ -224,6 +218,18 @@ _VALUE_READS = {Tensor.item, Tensor.tolist, Tensor.__float__, Tensor.__int__, Te
 
 # the ``grad_fn`` property of tensors
 _GRAD_FN = torch._C.TensorBase.__dict__["grad_fn"]
+
+def _hooks_gradients(func: Any, args: Any) -> bool:
+    """``func`` registers a gradient hook, or reads ``y.grad_fn`` of a tensor of the trace
+    (whose ``register_hook``/``register_prehook`` the tracer cannot see): either changes or
+    may change the derivatives reverse mode computes. A caller's tensor read for its
+    ``grad_fn`` (``register_parameter`` checks that it is a leaf) is not the trace's."""
+    if func is Tensor.register_hook:
+        return True
+    return (getattr(func, "__self__", None) is _GRAD_FN
+            and getattr(func, "__name__", None) == "__get__" and bool(args)
+            and is_traced(args[0]))
+
 
 _WATCH = threading.local()
 _TRACING = threading.local()
