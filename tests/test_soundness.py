@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import jacrev
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xafunc
 from tests._compare import assert_tree_close, assert_tree_equal, clone_tree, reference_deriv
@@ -203,6 +205,78 @@ def test_inference_mode_is_refused_as_torch_func_refuses_it():
         jacrev(f)(x)
     with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
         xderiv(f, 1)(x)
+
+
+_SCALE = [2.0]
+
+
+class _ScaleSin(TorchFunctionMode):
+    """A user's mode: ``sin`` scaled by a factor it reads from Python state."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * _SCALE[0] if func in (torch.sin, torch.Tensor.sin) else out
+
+
+class _ScaleSinDispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * _SCALE[0] if func is torch.ops.aten.sin.default else out
+
+
+_MODES = {"function": _ScaleSin, "dispatch": _ScaleSinDispatch}
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("kind", list(_MODES))
+def test_a_mode_around_the_call_runs_the_reference(kind):
+    """torch.func runs ``func`` under the user's torch function / dispatch mode, whose Python
+    code may change any operator's result: such a call runs the reference, and a capture made
+    without the mode is never reused under it (it was: 5.8 off)."""
+    f = lambda x: x.sin().sum() * x.exp().sum()  # noqa: E731
+    x = _x()
+    xderiv(f, 2)(x)  # a capture without the mode
+    for scale in (2.0, 5.0):
+        _SCALE[0] = scale
+        with _MODES[kind]():
+            expected = reference_deriv(f, 2)(x)
+            assert "mode" in xafunc.plan(f, 2)(x).fallback
+            assert_tree_close(xderiv(f, 2)(x), expected, msg=scale)
+    with xafunc.strict():  # and the engine again without it
+        assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("kind", list(_MODES))
+def test_a_mode_entered_inside_the_function_runs_the_reference(kind):
+    """A capture through a mode ``func`` enters would bake what the mode did on that call
+    (stale once its state changes: 5.3 off), and a dispatch mode runs below autograd, where
+    the recorded graph differentiates what the mode computed (1.9 off on the first call)."""
+    mode = _MODES[kind]
+
+    def f(x):
+        with mode():
+            y = x.sin()
+        return (y * x.exp()).sum()
+
+    x = _x()
+    for scale in (2.0, 5.0):
+        _SCALE[0] = scale
+        assert f"{kind} mode {mode.__qualname__}" in xafunc.plan(f, 2)(x).fallback
+        assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x), msg=scale)
+
+
+def test_a_default_device_keeps_the_engine_and_keys_the_capture():
+    """``with torch.device(...)`` / ``torch.set_default_device`` is a torch function mode too,
+    but one the signature keys on: factories inside ``func`` allocate there."""
+    f = lambda x: (x * torch.ones(3, dtype=F64)).sin().sum()  # noqa: E731
+    x = _x()
+    with xafunc.strict():
+        with torch.device("cpu"):
+            assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x))
+        xderiv(f, 2)(x)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="device meta"):
+        xderiv(f, 2)(x)  # not the capture made on the cpu: allocates as torch.func would
 
 
 @pytest.mark.fallback

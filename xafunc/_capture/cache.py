@@ -76,7 +76,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .guards import _SCALARS, GuardSet, _compiled, compile_guards, walk
-from .trace import Captured, capture, capturing
+from .trace import Captured, active_user_mode, capture, capturing
 from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
 #: captures kept per function (least recently used evicted)
@@ -181,7 +181,9 @@ def _global_state() -> Hashable:
     it (a capture there serves only calls there)."""
     cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     return (torch.get_default_dtype(), cpu and torch.get_autocast_dtype("cpu"),
-            cuda and torch.get_autocast_dtype("cuda"), torch.is_inference_mode_enabled())
+            cuda and torch.get_autocast_dtype("cuda"), torch.is_inference_mode_enabled(),
+            # ``with torch.device(...)`` / ``set_default_device``: where factories allocate
+            torch._C._len_torch_function_stack() and torch.get_default_device())
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -248,6 +250,9 @@ class CaptureCache:
         if capturing():  # see ``capturing``: a fresh, uncached reference entry
             return Entry(None, Captured(reason="called inside a function being captured"),
                          None), ()
+        mode = active_user_mode()
+        if mode is not None:
+            return Entry(None, Captured(reason=mode), None), ()
         sig, leaves, spec, objects = signature(args, kwargs)
         if differentiated:
             sig = (sig, differentiated)

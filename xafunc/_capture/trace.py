@@ -24,7 +24,8 @@ what makes the graph *mean* what ``func`` means under torch.func:
   while grad mode is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their
   outputs detached (the tracer's ``no_grad_cut``), exactly what autograd does;
   ``torch.inference_mode``, ``torch.autograd.Function`` subclasses (a custom backward
-  defines the derivative, which a Taylor rule cannot see), gradient hooks
+  defines the derivative, which a Taylor rule cannot see), torch function and dispatch modes
+  the function enters (their Python code may change any operator's result), gradient hooks
   (``h.register_hook``) and reads of ``y.grad_fn`` (whose hooks cannot be seen) make the
   capture fail, so the reference honours them as torch.func does.
 * **Side effects.** In-place updates of inputs (a train-mode BatchNorm's running statistics,
@@ -54,7 +55,11 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 from torch.overrides import TorchFunctionMode
+from torch.overrides import _get_current_function_mode_stack as _function_modes
 from torch.utils import _pytree as pytree
+from torch.utils._device import DeviceContext
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
 
 from . import writes
 from .decompositions import capture_overrides, decomposition_table
@@ -242,24 +247,59 @@ def capturing() -> bool:
     return getattr(_TRACING, "depth", 0) > 0
 
 
+def _users(mode: Any) -> bool:
+    """A torch function or dispatch mode of the user's: not a default device (which the
+    signature keys on) nor one of xafunc's own."""
+    return type(mode) is not DeviceContext and not type(mode).__module__.startswith("xafunc.")
+
+
+def active_user_mode() -> str | None:
+    """The user's torch function or dispatch mode active around a call, if any. torch.func
+    runs ``func`` under it, and a mode may change what any operator returns from Python state
+    no guard reads, so such a call runs the reference, neither traced nor cached."""
+    modes: list[Any] = []
+    if torch._C._len_torch_function_stack():
+        modes += _function_modes()
+    if torch._C._len_torch_dispatch_stack():
+        modes += _dispatch_modes()
+    users = [type(m).__name__ for m in modes if _users(m)]
+    return f"a torch function or dispatch mode ({users[0]}) is active" if users else None
+
+
 @contextlib.contextmanager
-def _watch_autograd_functions() -> Iterator[list[str]]:
-    """Record every ``torch.autograd.Function`` applied while tracing."""
+def _watch_escapes() -> Iterator[list[str]]:
+    """Record, while tracing, what defines values or derivatives the graph cannot hold: every
+    ``torch.autograd.Function`` applied (its custom backward defines the derivative) and every
+    torch function or dispatch mode of the user's entered (its Python code may change what
+    any operator returns, from state no guard reads)."""
     seen: list[str] = []
     base = torch.autograd.function.Function
     original = base.__dict__["apply"]
+    enters = {cls: cls.__dict__["__enter__"] for cls in (TorchFunctionMode, TorchDispatchMode)}
 
     def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(_WATCH, "seen", None) is not None:
-            _WATCH.seen.append(cls.__qualname__)
+            _WATCH.seen.append(f"it applies the torch.autograd.Function {cls.__qualname__}, "
+                               "whose custom backward defines its derivative")
         return original.__func__(cls, *args, **kwargs)
+
+    def enter(mode: Any) -> Any:
+        kind = "function" if isinstance(mode, TorchFunctionMode) else "dispatch"
+        if getattr(_WATCH, "seen", None) is not None and _users(mode):
+            _WATCH.seen.append(f"it enters the torch {kind} mode {type(mode).__qualname__}, "
+                               "which may change what any operator returns")
+        return enters[TorchFunctionMode if kind == "function" else TorchDispatchMode](mode)
 
     _WATCH.seen = seen
     base.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
+    for cls in enters:
+        cls.__enter__ = enter  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         base.apply = original  # type: ignore[method-assign]
+        for cls, method in enters.items():
+            cls.__enter__ = method  # type: ignore[method-assign]
         _WATCH.seen = None
 
 
@@ -331,14 +371,12 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 args, kwargs = pytree.tree_unflatten(new, spec)
                 stand = _StandIns(table, {id(s): t for t, s in pairs}, value_buffers or [],
                                   {id(lifted[i]): lifted[i] for i in baked})
-                with _watch_autograd_functions() as applied, torch.enable_grad(), stand:
+                with _watch_escapes() as escapes, torch.enable_grad(), stand:
                     out = func(*args, **kwargs)
                 out = _swap(out, table)
                 meta["level_local"] = stand.level_local
-                if applied:
-                    raise CaptureError(
-                        f"it applies the torch.autograd.Function {applied[0]}, whose custom "
-                        "backward defines its derivative")
+                if escapes:
+                    raise CaptureError(escapes[0])
                 out_leaves, meta["spec"] = pytree.tree_flatten(out)
                 meta["leaves"] = [TensorMeta(tuple(v.shape), v.dtype, v.device)
                                   if isinstance(v, Tensor) else v for v in out_leaves]
