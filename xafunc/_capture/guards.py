@@ -46,6 +46,7 @@ number.
 
 from __future__ import annotations
 
+import dis
 import enum
 import functools
 import math
@@ -170,11 +171,29 @@ def _library_class(cls: type) -> bool:
 
 
 def _code_names(code: types.CodeType) -> set[str]:
+    """Every name ``code`` (and the code nested in it) uses: globals and attributes alike."""
     names = set(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
             names |= _code_names(c)
     return names
+
+
+_GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
+                         "STORE_GLOBAL", "DELETE_GLOBAL"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> frozenset[str]:
+    """The globals ``code`` (and the code nested in it) reads or writes. ``co_names`` also
+    holds every attribute name, so a global that shares one (a ``T`` beside ``x.T``, a
+    ``weight`` beside ``self.lin.weight``) would be guarded, and a capture traced again each
+    time it changes."""
+    names = {str(i.argval) for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return frozenset(names)
 
 
 class Unguardable(Exception):
@@ -397,11 +416,11 @@ class _Walker:
         if fn.__dict__ and not _library_file(code.co_filename):  # ``f.scale = 2.0``
             self.walk(fn.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
         if _library_file(code.co_filename):
-            self.impure_names(fn.__globals__, _code_names(code), where)
+            self.impure_names(fn.__globals__, _global_names(code), where)
             return
         g = fn.__globals__
         gv = None
-        for name in sorted(_code_names(code)):
+        for name in sorted(_global_names(code)):
             if name not in g:
                 continue
             gv = gv or self.var(f"{v}.__globals__")
@@ -412,7 +431,7 @@ class _Walker:
                 self.module_attributes(value, self.seen[id(value)][0], _code_names(code),
                                        depth + 1)
 
-    def impure_names(self, g: dict[str, Any], names: set[str], where: str) -> None:
+    def impure_names(self, g: dict[str, Any], names: frozenset[str], where: str) -> None:
         for name in names:
             value = g.get(name)
             if type(value) is types.ModuleType and value.__name__ in _IMPURE_MODULES:
