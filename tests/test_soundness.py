@@ -597,6 +597,24 @@ def test_non_tensor_aux_is_refused():
         xderiv(f, 1, has_aux=True)(_x())
 
 
+def test_the_argument_layout_is_traced_and_keys_the_capture():
+    """A function may read a stride or ``is_contiguous()`` in Python, and ``view`` fails on
+    some layouts: the trace sees the argument's own strides (it saw a contiguous copy, 24 off
+    for a transposed argument), and a call with another layout is captured again."""
+    f = lambda x: (x.stride(0) * x).sin().sum() + (x.is_contiguous() * x ** 3).sum()  # noqa: E731
+    a = torch.randn(3, 4, dtype=F64)
+    layouts = {"contiguous": a, "transposed": a.T.contiguous().T,
+               "sliced": torch.randn(6, 8, dtype=F64)[::2, ::2]}
+    with xafunc.strict():
+        for name, x in [*layouts.items(), *layouts.items()]:
+            assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x), msg=name)
+    assert xafunc.cache_info().misses == 3
+    g = lambda x: x.view(-1).sin().sum()  # noqa: E731
+    xderiv(g, 2)(a)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        xderiv(g, 2)(layouts["transposed"])  # as torch.func: not the contiguous capture
+
+
 # ---------------------------------------------------------------------------- side effects
 def test_failed_call_leaves_the_callers_tensor_alone():
     x = _x()

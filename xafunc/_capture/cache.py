@@ -8,9 +8,12 @@ process, keyed on what the function *is*: its code object for Python functions a
 and other callables -- all held weakly, so a deleted model is collected. Under each key sit up
 to :data:`MAX_ENTRIES` captures, most recently used first; each holds
 
-* the call signature it was traced for: shapes, dtypes, devices and ``requires_grad`` of the
-  argument tensors, the values of scalar arguments, the pytree structure, the default dtype
-  and the autocast state;
+* the call signature it was traced for: shapes, strides, dtypes, devices and
+  ``requires_grad`` of the argument tensors (a function may read a stride or
+  ``is_contiguous()`` in Python, and ``view`` fails on some layouts), the values of scalar
+  arguments, the pytree structure, the default dtype and device and the autocast state (a
+  call under a torch function or dispatch mode of the user's runs the reference: a mode may
+  change what any operator returns);
 * its :class:`~.guards.GuardSet` (NOTE [Guards and lifted tensors]), which re-reads the lifted
   tensors on every call and checks everything else the graph baked in;
 * the plans built on it, one per :class:`~.request.Request`, so ``xderiv(f, 1)`` and
@@ -164,7 +167,7 @@ def _float_key(v: float) -> Any:
 def _leaf_key(leaf: Any, objects: list[Any]) -> Hashable:
     t = type(leaf)
     if isinstance(leaf, Tensor):
-        return (leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad)
+        return (leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad, leaf.stride())
     if t is float:
         return (t, _float_key(leaf))
     if t in _SCALARS or t in (torch.device, torch.Size):
@@ -191,7 +194,8 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
     """``(key, leaves, spec, objects)`` of a call; ``leaves``/``spec`` are None on the fast
     path (every argument a tensor), where the arguments are the leaves."""
     if not kwargs and all(type(a) is Tensor for a in args):
-        fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in args)
+        fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad, a.stride())
+                               for a in args)
         return (fast, _global_state()), None, None, []
     objects: list[Any] = []
     # without keyword arguments the positional ones alone (a 3-tuple, never equal to the
@@ -220,7 +224,7 @@ def _structure(obj: Any, objects: list[Any]) -> Hashable | None:
         parts: list[Hashable] = []
         for v in (obj.values() if t is dict else obj):
             if isinstance(v, Tensor):  # (``_leaf_key`` of a tensor, inline: a parameter dict)
-                parts.append((v.shape, v.dtype, v.device, v.requires_grad))
+                parts.append((v.shape, v.dtype, v.device, v.requires_grad, v.stride()))
                 continue
             part = _structure(v, objects)
             if part is None:
@@ -378,9 +382,10 @@ def _storm(func: Any, slot: _Slot, traced: list[Hashable], leaves: list[Any], sp
 def _shown(leaf: Any) -> str:
     """A leaf, or its key (``_leaf_key``), as the storm warning shows it."""
     if isinstance(leaf, Tensor):
-        return f"shape {tuple(leaf.shape)}, {leaf.dtype}"
-    if type(leaf) is tuple and len(leaf) == 4 and isinstance(leaf[0], torch.Size):
-        return f"shape {tuple(leaf[0])}, {leaf[1]}"
+        leaf = _leaf_key(leaf, [])
+    if type(leaf) is tuple and len(leaf) == 5 and isinstance(leaf[0], torch.Size):
+        dense = torch.empty_strided(leaf[0], leaf[4], device="meta").is_contiguous()
+        return f"shape {tuple(leaf[0])}, {leaf[1]}" + ("" if dense else f", strides {leaf[4]}")
     if type(leaf) is tuple and len(leaf) == 2 and type(leaf[0]) is type:  # a scalar's key
         value = leaf[1]
         return repr(value[0] if leaf[0] is float and type(value) is tuple else value)

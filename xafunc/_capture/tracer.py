@@ -311,8 +311,11 @@ class _Recorder(TorchDispatchMode):
         if type(example) in (Tensor, torch.nn.Parameter, torch.nn.Buffer) and not (
                 torch._C._functorch.is_functorch_wrapped_tensor(example)
                 or torch._is_functional_tensor(example)):
-            with torch.no_grad():
-                value = example.detach().clone(memory_format=torch.contiguous_format)
+            with torch.no_grad():  # with the example's strides, which ``func`` may read
+                value = example.detach().clone(memory_format=torch.contiguous_format) \
+                    if torch._debug_has_internal_overlap(example) == 1 else \
+                    torch.empty_strided(example.shape, example.stride(), dtype=example.dtype,
+                                        device=example.device).copy_(example)
         else:  # shape-only, or wrapped by a transform (whose values are not this shape's)
             value = torch.zeros(tuple(example.shape), dtype=example.dtype,
                                 device=example.device)
