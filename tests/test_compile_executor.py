@@ -61,14 +61,16 @@ def test_order3_mlp_runs_inductor_once_and_matches_jacrev() -> None:
     x2 = torch.randn(3, dtype=torch.float64)
     assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x2), reference_deriv(f, 3)(x2))
     assert _counts() == (compiles + 1, calls + 2)
-    # inputs laid out unlike the examples: the FX graph runs them, still nothing recompiled
-    x3 = torch.randn(6, dtype=torch.float64)[::2]
-    assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x3), reference_deriv(f, 3)(x3))
-    assert _counts() == (compiles + 1, calls + 2)
+    # an argument laid out otherwise is another signature (a function may read its strides):
+    # captured and compiled once more, and that code serves every call with its layout
+    for _ in range(2):
+        x3 = torch.randn(6, dtype=torch.float64)[::2]
+        assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x3), reference_deriv(f, 3)(x3))
+    assert _counts() == (compiles + 2, calls + 4)
     # without compile=True the same function is planned (and run) apart, by TorchScript
     assert "TorchScript" in (xafunc.plan(f, 3)(x).execution or "")
     xafunc.xderiv(f, 3)(x)
-    assert _counts() == (compiles + 1, calls + 2)
+    assert _counts() == (compiles + 2, calls + 4)
 
     # inside the caller's own torch.compile region the transform is a graph break and its
     # plain call runs the code compiled above
@@ -77,7 +79,7 @@ def test_order3_mlp_runs_inductor_once_and_matches_jacrev() -> None:
         return xafunc.xderiv(f, 3, compile=True)(x.cos()) * 2
 
     assert_tree_close(outer(x), reference_deriv(f, 3)(x.cos()) * 2)
-    assert _counts() == (compiles + 1, calls + 3)
+    assert _counts() == (compiles + 2, calls + 5)
 
 
 def test_hessian_under_vmap(device: str) -> None:

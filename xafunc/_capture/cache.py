@@ -164,10 +164,15 @@ def _float_key(v: float) -> Any:
     return (v, math.copysign(1.0, v)) if v == v else ("nan", id(v))
 
 
+def _layout(t: Tensor) -> Hashable:
+    """A tensor's strides (sparse layouts have none: the layout itself)."""
+    return t.stride() if t.layout is torch.strided else t.layout
+
+
 def _leaf_key(leaf: Any, objects: list[Any]) -> Hashable:
     t = type(leaf)
     if isinstance(leaf, Tensor):
-        return (leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad, leaf.stride())
+        return (leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad, _layout(leaf))
     if t is float:
         return (t, _float_key(leaf))
     if t in _SCALARS or t in (torch.device, torch.Size):
@@ -194,7 +199,7 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]
     """``(key, leaves, spec, objects)`` of a call; ``leaves``/``spec`` are None on the fast
     path (every argument a tensor), where the arguments are the leaves."""
     if not kwargs and all(type(a) is Tensor for a in args):
-        fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad, a.stride())
+        fast: Hashable = tuple((a.shape, a.dtype, a.device, a.requires_grad, _layout(a))
                                for a in args)
         return (fast, _global_state()), None, None, []
     objects: list[Any] = []
@@ -224,7 +229,7 @@ def _structure(obj: Any, objects: list[Any]) -> Hashable | None:
         parts: list[Hashable] = []
         for v in (obj.values() if t is dict else obj):
             if isinstance(v, Tensor):  # (``_leaf_key`` of a tensor, inline: a parameter dict)
-                parts.append((v.shape, v.dtype, v.device, v.requires_grad, v.stride()))
+                parts.append((v.shape, v.dtype, v.device, v.requires_grad, _layout(v)))
                 continue
             part = _structure(v, objects)
             if part is None:
@@ -384,7 +389,8 @@ def _shown(leaf: Any) -> str:
     if isinstance(leaf, Tensor):
         leaf = _leaf_key(leaf, [])
     if type(leaf) is tuple and len(leaf) == 5 and isinstance(leaf[0], torch.Size):
-        dense = torch.empty_strided(leaf[0], leaf[4], device="meta").is_contiguous()
+        dense = type(leaf[4]) is not tuple or torch.empty_strided(
+            leaf[0], leaf[4], device="meta").is_contiguous()
         return f"shape {tuple(leaf[0])}, {leaf[1]}" + ("" if dense else f", strides {leaf[4]}")
     if type(leaf) is tuple and len(leaf) == 2 and type(leaf[0]) is type:  # a scalar's key
         value = leaf[1]
