@@ -255,6 +255,79 @@ def test_globals_read_by_nested_code_are_guarded():
     _both(_global_in_generator, change, _x())
 
 
+def test_modules_imported_inside_the_function_are_guarded(monkeypatch):
+    """``import cfg`` / ``from cfg import K`` inside the function read the module's attributes
+    as a global module would be read (they were not walked: 6.0 off after ``cfg.K`` changed),
+    and a module whose results change (``random``) imported there is refused as a global one
+    is (its value was baked into the graph)."""
+    import sys
+    import types
+
+    cfg = types.ModuleType("_xafunc_test_cfg")
+    cfg.K = 1.0
+    monkeypatch.setitem(sys.modules, cfg.__name__, cfg)
+
+    def imported(x):
+        import _xafunc_test_cfg
+        return (x.sin() * _xafunc_test_cfg.K).sum()
+
+    def imported_from(x):
+        from _xafunc_test_cfg import K
+        return (x.sin() * K).sum()
+
+    for f in (imported, imported_from):
+        cfg.K = 1.0
+
+        def change():
+            cfg.K = 7.0
+
+        _both(f, change, _x())
+
+    def draws(x):
+        import random
+        return (x.sin() * random.random()).sum()
+
+    with xafunc.strict(False):
+        assert "'random' module" in xafunc.plan(draws, 2)(_x()).fallback
+
+
+class _Scaled:
+    """A descriptor and an operand whose special methods read module state."""
+
+    def __get__(self, obj, objtype=None):
+        return CONFIG["scales"][0] + 1.0
+
+    def __rmul__(self, other):
+        return other * CONFIG["scales"][1]
+
+
+class _UsesSpecialMethods(nn.Module):
+    k = _Scaled()
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3).to(F64)
+        self.scaled = _Scaled.__new__(_Scaled)
+
+    def forward(self, x):
+        return (self.lin(x) * self.k).tanh().sum() + (x.sin() * vars(self)["scaled"]).sum()
+
+
+def test_special_methods_of_user_classes_are_guarded():
+    """A descriptor's ``__get__`` and an operator method (``__rmul__``) run while the
+    function runs; they were skipped with every special method but four (3.5 off)."""
+    m = _UsesSpecialMethods()
+    old = list(CONFIG["scales"])
+
+    def change():
+        CONFIG["scales"][:] = [4.0, -2.0]
+
+    try:
+        _both(m, change, _x())
+    finally:
+        CONFIG["scales"][:] = old
+
+
 CONFIG = {"act": "tanh", "scales": [1.0, 2.0]}
 
 

@@ -170,6 +170,17 @@ def _library_class(cls: type) -> bool:
     return _library_module(mod)
 
 
+# the special methods of a user's class that Python may call while ``func`` runs are walked
+# (``__call__``, ``__getattr__``, a descriptor's ``__get__``, operators, ``__float__``, ...);
+# these it does not call to compute a value
+_UNCALLED_DUNDERS = frozenset({
+    "__init__", "__new__", "__del__", "__repr__", "__str__", "__format__", "__init_subclass__",
+    "__set_name__", "__class_getitem__", "__subclasshook__", "__reduce__", "__reduce_ex__",
+    "__getstate__", "__setstate__", "__copy__", "__deepcopy__", "__dir__", "__sizeof__",
+    "__post_init__"})
+_METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, property)
+
+
 def _code_names(code: types.CodeType) -> set[str]:
     """Every name ``code`` (and the code nested in it) uses: globals and attributes alike."""
     names = set(code.co_names)
@@ -184,16 +195,27 @@ _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"
 
 
 @functools.lru_cache(maxsize=4096)
-def _global_names(code: types.CodeType) -> frozenset[str]:
-    """The globals ``code`` (and the code nested in it) reads or writes. ``co_names`` also
-    holds every attribute name, so a global that shares one (a ``T`` beside ``x.T``, a
-    ``weight`` beside ``self.lin.weight``) would be guarded, and a capture traced again each
-    time it changes."""
-    names = {str(i.argval) for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS}
+def _loaded_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
+    """The globals ``code`` (and the code nested in it) reads or writes, and the modules it
+    imports (absolute imports: ``import cfg`` inside a function reads ``cfg.K`` as a global
+    would). ``co_names`` also holds every attribute name, so a global that shares one (a
+    ``T`` beside ``x.T``, a ``weight`` beside ``self.lin.weight``) would be guarded, and a
+    capture traced again each time it changes."""
+    names: set[str] = set()
+    imports: set[str] = set()
+    ins = list(dis.get_instructions(code))
+    for i, op in enumerate(ins):
+        if op.opname in _GLOBAL_OPS:
+            names.add(str(op.argval))
+        elif op.opname == "IMPORT_NAME" and i >= 2 and ins[i - 2].opname == "LOAD_CONST" \
+                and ins[i - 2].argval == 0:
+            imports.add(str(op.argval))
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
-            names |= _global_names(c)
-    return frozenset(names)
+            inner = _loaded_names(c)
+            names |= inner[0]
+            imports |= inner[1]
+    return frozenset(names), frozenset(imports)
 
 
 class Unguardable(Exception):
@@ -390,8 +412,8 @@ class _Walker:
                 continue
             bv = self.var(f"{self.const(base)}.__dict__")
             for name, value in list(vars(base).items()):
-                if name.startswith("__") and name.endswith("__") and name not in (
-                        "__call__", "__getattr__", "__getattribute__", "__getitem__"):
+                if name.startswith("__") and name.endswith("__") and (
+                        name in _UNCALLED_DUNDERS or type(value) not in _METHOD_TYPES):
                     continue
                 if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)):
                     continue
@@ -416,11 +438,12 @@ class _Walker:
         if fn.__dict__ and not _library_file(code.co_filename):  # ``f.scale = 2.0``
             self.walk(fn.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
         if _library_file(code.co_filename):
-            self.impure_names(fn.__globals__, _global_names(code), where)
+            self.impure_names(fn.__globals__, _loaded_names(code)[0], where)
             return
         g = fn.__globals__
         gv = None
-        for name in sorted(_global_names(code)):
+        global_names, imports = _loaded_names(code)
+        for name in sorted(global_names):
             if name not in g:
                 continue
             gv = gv or self.var(f"{v}.__globals__")
@@ -430,6 +453,13 @@ class _Walker:
             if type(value) is types.ModuleType:
                 self.module_attributes(value, self.seen[id(value)][0], _code_names(code),
                                        depth + 1)
+        for name in sorted(imports):  # ``import cfg`` / ``from cfg import K`` in the function
+            mod = sys.modules.get(name)
+            if type(mod) is not types.ModuleType:
+                continue
+            self.walk(mod, self.var(f"{self.const(sys.modules)}[{name!r}]"),
+                      f"module {name!r} imported by {fn.__qualname__}", depth + 1)
+            self.module_attributes(mod, self.seen[id(mod)][0], _code_names(code), depth + 1)
 
     def impure_names(self, g: dict[str, Any], names: frozenset[str], where: str) -> None:
         for name in names:
