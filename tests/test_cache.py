@@ -328,6 +328,46 @@ def test_special_methods_of_user_classes_are_guarded():
         CONFIG["scales"][:] = old
 
 
+class _AttrDict(dict):
+    """A config as research code often holds one (EasyDict, AttrDict)."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+class _ListOf(list):
+    pass
+
+
+def _containers():
+    import array
+    import collections
+    return {"dict_subclass": _AttrDict(k=1.0), "counter": collections.Counter(k=1),
+            "list_subclass": _ListOf([1.0]), "array": array.array("d", [1.0]),
+            "bytearray": bytearray(b"\x01")}
+
+
+@pytest.mark.parametrize("kind", list(_containers()))
+@pytest.mark.parametrize("reach", ["closure", "argument"])
+def test_contents_of_builtin_container_subclasses_are_guarded(kind, reach):
+    """A dict or list subclass was walked as a plain object (its ``__dict__`` only), and an
+    ``array.array`` or ``bytearray`` by identity: their contents, written in place, were
+    stale (3.9 off)."""
+    c = _containers()[kind]
+    key = "k" if isinstance(c, dict) else 0
+
+    def change():
+        c[key] = 5
+
+    if reach == "closure":
+        _both(lambda x: (x.sin() * c[key]).sum(), change, _x())
+        return
+    f = lambda x, c: (x.sin() * c[key]).sum()  # noqa: E731
+    xhessian(f)(_x(), c)
+    change()
+    assert_tree_close(xhessian(f)(_x(), c), reference_deriv(lambda x: f(x, c), 2)(_x()))
+
+
 CONFIG = {"act": "tanh", "scales": [1.0, 2.0]}
 
 

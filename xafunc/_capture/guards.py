@@ -46,6 +46,7 @@ number.
 
 from __future__ import annotations
 
+import copy
 import dis
 import enum
 import functools
@@ -368,6 +369,15 @@ class _Walker:
         elif isinstance(obj, Iterator):
             self.problem(f"{where} is an iterator ({t.__name__}), whose position advances on "
                          "every call")
+        elif isinstance(obj, (dict, list, tuple)):  # a subclass (AttrDict, EasyDict, Counter)
+            if isinstance(obj, dict):
+                self.mapping(obj, v, where, depth)
+            else:
+                self.sequence(obj, v, where, depth)
+            self.instance(obj, v, where, depth)  # and its attributes and class
+        elif t is bytearray or (t.__module__ == "array" and t.__name__ == "array"):
+            self.guard(f"type({v}) is {self.const(t)} and {v} == {self.const(copy.copy(obj))}",
+                       f"{where} has the same contents")
         else:
             self.instance(obj, v, where, depth)
 
