@@ -182,28 +182,34 @@ _UNCALLED_DUNDERS = frozenset({
 _METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, property)
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    """Every name ``code`` (and the code nested in it) uses: globals and attributes alike."""
-    names = set(code.co_names)
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            names |= _code_names(c)
-    return names
-
-
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
                          "STORE_GLOBAL", "DELETE_GLOBAL"})
 
 
+@dataclass(frozen=True)
+class _Names:
+    """What the names in a code object (and the code nested in it) say it reads."""
+
+    # the globals it loads or stores by name. ``co_names`` also holds every attribute name,
+    # and a global that shares one (a ``T`` beside ``x.T``, a ``weight`` beside
+    # ``self.lin.weight``) must not be guarded: each change would trace it again
+    globals: frozenset[str]
+    # the modules it imports (absolutely: ``import cfg`` inside a function, then ``cfg.K``),
+    # or names by string (``sys.modules["cfg"]``, ``importlib.import_module("cfg")``)
+    imports: frozenset[str]
+    # every name it uses, and the identifiers among its string constants: the attributes it
+    # may read of a module (``cfg.K``, ``getattr(cfg, "K")``, ``vars(cfg)["K"]``)
+    attributes: frozenset[str]
+    # it reads attributes by names it computes (``getattr(cfg, name)``, ``vars(cfg)[k]``)
+    dynamic: bool
+    # it runs code from strings (``eval``, ``exec``), whose reads no walk can see
+    evaluates: bool
+
+
 @functools.lru_cache(maxsize=4096)
-def _loaded_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]:
-    """The globals ``code`` (and the code nested in it) reads or writes, and the modules it
-    imports (absolute imports: ``import cfg`` inside a function reads ``cfg.K`` as a global
-    would). ``co_names`` also holds every attribute name, so a global that shares one (a
-    ``T`` beside ``x.T``, a ``weight`` beside ``self.lin.weight``) would be guarded, and a
-    capture traced again each time it changes."""
-    names: set[str] = set()
-    imports: set[str] = set()
+def _names(code: types.CodeType) -> _Names:
+    names, imports, strings = set(), set(), set()
+    attributes = set(code.co_names)
     ins = list(dis.get_instructions(code))
     for i, op in enumerate(ins):
         if op.opname in _GLOBAL_OPS:
@@ -212,11 +218,22 @@ def _loaded_names(code: types.CodeType) -> tuple[frozenset[str], frozenset[str]]
                 and ins[i - 2].argval == 0:
             imports.add(str(op.argval))
     for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            inner = _loaded_names(c)
-            names |= inner[0]
-            imports |= inner[1]
-    return frozenset(names), frozenset(imports)
+        if type(c) is str and all(part.isidentifier() for part in c.split(".")):
+            strings.add(c)
+    inner = [_names(c) for c in code.co_consts if isinstance(c, types.CodeType)]
+    for n in inner:
+        names |= n.globals
+        imports |= n.imports
+        attributes |= n.attributes
+    attributes |= strings
+    if "globals" in names:  # ``globals()["K"]``
+        names |= {s for s in strings if s.isidentifier()}
+    if attributes & {"modules", "import_module"}:
+        imports |= {s for s in strings if s in sys.modules}
+    return _Names(frozenset(names), frozenset(imports), frozenset(attributes),
+                  any(n.dynamic for n in inner) or bool({"getattr", "vars", "__dict__"}
+                                                        & attributes),
+                  any(n.evaluates for n in inner) or bool({"eval", "exec"} & names))
 
 
 class Unguardable(Exception):
@@ -261,6 +278,14 @@ class _Walker:
         self.seen: dict[int, tuple[str, Any]] = {}
         self.keep: list[Any] = []  # objects whose ids are in ``seen`` stay alive while walking
         self.module_hooks = False
+        # the user's modules reached, by id: [module, its guard variable, depth, the names the
+        # code reading it as a global or an import uses -- None when it was reached only
+        # another way: a closure, an attribute ``self.cfg = config``, an argument -- and
+        # whether that code computes names], and the attribute names all the user's code
+        # walked uses, and whether any computes names; see :meth:`module_state`
+        self.user_modules: dict[int, list[Any]] = {}
+        self.read_names: set[str] = set()
+        self.dynamic = False
 
     # ------------------------------------------------------------------ codegen
     def var(self, expr: str) -> str:
@@ -321,7 +346,7 @@ class _Walker:
         elif t is types.BuiltinFunctionType or t is types.BuiltinMethodType:
             self.builtin(obj, v, where, depth)
         elif t is types.ModuleType:
-            self.module(obj, v, where)
+            self.module(obj, v, where, depth)
         elif isinstance(obj, torch.jit.ScriptModule):  # before nn.Module: it is one
             self.guard(f"{v} is {self.const(obj, weak=True)}", f"{where} is the same module")
             self.problem(f"cannot guard the state it reads: {where} is a TorchScript module "
@@ -442,18 +467,26 @@ class _Walker:
         if fn.__kwdefaults__:
             self.walk(fn.__kwdefaults__, self.var(f"{v}.__kwdefaults__"),
                       f"{where}.__kwdefaults__", depth + 1)
+        names = _names(code)
         for i, (name, cell) in enumerate(zip(code.co_freevars, fn.__closure__ or ())):
             cv = self.var(f"{v}.__closure__[{i}]")
             self.walk(cell, cv, f"{where}: closure variable {name!r}", depth + 1)
+            contents = _cell_contents(cell)
+            if type(contents) is types.ModuleType:
+                self.read_by(contents, names)
         if fn.__dict__ and not _library_file(code.co_filename):  # ``f.scale = 2.0``
             self.walk(fn.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
         if _library_file(code.co_filename):
-            self.impure_names(fn.__globals__, _loaded_names(code)[0], where)
+            self.impure_names(fn.__globals__, names.globals, where)
             return
         g = fn.__globals__
         gv = None
-        global_names, imports = _loaded_names(code)
-        for name in sorted(global_names):
+        self.read_names |= names.attributes
+        self.dynamic |= names.dynamic
+        if names.evaluates and not {"eval", "exec"} & names.globals & set(g):
+            self.problem(f"{where} runs code from a string (eval or exec), whose reads cannot "
+                         "be guarded")
+        for name in sorted(names.globals):
             if name not in g:
                 continue
             gv = gv or self.var(f"{v}.__globals__")
@@ -461,15 +494,14 @@ class _Walker:
             self.walk(value, self.var(f"{gv}[{name!r}]"), f"global {name!r} of {fn.__qualname__}",
                       depth + 1)
             if type(value) is types.ModuleType:
-                self.module_attributes(value, self.seen[id(value)][0], _code_names(code),
-                                       depth + 1)
-        for name in sorted(imports):  # ``import cfg`` / ``from cfg import K`` in the function
+                self.read_by(value, names)
+        for name in sorted(names.imports):  # ``import cfg`` / ``from cfg import K`` inside
             mod = sys.modules.get(name)
             if type(mod) is not types.ModuleType:
                 continue
             self.walk(mod, self.var(f"{self.const(sys.modules)}[{name!r}]"),
                       f"module {name!r} imported by {fn.__qualname__}", depth + 1)
-            self.module_attributes(mod, self.seen[id(mod)][0], _code_names(code), depth + 1)
+            self.read_by(mod, names)
 
     def impure_names(self, g: dict[str, Any], names: frozenset[str], where: str) -> None:
         for name in names:
@@ -492,28 +524,53 @@ class _Walker:
                    f"{obj.__name__!r}", f"{where} is .{obj.__name__}")
         self.walk(owner, self.var(f"{v}.__self__"), f"{where}.__self__", depth + 1)
 
-    def module(self, mod: types.ModuleType, v: str, where: str) -> None:
+    def module(self, mod: types.ModuleType, v: str, where: str, depth: int) -> None:
         self.guard(f"{v} is {self.const(mod)}", f"{where} is module {mod.__name__}")
         if mod.__name__ in _IMPURE_MODULES:
             self.problem(f"it uses the {mod.__name__!r} module ({where}), whose results change "
                          "between calls")
+        if not _library_module(mod):
+            self.user_modules[id(mod)] = [mod, v, depth, None, False]
 
-    def module_attributes(self, mod: types.ModuleType, v: str, names: set[str],
-                          depth: int) -> None:
-        """Attributes of a module that the code reading it names (``np.random``,
-        ``config.SCALE``): impure library ones are problems, the user's own are walked."""
+    def module_state(self) -> None:
+        """The attributes of the user's modules reached: those the code reading a module as a
+        global or an import names (``config.SCALE``, ``getattr(config, "SCALE")``, and all its
+        numbers, strings and flags when that code computes the names it reads:
+        ``getattr(config, name)``), or, for a module reached another way, those any code
+        walked names. Walked last, and again while walking them reaches more code."""
+        walked: dict[int, set[str]] = {}
+        grew = True
+        while grew:
+            grew = False
+            for mod, v, depth, names, dynamic in list(self.user_modules.values()):
+                attrs = mod.__dict__
+                want = {n for n in (self.read_names if names is None else names) if n in attrs}
+                if self.dynamic if names is None else dynamic:
+                    want |= {n for n, value in attrs.items() if type(value) in _SCALARS}
+                new = {n for n in want if not n.startswith("__")} - walked.setdefault(
+                    id(mod), set())
+                if not new:
+                    continue
+                grew = True
+                walked[id(mod)] |= new
+                d = self.var(f"{v}.__dict__")
+                for name in sorted(new):
+                    self.walk(attrs[name], self.var(f"{d}[{name!r}]"), f"{mod.__name__}.{name}",
+                              depth + 1)
+
+    def read_by(self, mod: types.ModuleType, names: _Names) -> None:
+        """``mod`` is a global or an import of code that uses ``names``: a user's module has
+        those of its attributes walked, a library module may not be read for what changes
+        between calls (``np.random``, ``os.environ``)."""
+        entry = self.user_modules.get(id(mod))
+        if entry is not None:
+            entry[3] = (entry[3] or frozenset()) | names.attributes
+            entry[4] = entry[4] or names.dynamic
         root = mod.__name__.split(".")[0]
-        bad = _IMPURE_NAMES.get(root, set()) & names
+        bad = _IMPURE_NAMES.get(root, set()) & names.attributes
         if bad and (root != "os" or "environ" in bad or "getenv" in bad or "urandom" in bad):
             self.problem(f"it uses {mod.__name__}.{sorted(bad)[0]}, whose results change "
                          "between calls")
-        if _library_module(mod):
-            return
-        d = self.var(f"{v}.__dict__")
-        for name in sorted(names):
-            if name in mod.__dict__ and not name.startswith("__"):
-                self.walk(mod.__dict__[name], self.var(f"{d}[{name!r}]"),
-                          f"{mod.__name__}.{name}", depth + 1)
 
     def nn_module(self, m: torch.nn.Module, v: str, where: str, depth: int) -> None:
         cls = type(m)
@@ -663,6 +720,13 @@ def _same_tensor(t: Any, ref: Tensor) -> bool:
             and t.device == ref.device and bool(torch.equal(t, ref)))
 
 
+def _cell_contents(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # unbound
+        return None
+
+
 def _empty_cell(cell: Any) -> bool:
     try:
         cell.cell_contents  # noqa: B018
@@ -683,6 +747,7 @@ def walk(func: Any, arg_objects: list[Any]) -> Walk:
         w.walk(func, "F", "the function")
         for i, a in enumerate(arg_objects):
             w.walk(a, w.var(f"A[{i}]"), f"argument object {i}")
+        w.module_state()
     except Unguardable as e:
         w.w.problems.append(f"cannot guard the state it reads: {e}")
         w.w.complete = False
