@@ -79,7 +79,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .guards import _SCALARS, GuardSet, _compiled, compile_guards, walk
-from .trace import Captured, active_user_mode, capture, capturing
+from .trace import Captured, active_user_mode, capture, capturing, default_device
 from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
 #: captures kept per function (least recently used evicted)
@@ -190,8 +190,7 @@ def _global_state() -> Hashable:
     cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     return (torch.get_default_dtype(), cpu and torch.get_autocast_dtype("cpu"),
             cuda and torch.get_autocast_dtype("cuda"), torch.is_inference_mode_enabled(),
-            # ``with torch.device(...)`` / ``set_default_device``: where factories allocate
-            torch._C._len_torch_function_stack() and torch.get_default_device())
+            default_device())  # where factories allocate
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -55,7 +55,6 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, GraphModule, Node
 from torch.overrides import TorchFunctionMode
-from torch.overrides import _get_current_function_mode_stack as _function_modes
 from torch.utils import _pytree as pytree
 from torch.utils._device import DeviceContext
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -257,13 +256,25 @@ def active_user_mode() -> str | None:
     """The user's torch function or dispatch mode active around a call, if any. torch.func
     runs ``func`` under it, and a mode may change what any operator returns from Python state
     no guard reads, so such a call runs the reference, neither traced nor cached."""
-    modes: list[Any] = []
-    if torch._C._len_torch_function_stack():
-        modes += _function_modes()
+    for i in range(torch._C._len_torch_function_stack()):
+        mode = torch._C._get_function_stack_at(i)
+        if _users(mode):
+            return f"a torch function mode ({type(mode).__name__}) is active"
     if torch._C._len_torch_dispatch_stack():
-        modes += _dispatch_modes()
-    users = [type(m).__name__ for m in modes if _users(m)]
-    return f"a torch function or dispatch mode ({users[0]}) is active" if users else None
+        users = [type(m).__name__ for m in _dispatch_modes() if _users(m)]
+        if users:
+            return f"a torch dispatch mode ({users[0]}) is active"
+    return None
+
+
+def default_device() -> torch.device | None:
+    """The device of the innermost ``with torch.device(...)`` / ``set_default_device``, if
+    any (``torch.get_default_device()`` costs 14 us: it makes a tensor to find the index)."""
+    for i in range(torch._C._len_torch_function_stack() - 1, -1, -1):
+        mode = torch._C._get_function_stack_at(i)
+        if type(mode) is DeviceContext:
+            return mode.device  # type: ignore[no-any-return]
+    return None
 
 
 @contextlib.contextmanager
