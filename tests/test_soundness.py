@@ -316,6 +316,33 @@ def test_dropout_one_realisation_per_call(order, mode):
     assert not torch.allclose(xderiv(net, order, mode=mode)(x), got)
 
 
+def _forked(x):
+    with torch.random.fork_rng():
+        noise = torch.randn(3, dtype=F64)
+    return (x.sin() * noise).pow(3).sum()
+
+
+def _forked_imported(x):
+    from torch.random import fork_rng
+    with fork_rng():
+        noise = torch.randn(3, dtype=F64)
+    return (x.sin() * noise).pow(3).sum()
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("f", [_forked, _forked_imported])
+def test_fork_rng_leaves_the_callers_rng_where_torch_func_does(f):
+    """``fork_rng`` restores the RNG its block drew from; the engine's hoisted draws advanced
+    the caller's RNG instead, so every later draw differed from torch.func's."""
+    x = _x()
+    torch.manual_seed(7)
+    got, after = xderiv(f, 2)(x), torch.rand(3)
+    torch.manual_seed(7)
+    assert_tree_close(got, reference_deriv(f, 2)(x))
+    assert_tree_equal(after, torch.rand(3))
+    assert "fork_rng" in xafunc.plan(f, 2)(x).fallback
+
+
 def test_random_ops_inside_the_function():
     def f(x):
         noise = torch.randn(3, dtype=F64)

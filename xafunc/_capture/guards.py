@@ -81,7 +81,8 @@ _DEVICE_LIKE = (torch.device, torch.Size)
 _IMPURE_MODULES = {"random", "time", "secrets", "uuid", "datetime"}
 _IMPURE_NAMES = {
     "numpy": {"random"},
-    "torch": {"manual_seed", "seed", "set_rng_state", "get_rng_state", "initial_seed"},
+    "torch": {"manual_seed", "seed", "set_rng_state", "get_rng_state", "initial_seed",
+              "fork_rng"},
     "os": {"urandom", "getpid", "environ", "getenv"},
 }
 # nn.Module attributes that cannot change what ``forward`` computes
@@ -477,6 +478,9 @@ class _Walker:
         if fn.__dict__ and not _library_file(code.co_filename):  # ``f.scale = 2.0``
             self.walk(fn.__dict__, self.var(f"{v}.__dict__"), f"{where}.__dict__", depth + 1)
         if _library_file(code.co_filename):
+            if fn.__name__ in _IMPURE_NAMES.get((fn.__module__ or "").split(".")[0], ()):
+                self.problem(f"it uses {fn.__module__}.{fn.__name__}, whose results change "
+                             "between calls")  # (``from torch.random import fork_rng``)
             self.impure_names(fn.__globals__, names.globals, where)
             return
         g = fn.__globals__
