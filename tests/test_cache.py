@@ -360,6 +360,33 @@ def test_attributes_of_a_module_reached_other_than_as_a_global_are_guarded(reach
           change, _x())
 
 
+def _read_path(obj, path):  # a helper that reads whatever it is given
+    for how, key in path:
+        obj = getattr(obj, key) if how == "attr" else obj[key]
+    return obj
+
+
+def test_a_module_passed_to_a_helper_that_computes_names_is_guarded(monkeypatch):
+    """The code reading a module as a global is not all that may read it: a helper it passes
+    the module to may compute the names it reads (3.3 off after a change)."""
+    import sys
+    import types
+
+    cfg = types.ModuleType("_xafunc_test_cfg")
+    cfg.table = [0.0, {"k": 1.0}]
+    monkeypatch.setitem(sys.modules, cfg.__name__, cfg)
+    path = (("attr", "table"), ("item", 1), ("item", "k"))
+
+    def f(x):
+        import _xafunc_test_cfg
+        return (x.sin() * _read_path(_xafunc_test_cfg, path)).sum()
+
+    def change():
+        cfg.table[1]["k"] = 4.0
+
+    _both(f, change, _x())
+
+
 def test_code_run_from_a_string_falls_back():
     f = lambda x: (x.sin() * eval("SCALE")).sum()  # noqa: E731, S307
     with xafunc.strict(False):

@@ -279,11 +279,9 @@ class _Walker:
         self.seen: dict[int, tuple[str, Any]] = {}
         self.keep: list[Any] = []  # objects whose ids are in ``seen`` stay alive while walking
         self.module_hooks = False
-        # the user's modules reached, by id: [module, its guard variable, depth, the names the
-        # code reading it as a global or an import uses -- None when it was reached only
-        # another way: a closure, an attribute ``self.cfg = config``, an argument -- and
-        # whether that code computes names], and the attribute names all the user's code
-        # walked uses, and whether any computes names; see :meth:`module_state`
+        # the user's modules reached, by id: [module, its guard variable, depth, whether code
+        # reading it as a global or an import computes names], the attribute names all the
+        # user's code walked uses, and whether any computes names; see :meth:`module_state`
         self.user_modules: dict[int, list[Any]] = {}
         self.read_names: set[str] = set()
         self.dynamic = False
@@ -534,23 +532,26 @@ class _Walker:
             self.problem(f"it uses the {mod.__name__!r} module ({where}), whose results change "
                          "between calls")
         if not _library_module(mod):
-            self.user_modules[id(mod)] = [mod, v, depth, None, False]
+            self.user_modules[id(mod)] = [mod, v, depth, False]
 
     def module_state(self) -> None:
-        """The attributes of the user's modules reached: those the code reading a module as a
-        global or an import names (``config.SCALE``, ``getattr(config, "SCALE")``, and all its
-        numbers, strings and flags when that code computes the names it reads:
-        ``getattr(config, name)``), or, for a module reached another way, those any code
-        walked names. Walked last, and again while walking them reaches more code."""
+        """The attributes of the user's modules reached (as a global, an import, a closure, an
+        attribute ``self.cfg = config`` or an argument) that any code walked names
+        (``config.SCALE``, ``getattr(config, "SCALE")``): the module may be passed on, so
+        every reader counts. When some code computes the names it reads
+        (``getattr(o, name)``), every data attribute too, and when the code reading a module
+        as a global or an import does (``getattr(activations, name)``), its functions and
+        classes as well. Walked last, and again while walking them reaches more code."""
         walked: dict[int, set[str]] = {}
         grew = True
         while grew:
             grew = False
-            for mod, v, depth, names, dynamic in list(self.user_modules.values()):
+            for mod, v, depth, computed in list(self.user_modules.values()):
                 attrs = mod.__dict__
-                want = {n for n in (self.read_names if names is None else names) if n in attrs}
-                if self.dynamic if names is None else dynamic:
-                    want |= {n for n, value in attrs.items() if type(value) in _SCALARS}
+                want = {n for n in self.read_names if n in attrs}
+                if self.dynamic:
+                    want |= {n for n, value in attrs.items() if type(value) is not
+                             types.ModuleType and (computed or not callable(value))}
                 new = {n for n in want if not n.startswith("__")} - walked.setdefault(
                     id(mod), set())
                 if not new:
@@ -568,8 +569,7 @@ class _Walker:
         between calls (``np.random``, ``os.environ``)."""
         entry = self.user_modules.get(id(mod))
         if entry is not None:
-            entry[3] = (entry[3] or frozenset()) | names.attributes
-            entry[4] = entry[4] or names.dynamic
+            entry[3] = entry[3] or names.dynamic
         root = mod.__name__.split(".")[0]
         bad = _IMPURE_NAMES.get(root, set()) & names.attributes
         if bad and (root != "os" or "environ" in bad or "getenv" in bad or "urandom" in bad):
