@@ -249,3 +249,139 @@ def test_random_graphs_every_mode_agrees_with_the_oracle(problem):
         assert_tree_close(results[mode], expected, msg=f"{problem} {mode}")
     for mode in ("forward", "reverse", "mixed"):
         assert_tree_close(results[mode], results["auto"], msg=f"{problem} {mode} vs auto")
+
+
+# ---------------------------------------------------------------------- guards (staleness)
+class _Obj:
+    pass
+
+
+class _Slots:
+    __slots__ = ("v",)
+
+
+class _Getter:
+    def __init__(self, v):
+        self._v = v
+
+    @property
+    def v(self):
+        return self._v
+
+    @v.setter
+    def v(self, value):
+        self._v = value
+
+
+class _AttrDict(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def _holder(kind: str, value):
+    """A container of ``value`` and the step (attribute name or key) that reads it."""
+    import types
+
+    if kind in ("dict", "list"):
+        return ({"v": value}, "v") if kind == "dict" else ([0.0, value], 1)
+    holder = {"obj": _Obj, "slots": _Slots, "property": _Getter, "attrdict": _AttrDict,
+              "namespace": types.SimpleNamespace, "module": types.ModuleType}[kind]
+    obj = holder("_xafunc_state") if kind == "module" else holder.__new__(holder)
+    if kind == "attrdict":
+        dict.__init__(obj)
+    setattr(obj, "_v" if kind == "property" else "v", value)
+    return obj, "v"
+
+
+def _get(obj, step, computed: bool):
+    if isinstance(step, int) or type(obj) is dict:
+        return obj[step]
+    return getattr(obj, "".join(step)) if computed else obj.v
+
+
+def _put(obj, step, value):
+    if isinstance(step, int) or type(obj) is dict:
+        obj[step] = value
+    else:
+        setattr(obj, step, value)
+
+
+HOLDERS = ["dict", "list", "obj", "slots", "property", "attrdict", "namespace", "module"]
+
+
+def _follow(obj, steps):
+    for step in steps:
+        obj = _get(obj, step, False)
+    return obj
+
+
+@st.composite
+def state_problems(draw):
+    kinds = [draw(st.sampled_from(HOLDERS)) for _ in range(draw(st.integers(1, 3)))]
+    reach = draw(st.sampled_from(["closure", "default", "argument", "module_attribute"]))
+    computed = draw(st.booleans())  # read by ``getattr(o, name)`` with a computed name
+    replace = draw(st.integers(0, len(kinds) - 1))  # 0: the leaf in place, i: the holder i
+    return kinds, reach, computed, replace
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(state_problems())
+def test_state_read_through_any_path_is_never_stale(problem):
+    """Python state read through a random chain of holders (dicts, lists, objects, slots,
+    properties, dict subclasses, namespaces, modules), reached a random way and read by
+    attribute or by a computed name, then changed (the leaf in place, or a holder replaced by
+    a changed copy): every call equals nested jacrev of the function as it is then."""
+    import copy
+
+    xafunc.clear_cache()
+    kinds, reach, computed, replace = problem
+    root, steps = 1.5, []
+    for kind in reversed(kinds):
+        root, step = _holder(kind, root)
+        steps.insert(0, step)
+
+    def read(obj):
+        for step in steps:
+            obj = _get(obj, step, computed)
+        return obj
+
+    def change(value):
+        if replace == 0 or "module" in kinds[replace:]:  # the leaf, in place
+            _put(_follow(root, steps[:-1]), steps[-1], value)
+            return
+        new = copy.deepcopy(_follow(root, steps[:replace]))  # holder ``replace``, replaced
+        _put(_follow(new, steps[replace:-1]), steps[-1], value)
+        _put(_follow(root, steps[:replace - 1]), steps[replace - 1], new)
+
+    if reach == "closure":
+        def f(x):
+            return (x.sin() * read(root)).sum() + (x ** 3).sum()
+    elif reach == "default":
+        def f(x, s=root):
+            return (x.sin() * read(s)).sum() + (x ** 3).sum()
+    elif reach == "argument":
+        def f(x, s=None):
+            return (x.sin() * read(s)).sum() + (x ** 3).sum()
+    else:
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.state = root
+
+            def forward(self, x):
+                return (x.sin() * read(self.state)).sum() + (x ** 3).sum()
+
+        f = Model()
+    x = torch.randn(3, dtype=F64, generator=torch.Generator().manual_seed(len(kinds)))
+    kw = {"s": root} if reach == "argument" else {}
+    for value in (1.5, 3.0, 0.5):
+        change(value)
+        expected = reference_deriv(lambda x: f(x, **kw), 2)(x)
+        with xafunc.strict():
+            assert_tree_close(xafunc.xhessian(f)(x, **kw), expected, msg=f"{problem} {value}")
