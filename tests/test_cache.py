@@ -394,6 +394,43 @@ def test_code_run_from_a_string_falls_back():
         assert_tree_close(xderiv(f, 2)(_x()), reference_deriv(f, 2)(_x()))
 
 
+HISTORY: list[float] = []
+GAIN = 1.0
+
+
+class _WithHelpers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3).to(F64)
+
+    def forward(self, x):
+        return (self.lin(x).tanh() * self.gain()).sum()
+
+    def gain(self):  # called by forward: what it reads is guarded
+        return GAIN
+
+    def log(self):  # called by nothing forward runs
+        print(len(HISTORY), HISTORY[-1])
+
+
+def test_methods_nothing_calls_are_not_guarded():
+    """Every method of a user's class was walked, so a ``log`` method reading a loss history
+    appended every step made every call trace again (the storm sent it to the reference):
+    only methods some walked code names (or library code calls) are guarded now."""
+    global GAIN
+    m, x = _WithHelpers(), _x()
+    for step in range(4):
+        HISTORY.append(float(step))
+        assert_tree_close(xhessian(m)(x), reference_deriv(m, 2)(x))
+    assert xafunc.cache_info().misses == 1
+    try:
+        GAIN = 3.0  # read by a method forward calls
+        assert_tree_close(xhessian(m)(x), reference_deriv(m, 2)(x))
+    finally:
+        GAIN = 1.0
+    assert xafunc.cache_info().misses == 2
+
+
 class _Scaled:
     """A descriptor and an operand whose special methods read module state."""
 

@@ -281,10 +281,14 @@ class _Walker:
         self.module_hooks = False
         # the user's modules reached, by id: [module, its guard variable, depth, whether code
         # reading it as a global or an import computes names], the attribute names all the
-        # user's code walked uses, and whether any computes names; see :meth:`module_state`
+        # user's code walked uses, and whether any computes names; see :meth:`finish`
         self.user_modules: dict[int, list[Any]] = {}
         self.read_names: set[str] = set()
         self.dynamic = False
+        # class attributes walked only once some code names them: (name, value, expression,
+        # where, depth); and the classes whose bodies were visited
+        self.named: list[tuple[str, Any, str, str, int]] = []
+        self.bodies: set[int] = set()
 
     # ------------------------------------------------------------------ codegen
     def var(self, expr: str) -> str:
@@ -440,19 +444,29 @@ class _Walker:
             self.class_body(obj, v, where, depth)
 
     def class_body(self, cls: type, v: str, where: str, depth: int) -> None:
-        """Methods and class attributes of a user-defined class and its user-defined bases."""
+        """Methods and class attributes of a user-defined class and its user-defined bases:
+        the special methods Python may call and the overrides of a library base's methods
+        (``forward``, ``_conv_forward``: library code calls them) now; the others once some
+        code walked names them (``self.helper()``, ``self.scale``), in :meth:`finish` -- a
+        method nothing calls (a ``log`` reading a loss history) must not guard what it reads."""
+        library = set().union(*(vars(b) for b in cls.__mro__ if _library_class(b)))
         for base in cls.__mro__:
-            if base is object or _library_class(base):
+            if base is object or _library_class(base) or id(base) in self.bodies:
                 continue
+            self.bodies.add(id(base))
             bv = self.var(f"{self.const(base)}.__dict__")
             for name, value in list(vars(base).items()):
-                if name.startswith("__") and name.endswith("__") and (
-                        name in _UNCALLED_DUNDERS or type(value) not in _METHOD_TYPES):
+                dunder = name.startswith("__") and name.endswith("__")
+                if dunder and (name in _UNCALLED_DUNDERS or type(value) not in _METHOD_TYPES):
                     continue
                 if isinstance(value, (types.MemberDescriptorType, types.GetSetDescriptorType)):
                     continue
-                self.walk(value, self.var(f"{bv}[{name!r}]"), f"{base.__qualname__}.{name}",
-                          depth + 1)
+                if dunder or name in library:
+                    self.walk(value, self.var(f"{bv}[{name!r}]"), f"{base.__qualname__}.{name}",
+                              depth + 1)
+                else:
+                    self.named.append((name, value, f"{bv}[{name!r}]",
+                                       f"{base.__qualname__}.{name}", depth + 1))
 
     def function(self, fn: types.FunctionType, v: str, where: str, depth: int) -> None:
         code = fn.__code__
@@ -534,8 +548,9 @@ class _Walker:
         if not _library_module(mod):
             self.user_modules[id(mod)] = [mod, v, depth, False]
 
-    def module_state(self) -> None:
-        """The attributes of the user's modules reached (as a global, an import, a closure, an
+    def finish(self) -> None:
+        """The class attributes some code walked names (see :meth:`class_body`), and the
+        attributes of the user's modules reached (as a global, an import, a closure, an
         attribute ``self.cfg = config`` or an argument) that any code walked names
         (``config.SCALE``, ``getattr(config, "SCALE")``): the module may be passed on, so
         every reader counts. When some code computes the names it reads
@@ -546,6 +561,13 @@ class _Walker:
         grew = True
         while grew:
             grew = False
+            named, self.named = self.named, []
+            for name, value, expr, where, depth in named:
+                if name in self.read_names or self.dynamic:
+                    grew = True
+                    self.walk(value, self.var(expr), where, depth)
+                else:
+                    self.named.append((name, value, expr, where, depth))
             for mod, v, depth, computed in list(self.user_modules.values()):
                 attrs = mod.__dict__
                 want = {n for n in self.read_names if n in attrs}
@@ -751,7 +773,7 @@ def walk(func: Any, arg_objects: list[Any]) -> Walk:
         w.walk(func, "F", "the function")
         for i, a in enumerate(arg_objects):
             w.walk(a, w.var(f"A[{i}]"), f"argument object {i}")
-        w.module_state()
+        w.finish()
     except Unguardable as e:
         w.w.problems.append(f"cannot guard the state it reads: {e}")
         w.w.complete = False
