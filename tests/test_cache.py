@@ -413,6 +413,30 @@ class _WithHelpers(nn.Module):
         print(len(HISTORY), HISTORY[-1])
 
 
+def test_attributes_nothing_reads_are_not_guarded():
+    """A loss history and a step counter kept on the model (``model.losses.append(...)``),
+    or on an object the function reads, made every call trace again (the storm sent it to
+    the reference); attributes no code names are not guarded now -- those it reads are."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.losses, self.step, self.scale = nn.Linear(3, 3).to(F64), [], 0, 1.0
+
+        def forward(self, x):
+            return (self.lin(x).tanh() * self.scale).sum()
+
+    m, x = Model(), _x()
+    for step in range(4):
+        m.losses.append(float(step))
+        m.step += 1
+        assert_tree_close(xhessian(m)(x), reference_deriv(m, 2)(x))
+    assert xafunc.cache_info().misses == 1
+    m.scale = 2.0
+    assert_tree_close(xhessian(m)(x), reference_deriv(m, 2)(x))
+    assert xafunc.cache_info().misses == 2
+
+
 def test_methods_nothing_calls_are_not_guarded():
     """Every method of a user's class was walked, so a ``log`` method reading a loss history
     appended every step made every call trace again (the storm sent it to the reference):

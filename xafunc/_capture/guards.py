@@ -237,6 +237,22 @@ def _names(code: types.CodeType) -> _Names:
                   any(n.evaluates for n in inner) or bool({"eval", "exec"} & names))
 
 
+@functools.lru_cache(maxsize=1024)
+def _library_names(cls: type) -> frozenset[str]:
+    """The names the code of ``cls``'s library bases uses (``nn.Conv2d._conv_forward`` reads
+    ``self.padding_mode``): attributes it may read whatever the user's code names."""
+    names: set[str] = set()
+    for base in cls.__mro__:
+        if base is object or not _library_class(base):
+            continue
+        for value in vars(base).values():
+            fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else \
+                value.fget if isinstance(value, property) else value
+            if isinstance(fn, types.FunctionType):
+                names |= _names(fn.__code__).attributes
+    return frozenset(names)
+
+
 class Unguardable(Exception):
     """The function reaches state that cannot be guarded; the message says which."""
 
@@ -285,8 +301,8 @@ class _Walker:
         self.user_modules: dict[int, list[Any]] = {}
         self.read_names: set[str] = set()
         self.dynamic = False
-        # class attributes walked only once some code names them: (name, value, expression,
-        # where, depth); and the classes whose bodies were visited
+        # class and instance attributes walked only once some code names them: (name, value,
+        # expression, where, depth); and the classes whose bodies were visited
         self.named: list[tuple[str, Any, str, str, int]] = []
         self.bodies: set[int] = set()
 
@@ -468,6 +484,17 @@ class _Walker:
                     self.named.append((name, value, f"{bv}[{name!r}]",
                                        f"{base.__qualname__}.{name}", depth + 1))
 
+    def attribute(self, cls: type, name: str, value: Any, expr: str, where: str,
+                  depth: int) -> None:
+        """An instance attribute: walked now, or -- a public attribute of a user's class that
+        no library base's code reads (``self.losses``, ``self.step`` kept beside a model) --
+        once some code walked names it, in :meth:`finish`; appending a loss to a history
+        ``forward`` never reads must not trace the function again."""
+        if name.startswith("_") or _library_class(cls) or name in _library_names(cls):
+            self.walk(value, self.var(expr), where, depth)
+        else:
+            self.named.append((name, value, expr, where, depth))
+
     def function(self, fn: types.FunctionType, v: str, where: str, depth: int) -> None:
         code = fn.__code__
         self.guard(f"type({v}) is _function and {v}.__code__ is {self.const(code)}",
@@ -549,7 +576,8 @@ class _Walker:
             self.user_modules[id(mod)] = [mod, v, depth, False]
 
     def finish(self) -> None:
-        """The class attributes some code walked names (see :meth:`class_body`), and the
+        """The class and instance attributes some code walked names (see :meth:`class_body`,
+        :meth:`attribute`), and the
         attributes of the user's modules reached (as a global, an import, a closure, an
         attribute ``self.cfg = config`` or an argument) that any code walked names
         (``config.SCALE``, ``getattr(config, "SCALE")``): the module may be passed on, so
@@ -647,7 +675,7 @@ class _Walker:
             elif type(value) is bool:  # the training flag and other switches
                 self.guard(f"{dv}[{k!r}] is {value}", f"{label} is {value}")
             else:
-                self.walk(value, self.var(f"{dv}[{k!r}]"), label, depth + 1)
+                self.attribute(cls, k, value, f"{dv}[{k!r}]", label, depth + 1)
         if not _library_class(cls):
             self.class_body(cls, v, where, depth)
 
@@ -707,7 +735,7 @@ class _Walker:
             for k, value in list(d.items()):
                 if type(k) is not str:
                     continue
-                self.walk(value, self.var(f"{dv}[{k!r}]"), f"{where}.{k}", depth + 1)
+                self.attribute(t, k, value, f"{dv}[{k!r}]", f"{where}.{k}", depth + 1)
         for s in slots:
             if hasattr(obj, s):
                 self.walk(getattr(obj, s), self.var(f"{v}.{s}"), f"{where}.{s}", depth + 1)
