@@ -577,14 +577,14 @@ class _Walker:
 
     def finish(self) -> None:
         """The class and instance attributes some code walked names (see :meth:`class_body`,
-        :meth:`attribute`), and the
-        attributes of the user's modules reached (as a global, an import, a closure, an
-        attribute ``self.cfg = config`` or an argument) that any code walked names
-        (``config.SCALE``, ``getattr(config, "SCALE")``): the module may be passed on, so
-        every reader counts. When some code computes the names it reads
-        (``getattr(o, name)``), every data attribute too, and when the code reading a module
-        as a global or an import does (``getattr(activations, name)``), its functions and
-        classes as well. Walked last, and again while walking them reaches more code."""
+        :meth:`attribute`), and the attributes of the user's modules reached (as a global, an
+        import, a closure, an attribute ``self.cfg = config`` or an argument) that any code
+        walked names (``config.SCALE``, ``getattr(config, "SCALE")``): the module may be
+        passed on, so every reader counts. When some code computes the names it reads
+        (``getattr(o, name)``), every data attribute and user module too, and when the code
+        reading a module as a global or an import does (``getattr(activations, name)``), its
+        functions and classes as well. Walked last, and again while walking them reaches more
+        code."""
         walked: dict[int, set[str]] = {}
         grew = True
         while grew:
@@ -600,8 +600,9 @@ class _Walker:
                 attrs = mod.__dict__
                 want = {n for n in self.read_names if n in attrs}
                 if self.dynamic:
-                    want |= {n for n, value in attrs.items() if type(value) is not
-                             types.ModuleType and (computed or not callable(value))}
+                    want |= {n for n, value in attrs.items() if (
+                        type(value) is not types.ModuleType or not _library_module(value))
+                        and (computed or not callable(value))}
                 new = {n for n in want if not n.startswith("__")} - walked.setdefault(
                     id(mod), set())
                 if not new:
