@@ -414,14 +414,18 @@ class _WithHelpers(nn.Module):
 
 
 def test_attributes_nothing_reads_are_not_guarded():
-    """A loss history and a step counter kept on the model (``model.losses.append(...)``),
-    or on an object the function reads, made every call trace again (the storm sent it to
-    the reference); attributes no code names are not guarded now -- those it reads are."""
+    """A loss history and a step counter kept on the model (``model.losses.append(...)``)
+    made every call trace again (the storm sent it to the reference), and a logger or an
+    optimiser kept there made every call run the reference (a logger's stream cannot be
+    guarded); attributes no code names are not guarded now -- those it reads are."""
+    import logging
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin, self.losses, self.step, self.scale = nn.Linear(3, 3).to(F64), [], 0, 1.0
+            self.logger = logging.getLogger("xafunc.tests")
+            self.opt = torch.optim.Adam(self.lin.parameters())
 
         def forward(self, x):
             return (self.lin(x).tanh() * self.scale).sum()
