@@ -441,6 +441,41 @@ def test_attributes_nothing_reads_are_not_guarded():
     assert xafunc.cache_info().misses == 2
 
 
+@pytest.mark.parametrize("read", ["attrgetter_dotted", "attrgetter_computed", "astuple"])
+def test_attributes_read_without_being_named_are_guarded(read):
+    """An attribute no code names is not guarded -- unless the code reads attributes another
+    way: ``attrgetter("cfg.k")``, ``attrgetter(name)``, ``dataclasses.astuple`` (each was
+    0.3-0.5 off after a change once unnamed attributes were left out)."""
+    import dataclasses
+    import operator
+
+    @dataclasses.dataclass
+    class Cfg:
+        k: float = 1.0
+
+    scales = {  # (separate code objects: each names only what it reads)
+        "attrgetter_dotted": lambda m: operator.attrgetter("cfg.k")(m),
+        "attrgetter_computed": lambda m: operator.attrgetter(_NAME.lower())(m),
+        "astuple": lambda m: sum(dataclasses.astuple(m.cfg)),
+    }
+    scale = scales[read]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.cfg, self.k = nn.Linear(3, 3).to(F64), Cfg(), 1.0
+
+        def forward(self, x):
+            return (self.lin(x).tanh() * scale(self)).sum()
+
+    m = Model()
+
+    def change():
+        m.cfg.k = m.k = 3.0
+
+    _both(m, change, _x())
+
+
 def test_methods_nothing_calls_are_not_guarded():
     """Every method of a user's class was walked, so a ``log`` method reading a loss history
     appended every step made every call trace again (the storm sent it to the reference):

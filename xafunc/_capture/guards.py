@@ -183,6 +183,9 @@ _UNCALLED_DUNDERS = frozenset({
 _METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, property)
 
 
+# what reads attributes by names the code may compute, or reads them all
+_COMPUTED_NAMES = frozenset({"getattr", "vars", "__dict__", "__getattribute__", "attrgetter",
+                             "methodcaller", "getattr_static", "asdict", "astuple"})
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
                          "STORE_GLOBAL", "DELETE_GLOBAL"})
 
@@ -201,7 +204,8 @@ class _Names:
     # every name it uses, and the identifiers among its string constants: the attributes it
     # may read of a module (``cfg.K``, ``getattr(cfg, "K")``, ``vars(cfg)["K"]``)
     attributes: frozenset[str]
-    # it reads attributes by names it computes (``getattr(cfg, name)``, ``vars(cfg)[k]``)
+    # it reads attributes by names it computes (``getattr(cfg, name)``, ``vars(cfg)[k]``,
+    # ``attrgetter(name)``), or all of them (``dataclasses.asdict(cfg)``)
     dynamic: bool
     # it runs code from strings (``eval``, ``exec``), whose reads no walk can see
     evaluates: bool
@@ -220,7 +224,7 @@ def _names(code: types.CodeType) -> _Names:
             imports.add(str(op.argval))
     for c in code.co_consts:
         if type(c) is str and all(part.isidentifier() for part in c.split(".")):
-            strings.add(c)
+            strings |= {c, *c.split(".")}  # ``attrgetter("cfg.k")`` reads ``cfg`` and ``k``
     inner = [_names(c) for c in code.co_consts if isinstance(c, types.CodeType)]
     for n in inner:
         names |= n.globals
@@ -232,8 +236,7 @@ def _names(code: types.CodeType) -> _Names:
     if attributes & {"modules", "import_module"}:
         imports |= {s for s in strings if s in sys.modules}
     return _Names(frozenset(names), frozenset(imports), frozenset(attributes),
-                  any(n.dynamic for n in inner) or bool({"getattr", "vars", "__dict__"}
-                                                        & attributes),
+                  any(n.dynamic for n in inner) or bool(_COMPUTED_NAMES & attributes),
                   any(n.evaluates for n in inner) or bool({"eval", "exec"} & names))
 
 
