@@ -476,6 +476,24 @@ def test_attributes_read_without_being_named_are_guarded(read):
     _both(m, change, _x())
 
 
+def test_subclasses_of_other_library_classes_are_walked_whole():
+    """Only a class built on ``object`` or ``nn.Module`` has its unnamed attributes left out:
+    a pydantic model's ``model_dump()`` reads every field in compiled code."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Cfg(pydantic.BaseModel):
+        a: float = 1.0
+        b: float = 2.0
+
+    cfg = Cfg()
+    cfg.a = 3.0  # (pydantic notes the fields set: the next write changes only the value)
+
+    def change():
+        cfg.a = 5.0
+
+    _both(lambda x: (x.sin() * sum(cfg.model_dump().values())).sum(), change, _x())
+
+
 def test_methods_nothing_calls_are_not_guarded():
     """Every method of a user's class was walked, so a ``log`` method reading a loss history
     appended every step made every call trace again (the storm sent it to the reference):

@@ -241,6 +241,13 @@ def _names(code: types.CodeType) -> _Names:
 
 
 @functools.lru_cache(maxsize=1024)
+def _deferrable(cls: type) -> bool:
+    """A user's class whose library bases are ``object`` and ``nn.Module`` only."""
+    return not _library_class(cls) and all(
+        b in (object, torch.nn.Module) for b in cls.__mro__ if _library_class(b))
+
+
+@functools.lru_cache(maxsize=1024)
 def _library_names(cls: type) -> frozenset[str]:
     """The names the code of ``cls``'s library bases uses (``nn.Conv2d._conv_forward`` reads
     ``self.padding_mode``): attributes it may read whatever the user's code names."""
@@ -489,11 +496,13 @@ class _Walker:
 
     def attribute(self, cls: type, name: str, value: Any, expr: str, where: str,
                   depth: int) -> None:
-        """An instance attribute: walked now, or -- a public attribute of a user's class that
-        no library base's code reads (``self.losses``, ``self.step`` kept beside a model) --
-        once some code walked names it, in :meth:`finish`; appending a loss to a history
-        ``forward`` never reads must not trace the function again."""
-        if name.startswith("_") or _library_class(cls) or name in _library_names(cls):
+        """An instance attribute: walked now, or -- a public attribute of a user's class (built
+        on ``object`` or ``nn.Module`` only) that no library base's code reads (``self.losses``,
+        ``self.step`` kept beside a model) -- once some code walked names it, in
+        :meth:`finish`; appending a loss to a history ``forward`` never reads must not trace
+        the function again. A subclass of another library class is walked whole: its base may
+        read every attribute (pydantic's ``model_dump``, in compiled code)."""
+        if name.startswith("_") or not _deferrable(cls) or name in _library_names(cls):
             self.walk(value, self.var(expr), where, depth)
         else:
             self.named.append((name, value, expr, where, depth))
