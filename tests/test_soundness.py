@@ -1204,3 +1204,37 @@ def test_two_norm_at_the_zero_vector():
                 got = xderiv(f, order)(x)
                 assert not got.isnan().any()
                 assert_tree_close(got, reference_deriv(nonzero_part, order)(x))
+
+
+def _is_plain(t):  # a helper the function calls: walked like the function
+    return type(t) is torch.Tensor
+
+
+EXACT_TYPE_TESTS = {
+    "type_is": lambda x: x.sin().sum() if type(x) is torch.Tensor else x.cos().sum(),
+    "class_eq": lambda x: (x.exp() if x.__class__ == torch.Tensor else x.cos()).sum(),
+    "type_in": lambda x: (x.exp() if type(x) in (torch.Tensor,) else x.cos()).sum(),
+    "type_name": lambda x: (x.exp() if type(x).__name__ == "Tensor" else x.cos()).sum(),
+    "has_torch_function": lambda x: (
+        x.cos() if torch.overrides.has_torch_function((x,)) else x.exp()).sum(),
+    "in_a_helper": lambda x: (x.exp() if _is_plain(x) else x.cos()).sum(),
+}
+
+
+@pytest.mark.fallback
+@pytest.mark.parametrize("name", list(EXACT_TYPE_TESTS))
+def test_exact_type_tests_fall_back(name):
+    """torch.func's wrappers are plain tensors, the trace's stand-ins a subclass: a test of a
+    tensor's exact type took the other branch in the trace (1.3-3.6 off). Code that may make
+    one runs the reference and the plan says why; ``isinstance`` keeps the engine."""
+    f = EXACT_TYPE_TESTS[name]
+    x = _x()
+    for order in (1, 2):
+        assert "exact type" in (xafunc.plan(f, order)(x).fallback or "")
+        assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
+
+
+def test_isinstance_tests_keep_the_engine():
+    f = lambda x: x.sin().sum() if isinstance(x, torch.Tensor) else x.cos().sum()  # noqa: E731
+    with xafunc.strict():
+        assert_tree_close(xderiv(f, 2)(_x()), reference_deriv(f, 2)(_x()))

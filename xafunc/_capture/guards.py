@@ -32,9 +32,10 @@ Every value reached becomes one of three things:
   ``__dict__`` sizes, empty hook tables);
 * a **problem** that sends the function to the reference strategy, with the reason in the plan:
   Python-level randomness or clocks (``random``, ``time``, ``numpy.random``, reseeding torch),
-  module backward hooks (they change what reverse mode computes), tensor subclasses, objects
-  that can neither be looked into nor referenced weakly, or more state than it is worth
-  guarding.
+  module backward hooks (they change what reverse mode computes), tensor subclasses, code of
+  the user's that may test a tensor's exact type (``type(x) is torch.Tensor``: the trace's
+  stand-ins are a subclass, torch.func's wrappers plain tensors), objects that can neither be
+  looked into nor referenced weakly, or more state than it is worth guarding.
 
 The walk is compiled into one straight-line Python function (``GuardSet.check``) that returns
 the lifted tensors, or the index of the first guard that failed (``-1``: the structure itself
@@ -186,6 +187,12 @@ _METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, property)
 # what reads attributes by names the code may compute, or reads them all
 _COMPUTED_NAMES = frozenset({"getattr", "vars", "__dict__", "__getattribute__", "attrgetter",
                              "methodcaller", "getattr_static", "asdict", "astuple"})
+# the names of a test of a tensor's exact type, which the trace's stand-ins (a subclass of
+# ``torch.Tensor``) fail where torch.func's wrappers (plain tensors) pass
+_TYPE_TESTS = frozenset({"type", "__class__"})
+_TENSOR_TYPES = frozenset({"Tensor", "Parameter"})
+_TORCH_FUNCTION_TESTS = frozenset({"has_torch_function", "has_torch_function_unary",
+                                   "has_torch_function_variadic"})
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS",
                          "STORE_GLOBAL", "DELETE_GLOBAL"})
 
@@ -209,6 +216,9 @@ class _Names:
     dynamic: bool
     # it runs code from strings (``eval``, ``exec``), whose reads no walk can see
     evaluates: bool
+    # it may test a tensor's exact type: ``type(x) is torch.Tensor``, ``x.__class__``,
+    # ``type(p) is nn.Parameter``, ``has_torch_function``
+    tests_type: bool
 
 
 @functools.lru_cache(maxsize=4096)
@@ -237,7 +247,10 @@ def _names(code: types.CodeType) -> _Names:
         imports |= {s for s in strings if s in sys.modules}
     return _Names(frozenset(names), frozenset(imports), frozenset(attributes),
                   any(n.dynamic for n in inner) or bool(_COMPUTED_NAMES & attributes),
-                  any(n.evaluates for n in inner) or bool({"eval", "exec"} & names))
+                  any(n.evaluates for n in inner) or bool({"eval", "exec"} & names),
+                  bool(_TORCH_FUNCTION_TESTS & attributes) or bool(
+                      (_TYPE_TESTS & names or "__class__" in attributes)
+                      and _TENSOR_TYPES & attributes))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -541,6 +554,10 @@ class _Walker:
         if names.evaluates and not {"eval", "exec"} & names.globals & set(g):
             self.problem(f"{where} runs code from a string (eval or exec), whose reads cannot "
                          "be guarded")
+        if names.tests_type:
+            self.problem(f"{where} may test a tensor's exact type (type(x) is torch.Tensor, "
+                         "x.__class__, has_torch_function), which the trace's stand-ins fail; "
+                         "test isinstance(x, torch.Tensor) to keep the engine")
         for name in sorted(names.globals):
             if name not in g:
                 continue
