@@ -266,6 +266,28 @@ def test_a_mode_entered_inside_the_function_runs_the_reference(kind):
         assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x), msg=scale)
 
 
+@pytest.mark.fallback
+@pytest.mark.filterwarnings("ignore:Error detected in")
+def test_anomaly_detection_runs_the_reference():
+    """Under ``torch.autograd.set_detect_anomaly(True)`` torch.func's backward passes are
+    checked: a NaN gradient raises, naming the operator. Such a call runs the reference, so it
+    raises as torch.func does (the engine returned the NaNs, and its planning printed an
+    anomaly traceback of its own, for a check that read a traced value)."""
+    f = lambda x: (x.sqrt() * x).sum()  # noqa: E731
+    x = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    xderiv(f, 2)(x)  # a capture without anomaly detection
+    with torch.autograd.set_detect_anomaly(True):
+        assert "anomaly detection" in xafunc.plan(f, 2)(x).fallback
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            jacrev(jacrev(f))(x)
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            xderiv(f, 2)(x)
+        g = lambda x: (x.sin() * x.exp()).sum()  # noqa: E731
+        assert_tree_close(xderiv(g, 2)(_x()), reference_deriv(g, 2)(_x()))
+    with xafunc.strict():  # and the engine again without it
+        assert_tree_close(xderiv(g, 2)(_x()), reference_deriv(g, 2)(_x()))
+
+
 def test_a_default_device_keeps_the_engine_and_keys_the_capture():
     """``with torch.device(...)`` / ``torch.set_default_device`` is a torch function mode too,
     but one the signature keys on: factories inside ``func`` allocate there."""

@@ -79,7 +79,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from .guards import _SCALARS, GuardSet, _compiled, compile_guards, walk
-from .trace import Captured, active_user_mode, capture, capturing, default_device
+from .trace import Captured, capture, capturing, default_device, reference_context
 from .tracer import VALUE_DEPENDENT, note_unversioned, unversioned
 
 #: captures kept per function (least recently used evicted)
@@ -258,9 +258,9 @@ class CaptureCache:
         if capturing():  # see ``capturing``: a fresh, uncached reference entry
             return Entry(None, Captured(reason="called inside a function being captured"),
                          None), ()
-        mode = active_user_mode()
-        if mode is not None:
-            return Entry(None, Captured(reason=mode), None), ()
+        why = reference_context()
+        if why is not None:
+            return Entry(None, Captured(reason=why), None), ()
         sig, leaves, spec, objects = signature(args, kwargs)
         if differentiated:
             sig = (sig, differentiated)

@@ -252,10 +252,18 @@ def _users(mode: Any) -> bool:
     return type(mode) is not DeviceContext and not type(mode).__module__.startswith("xafunc.")
 
 
-def active_user_mode() -> str | None:
-    """The user's torch function or dispatch mode active around a call, if any. torch.func
-    runs ``func`` under it, and a mode may change what any operator returns from Python state
-    no guard reads, so such a call runs the reference, neither traced nor cached."""
+def reference_context() -> str | None:
+    """Why the context of a call makes it run the reference, neither traced nor cached, if it
+    does:
+
+    * the user's torch function or dispatch mode is active around it: torch.func runs
+      ``func`` under it, and a mode may change what any operator returns from Python state no
+      guard reads;
+    * autograd's anomaly detection is on: torch.func's backward passes are checked (a NaN
+      gradient raises, naming the operator that made it), which a derivative graph is not,
+      and the checks read values that no trace may read."""
+    if torch.is_anomaly_enabled():
+        return "autograd anomaly detection is on (torch.autograd.set_detect_anomaly)"
     for i in range(torch._C._len_torch_function_stack()):
         mode = torch._C._get_function_stack_at(i)
         if _users(mode):
