@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 import warnings
 import weakref
 
@@ -385,6 +386,32 @@ def test_a_module_passed_to_a_helper_that_computes_names_is_guarded(monkeypatch)
         cfg.table[1]["k"] = 4.0
 
     _both(f, change, _x())
+
+
+_LOG = logging.getLogger("xafunc_test_user_model")
+
+
+def test_a_logger_keeps_the_engine_and_its_level_is_guarded():
+    """A model that logs (``logger.info`` in ``forward``) ran the reference on every call:
+    the walk looked into the logger's handlers and found a stream. A logger is guarded by
+    identity and level now; a function branching on ``isEnabledFor`` re-captures."""
+
+    def f(x):
+        _LOG.info("evaluating")
+        y = x.cos() if _LOG.isEnabledFor(logging.DEBUG) else x.sin()
+        return (y * x.exp()).sum()
+
+    x = _x()
+    old = _LOG.level
+    try:
+        with xafunc.strict():
+            for level in (logging.INFO, logging.DEBUG, logging.INFO):
+                _LOG.setLevel(level)
+                for _ in range(2):
+                    assert_tree_close(xderiv(f, 2)(x), reference_deriv(f, 2)(x), msg=level)
+        assert xafunc.cache_info().misses == 2
+    finally:
+        _LOG.setLevel(old)
 
 
 def test_code_run_from_a_string_falls_back():

@@ -51,6 +51,7 @@ import copy
 import dis
 import enum
 import functools
+import logging
 import math
 import os
 import sys
@@ -430,6 +431,14 @@ class _Walker:
             except TypeError:
                 ref = self.const(obj)
             self.guard(f"{v} is {ref}", f"{where} is the same generator")
+        elif isinstance(obj, logging.Logger):
+            # what it writes is a side effect, made when the function is traced (as a
+            # ``print`` is); what code may branch on is whether a level is enabled
+            level = obj.getEffectiveLevel()
+            self.guard(f"{v} is {self.const(obj, weak=True)} and not {v}.disabled and "
+                       f"{v}.getEffectiveLevel() == {level}" if not obj.disabled else
+                       f"{v} is {self.const(obj, weak=True)} and {v}.disabled",
+                       f"{where} is the same logger, at level {level}")
         elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
             self.problem(f"it uses Python's random module ({where}), whose results change "
                          "between calls")
