@@ -563,24 +563,28 @@ def eager_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def outside_compiler(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, never traced by torch.compile: once ``torch._dynamo`` is loaded,
-    through ``torch._dynamo.disable``, so that a transform in a compiled function is one clean
-    graph break, run eagerly (dynamo would otherwise trace into the capture machinery, while it
-    compiles the caller and at run time, when a graph break hands it every frame called).
-
-    Under ``torch.inference_mode`` it runs with inference mode off, as torch.func's derivative
-    transforms run the function: their results are plain tensors, which autograd may save."""
-    if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
-            return outside_compiler(fn, *args, **kwargs)
+    """``fn(*args, **kwargs)`` (by :func:`_eager_call`), never traced by torch.compile: once
+    ``torch._dynamo`` is loaded, through ``torch._dynamo.disable``, so that a transform in a
+    compiled function is one clean graph break, run eagerly (dynamo would otherwise trace into
+    the capture machinery, while it compiles the caller and at run time, when a graph break
+    hands it every frame called)."""
     if "torch._dynamo" not in sys.modules:  # nothing is compiled before it is imported
-        return fn(*args, **kwargs)
+        return _eager_call(fn, *args, **kwargs)
     global _EAGER
     if _EAGER is None:
         from torch._dynamo import disable
 
-        _EAGER = disable(lambda f, *a, **k: f(*a, **k))
+        _EAGER = disable(_eager_call)
     return _EAGER(fn, *args, **kwargs)
+
+
+def _eager_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with inference mode off, as torch.func's derivative transforms
+    run the function: their results are plain tensors, which autograd may save later."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def cache_info() -> CacheInfo:
