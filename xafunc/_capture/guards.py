@@ -188,9 +188,9 @@ _METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, property)
 # what reads attributes by names the code may compute, or reads them all
 _COMPUTED_NAMES = frozenset({"getattr", "vars", "__dict__", "__getattribute__", "attrgetter",
                              "methodcaller", "getattr_static", "asdict", "astuple"})
-# the names of a test of a tensor's exact type, which the trace's stand-ins (a subclass of
-# ``torch.Tensor``) fail where torch.func's wrappers (plain tensors) pass
-_TYPE_TESTS = frozenset({"type", "__class__"})
+# the names of a test of a tensor's exact type (``type(x) is torch.Tensor``, ``x.__class__``),
+# which the trace's stand-ins (a subclass of ``torch.Tensor``) fail where torch.func's
+# wrappers (plain tensors) pass
 _TENSOR_TYPES = frozenset({"Tensor", "Parameter"})
 _TORCH_FUNCTION_TESTS = frozenset({"has_torch_function", "has_torch_function_unary",
                                    "has_torch_function_variadic"})
@@ -250,7 +250,7 @@ def _names(code: types.CodeType) -> _Names:
                   any(n.dynamic for n in inner) or bool(_COMPUTED_NAMES & attributes),
                   any(n.evaluates for n in inner) or bool({"eval", "exec"} & names),
                   bool(_TORCH_FUNCTION_TESTS & attributes) or bool(
-                      (_TYPE_TESTS & names or "__class__" in attributes)
+                      ("type" in names or "__class__" in attributes)
                       and _TENSOR_TYPES & attributes))
 
 
@@ -435,9 +435,8 @@ class _Walker:
             # what it writes is a side effect, made when the function is traced (as a
             # ``print`` is); what code may branch on is whether a level is enabled
             level = obj.getEffectiveLevel()
-            self.guard(f"{v} is {self.const(obj, weak=True)} and not {v}.disabled and "
-                       f"{v}.getEffectiveLevel() == {level}" if not obj.disabled else
-                       f"{v} is {self.const(obj, weak=True)} and {v}.disabled",
+            self.guard(f"{v} is {self.const(obj, weak=True)} and {v}.disabled is "
+                       f"{obj.disabled} and {v}.getEffectiveLevel() == {level}",
                        f"{where} is the same logger, at level {level}")
         elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
             self.problem(f"it uses Python's random module ({where}), whose results change "
