@@ -805,11 +805,11 @@ def test_autocast_dtype_is_part_of_the_signature():
     assert_tree_close(under(torch.float16), ref.to(torch.float32), rtol=2e-3, atol=2e-3)
 
 def test_calls_under_inference_mode_return_plain_tensors():
-    """torch.func's derivative transforms run the function with inference mode off, and their
-    results are plain tensors, which autograd may save later: so are xafunc's (they were
-    inference tensors: ``out * w`` with a ``w`` that requires grad raised outside). A capture
-    made under inference mode serves the calls outside it, which train as torch.func's
-    nesting does."""
+    """torch.func's derivative transforms run the function with inference mode off (and grad
+    mode as the caller had it), and their results are plain tensors without history, which
+    autograd may save later: so are xafunc's (they were inference tensors: ``out * w`` with a
+    ``w`` that requires grad raised outside). A capture made under inference mode serves the
+    calls outside it, which train as torch.func's nesting does."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                         nn.Linear(16, 1)).to(F64)
@@ -821,6 +821,7 @@ def test_calls_under_inference_mode_return_plain_tensors():
         lap = xafunc.xlaplacian(net)(x)
         ref = torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(net)))(x)
     assert not ref.is_inference() and not out.is_inference() and not lap.is_inference()
+    assert not ref.requires_grad and not out.requires_grad  # no history: grad mode was off
     assert_tree_close(out, reference_deriv(net, 3)(x).detach())
     w = torch.ones((), dtype=F64, requires_grad=True)
     (out * w).sum().backward()  # raised: inference tensors cannot be saved for backward

@@ -579,10 +579,13 @@ def outside_compiler(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _eager_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with inference mode off, as torch.func's derivative transforms
-    run the function: their results are plain tensors, which autograd may save later."""
+    """``fn(*args, **kwargs)`` with inference mode off and the caller's grad mode (off, under
+    inference mode), as torch.func's derivative transforms run the function: their results
+    are plain tensors, which autograd may save later, without history (weights that require
+    grad are not recorded)."""
     if torch.is_inference_mode_enabled():
-        with torch.inference_mode(False):
+        grad = torch.is_grad_enabled()  # (leaving inference mode turns grad mode on)
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
             return fn(*args, **kwargs)
     return fn(*args, **kwargs)
 
