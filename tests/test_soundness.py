@@ -1260,3 +1260,22 @@ def test_isinstance_tests_keep_the_engine():
     f = lambda x: x.sin().sum() if isinstance(x, torch.Tensor) else x.cos().sum()  # noqa: E731
     with xafunc.strict():
         assert_tree_close(xderiv(f, 2)(_x()), reference_deriv(f, 2)(_x()))
+
+
+_C = (1 + 2j, 3 - 1j, 0.5j)
+
+
+def test_conjugated_constants_are_folded_conjugated():
+    """``c * c.conj()`` of a tensor made inside the function is computed while tracing: the
+    recorder ran the kernel on the conjugate view with the dispatcher's ``Conjugate`` key set
+    aside, so it read ``c`` (``c * c``, 7.9 off). The engine runs, with ``|c|^2``."""
+
+    def f(x):
+        c = torch.tensor(_C, dtype=torch.complex128)
+        return ((c * c.conj()).real * x.sin() + torch.vdot(c, c).real * x).sum()
+
+    x = _x()
+    with xafunc.strict():
+        for order in (1, 2):
+            assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
+

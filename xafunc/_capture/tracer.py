@@ -201,13 +201,9 @@ class _Traced(Tensor):
             # one the traced function stored in Python state (``self.h = h``) and reads later:
             # it is its value, as a tensor torch.func's transforms leak is (NOTE [Python side
             # effects] in ``cache.py``)
-            return func(*pytree.tree_map(_value_of, args or ()),
-                        **pytree.tree_map(_value_of, kwargs or {}))
+            return func(*pytree.tree_map(_resolved, args or ()),
+                        **pytree.tree_map(_resolved, kwargs or {}))
         return recorder.dispatch(func, args, kwargs or {})
-
-
-def _value_of(x: Any) -> Any:
-    return x._value if isinstance(x, _Traced) else x
 
 
 def is_leaked(t: Any) -> bool:
@@ -403,7 +399,7 @@ class _Recorder(TorchDispatchMode):
             if func._schema.is_mutable:
                 raise TraceError(f"it writes to a constant tensor in place ({func})")
             # constants only: computed now, a constant (a graph input only where used)
-            out = func(*pytree.tree_map(_value, args), **pytree.tree_map(_value, kwargs))
+            out = func(*pytree.tree_map(_resolved, args), **pytree.tree_map(_resolved, kwargs))
             return pytree.tree_map(
                 lambda v: _Traced(v, None, self) if isinstance(v, Tensor) else v, out)
         if traced and _reads_values(func, args):
@@ -453,6 +449,17 @@ class _Recorder(TorchDispatchMode):
 
 def _value(x: Any) -> Any:
     return x._value if isinstance(x, _Traced) else x
+
+
+def _resolved(x: Any) -> Any:
+    """The value of ``x`` for a kernel called with it now: a lazily conjugated or negated view
+    (``c.conj()``) resolved, because its wrapper does not carry the conjugate bit and the
+    dispatcher has set the ``Conjugate`` and ``Negative`` keys aside by the time the recorder
+    runs, so the kernel would read the view as its base (``c * c.conj()`` was ``c * c``)."""
+    v = x._value if isinstance(x, _Traced) else x
+    if isinstance(v, Tensor) and (v.is_conj() or v.is_neg()):
+        return v.resolve_conj().resolve_neg()
+    return v
 
 
 def _is_meta(x: Any) -> bool:
