@@ -1279,3 +1279,14 @@ def test_conjugated_constants_are_folded_conjugated():
         for order in (1, 2):
             assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
 
+
+@pytest.mark.fallback
+def test_absolute_value_of_a_complex_intermediate_falls_back():
+    """``|z|`` is not holomorphic: the real rule's ``sign`` raised on a complex ``z`` (orders
+    2-3 of ``auto``). Such a graph runs the reference, which the plan says."""
+    f = lambda x: (torch.exp(1j * x) * (1 + 2j) + x).abs().pow(3).sum()  # noqa: E731
+    x = _x()
+    for order in (1, 2, 3):
+        assert "aten.abs.default with these arguments ('a torch.complex128 tensor',)" in \
+            xafunc.plan(f, order)(x).fallback
+        assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))

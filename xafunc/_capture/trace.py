@@ -683,6 +683,12 @@ def canonicalize(gm: GraphModule) -> GraphModule:
     return gm
 
 
+def _describe(arg: Any) -> Any:
+    """An operator's argument in a plan: a tensor by its dtype, anything else as it is."""
+    val = arg.meta.get("val") if isinstance(arg, Node) else None
+    return f"a {val.dtype} tensor" if val is not None and hasattr(val, "dtype") else arg
+
+
 def graph_problems(gm: GraphModule, series_inputs: int = 1) -> list[str]:
     """Operators without a Taylor rule on the path of the first ``series_inputs`` placeholders
     (the ones carrying Taylor series)."""
@@ -701,5 +707,5 @@ def graph_problems(gm: GraphModule, series_inputs: int = 1) -> list[str]:
                 problems.append(f"no Taylor rule for {node.target}")
             elif refuses(node):
                 problems.append(f"no Taylor rule for {node.target} with these arguments "
-                                f"{tuple(a for a in node.args if isinstance(a, str))}")
+                                f"{tuple(_describe(a) for a in node.args)}")
     return sorted(set(problems))

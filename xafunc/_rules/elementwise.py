@@ -473,7 +473,10 @@ def _hypot(a: Any, b: Any) -> Series:
 # see xafunc/_capture/decompositions.py.) Slopes are built in the input's dtype from the
 # Python scalar, never through a float32 tensor.
 register(aten.relu)(unary(aten.relu, _piecewise_linear(lambda x: (x > 0).to(x.dtype))))
-register(aten.abs)(unary(aten.abs, _piecewise_linear(torch.sign)))
+_ABS = register(aten.abs)(unary(aten.abs, _piecewise_linear(torch.sign)))
+# ``|z|`` of a complex ``z`` is not holomorphic (``sign`` is no derivative of it): the request
+# runs the reference, as it would with no rule
+_ABS.supports = lambda node: not node.args[0].meta["val"].dtype.is_complex  # type: ignore
 
 
 @register(aten.leaky_relu)
