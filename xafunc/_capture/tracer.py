@@ -447,10 +447,6 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def _value(x: Any) -> Any:
-    return x._value if isinstance(x, _Traced) else x
-
-
 def _resolved(x: Any) -> Any:
     """The value of ``x`` for a kernel called with it now: a lazily conjugated or negated view
     (``c.conj()``) resolved, because its wrapper does not carry the conjugate bit and the
