@@ -282,3 +282,39 @@ def test_training_benchmark_strategies_compute_the_same_step(operator: str) -> N
             grads[name] = g()
         for name, g in grads.items():
             assert_tree_close(g, grads["xafunc"], rtol=RTOL, atol=ATOL, msg=f"{api} {name}")
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_parameter_the_derivative_does_not_reach_gets_no_gradient(compile: bool) -> None:
+    """The last bias does not reach a second-order coefficient: torch.func leaves its
+    ``.grad`` None, which optimisers skip (Adam's weight decay and moments included). The
+    node over the graph gave a zero tensor for the output nobody used (the coefficients'
+    primal), and inductor's backward code a zero for every input; both give None now, and
+    the other gradients are torch.func's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    v = torch.randn(5, 2, dtype=torch.float64)
+
+    def ours() -> Tensor:
+        return vmap(lambda a, b: xafunc.jet(lambda y: net(y).sum(), (a,), ((b, b * 0),),
+                                            compile=compile)[1][1])(x, v)
+
+    def theirs() -> Tensor:
+        def second(a: Tensor, b: Tensor) -> Tensor:
+            first = lambda y: torch.func.jvp(lambda z: net(z).sum(), (y,), (b,))[1]  # noqa: E731
+            return torch.func.jvp(first, (a,), (b,))[1]
+        return vmap(second)(x, v)
+
+    def grads(fn: Callable[[], Tensor]) -> list[Tensor | None]:
+        net.zero_grad(set_to_none=True)
+        fn().pow(2).mean().backward()
+        return [p.grad for p in net.parameters()]
+
+    expected = grads(theirs)
+    assert expected[-1] is None
+    ours()  # a call without a backward first: the next one recomputes (NOTE [Recompute])
+    for _ in range(3):  # then records (or, with compile=True, runs inductor's backward code)
+        got = grads(ours)
+        assert got[-1] is None
+        assert_tree_close(got[:-1], expected[:-1])

@@ -212,6 +212,7 @@ class Executable:
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         # backward graphs by the inputs they differentiate (NOTE [Backward graphs])
         self._backward: dict[Any, tuple[Executable, list[int], list[bool]]] = {}
+        self._reaching: dict[tuple[int, ...], list[bool]] = {}  # (``inputs_reaching``)
         # set on a backward graph: the function it was traced from (differentiable by
         # autograd) and the one that computes it composably under any transform
         self.source: Callable[..., list[Any]] | None = None
@@ -321,6 +322,26 @@ class Executable:
             self._trained[key] = compiled
         return None if compiled is _FAILED else compiled
 
+    def inputs_reaching(self, given: tuple[int, ...]) -> list[bool]:
+        """For each input, whether it reaches one of the flat outputs at ``given`` through
+        differentiable operators: where autograd of the recorded graph gives a gradient and
+        not None (inductor's backward code gives zeros instead)."""
+        got = self._reaching.get(given)
+        if got is None:
+            out_node = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+            outs = _template(out_node.args[0])[0]
+            todo = [outs[i] for i in given if isinstance(outs[i], Node)]
+            seen: set[Node] = set()
+            while todo:
+                node = todo.pop()
+                if node in seen or node.target is torch.ops.aten.detach.default:
+                    continue
+                seen.add(node)
+                todo.extend(node.all_input_nodes)
+            got = self._reaching[given] = [
+                n in seen for n in self.gm.graph.nodes if n.op == "placeholder"]
+        return got
+
     def composable_call(self, args: tuple[Any, ...]) -> Any:
         """What this graph computes, differentiable by autograd and any torch.func transform:
         its operators one by one, or for a backward graph (whose traced operators are not
@@ -428,6 +449,7 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx: Any, exe: Executable, *args: Tensor) -> Any:  # type: ignore[override]
         ctx.exe = exe
         ctx.save_for_backward(*args)
+        ctx.set_materialize_grads(False)  # an unused output contributes nothing, as in autograd
         flat = exe._fast.flat(args)  # (a Function's forward runs without grad mode)
         if not exe.float_outputs:
             ctx.mark_non_differentiable(*[t for t in flat if not (t.is_floating_point()
@@ -491,6 +513,7 @@ class _Trained(torch.autograd.Function):
                 *args: Tensor) -> Any:
         ctx.exe = exe
         ctx.save_for_backward(*args)
+        ctx.set_materialize_grads(False)  # an unused output contributes nothing, as in autograd
         with torch.enable_grad():
             inner = [a.detach().requires_grad_() if a.requires_grad else a for a in args]
             outs = list(compiled(*inner))
@@ -512,7 +535,9 @@ class _Trained(torch.autograd.Function):
         # retain_graph: a caller's backward(retain_graph=True) may run this backward again;
         # inductor compiles the backward code on its first run, with xafunc's settings
         with _inductor_settings():
-            return (None, None, *_input_grads(ctx.outs, grads, ctx.inner, retain_graph=True))
+            got = _input_grads(ctx.outs, grads, ctx.inner, retain_graph=True)
+        reached = ctx.exe.inputs_reaching(tuple(i for i, g in enumerate(grads) if g is not None))
+        return (None, None, *[g if r else None for g, r in zip(got, reached, strict=True)])
 
 
 # ``_Recompute.apply`` without ``Function.apply``'s Python prelude, which only matters under
