@@ -820,6 +820,7 @@ def test_calls_under_inference_mode_return_plain_tensors():
             out = xderiv(net, 3)(x)
         lap = xafunc.xlaplacian(net)(x)
         ref = torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(net)))(x)
+        assert xafunc.plan(net, 3)(x).strategy == "engine"  # the call's capture, planned
     assert not ref.is_inference() and not out.is_inference() and not lap.is_inference()
     assert not ref.requires_grad and not out.requires_grad  # no history: grad mode was off
     assert_tree_close(out, reference_deriv(net, 3)(x).detach())

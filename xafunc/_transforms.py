@@ -290,7 +290,8 @@ def plan(
     t.request = dataclasses.replace(t.request, transform="xderiv")
 
     def planner(*args: Any, **kwargs: Any) -> Plan:
-        return t.plan_for(args, kwargs)[0]
+        # through the call boundary, as the call itself: the capture it plans on is the call's
+        return outside_compiler(t.plan_for, args, kwargs)[0]
 
     return _wrap(func, planner)
 

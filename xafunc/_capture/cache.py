@@ -182,14 +182,13 @@ def _leaf_key(leaf: Any, objects: list[Any]) -> Hashable:
 
 
 def _global_state() -> Hashable:
-    """The process-wide settings a capture depends on: the default dtype; per device whether
-    autocast is on and to which dtype it casts (a graph captured under bfloat16 autocast has
-    its casts recorded: never reuse it under float16); and inference mode, under which the
-    graph's constants are made as inference tensors, which autograd refuses to save outside
-    it (a capture there serves only calls there)."""
+    """The process-wide settings a capture depends on: the default dtype and device; per
+    device whether autocast is on and to which dtype it casts (a graph captured under bfloat16
+    autocast has its casts recorded: never reuse it under float16). Inference mode is never on
+    here: the call boundary turns it off (:func:`_eager_call`)."""
     cpu, cuda = torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")
     return (torch.get_default_dtype(), cpu and torch.get_autocast_dtype("cpu"),
-            cuda and torch.get_autocast_dtype("cuda"), torch.is_inference_mode_enabled(),
+            cuda and torch.get_autocast_dtype("cuda"),
             default_device())  # where factories allocate
 
 

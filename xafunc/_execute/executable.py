@@ -219,6 +219,7 @@ class Executable:
         self.composable: Callable[..., list[Any]] | None = None
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs, self._template = _template(out_node.args[0])
+        self._outs: list[Any] = outs  # the flat outputs' nodes (or constants)
         # every output is a floating-point or complex tensor (none is non-differentiable)
         self.float_outputs = all(
             isinstance(v := getattr(o, "meta", {}).get("val"), Tensor)
@@ -328,9 +329,7 @@ class Executable:
         not None (inductor's backward code gives zeros instead)."""
         got = self._reaching.get(given)
         if got is None:
-            out_node = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
-            outs = _template(out_node.args[0])[0]
-            todo = [outs[i] for i in given if isinstance(outs[i], Node)]
+            todo = [self._outs[i] for i in given if isinstance(self._outs[i], Node)]
             seen: set[Node] = set()
             while todo:
                 node = todo.pop()
@@ -384,9 +383,7 @@ class Executable:
         if got is None:
             graph = self.gm.graph
             ins = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
-            out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-            outs = [n.meta.get("val") if isinstance(n, Node) else n
-                    for n in _template(out_node.args[0])[0]]
+            outs = [n.meta.get("val") if isinstance(n, Node) else n for n in self._outs]
             if self.source is not None:
                 source = self.source
             else:
