@@ -311,10 +311,14 @@ def test_a_parameter_the_derivative_does_not_reach_gets_no_gradient(compile: boo
         fn().pow(2).mean().backward()
         return [p.grad for p in net.parameters()]
 
+    from xafunc._execute.executable import InductorStats
+
     expected = grads(theirs)
     assert expected[-1] is None
     ours()  # a call without a backward first: the next one recomputes (NOTE [Recompute])
+    before = InductorStats.autograd_calls
     for _ in range(3):  # then records (or, with compile=True, runs inductor's backward code)
         got = grads(ours)
         assert got[-1] is None
         assert_tree_close(got[:-1], expected[:-1])
+    assert (InductorStats.autograd_calls > before) == compile  # inductor's code ran, or not
