@@ -24,7 +24,8 @@ what makes the graph *mean* what ``func`` means under torch.func:
   while grad mode is off (``torch.no_grad()``, ``set_grad_enabled(False)``) have their
   outputs detached (the tracer's ``no_grad_cut``), exactly what autograd does;
   ``torch.inference_mode``, ``torch.autograd.Function`` subclasses (a custom backward
-  defines the derivative, which a Taylor rule cannot see), torch function and dispatch modes
+  defines the derivative, which a Taylor rule cannot see; the tracer tells its forward by
+  grad mode and forward grad mode both off), torch function and dispatch modes
   the function enters (their Python code may change any operator's result), gradient hooks
   (``h.register_hook``) and reads of ``y.grad_fn`` (whose hooks cannot be seen) make the
   capture fail, so the reference honours them as torch.func does.
@@ -49,7 +50,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 from torch import Tensor
@@ -105,6 +106,14 @@ class _StandIns(TorchFunctionMode):
         self.level_local: str | None = None
         # results of ``x.detach()`` / ``x.data`` (kept alive: their ids stay theirs)
         self.detached: dict[int, Tensor] = {}
+        self.refused: str | None = None  # why the capture fails (``refuse``)
+
+    def refuse(self, why: str) -> NoReturn:
+        """Fail the capture: raise, and remember why, so that a function catching the error
+        fails it all the same (as ``_Recorder.refuse``)."""
+        if self.refused is None:
+            self.refused = why
+        raise CaptureError(why)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
@@ -115,7 +124,7 @@ class _StandIns(TorchFunctionMode):
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
         if _hooks_gradients(func, args):
-            raise CaptureError(
+            self.refuse(
                 "it registers a hook on a tensor's gradient (x.register_hook) or reads a "
                 "tensor's grad_fn (to hook or walk the autograd graph): only nested torch.func "
                 "runs those")
@@ -125,7 +134,7 @@ class _StandIns(TorchFunctionMode):
         if self.detached and _writes_self(func) and args and self._detached_alias(args[0]):
             # torch writes the values through the shared storage but keeps the original's
             # derivative history: a graph cannot say both, nested torch.func can
-            raise CaptureError(
+            self.refuse(
                 "it writes in place to a detached alias (x.detach() or x.data, or a view of "
                 "one): the original tensor sees the new values with its derivative history "
                 "unchanged, which only nested torch.func reproduces")
@@ -137,7 +146,7 @@ class _StandIns(TorchFunctionMode):
         for t in pytree.tree_leaves((args, kwargs)):
             if isinstance(t, Tensor) and not is_traced(t) and id(t) not in self.made \
                     and not self._guarded_value(t):
-                raise CaptureError(
+                self.refuse(
                     f"it reads a tensor (shape {tuple(t.shape)}, {t.dtype}) that xafunc found no "
                     "path to (closure, global, module attribute), so it could not be re-read on "
                     "each call")
@@ -286,21 +295,11 @@ def default_device() -> torch.device | None:
 
 
 @contextlib.contextmanager
-def _watch_escapes() -> Iterator[list[str]]:
-    """Record, while tracing, what defines values or derivatives the graph cannot hold: every
-    ``torch.autograd.Function`` applied (its custom backward defines the derivative) and every
-    torch function or dispatch mode of the user's entered (its Python code may change what
-    any operator returns, from state no guard reads)."""
+def _watch_modes() -> Iterator[list[str]]:
+    """Record, while tracing, every torch function or dispatch mode of the user's entered: its
+    Python code may change what any operator returns, from state no guard reads."""
     seen: list[str] = []
-    base = torch.autograd.function.Function
-    original = base.__dict__["apply"]
     enters = {cls: cls.__dict__["__enter__"] for cls in (TorchFunctionMode, TorchDispatchMode)}
-
-    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_WATCH, "seen", None) is not None:
-            _WATCH.seen.append(f"it applies the torch.autograd.Function {cls.__qualname__}, "
-                               "whose custom backward defines its derivative")
-        return original.__func__(cls, *args, **kwargs)
 
     def enter(mode: Any) -> Any:
         kind = "function" if isinstance(mode, TorchFunctionMode) else "dispatch"
@@ -310,13 +309,11 @@ def _watch_escapes() -> Iterator[list[str]]:
         return enters[TorchFunctionMode if kind == "function" else TorchDispatchMode](mode)
 
     _WATCH.seen = seen
-    base.apply = classmethod(apply)  # type: ignore[method-assign,assignment]
     for cls in enters:
         cls.__enter__ = enter  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        base.apply = original  # type: ignore[method-assign]
         for cls, method in enters.items():
             cls.__enter__ = method  # type: ignore[method-assign]
         _WATCH.seen = None
@@ -390,12 +387,13 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 args, kwargs = pytree.tree_unflatten(new, spec)
                 stand = _StandIns(table, {id(s): t for t, s in pairs}, value_buffers or [],
                                   {id(lifted[i]): lifted[i] for i in baked})
-                with _watch_escapes() as escapes, torch.enable_grad(), stand:
+                with _watch_modes() as modes, torch.enable_grad(), stand:
                     out = func(*args, **kwargs)
+                why = modes[0] if modes else stand.refused
+                if why is not None:  # (a refusal the function caught is one all the same)
+                    raise CaptureError(why)
                 out = _swap(out, table)
                 meta["level_local"] = stand.level_local
-                if escapes:
-                    raise CaptureError(escapes[0])
                 out_leaves, meta["spec"] = pytree.tree_flatten(out)
                 meta["leaves"] = [TensorMeta(tuple(v.shape), v.dtype, v.device)
                                   if isinstance(v, Tensor) else v for v in out_leaves]

@@ -55,7 +55,7 @@ import operator
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -267,6 +267,15 @@ class _Recorder(TorchDispatchMode):
         # capture: every tensor of the trace, to find those the function stored in Python
         # state (``release``)
         self.made: list[weakref.ref[_Traced]] | None = [] if no_grad_cut else None
+        self.refused: str | None = None  # why the trace failed (``refuse``)
+
+    def refuse(self, why: str) -> NoReturn:
+        """Fail the trace: raise, and remember why, so that a function catching the error
+        (``try: s = float(x.sum()) except Exception: s = 1.0``) fails it all the same rather
+        than baking in what its handler computed."""
+        if self.refused is None:
+            self.refused = why
+        raise TraceError(why)
 
     def release(self) -> None:
         """Turn the tensors of the finished trace that the function stored in Python state
@@ -322,12 +331,12 @@ class _Recorder(TorchDispatchMode):
     def _node(self, x: Any) -> Any:
         if isinstance(x, _Traced):
             if x._recorder is not self:
-                raise TraceError("a tensor of another trace reached this one")
+                self.refuse("a tensor of another trace reached this one")
             if x._node is None:
                 x._node = self._node(x._value)
             return x._node
         if isinstance(x, ShapeTensor):
-            raise TraceError("a shape-only tensor reached an operator")
+            self.refuse("a shape-only tensor reached an operator")
         if isinstance(x, Tensor):
             node = self.constants.get(id(x))
             if node is None:
@@ -364,12 +373,18 @@ class _Recorder(TorchDispatchMode):
         return pytree.tree_map(cut, out)
 
     def dispatch(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        if self.no_grad_cut and torch.is_inference_mode_enabled():
-            raise TraceError("it uses torch.inference_mode")
+        if self.no_grad_cut:
+            if torch.is_inference_mode_enabled():
+                self.refuse("it uses torch.inference_mode")
+            if not (torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled()):
+                # both off: a torch.autograd.Function's forward runs, or autograd makes the
+                # view of an input it returns (``torch.no_grad()`` leaves forward grad on)
+                self.refuse(f"it applies the torch.autograd.Function {_applied_function()}, "
+                            "whose custom backward defines its derivative")
         if func.overloadpacket in _RUNNING_STATS_OPS:
             self._note_running_stats(args[3:5])
         if kwargs.get("generator") is not None:
-            raise TraceError("it draws random numbers from its own torch.Generator")
+            self.refuse("it draws random numbers from its own torch.Generator")
         # a decomposition may call its own operator (on a masked input, say): that call is
         # recorded as it is
         decomposition = None if func in self.expanding else self.decompositions.get(func)
@@ -397,13 +412,13 @@ class _Recorder(TorchDispatchMode):
         random = torch.Tag.nondeterministic_seeded in func.tags
         if not traced and leaves and not random:
             if func._schema.is_mutable:
-                raise TraceError(f"it writes to a constant tensor in place ({func})")
+                self.refuse(f"it writes to a constant tensor in place ({func})")
             # constants only: computed now, a constant (a graph input only where used)
             out = func(*pytree.tree_map(_resolved, args), **pytree.tree_map(_resolved, kwargs))
             return pytree.tree_map(
                 lambda v: _Traced(v, None, self) if isinstance(v, Tensor) else v, out)
         if traced and _reads_values(func, args):
-            raise TraceError(f"{VALUE_DEPENDENT} ({func})")
+            self.refuse(f"{VALUE_DEPENDENT} ({func})")
         node_args, node_kwargs = pytree.tree_map(self._node, (tuple(args), kwargs))
         values: dict[int, _Traced] = {}
 
@@ -445,6 +460,24 @@ class _Recorder(TorchDispatchMode):
                 items.append(v)
             return self._cut(func, type(out)(items))
         return out
+
+
+def _applied_function() -> str:
+    """The name of the ``torch.autograd.Function`` being applied, found on the Python stack:
+    ``Function.apply``'s frame (its class is ``cls`` there), else a frame of its ``forward``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code is _APPLY:
+            return getattr(frame.f_locals.get("cls"), "__qualname__", "?")
+        qualname = getattr(code, "co_qualname", "")  # Python 3.11+
+        if code.co_name == "forward" and "." in qualname:
+            return qualname.rsplit(".", 1)[0]
+        frame = frame.f_back
+    return "?"
+
+
+_APPLY = torch.autograd.function.Function.__dict__["apply"].__func__.__code__
 
 
 def _resolved(x: Any) -> Any:
@@ -495,6 +528,8 @@ def record(fn: Callable[..., Any], examples: list[Any],
         try:
             with recorder:
                 out = fn(*traced)
+            if recorder.refused is not None:  # raised, and caught by ``fn``
+                raise TraceError(recorder.refused)
             recorder.graph.output(pytree.tree_map(recorder._node, out))
         finally:
             recorder.active = False
