@@ -465,7 +465,7 @@ class _Recorder(TorchDispatchMode):
 def _applied_function() -> str:
     """The name of the ``torch.autograd.Function`` being applied, found on the Python stack:
     ``Function.apply``'s frame (its class is ``cls`` there), else a frame of its ``forward``."""
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code is _APPLY:
