@@ -54,6 +54,7 @@ import functools
 import logging
 import math
 import os
+import random
 import sys
 import sysconfig
 import types
@@ -438,9 +439,10 @@ class _Walker:
             self.guard(f"{v} is {self.const(obj, weak=True)} and {v}.disabled is "
                        f"{obj.disabled} and {v}.getEffectiveLevel() == {level}",
                        f"{where} is the same logger, at level {level}")
-        elif t.__module__ == "random" and t.__name__ in ("Random", "SystemRandom"):
-            self.problem(f"it uses Python's random module ({where}), whose results change "
-                         "between calls")
+        elif isinstance(obj, random.Random) or t.__module__.startswith("numpy.random"):
+            # (a numpy Generator, RandomState or bit generator: its module is numpy.random's)
+            self.problem(f"it uses a random number generator ({where}, a {t.__name__}), "
+                         "whose results change between calls")
         elif isinstance(obj, Iterator):
             self.problem(f"{where} is an iterator ({t.__name__}), whose position advances on "
                          "every call")
