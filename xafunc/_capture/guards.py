@@ -439,8 +439,9 @@ class _Walker:
             self.guard(f"{v} is {self.const(obj, weak=True)} and {v}.disabled is "
                        f"{obj.disabled} and {v}.getEffectiveLevel() == {level}",
                        f"{where} is the same logger, at level {level}")
-        elif isinstance(obj, random.Random) or t.__module__.startswith("numpy.random"):
-            # (a numpy Generator, RandomState or bit generator: its module is numpy.random's)
+        elif isinstance(obj, random.Random) or str(t.__module__).startswith("numpy.random"):
+            # (a numpy Generator, RandomState or bit generator: its module is numpy.random's;
+            # a class may define ``__module__`` as a property, as xafunc's transforms do)
             self.problem(f"it uses a random number generator ({where}, a {t.__name__}), "
                          "whose results change between calls")
         elif isinstance(obj, Iterator):
