@@ -132,6 +132,10 @@ def _mlp(sizes: tuple[int, ...], spelling: str) -> Callable[[torch.Tensor], torc
             return torch.einsum("ij,j->i", w, h) + b
         if spelling == "addmv":
             return torch.addmv(b, w, h)
+        if spelling == "(W*x).sum(-1)+b":  # a contraction written out (NOTE [Contractions])
+            return (w * h).sum(-1) + b
+        if spelling == "(x[:,None]*W.T).sum(0)+b":
+            return (h[:, None] * w.T).sum(0) + b
         raise ValueError(spelling)
 
     def f(x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +156,8 @@ def test_every_spelling_plans_like_f_linear(sizes: tuple[int, ...], order: int) 
     ref = xafunc.plan(_mlp(sizes, "F.linear"), order)(x)
     assert ref.strategy == "engine"
     expected = xafunc.xderiv(_mlp(sizes, "F.linear"), order)(x)
-    for spelling in ("W@x+b", "x@W.T+b", "einsum", "addmv"):
+    for spelling in ("W@x+b", "x@W.T+b", "einsum", "addmv", "(W*x).sum(-1)+b",
+                     "(x[:,None]*W.T).sum(0)+b"):
         p = xafunc.plan(_mlp(sizes, spelling), order)(x)
         assert p.strategy == "engine", (spelling, p.fallback)
         assert p.schedule == ref.schedule, (spelling, p.schedule, ref.schedule)
@@ -162,3 +167,63 @@ def test_every_spelling_plans_like_f_linear(sizes: tuple[int, ...], order: int) 
         assert 0.5 <= p.est_peak_bytes / ref.est_peak_bytes <= 2.0, spelling
         actual = xafunc.xderiv(_mlp(sizes, spelling), order)(x)
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+# (x's shape, w's shape, f(x, w), rewritten into a matrix product?): written-out contractions
+# (NOTE [Contractions]) and products that are not ones
+CONTRACTIONS: dict[str, tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any], bool]] = {
+    "(W*h).sum(-1)": ((4,), (5, 4), lambda x, w: (w * x.tanh()).sum(-1).sin(), True),
+    "keepdim": ((4,), (5, 4), lambda x, w: (w * x.tanh()).sum(1, keepdim=True).exp(), True),
+    "(h[:,None]*W).sum(0)": ((4,), (4, 5), lambda x, w: (x.sin()[:, None] * w).sum(0).tanh(),
+                             True),
+    "batched": ((3, 4), (5, 4), lambda x, w: (x.tanh()[:, None, :] * w).sum(-1).sin(), True),
+    "outer_reduce": ((3, 4), (5, 4),
+                     lambda x, w: (x.sin()[:, None, :] * (w + 1)[None]).sum(2).tanh(), True),
+    "two_summed_dims": ((2, 3), (4, 2, 3), lambda x, w: (w * x.exp()).sum((-1, -2)).sin(), True),
+    "size_one_dims": ((1, 4), (5, 1, 4), lambda x, w: (w * x.tanh()).sum(-1, keepdim=True).sin(),
+                      True),
+    "both_depend_on_x": ((4,), (5, 4), lambda x, w: (x.tanh() * (w * x).sin()).sum(-1), True),
+    "equal_shapes": ((5, 4), (5, 4), lambda x, w: (w * x.tanh()).sum(-1).sin(), False),
+    "product_used_twice": ((4,), (5, 4),
+                           lambda x, w: (lambda p: p.sum(-1).sin() + p.exp().sum())(w * x), False),
+}
+
+
+def _captured(f: Callable[..., Any], x: torch.Tensor, w: torch.Tensor) -> torch.fx.GraphModule:
+    from torch.utils import _pytree as pytree
+
+    from xafunc._capture.trace import capture
+
+    leaves, spec = pytree.tree_flatten(((x, w), {}))
+    cap = capture(f, leaves, spec, [])
+    assert cap.graph is not None, cap.reason
+    return cap.graph
+
+
+@pytest.mark.parametrize("name", list(CONTRACTIONS))
+def test_written_out_contractions_are_captured_as_products(name: str) -> None:
+    """``(W * h).sum(-1)`` reaches the engine as a matrix product, with torch.func's
+    derivatives in every schedule; products that are no contraction stay as they are."""
+    from tests._compare import assert_tree_close, reference_deriv
+
+    xs, ws, f, rewritten = CONTRACTIONS[name]
+    g = _g()
+    x = torch.randn(xs, generator=g, dtype=torch.float64)
+    w = torch.randn(ws, generator=g, dtype=torch.float64)
+    gm = _captured(f, x, w)
+    reduced_products = [n for n in gm.graph.nodes if n.target is torch.ops.aten.sum.dim_IntList
+                        and getattr(n.args[0], "target", None) is torch.ops.aten.mul.Tensor]
+    products = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.mv.default)]
+    assert (not reduced_products and products) if rewritten else reduced_products, gm.code
+    fx = lambda x: f(x, w)  # noqa: E731
+    for order in (1, 2, 3):
+        expected = reference_deriv(fx, order)(x)
+        for mode in ("auto", "forward", "reverse", "mixed"):
+            with xafunc.strict():
+                assert_tree_close(xafunc.xderiv(fx, order, mode=mode)(x), expected,
+                                  msg=f"{name} order {order} {mode}")
+    batch = torch.randn((3, *xs), generator=g, dtype=torch.float64)
+    with xafunc.strict():
+        assert_tree_close(torch.func.vmap(xafunc.xhessian(fx))(batch),
+                          torch.func.vmap(reference_deriv(fx, 2))(batch))

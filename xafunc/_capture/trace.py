@@ -62,6 +62,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_modes
 
 from . import writes
+from .contractions import products_as_contractions
 from .decompositions import capture_overrides, decomposition_table
 from .tracer import is_traced, record
 
@@ -412,7 +413,7 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
         return Captured(reason=f"capture failed ({_first_line(e)})")
     finally:
         _TRACING.depth -= 1
-    gm = canonicalize(g2)
+    gm = products_as_contractions(canonicalize(g2))
     n_in = len(tensor_pos) + len(lifted)
     mutated = _mutation_outputs(gm, n_in)
     if any(i < len(tensor_pos) and arg_tensors[i].requires_grad for i in mutated) or any(
