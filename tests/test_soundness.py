@@ -1201,6 +1201,37 @@ def test_a_function_differentiating_itself_with_autograd(order):
     assert xafunc.plan(f, order)(x).strategy == "engine"
 
 
+_WF = torch.linspace(-1.0, 1.2, 15, dtype=F64).reshape(5, 3).sin()
+
+
+def _u(x):
+    return (torch.tanh(_WF @ x + 0.1) * torch.arange(1.0, 6.0, dtype=x.dtype)).sum()
+
+
+# functions that take derivatives inside with torch.func or xafunc (a PINN's residual)
+TRANSFORMS_INSIDE = {
+    "grad": lambda x: (torch.func.grad(_u)(x) ** 2).sum(),
+    "jacrev": lambda x: torch.func.jacrev(lambda y: torch.tanh(_WF @ y))(x).sin().sum(),
+    "hessian": lambda x: torch.func.hessian(_u)(x).trace() * x.sum(),
+    "xderiv": lambda x: (xderiv(_u, 1)(x) ** 2).sum(),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS_INSIDE))
+def test_transforms_inside_the_function_keep_the_engine(name):
+    """torch.func's ``vmap`` (under ``jacrev``/``hessian``, and xafunc's reference of an inner
+    transform) removes its batch dimension by an operator its C++ dispatches with the trace's
+    torch function modes still active: they took the values the recorder computes for tensors
+    the function had read, and the capture failed (reference). The recorder hides itself from
+    them; the engine runs, with nested torch.func's numbers."""
+    f = TRANSFORMS_INSIDE[name]
+    x = _x(3)
+    with xafunc.strict():
+        for order in (1, 2):
+            assert_tree_close(xderiv(f, order)(x), reference_deriv(f, order)(x))
+        assert_tree_close(xlaplacian(f)(x), reference_deriv(f, 2)(x).diagonal().sum())
+
+
 # ----------------------------------------------------------------------- in-place operators
 _W = torch.linspace(-1.0, 1.2, 20, dtype=F64).reshape(5, 4).cos()
 

@@ -353,7 +353,11 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
-        return self.dispatch(func, args, kwargs or {})
+        # an operator that reaches here from torch's C++ (torch.func's ``_remove_batch_dim``)
+        # finds the torch function modes of the trace active, which would take the values
+        # computed here for tensors the function read: none of them sees the recording
+        with torch._C.DisableTorchFunction():
+            return self.dispatch(func, args, kwargs or {})
 
     def _cut(self, func: Any, out: Any) -> Any:
         """With ``no_grad_cut``, an operator run with grad mode off has its outputs detached,
