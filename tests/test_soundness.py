@@ -230,6 +230,56 @@ def test_torchscript_modules_get_right_derivatives_on_every_call(make):
     assert "TorchScript" in xafunc.plan(f, 2)(x).fallback
 
 
+def _tanh_layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(w @ x)
+
+
+@pytest.mark.fallback
+def test_torchscript_used_by_the_caller_gets_right_derivatives():
+    """Once TorchScript's executor has run a function or module on inputs requiring grad, it
+    differentiates its own graphs: the capture cut them (a Jacobian of zero, on the engine)
+    and nested torch.func gives a Hessian of zero (torch 2.13), also under
+    ``optimized_execution(False)``. The reference flushes their executors and runs them
+    unoptimized (NOTE [TorchScript]); the oracle is the same code in plain Python."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(4, 3, dtype=F64), torch.randn(2, 4, dtype=F64)
+    layer = torch.jit.script(_tanh_layer)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                              torch.nn.Linear(8, 1)).to(F64)
+    scripted, traced = torch.jit.script(net), torch.jit.trace(net, _x())
+    cases = [(lambda x: layer(layer(x, w1), w2).pow(2).sum(),
+              lambda x: _tanh_layer(_tanh_layer(x, w1), w2).pow(2).sum()),
+             (lambda x: scripted(x).sum(), lambda x: net(x).sum()),
+             (lambda x: traced(x).sum(), lambda x: net(x).sum())]
+    x = _x()
+    for f, plain in cases:
+        for _ in range(2):  # the caller's own use: a backward pass, and torch.func
+            xr = x.clone().requires_grad_()
+            f(xr).backward()
+            torch.func.jacrev(torch.func.jacrev(f))(x)
+            for order in (1, 2, 3):
+                assert_tree_close(xderiv(f, order)(x), reference_deriv(plain, order)(x))
+        assert "TorchScript" in xafunc.plan(f, 2)(x).fallback
+
+
+@pytest.mark.fallback
+def test_torchscript_reached_through_a_library_fails_the_capture(monkeypatch):
+    """TorchScript code the walk cannot see (a library's) is told by its graph's autograd
+    node on the tensors it returns: the capture fails rather than cut it."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, dtype=F64)
+    monkeypatch.setattr(torch, "_xafunc_test_layer", torch.jit.script(_tanh_layer),
+                        raising=False)
+    f = lambda x: torch._xafunc_test_layer(x, w).pow(2).sum()  # noqa: E731
+    x = _x()
+    xr = x.clone().requires_grad_()
+    f(xr).backward()
+    f(xr).backward()  # the executor has profiled the call: it differentiates its own graph
+    assert "differentiates its own graph" in xafunc.plan(f, 1)(x).fallback
+    assert_tree_close(xderiv(f, 1)(x),
+                      reference_deriv(lambda x: _tanh_layer(x, w).pow(2).sum(), 1)(x))
+
+
 @pytest.mark.fallback
 def test_inference_mode_is_refused_as_torch_func_refuses_it():
     def f(x):

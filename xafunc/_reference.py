@@ -17,10 +17,10 @@ user's function itself, with the normalisation functions replaced by their formu
 mode costs a Python call per operator). It nests reverse levels only, except a first-order
 Jacobian of a wider output (forward mode), and falls back to pure reverse nesting if a forward
 level raises (e.g. ``torch.cdist`` has no forward-mode formula), so it is never slower than
-plain nested ``jacrev`` and never fails where that works. TorchScript modules run unoptimized
-under the reference (:func:`reference_mode`): torch 2.13's optimized executor, once it has
-specialized a scripted module under torch.func, returns second derivatives of zero from its
-second call on.
+plain nested ``jacrev`` and never fails where that works. TorchScript functions and modules
+run under the reference with their executors flushed and unoptimized (:func:`reference_mode`,
+NOTE [TorchScript]): torch 2.13's optimized executor, once it has profiled calls requiring
+grad, returns second derivatives of zero.
 
 ``levels`` lists the first-order transform used at each nesting level, innermost first:
 ``("rev", "fwd")`` is ``jacfwd(jacrev(f))``. Every nesting returns the same pytree: for ``k``
@@ -226,8 +226,12 @@ class NoGradCuts(TorchFunctionMode):
 @contextlib.contextmanager
 def reference_mode(safe_norms: bool) -> Iterator[None]:
     """How the reference runs the user's function (NOTE [A reference that is right]):
-    TorchScript unoptimized, and with ``safe_norms`` the norms as their formulas."""
+    TorchScript unoptimized (NOTE [TorchScript]), and with ``safe_norms`` the norms as their
+    formulas."""
+    from ._capture.guards import flush_torchscript
+
     with torch.jit.optimized_execution(False):
+        flush_torchscript()
         if safe_norms:
             with SafeNorms():
                 yield

@@ -116,6 +116,34 @@ _HOOKS_REFERENCE = ("has backward hooks ({}), which change the derivatives rever
                     "only nested torch.func runs them")
 
 
+# NOTE [TorchScript]
+# A TorchScript function or module runs its operators through a graph executor that, once it
+# has profiled calls with inputs requiring grad, groups them into differentiable graphs: their
+# forward runs with grad mode off under one autograd node of the executor's own. A trace cuts
+# what runs with grad mode off (the derivative through the call came out zero), and torch's
+# nested derivatives of such a call are wrong (torch 2.13: nested ``jacrev`` gives a Hessian
+# of zero) -- also under ``torch.jit.optimized_execution(False)``, which an executor built
+# before ignores. So a function reaching TorchScript code runs the reference, which flushes the
+# executors of the TorchScript objects the walks met (:data:`TORCHSCRIPT`) and runs them
+# unoptimized (``_reference.reference_mode``): their plain operators, whose derivatives are
+# right at every order. A trace that meets a differentiable graph's node anyway (TorchScript
+# code reached through a library) fails (``trace._StandIns``).
+TORCHSCRIPT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def flush_torchscript() -> None:
+    """Drop the graph executors of the TorchScript objects the walks met (NOTE
+    [TorchScript]): the next call builds them afresh, under the executor settings then."""
+    for obj in list(TORCHSCRIPT):
+        if isinstance(obj, torch.jit.ScriptModule):
+            for module in obj.modules():
+                c: Any = module._c
+                for name in c._method_names():
+                    c._get_method(name)._debug_flush_compilation_cache()
+        else:
+            obj._debug_flush_compilation_cache()
+
+
 def _escaped(t: Tensor) -> bool:
     """``t`` is a tensor of a torch.func transform that has returned (stored in Python state
     while the reference ran): only that transform could read it."""
@@ -393,8 +421,14 @@ class _Walker:
             self.module(obj, v, where, depth)
         elif isinstance(obj, torch.jit.ScriptModule):  # before nn.Module: it is one
             self.guard(f"{v} is {self.const(obj, weak=True)}", f"{where} is the same module")
+            TORCHSCRIPT.add(obj)
             self.problem(f"cannot guard the state it reads: {where} is a TorchScript module "
                          "(torch.jit.script or trace), whose code and attributes live in C++")
+        elif isinstance(obj, torch.jit.ScriptFunction):
+            self.guard(f"{v} is {self.const(obj)}", f"{where} is the same function")
+            TORCHSCRIPT.add(obj)
+            self.problem(f"{where} is a TorchScript function (torch.jit.script or trace), whose "
+                         "autograd runs differentiable graphs of its own (NOTE [TorchScript])")
         elif isinstance(obj, torch.nn.Module):
             self.nn_module(obj, v, where, depth)
         elif t is functools.partial:

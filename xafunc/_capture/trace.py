@@ -124,6 +124,8 @@ class _StandIns(TorchFunctionMode):
             t = args[0]
             self.table[id(t)] = _swap(t, self.table).detach()
             return t
+        if _from_differentiable_graph((args, kwargs)):
+            self.refuse(_DIFFERENTIABLE_GRAPH)
         if _hooks_gradients(func, args):
             self.refuse(
                 "it registers a hook on a tensor's gradient (x.register_hook) or reads a "
@@ -245,6 +247,20 @@ def _hooks_gradients(func: Any, args: Any) -> bool:
             and is_traced(args[0]))
 
 
+def _from_differentiable_graph(tree: Any) -> bool:
+    """A tensor of the trace in ``tree`` was made by a differentiable graph of TorchScript's
+    executor (its forward ran with grad mode off, cut by the trace; NOTE [TorchScript])."""
+    for t in pytree.tree_leaves(tree):
+        if isinstance(t, Tensor) and is_traced(t):
+            node = t.grad_fn
+            if node is not None and type(node).__name__ == "CppFunction" \
+                    and "DifferentiableGraph" in node.name():
+                return True
+    return False
+
+
+_DIFFERENTIABLE_GRAPH = ("it runs TorchScript code whose executor differentiates its own graph "
+                         "(NOTE [TorchScript])")
 _WATCH = threading.local()
 _TRACING = threading.local()
 
@@ -391,6 +407,8 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 with _watch_modes() as modes, torch.enable_grad(), stand:
                     out = func(*args, **kwargs)
                 why = modes[0] if modes else stand.refused
+                if why is None and _from_differentiable_graph(out):
+                    why = _DIFFERENTIABLE_GRAPH
                 if why is not None:  # (a refusal the function caught is one all the same)
                     raise CaptureError(why)
                 out = _swap(out, table)
