@@ -423,7 +423,8 @@ def capture(func: Callable[..., Any], leaves: list[Any], spec: Any,
                 bool(t.requires_grad) for t in lifted]
             with capture_overrides():
                 g1 = record(run, examples, decomposition_table(), requires_grad=flags,
-                            no_grad_cut=True)
+                            no_grad_cut=True,
+                            outside=[t for i, t in enumerate(lifted) if i not in baked])
             g2 = record(torch.func.functionalize(g1), examples, requires_grad=flags)
     except CaptureError as e:
         return Captured(reason=str(e))

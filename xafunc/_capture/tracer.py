@@ -253,9 +253,13 @@ class _Recorder(TorchDispatchMode):
         # dynamo (``outside_compiler``)
         return False
 
-    def __init__(self, decompositions: dict[Any, Any], no_grad_cut: bool) -> None:
+    def __init__(self, decompositions: dict[Any, Any], no_grad_cut: bool,
+                 outside: Sequence[Tensor] = ()) -> None:
         super().__init__()
         self.no_grad_cut = no_grad_cut
+        # the storages of the caller's tensors the graph reads through its inputs: none of them
+        # may become a constant (``_node``)
+        self.outside = {p for p in map(_storage, outside) if p}
         self.graph = Graph()
         self.root = torch.nn.Module()
         self.decompositions = decompositions
@@ -340,6 +344,12 @@ class _Recorder(TorchDispatchMode):
         if isinstance(x, Tensor):
             node = self.constants.get(id(x))
             if node is None:
+                if self.outside and _storage(x) in self.outside:
+                    # it reached an operator without its stand-in -- passed to TorchScript or
+                    # other C++ code that calls no Python: a constant would freeze its values
+                    self.refuse(f"a tensor it reads (shape {tuple(x.shape)}) reached an "
+                                "operator through code the capture cannot see into "
+                                "(TorchScript, a C++ extension)")
                 name = f"_tensor_constant{len(self.constants)}"
                 setattr(self.root, name, x)
                 first = next((n for n in self.graph.nodes if n.op != "placeholder"), None)
@@ -484,6 +494,14 @@ def _applied_function() -> str:
 _APPLY = torch.autograd.function.Function.__dict__["apply"].__func__.__code__
 
 
+def _storage(t: Tensor) -> int:
+    """The address of ``t``'s storage, or 0 (none, or empty)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
 def _resolved(x: Any) -> Any:
     """The value of ``x`` for a kernel called with it now: a lazily conjugated or negated view
     (``c.conj()``) resolved, because its wrapper does not carry the conjugate bit and the
@@ -514,24 +532,30 @@ def _same_rng() -> Iterator[None]:
 
 def record(fn: Callable[..., Any], examples: list[Any],
            decompositions: dict[Any, Any] | None = None,
-           requires_grad: Sequence[bool] | None = None, no_grad_cut: bool = False
-           ) -> GraphModule:
+           requires_grad: Sequence[bool] | None = None, no_grad_cut: bool = False,
+           outside: Sequence[Tensor] = ()) -> GraphModule:
     """``fn(*examples)`` recorded as a graph with one input per example and ``fn``'s output
     (a pytree) as its output. Tensor examples, or shape-only ones (anything with ``shape``,
     ``dtype`` and ``device``), are traced from copies of their values (zeros for shape-only
     ones; floating-point ones require grad where ``requires_grad`` says so, none by
     default); other values are passed as they are and their inputs go unused.
     ``no_grad_cut`` (capture): outputs of operators run with grad mode off are detached, and
-    ``torch.inference_mode`` fails the trace."""
-    recorder = _Recorder(decompositions or {}, no_grad_cut)
+    ``torch.inference_mode`` fails the trace; so does any of the tensors ``outside`` (or a view
+    of one) reaching an operator, which only their stand-ins may."""
+    recorder = _Recorder(decompositions or {}, no_grad_cut, outside)
     with _disable_current_modes(), _same_rng():
         flags = requires_grad or [False] * len(examples)
         traced = [recorder.placeholder(f"arg{i}_1", e, g)
                   for i, (e, g) in enumerate(zip(examples, flags))]
         recorder.active = True
         try:
-            with recorder:
-                out = fn(*traced)
+            try:
+                with recorder:
+                    out = fn(*traced)
+            except Exception as e:
+                if recorder.refused is None or isinstance(e, TraceError):
+                    raise
+                raise TraceError(recorder.refused) from e  # (wrapped by TorchScript, say)
             if recorder.refused is not None:  # raised, and caught by ``fn``
                 raise TraceError(recorder.refused)
             recorder.graph.output(pytree.tree_map(recorder._node, out))
