@@ -232,11 +232,14 @@ def reference_mode(safe_norms: bool) -> Iterator[None]:
 
     with torch.jit.optimized_execution(False):
         flush_torchscript()
-        if safe_norms:
-            with SafeNorms():
+        try:
+            if safe_norms:
+                with SafeNorms():
+                    yield
+            else:
                 yield
-        else:
-            yield
+        finally:
+            flush_torchscript()
 
 
 class SafeNorms(TorchFunctionMode):

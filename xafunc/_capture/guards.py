@@ -126,8 +126,11 @@ _HOOKS_REFERENCE = ("has backward hooks ({}), which change the derivatives rever
 # before ignores. So a function reaching TorchScript code runs the reference, which flushes the
 # executors of the TorchScript objects the walks met (:data:`TORCHSCRIPT`) and runs them
 # unoptimized (``_reference.reference_mode``): their plain operators, whose derivatives are
-# right at every order. A trace that meets a differentiable graph's node anyway (TorchScript
-# code reached through a library) fails (``trace._StandIns``).
+# right at every order, flushed again afterwards so that the caller's next call builds them
+# under the caller's settings. TorchScript the walk cannot see (a library's) fails the capture:
+# a TorchScript call is no torch function, so the caller's tensors reach it without their
+# stand-ins (the recorder refuses them: ``tracer.record``'s ``outside``), and its tensors may
+# carry a differentiable graph's node (``trace._StandIns``).
 TORCHSCRIPT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
