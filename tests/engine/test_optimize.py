@@ -292,6 +292,29 @@ def test_small_broadcast_operand_is_made_row_major():
     assert aten.clone.default not in _ops(gm)
 
 
+def test_strided_broadcast_operand_of_a_row_major_output_is_copied():
+    """NOTE [Broadcast operand layout]: ``h (8, 2, 64) * w.t() (2, 64)`` comes out row-major
+    (``h`` decides the layout), but ``w.t()``'s last dimension has stride 2, so the inner loop
+    would be strided: the small operand is copied. An operand whose last dimension is
+    contiguous, or of size 1, is left alone."""
+    w = torch.randn(64, 2)
+    h = torch.randn(8, 2, 64)
+
+    def fn(h):
+        return h * w.t()
+
+    assert fn(h).is_contiguous()
+    gm = record(fn, [h])
+    simplify(gm)
+    assert aten.clone.default in _ops(gm), gm.code
+    _bitwise(gm(h), fn(h))
+    for other in (torch.randn(2, 64), torch.randn(1, 64).expand(2, 64),
+                  torch.randn(1, 2).t()):
+        gm = make_fx(lambda a, b: a * b, tracing_mode="fake")(h, other)
+        simplify(gm)
+        assert aten.clone.default not in _ops(gm), (other.stride(), gm.code)
+
+
 def test_inexact_pass_fuses_products():
     """Pass 10 (``inexact=True``): ``s1 * reshape(big * s2)`` multiplies the large tensor
     once and ``a * b + c`` is one ``addcmul``; the values agree to rounding."""
