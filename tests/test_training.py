@@ -4,7 +4,7 @@
   under ``vmap``) equals the one through nested torch.func, with ``loss.backward()`` on an
   ``nn.Module`` and with ``torch.func.grad`` over ``functional_call`` parameters.
 * ``torch.compile(train_step)`` where ``train_step`` calls a transform runs, gives the eager
-  numbers step after step, and settles: after two warm-up steps, five more steps compile
+  numbers step after step, and settles: after two or three warm-up steps, five more steps compile
   nothing new (``error_on_recompile``, and dynamo's frame counter stands still).
   The backend is ``aot_eager`` (dynamo + AOTAutograd, no code generation), which keeps the
   test at seconds on a 2-core machine; with the default inductor backend the same step gave the
@@ -148,7 +148,10 @@ def test_compile_backward_train_step_matches_eager() -> None:
 
         return train_step, lambda: params_of(net)
 
-    _run_compiled(make_step)
+    # the first step captures, the second captures once more (``cache_info`` counts a
+    # recapture) and records, and the third is the first whose backward runs a split backward
+    # graph (NOTE [Split graphs]): dynamo converts that Python frame once, then
+    _run_compiled(make_step, steps_warm=3)
 
 
 # dynamo traces torch.func.grad's body itself, where a graph break is impossible: the
@@ -322,3 +325,96 @@ def test_a_parameter_the_derivative_does_not_reach_gets_no_gradient(compile: boo
         assert got[-1] is None
         assert_tree_close(got[:-1], expected[:-1])
     assert (InductorStats.autograd_calls > before) == compile  # inductor's code ran, or not
+
+
+# ------------------------------------------------------------- split graphs (training loop)
+def _split_calls() -> int:
+    from xafunc._execute.executable import SplitStats
+
+    return SplitStats.calls
+
+
+@pytest.mark.parametrize("operator", ["laplacian", "biharmonic", "order3"])
+@pytest.mark.parametrize("how", ["backward", "func_grad"])
+def test_training_loop_steps_run_the_split_graphs(operator: str, how: str) -> None:
+    """NOTE [Split graphs]: from the second step of a training loop on a CPU, the forward
+    keeps its activations and a backward graph computes the gradients. Five SGD steps (the
+    weights change in place between steps, so both graphs' cached prologues are recomputed)
+    give torch.func's parameters at every step, and the split backward ran on each step
+    after the first."""
+    net_x, net_t = make_net(width=16), make_net(width=16)
+    x, _ = batch(0, n=6)
+    opt_x = torch.optim.SGD(net_x.parameters(), lr=1e-3)
+    opt_t = torch.optim.SGD(net_t.parameters(), lr=1e-3)
+    d = _xafunc_residual(net_x, operator, 0)
+    oracle = _oracle_residual(lambda p, xx: functional_call(net_t, p, (xx,)), operator, 1)
+    before = _split_calls()
+    for step in range(5):
+        opt_t.zero_grad()
+        r = vmap(oracle, in_dims=(None, 0))(dict(net_t.named_parameters()), x)
+        ((r - forcing(x)) ** 2).mean().backward()
+        opt_t.step()
+        opt_x.zero_grad()
+        if how == "func_grad":
+            loss = lambda p: ((vmap(_xafunc_residual(  # noqa: E731
+                lambda q, xx: functional_call(net_x, q, (xx,)), operator, 1),
+                in_dims=(None, 0))(p, x) - forcing(x)) ** 2).mean()
+            for name, g in grad(loss)(params_of(net_x)).items():
+                net_x.get_parameter(name).grad = g
+        else:
+            ((vmap(d)(x) - forcing(x)) ** 2).mean().backward()
+        assert_tree_close(grads_of(net_x), grads_of(net_t), rtol=RTOL, atol=ATOL,
+                          msg=f"step {step}")
+        opt_x.step()
+    assert _split_calls() - before >= 4
+
+
+def test_split_graphs_keep_autograd_semantics() -> None:
+    """The split Function behaves as the operators autograd would record: a second backward
+    through a retained graph gives the same gradients again, a non-contiguous cotangent is
+    taken as it is, a double backward (a gradient penalty) differentiates the graph recorded
+    operator by operator, and a weight written in place between the forward and the
+    backward raises autograd's error instead of mixing old activations with new weights."""
+    net = make_net(width=8)
+    x, _ = batch(0, n=5)
+    lap = vmap(xlaplacian(net))
+    oracle = vmap(lambda xx: torch.func.hessian(net)(xx).diagonal(dim1=-2, dim2=-1).sum(-1))
+    w = torch.linspace(-1.0, 2.0, 10, dtype=F64).reshape(2, 5).t()  # non-contiguous weights
+
+    def grads(loss: Tensor, **kw: Any) -> list[Tensor]:
+        # the last bias reaches no second derivative: None, for autograd and xafunc alike
+        got = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True, **kw)
+        assert got[-1] is None
+        return list(got[:-1])
+
+    def expected(loss_of: Callable[[Tensor], Tensor]) -> list[Tensor]:
+        return grads(loss_of(oracle(x)))
+
+    lap(x).sum().backward()  # the first backward recomputes; the loop records from then on
+    net.zero_grad()
+    before = _split_calls()
+
+    # retain_graph, twice, and a cotangent that is a transposed view
+    out = lap(x)
+    loss = (out * w[:, :1]).sum()
+    g1 = grads(loss, retain_graph=True)
+    g2 = grads(loss)
+    want = expected(lambda o: (o * w[:, :1]).sum())
+    assert_tree_close(g1, want, rtol=RTOL, atol=ATOL)
+    assert_tree_close(g2, want, rtol=RTOL, atol=ATOL)
+    assert _split_calls() - before == 2
+
+    # double backward: the gradient's norm differentiated again
+    def penalty(o: Tensor) -> Tensor:
+        gs = torch.autograd.grad(o.pow(2).sum(), list(net.parameters())[:-1],
+                                 create_graph=True)
+        return sum(g.pow(2).sum() for g in gs)  # type: ignore[return-value]
+
+    assert_tree_close(grads(penalty(lap(x))), expected(penalty), rtol=1e-8, atol=1e-10)
+
+    # a weight written in place before the backward
+    out = lap(x).pow(2).sum()
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

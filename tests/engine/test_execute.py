@@ -741,13 +741,22 @@ def _residual_net(p, x):  # type: ignore[no-untyped-def]
 _RESIDUAL_NET = _net(3)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("batched", [False, True])
-def test_graphs_first_run_under_grad_are_traced_outside_it(batched: bool) -> None:
+def test_graphs_first_run_under_grad_are_traced_outside_it(
+        batched: bool, split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph whose first call differentiated operator by operator comes under
     ``torch.func.grad`` (a PINN loss of parameters) is traced by TorchScript outside the
     transform: traced inside it, on stand-ins wrapped at the grad level, it recorded no
     dependence on its inputs and every gradient was zero. Under ``vmap`` the batched graph
-    runs beneath the ``vmap`` level, at the grad level only (NOTE [Batched fast path])."""
+    runs beneath the ``vmap`` level, at the grad level only (NOTE [Batched fast path]). On a
+    CPU the graph is split instead (NOTE [Split graphs]): its two graphs run on the plain
+    tensors beneath the level; without them, it is recorded operator by operator."""
+    from xafunc._execute.executable import SplitStats
+
+    if not split:
+        monkeypatch.setattr(Executable, "_splits", lambda self, args: False)
+    before = SplitStats.calls
     xafunc.clear_cache()
     p = {k: v.detach() for k, v in _RESIDUAL_NET.named_parameters()}
     xs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=DT)
@@ -763,8 +772,9 @@ def test_graphs_first_run_under_grad_are_traced_outside_it(batched: bool) -> Non
     assert_tree_close(got, ref)
     assert got["0.weight"].abs().max() > 0  # (the last bias does not reach a Hessian)
     fns = _graphs(_residual_net, batched)
-    assert fns and all(fn.executor == "torchscript (autograd)" for fn in fns), \
-        [fn.executor for fn in fns]
+    want = "a backward graph" if split else "torchscript (autograd)"
+    assert fns and all(fn.executor.endswith(want) for fn in fns), [fn.executor for fn in fns]
+    assert (SplitStats.calls > before) == split
 
 
 def _graphs(func: object, batched: bool) -> list[Executable]:

@@ -36,18 +36,19 @@ cotangent contributes nothing, an input that reaches none of the outputs with on
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule, Node
 
 from .._capture.trace import TensorMeta, trace
 from .optimize import simplify
 
 
-def _differentiable(v: Any) -> bool:
+def differentiable(v: Any) -> bool:
     return isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
 
 
@@ -67,7 +68,7 @@ def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
     ``n_static`` static inputs (still last, so their products are hoisted as in any compiled
     graph); its outputs are the gradients of the inputs at ``wanted``, in order (zeros where an
     input does not reach the outputs)."""
-    cot_at = [i for i in given if _differentiable(outs[i])]
+    cot_at = [i for i in given if differentiable(outs[i])]
     reached: list[bool] = []
     n_in, n_cot = len(ins), len(cot_at)
     n_dyn = n_in - n_static
@@ -97,3 +98,95 @@ def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
     examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
                 *map(meta, ins[n_dyn:])]
     return simplify(trace(vjp, examples), inexact=True), cot_at, vjp, reached
+
+
+def split_graphs(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
+                 wanted: tuple[int, ...], n_static: int
+                 ) -> tuple[GraphModule, GraphModule, int, list[int | None]]:
+    """The forward graph of ``fn`` that keeps what its backward needs, and that backward
+    graph (NOTE [Split graphs]), for the inputs at ``wanted`` and a cotangent of every
+    differentiable output.
+
+    ``fn`` is as for :func:`vjp_graph`. The forward graph takes ``fn``'s inputs and returns
+    its flat outputs, then the values it keeps. The backward graph takes ``fn``'s dynamic
+    inputs, the kept values, one cotangent per differentiable output and ``fn``'s static
+    inputs (last, so their products are hoisted), and returns the gradients of the inputs
+    at ``wanted`` that reach the outputs. Also returned: how many values the forward keeps,
+    and for each input at ``wanted`` the position of its gradient among the backward graph's
+    outputs, or None where it reaches no output (autograd's ``None``)."""
+    cot_at = [i for i, o in enumerate(outs) if differentiable(o)]
+    n_in, n_out, n_cot = len(ins), len(outs), len(cot_at)
+    n_dyn = n_in - n_static
+    reached: list[bool] = []
+
+    def joint(*a: Tensor) -> tuple[Any, ...]:
+        args = [*a[:n_dyn], *a[n_dyn + n_cot:]]
+        cots = a[n_dyn:n_dyn + n_cot]
+        with torch.enable_grad():
+            xs = [x.detach().requires_grad_() if i in wanted else x for i, x in enumerate(args)]
+            values = fn(*xs)
+            pairs = [(values[i], c) for i, c in zip(cot_at, cots) if values[i].requires_grad]
+            got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
+                                      [c for _, c in pairs], allow_unused=True
+                                      ) if pairs else [None] * len(wanted)
+        reached[:] = [g is not None for g in got]
+        plain = [v.detach() if isinstance(v, Tensor) else v for v in values]
+        return (*plain, *(g for g in got if g is not None))
+
+    def meta(v: Tensor) -> TensorMeta:
+        return TensorMeta(tuple(v.shape), v.dtype, v.device)
+
+    examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
+                *map(meta, ins[n_dyn:])]
+    gm = simplify(trace(joint, examples), inexact=True)
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    dynamic = set(placeholders[:n_dyn])
+    cotangents = placeholders[n_dyn:n_dyn + n_cot]
+    static = placeholders[n_dyn + n_cot:]
+    # a node is of the backward if it reads a cotangent, of the forward if it reads a dynamic
+    # input; the others (static inputs, constants) are computed by either graph that needs
+    # them, so the backward graph's prologue caches them as the forward graph's does
+    backward: set[Node] = set(cotangents)
+    forward: set[Node] = set(dynamic)
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+        elif any(a in forward for a in node.all_input_nodes):
+            forward.add(node)
+    results = list(nodes[-1].args[0])
+    values, grads = results[:n_out], results[n_out:]
+    if any(isinstance(v, Node) and v in backward for v in values):
+        raise TypeError("a forward output reads a cotangent")
+    kept = [n for n in nodes if n in forward and n not in dynamic
+            and any(u in backward for u in n.users)]
+
+    def copy(graph: Graph, env: dict[Node, Any], skip: set[Node]) -> None:
+        for node in nodes:
+            if node.op in ("call_function", "get_attr") and node not in skip:
+                env[node] = graph.node_copy(node, lambda a: env[a])
+
+    fwd = Graph()
+    env: dict[Node, Any] = {n: fwd.node_copy(n) for n in (*placeholders[:n_dyn], *static)}
+    copy(fwd, env, backward)
+    fwd.output(tuple(env[v] if isinstance(v, Node) else v for v in values)
+               + tuple(env[n] for n in kept))
+    bwd = Graph()
+    env = {n: bwd.node_copy(n) for n in placeholders[:n_dyn]}
+    for i, n in enumerate(kept):
+        env[n] = bwd.placeholder(f"kept{i}")
+        env[n].meta = dict(n.meta)
+    for n in (*cotangents, *static):
+        env[n] = bwd.node_copy(n)
+    copy(bwd, env, forward)
+    bwd.output(tuple(env[g] for g in grads))
+    forward_gm, backward_gm = GraphModule(gm, fwd), GraphModule(gm, bwd)
+    for g in (forward_gm, backward_gm):
+        g.graph.eliminate_dead_code()
+        g.graph.lint()
+        g.recompile()
+    slots = list(itertools.accumulate(reached, initial=0))
+    return forward_gm, backward_gm, len(kept), [
+        slots[k] if r else None for k, r in enumerate(reached)]
