@@ -31,7 +31,9 @@ executors run the same graph:
   or buffer reuse, runs under ``torch.jit.optimized_execution(False)``, so the interpreter
   dispatches every op exactly as eager code does -- autograd records the same nodes (no
   TorchScript autodiff) and functorch transforms the same ops -- at the interpreter's cost per
-  op instead of Python's.
+  op instead of Python's. A training loop on a CPU (calls recorded by autograd after a
+  backward pass, or at the only grad level) instead runs a forward graph that keeps its
+  activations and a backward graph, both by the plain executors (NOTE [Split graphs]).
   On a GPU, calls differentiated by autograd or at torch.func's grad levels instead apply
   the graph as one Function whose backward is a compiled graph too, both replayed (NOTE
   [Backward graphs] in ``backward.py``).
@@ -553,9 +555,10 @@ class _SplitGraphs:
 
 class _Split(torch.autograd.Function):
     """NOTE [Split graphs]
-    A training loop on a CPU (a call recorded by autograd once a backward pass has run; NOTE
-    [Recompute]) used to run the graph operator by operator with autograd recording each one,
-    and autograd's backward node by node. Instead the graph is traced once with its
+    A training loop on a CPU (a call recorded by autograd once a backward pass has run, NOTE
+    [Recompute]; or a call at the only grad level, NOTE [Saved activations at a grad level])
+    used to run the graph operator by operator with autograd recording each one, and
+    autograd's backward node by node. Instead the graph is traced once with its
     vector-Jacobian product (``torch.autograd.grad`` of the recorded graph, NOTE [Tracer]),
     simplified as one graph and split in two (``backward.split_graphs``): what reads a
     cotangent is the *backward graph*, what reads an input is the *forward graph*, which
@@ -564,11 +567,14 @@ class _Split(torch.autograd.Function):
     cached by its prologue. AOTAutograd's partition does the same for inductor; here both
     graphs run on the plain fast path (NOTE [Fast execution]), under one node of this
     Function: no per-operator recording, no autograd node per operator, and the
-    simplification sees the forward and backward operators together. Measured, ``.backward()``
-    PINN steps (one thread, interleaved medians, the graph alone): Laplacian of 2 -> 64 ->
-    64 -> 1 over 1024 points 3.67 -> 3.16 ms, biharmonic of 4 -> 128 -> 128 -> 1 over 256
-    points 38.2 -> 29.1 ms, Laplacian of 16 -> 256 -> 256 -> 1 over 256 points (its matrix
-    products are most of the time) 30.4 -> 29.5 ms.
+    simplification sees the forward and backward operators together. Measured on the PINN
+    steps of ``asv_bench/training_table.py`` (one thread, recorded and split interleaved in
+    one process, medians; ``loss.backward()`` / ``torch.func.grad``): third derivatives of
+    2 -> 64 -> 64 -> 1 over 1024 points 11.4 -> 8.9 / 12.2 -> 11.4 ms, biharmonics 22.6 ->
+    19.1 / 18.7 -> 17.9 ms (2 -> 64 -> 64 -> 1) and 35.9 -> 31.2 / 35.1 -> 32.3 ms (4 -> 128
+    -> 128 -> 1), Laplacians 3.56 -> 3.41 / 4.93 -> 4.39 ms (2 -> 64 -> 64 -> 1) and 83.7 ->
+    80.9 / 95.0 -> 85.0 ms (8 -> 128 -> 128 -> 1 over 4096 points); the Laplacian of 16 ->
+    256 -> 256 -> 1, whose matrix products are most of its time, is level (26.7 / 28.3 ms).
 
     The backward takes a cotangent for every differentiable output: one that got none is
     zeros, and the gradients of inputs that reach none of the outputs that got one are None,
@@ -810,18 +816,20 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # * Laplacians of 2 -> 32 -> 32 -> 1 over 128 points (1.1e6) and 2 -> 64 -> 64 -> 1 over
 #   256 points (8.5e6): 0.94 -> 1.1 ms and 1.4 -> 1.45-2.2 ms, slower: below the bound.
 #
-# The default executor (no ``compile``) does the same with the graph recorded by autograd
-# operator by operator on those plain tensors (TorchScript, as ``loss.backward()``'s calls
-# record it), its backward by a nested ``torch.autograd.grad``, for every graph at the only
-# grad level on a CPU (``_keeps_activations``). Before, the graph was recorded at the level,
-# each operator through functorch's wrappers, and functorch's backward accumulated the
+# The default executor (no ``compile``) does the same with its split graphs on those plain
+# tensors (NOTE [Split graphs], as ``loss.backward()``'s calls in a training loop run; the
+# graph recorded by autograd operator by operator where it cannot be split), its backward by
+# a nested ``torch.autograd.grad``, for every graph at the only grad level on a CPU
+# (``_keeps_activations``). Before that, the graph was recorded at the level, each operator
+# through functorch's wrappers, and functorch's backward accumulated the
 # gradients of tensors read twice out of place (a biharmonic step: 55 ``add`` of 210 us
 # each, where ``loss.backward()`` runs 19 ``add`` of 107 us and 36 ``add_`` of 31 us).
 # Measured ``torch.func.grad`` steps, alternating processes (one thread): biharmonic
 # 4 -> 128 -> 128 -> 1 over 256 points 47-53 -> 39 ms, 2 -> 64 -> 64 -> 1 25-31 -> 20-22 ms,
 # third derivatives of 2 -> 64 -> 64 -> 1 over 1024 points 11.4-12.7 -> 9.8-10.2 ms;
 # interleaved in one process, Laplacians and third derivatives of wider networks 3-8 %
-# faster. ``jacrev`` over the parameters (its backward runs the backward graph under
+# faster (these measured recording the graph beneath the level, before the split graphs,
+# which took another 0-13 % off). ``jacrev`` over the parameters (its backward runs the backward graph under
 # ``vmap``): 21 % faster over 128 points, 4 % slower over 16.
 #
 # A backward under another transform (``jacrev``'s ``vmap`` over the cotangents, ``grad`` of
