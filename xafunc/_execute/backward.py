@@ -52,6 +52,33 @@ def differentiable(v: Any) -> bool:
     return isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex())
 
 
+def _pullback(fn: Callable[..., list[Any]], xs: list[Any], cots: tuple[Tensor, ...],
+              wanted: tuple[int, ...], cot_at: list[int], create_graph: bool
+              ) -> tuple[list[Any], list[Tensor | None]]:
+    """``fn``'s flat outputs on ``xs``, and the gradients of the inputs at ``wanted`` for the
+    cotangents ``cots`` of the outputs at ``cot_at`` (None for an input that reaches none of
+    them), by ``torch.autograd.grad``: what the backward graphs are traced from."""
+    with torch.enable_grad():
+        values = fn(*xs)
+        pairs = [(values[i], c) for i, c in zip(cot_at, cots) if values[i].requires_grad]
+        got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
+                                  [c for _, c in pairs], allow_unused=True,
+                                  create_graph=create_graph) if pairs else [None] * len(wanted)
+    return values, list(got)
+
+
+def _examples(ins: list[Tensor], outs: list[Any], cot_at: list[int], n_static: int
+              ) -> list[TensorMeta]:
+    """What a backward graph is traced on: ``fn``'s dynamic inputs, a cotangent of each
+    output at ``cot_at``, and ``fn``'s static inputs, last."""
+    def meta(v: Tensor) -> TensorMeta:
+        return TensorMeta(tuple(v.shape), v.dtype, v.device)
+
+    n_dyn = len(ins) - n_static
+    return [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
+            *map(meta, ins[n_dyn:])]
+
+
 def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
               wanted: tuple[int, ...], given: tuple[int, ...], n_static: int
               ) -> tuple[GraphModule, list[int], Callable[..., tuple[Tensor, ...]], list[bool]]:
@@ -70,34 +97,23 @@ def vjp_graph(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
     input does not reach the outputs)."""
     cot_at = [i for i in given if differentiable(outs[i])]
     reached: list[bool] = []
-    n_in, n_cot = len(ins), len(cot_at)
-    n_dyn = n_in - n_static
+    n_dyn, n_cot = len(ins) - n_static, len(cot_at)
 
     def vjp(*a: Tensor) -> tuple[Tensor, ...]:
-        args = [*a[:n_dyn], *a[n_dyn + n_cot:]]
-        cots = a[n_dyn:n_dyn + n_cot]
-        with torch.enable_grad():
-            # an input that already requires grad is differentiated in place, not detached:
-            # when this function is differentiated in turn (its own backward graph is traced
-            # through it), the gradients must stay functions of it
-            xs = [x.detach().requires_grad_() if i in wanted and not x.requires_grad else x
-                  for i, x in enumerate(args)]
-            values = fn(*xs)
-            pairs = [(values[i], c) for i, c in zip(cot_at, cots) if values[i].requires_grad]
-            # create_graph: this function is differentiated in turn for a second derivative
-            got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
-                                      [c for _, c in pairs], allow_unused=True,
-                                      create_graph=True) if pairs else [None] * len(wanted)
+        args, cots = [*a[:n_dyn], *a[n_dyn + n_cot:]], a[n_dyn:n_dyn + n_cot]
+        # an input that already requires grad is differentiated in place, not detached:
+        # when this function is differentiated in turn (its own backward graph is traced
+        # through it), the gradients must stay functions of it; create_graph: for that
+        # second derivative
+        xs = [x.detach().requires_grad_() if i in wanted and not x.requires_grad else x
+              for i, x in enumerate(args)]
+        _, got = _pullback(fn, xs, cots, wanted, cot_at, create_graph=True)
         reached[:] = [g is not None for g in got]
         return tuple(g if g is not None else torch.zeros_like(xs[i])
                      for i, g in zip(wanted, got))
 
-    def meta(v: Tensor) -> TensorMeta:
-        return TensorMeta(tuple(v.shape), v.dtype, v.device)
-
-    examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
-                *map(meta, ins[n_dyn:])]
-    return simplify(trace(vjp, examples), inexact=True), cot_at, vjp, reached
+    traced = trace(vjp, _examples(ins, outs, cot_at, n_static))
+    return simplify(traced, inexact=True), cot_at, vjp, reached
 
 
 def split_graphs(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any],
@@ -115,30 +131,19 @@ def split_graphs(fn: Callable[..., list[Any]], ins: list[Tensor], outs: list[Any
     and for each input at ``wanted`` the position of its gradient among the backward graph's
     outputs, or None where it reaches no output (autograd's ``None``)."""
     cot_at = [i for i, o in enumerate(outs) if differentiable(o)]
-    n_in, n_out, n_cot = len(ins), len(outs), len(cot_at)
-    n_dyn = n_in - n_static
+    n_out, n_cot = len(outs), len(cot_at)
+    n_dyn = len(ins) - n_static
     reached: list[bool] = []
 
     def joint(*a: Tensor) -> tuple[Any, ...]:
-        args = [*a[:n_dyn], *a[n_dyn + n_cot:]]
-        cots = a[n_dyn:n_dyn + n_cot]
-        with torch.enable_grad():
-            xs = [x.detach().requires_grad_() if i in wanted else x for i, x in enumerate(args)]
-            values = fn(*xs)
-            pairs = [(values[i], c) for i, c in zip(cot_at, cots) if values[i].requires_grad]
-            got = torch.autograd.grad([v for v, _ in pairs], [xs[i] for i in wanted],
-                                      [c for _, c in pairs], allow_unused=True
-                                      ) if pairs else [None] * len(wanted)
+        args, cots = [*a[:n_dyn], *a[n_dyn + n_cot:]], a[n_dyn:n_dyn + n_cot]
+        xs = [x.detach().requires_grad_() if i in wanted else x for i, x in enumerate(args)]
+        values, got = _pullback(fn, xs, cots, wanted, cot_at, create_graph=False)
         reached[:] = [g is not None for g in got]
         plain = [v.detach() if isinstance(v, Tensor) else v for v in values]
         return (*plain, *(g for g in got if g is not None))
 
-    def meta(v: Tensor) -> TensorMeta:
-        return TensorMeta(tuple(v.shape), v.dtype, v.device)
-
-    examples = [*map(meta, ins[:n_dyn]), *(meta(outs[i]) for i in cot_at),
-                *map(meta, ins[n_dyn:])]
-    gm = simplify(trace(joint, examples), inexact=True)
+    gm = simplify(trace(joint, _examples(ins, outs, cot_at, n_static)), inexact=True)
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     dynamic = set(placeholders[:n_dyn])

@@ -475,6 +475,17 @@ class Executable:
         return fast
 
 
+def _integers(outputs: Any) -> list[Tensor]:
+    """The tensors of ``outputs`` that are not differentiable (integer or boolean)."""
+    return [t for t in outputs if isinstance(t, Tensor) and not differentiable(t)]
+
+
+def _integer_outputs(ctx: Any, exe: Executable, outputs: Any) -> None:
+    """Marks ``exe``'s integer outputs non-differentiable, as autograd's operators make them."""
+    if not exe.float_outputs:
+        ctx.mark_non_differentiable(*_integers(outputs))
+
+
 class _Recompute(torch.autograd.Function):
     """NOTE [Recompute]
     A call whose weights require grad under grad mode must return results with autograd
@@ -493,9 +504,7 @@ class _Recompute(torch.autograd.Function):
         ctx.save_for_backward(*args)
         ctx.set_materialize_grads(False)  # an unused output contributes nothing, as in autograd
         flat = exe._fast.flat(args)  # (a Function's forward runs without grad mode)
-        if not exe.float_outputs:
-            ctx.mark_non_differentiable(*[t for t in flat if not (t.is_floating_point()
-                                                                   or t.is_complex())])
+        _integer_outputs(ctx, exe, flat)
         return tuple(flat)
 
     @staticmethod
@@ -598,9 +607,7 @@ class _Split(torch.autograd.Function):
         # the zeros standing for an unused differentiable output's cotangent
         ctx.zeros = [dict(size=t.shape, dtype=t.dtype, device=t.device)
                      if differentiable(t) else None for t in result]
-        if not exe.float_outputs:
-            ctx.mark_non_differentiable(*[t for t in result if not (t.is_floating_point()
-                                                                     or t.is_complex())])
+        _integer_outputs(ctx, exe, result)
         return result
 
     @staticmethod
@@ -659,9 +666,7 @@ class _Trained(torch.autograd.Function):
             outs = list(compiled(*inner))
         ctx.inner, ctx.outs = inner, outs
         result = tuple(o.detach() for o in outs)
-        if not exe.float_outputs:
-            ctx.mark_non_differentiable(*[t for t in result if not (t.is_floating_point()
-                                                                     or t.is_complex())])
+        _integer_outputs(ctx, exe, result)
         return result
 
     @staticmethod
@@ -708,8 +713,7 @@ class _GraphFunction(torch.autograd.Function):
         ctx.exe = inputs[0]
         ctx.save_for_backward(*inputs[1:])
         ctx.set_materialize_grads(False)  # an unused output contributes nothing, as in autograd
-        ctx.mark_non_differentiable(*[t for t in output if isinstance(t, Tensor) and not (
-            t.is_floating_point() or t.is_complex())])
+        ctx.mark_non_differentiable(*_integers(output))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
@@ -829,8 +833,8 @@ def _apply_graph_function(exe: Executable, args: tuple[Any, ...]) -> Any:
 # third derivatives of 2 -> 64 -> 64 -> 1 over 1024 points 11.4-12.7 -> 9.8-10.2 ms;
 # interleaved in one process, Laplacians and third derivatives of wider networks 3-8 %
 # faster (these measured recording the graph beneath the level, before the split graphs,
-# which took another 0-13 % off). ``jacrev`` over the parameters (its backward runs the backward graph under
-# ``vmap``): 21 % faster over 128 points, 4 % slower over 16.
+# which took another 0-13 % off). ``jacrev`` over the parameters (its backward runs the
+# backward graph under ``vmap``): 21 % faster over 128 points, 4 % slower over 16.
 #
 # A backward under another transform (``jacrev``'s ``vmap`` over the cotangents, ``grad`` of
 # ``grad``, a pullback differentiated by a later ``grad``) and a GPU (not measured) run the
