@@ -315,6 +315,39 @@ def test_strided_broadcast_operand_of_a_row_major_output_is_copied():
         assert aten.clone.default not in _ops(gm), (other.stride(), gm.code)
 
 
+def test_transposed_products_come_out_row_major():
+    """Pass 9 (``inexact=True``): a transposed ``bmm``/``mm`` read (through a reshape) by a
+    pointwise op is computed as the product of the transposed operands, so the op reads a
+    row-major value; where a later permute undoes the transpose, the product stays."""
+    a, b = torch.randn(8, 6, 4, dtype=DT), torch.randn(8, 4, 3, dtype=DT)
+    c, m, n = torch.randn(8, 3, 1, 6, dtype=DT), torch.randn(5, 4, dtype=DT), \
+        torch.randn(4, 6, dtype=DT)
+
+    def fn(a, b, c, m, n):
+        t = torch.bmm(a, b).transpose(1, 2).reshape(8, 3, 1, 6) * c
+        u = (m @ n).t() * 2.0
+        return t.sum(1), u
+
+    gm = record(fn, [a, b, c, m, n])
+    simplify(gm, inexact=True)
+    for node in gm.graph.nodes:
+        if node.target in (aten.bmm.default, aten.mm.default):
+            assert not any(u.target in (aten.permute.default, aten.transpose.int,
+                                        aten.t.default) for u in node.users), gm.code
+            assert node.meta["val"].is_contiguous()
+    assert_tree_close(gm(a, b, c, m, n), fn(a, b, c, m, n), rtol=1e-14, atol=1e-14)
+
+    def undone(m, n):  # the transpose is undone downstream: nothing to gain
+        return (m @ n).t().reshape(3, 2, 5).permute(2, 0, 1).sin()
+
+    m, n = torch.randn(5, 4, dtype=DT), torch.randn(4, 6, dtype=DT)
+    gm = record(undone, [m, n])
+    simplify(gm, inexact=True)
+    mm = next(node for node in gm.graph.nodes if node.target is aten.mm.default)
+    assert mm.args[0].op == "placeholder" and mm.args[1].op == "placeholder", gm.code
+    assert_tree_close(gm(m, n), undone(m, n), rtol=1e-14, atol=1e-14)
+
+
 def test_inexact_pass_fuses_products():
     """Pass 10 (``inexact=True``): ``s1 * reshape(big * s2)`` multiplies the large tensor
     once and ``a * b + c`` is one ``addcmul``; the values agree to rounding."""
