@@ -497,6 +497,28 @@ def test_shared_matrix_bmm_of_row_major_or_short_batches_become_one_mm():
     assert_tree_close(gm(h, w), copied(h, w))
 
 
+def test_shared_column_or_row_on_the_left_of_a_batch_is_no_bmm():
+    """Pass 11 with the matrix on the left, over a batch that outnumbers it: a column
+    (``(m, 1)``: outer products) is a broadcast product, a row (``(1, k)``) over small batch
+    entries one ``mm`` of the batch copied; a 3-D constant expanded outside the trace (stride
+    0) counts as the expand of its one matrix. A taller matrix keeps its ``bmm``."""
+    torch.manual_seed(5)
+    col, row, tall = torch.randn(4, 1, dtype=DT), torch.randn(1, 4, dtype=DT), \
+        torch.randn(3, 4, dtype=DT)
+    rows, batch = torch.randn(64, 1, 8, dtype=DT), torch.randn(64, 4, 8, dtype=DT)
+    const = torch.randn(1, 4, dtype=DT).expand(64, 1, 4)  # read as a constant by the trace
+
+    def fn(rows, batch):
+        return (torch.bmm(col.expand(64, 4, 1), rows), torch.bmm(row.expand(64, 1, 4), batch),
+                torch.bmm(const, batch), torch.bmm(tall.expand(64, 3, 4), batch))
+
+    gm = simplify(record(fn, [rows, batch]), inexact=True)
+    ops = _ops(gm)
+    assert ops.count(aten.bmm.default) == 1 and ops.count(aten.mm.default) == 2, gm.code
+    assert aten.mul.Tensor in ops
+    assert_tree_close(gm(rows, batch), fn(rows, batch))
+
+
 def test_unread_rows_of_a_product_are_not_computed():
     """Pass 12: only the rows of ``mm(cat(pieces), w)`` that are read are computed, by a
     product of their piece alone; what only the unread rows needed is dead code."""

@@ -86,7 +86,10 @@ topological sweep repeated to a fixed point, then passes 8-9, then the sweep onc
     matrix on the right, also a row-major batch (the rows fold without a copy) and a batch of
     matrices with few rows (``_rows_fold``). The layouts are recomputed first
     (:func:`_refresh_layouts`): pass 8's copies make tensors downstream row-major that were
-    recorded transposed.
+    recorded transposed. With the matrix on the left, a row (``m == 1``) is also one ``mm``
+    where a batch entry is small, and a column (``k == 1``: outer products) multiplies the
+    batch elementwise (:func:`_outer_products`): ``bmm`` runs a tiny GEMM per batch entry
+    (a biharmonic's weights over its directions).
 12. Unread rows of a product (on request, the same dot products by smaller GEMMs): the pieces
     of a ``split_with_sizes`` of ``mm(cat(pieces), w)`` along the rows, with the cat's sizes,
     are each ``mm(piece, w)`` when some piece is never read, so neither it nor what only it
@@ -1134,11 +1137,33 @@ def _refresh_layouts(gm: GraphModule) -> None:
             node.meta["val"] = new
 
 
+def _expanded_constants(gm: GraphModule) -> None:
+    """A 3-D constant of the graph that is one matrix expanded over its first dimension
+    (stride 0: traced from a tensor expanded outside the trace) becomes ``expand`` of that
+    matrix, the form :func:`_broadcast_matrix` reads."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        value = getattr(gm, str(node.target), None) if node.op == "get_attr" else None
+        if (not isinstance(value, torch.Tensor) or value.dim() != 3 or value.stride(0) != 0
+                or value.shape[0] < 2 or not _plain(value)):
+            continue
+        name = f"{_FOLDED}{sum(k.startswith(_FOLDED) for k in dir(gm))}"
+        gm.register_buffer(name, value[:1].clone(), persistent=False)
+        with graph.inserting_before(node):
+            one = graph.get_attr(name)
+            new = graph.call_function(aten.expand.default, (one, list(value.shape)))
+        one.meta["val"] = value[:1].clone()
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
 def _small_batches_of_a_shared_matrix(gm: GraphModule) -> None:
     """Pass 11 of NOTE [Graph simplification]."""
     graph = gm.graph
     out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     outputs = set(out_node.all_input_nodes)
+    _expanded_constants(gm)
     _refresh_layouts(gm)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.bmm.default or not node.users:
@@ -1151,11 +1176,43 @@ def _small_batches_of_a_shared_matrix(gm: GraphModule) -> None:
         vw, vo = _val(gm, w), _val(gm, other)
         if vw is None or vo is None:
             continue
-        if vo.numel() > vw.numel() and not (wb is not None and _rows_fold(vo, vw)):
+        if wa is not None and (outer := _outer_products(gm, node, wa)) is not None:
+            _swap(node, outer, outputs)
+            continue
+        va = _val(gm, a)
+        row = wa is not None and va is not None and va.shape[1] == 1 \
+            and vo.shape[1] * vo.shape[2] <= _ROW_COPY_NUMEL
+        if vo.numel() > vw.numel() and not row \
+                and not (wb is not None and _rows_fold(vo, vw)):
             continue
         mm = _shared_matrix_bmm(gm, node)
         if mm is not None:
             _swap(node, mm, outputs)
+
+
+def _outer_products(gm: GraphModule, node: Node, src: Node) -> Node | None:
+    """``bmm(expand(w), b)`` with ``w`` an ``(m, 1)`` column and ``b`` a batch of ``(1, n)``
+    rows, as the broadcast product ``w.reshape(1, m, 1) * b``: ``bmm`` runs one tiny GEMM per
+    batch entry, the outer products of a ``(4, 1)`` column with 1024 rows of 64 in 787 us
+    against 41 us (a biharmonic's weights over its directions, in its backward pass)."""
+    vals = _real_operands(gm, node, 2)
+    if vals is None:
+        return None
+    (_, b), (va, _, out) = node.args, vals
+    _, m, k = va.shape
+    if k != 1:
+        return None
+    with node.graph.inserting_before(node):
+        w = _matrix(node, src, m, 1)
+        wv = _call(node, aten.reshape.default, (w, [1, m, 1]), w.meta["val"].reshape(1, m, 1))
+        return _call(node, aten.mul.Tensor, (wv, b), out)
+
+
+#: the most entries ``k * n`` of a batch entry for which ``bmm(expand(w), b)`` of a row ``w``
+#: is one ``mm`` of the batch copied to ``(k, N * n)``: ``bmm`` costs about 350 ns an entry
+#: (a GEMV each), the copy about 0.2 ns a number (a biharmonic's weighted sum of 4
+#: directions of 64 over 1024 points: 377 us by ``bmm``, 55 us)
+_ROW_COPY_NUMEL = 1024
 
 
 def _rows_fold(batch: torch.Tensor, w: torch.Tensor) -> bool:
