@@ -435,6 +435,25 @@ def test_bce_of_a_saturated_sigmoid() -> None:
     assert_tree_close(xderiv(g, 1)(p), reference_deriv(g, 1)(p), rtol=1e-14, atol=0.0)
 
 
+@pytest.mark.parametrize("mode", ["auto", "forward"])
+def test_erf_far_out_has_zero_derivatives(mode: str) -> None:
+    """``erf``'s derivatives are ``H_n(x) exp(-x^2)``, zero in floating point far out; past
+    ``|x| ~ 1e154`` the Hermite polynomial alone overflows, and ``inf * 0`` was NaN from the
+    third order (torch.func gives 0 there, and NaN itself from the fourth). The Taylor rule
+    gives 0 at every order now, also through ``gelu``; nearer in it equals the reference.
+    (``mode="reverse"`` nests torch's own backward formulas, which overflow as torch.func's
+    do.)"""
+    far = torch.tensor([1e160, -1e200, 1e300], dtype=F64)
+    near = torch.tensor([0.3, -1.7, 4.0], dtype=F64)
+    for f in (lambda x: torch.erf(x).sum(), lambda x: F.gelu(x).sum()):
+        for k in (1, 2, 3, 4):
+            got = xderiv(f, k, mode=mode)(far)
+            assert not got.isnan().any(), (k, got)
+            assert (got == 0).all() or k == 1, (k, got)
+            assert_tree_close(xderiv(f, k, mode=mode)(near), reference_deriv(f, k)(near),
+                              msg=f"order {k}")
+
+
 @pytest.mark.parametrize("kind", ["taylor", "rev1", "rev2"])
 def test_bessel_near_zero_has_its_series_derivatives(only_schedule, kind: str) -> None:
     """``i0``, ``i1`` and their scaled forms near 0: torch's derivative formulas divide by

@@ -391,11 +391,14 @@ def _pow_scalar_base(base: Any, x: Series) -> Series:
 
 
 def _erf_derivs(x0: Tensor, y0: Tensor, K: int) -> list[Tensor]:
+    # erf^(n+1) = (-1)^n H_n(x) g with g = erf'; the recursion runs on H_n(x) g, not on the
+    # Hermite polynomials: past |x| ~ 1e154, H_2(x) = 4 x^2 - 2 overflows and inf * g = inf * 0
+    # was NaN where every derivative is 0 (torch.func's too)
     g = (2.0 / math.sqrt(math.pi)) * torch.exp(-x0 * x0)
-    out, h_prev, h = [], torch.zeros_like(x0), torch.ones_like(x0)  # H_{-1}, H_0
-    for n in range(K):  # erf^(n+1) = (-1)^n H_n(x) * g
-        out.append(((-1) ** n) * h * g)
-        h_prev, h = h, 2 * x0 * h - 2 * n * h_prev
+    out, q_prev, q = [], torch.zeros_like(x0), g  # H_{-1} g, H_0 g
+    for n in range(K):
+        out.append(((-1) ** n) * q)
+        q_prev, q = q, 2 * x0 * q - 2 * n * q_prev
     return out
 
 
