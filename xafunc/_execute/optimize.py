@@ -807,13 +807,18 @@ def _fold_constants(gm: GraphModule) -> None:
         if not isinstance(value, torch.Tensor) or not users or any(
                 u.op == "output" for u in users):
             continue
-        name = f"{_FOLDED}{sum(k.startswith(_FOLDED) for k in dir(gm))}"
-        gm.register_buffer(name, value, persistent=False)
         with graph.inserting_before(node):
-            const = graph.get_attr(name)
+            const = graph.get_attr(_new_constant(gm, value))
         const.meta.update(node.meta)
         for u in users:
             u.replace_input_with(node, const)
+
+
+def _new_constant(gm: GraphModule, value: torch.Tensor) -> str:
+    """The name of a new constant of ``gm`` holding ``value`` (a non-persistent buffer)."""
+    name = f"{_FOLDED}{sum(k.startswith(_FOLDED) for k in dir(gm))}"
+    gm.register_buffer(name, value, persistent=False)
+    return name
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -834,7 +839,7 @@ def _plain(t: torch.Tensor) -> bool:
 # reshapes of it copy: 10x slower than row-major on the per-sample Hessian graph. Copying the
 # small operand (here 192 numbers, against 98k in the output) is cheap and makes the output
 # row-major. Where the output is row-major already, a broadcast operand whose last dimension
-# is not contiguous still makes the inner loop strided, not vectorised: ``h (1024, 1, 64) *
+# is not contiguous still makes the inner loop strided, not vectorised: ``h (1024, 2, 64) *
 # w (2, 64)``, ``w`` a transposed weight, took 146 us against 60 us with ``w`` copied (the
 # first layer of a Laplacian training step, NOTE [Split graphs]). Only done for operands at
 # most 1/4 of the output, so the copy never costs more than a fraction of the op itself (and
@@ -894,7 +899,8 @@ def _transposed_products(gm: GraphModule) -> None:
             continue
         val = _val(gm, node)
         d = val.dim() if val is not None else 0
-        if val is None or d < 2 or _perm(gm, node) != [*range(d - 2), d - 1, d - 2]:
+        swap = [*range(d - 2), d - 1, d - 2]
+        if val is None or d < 2 or _perm(gm, node) != swap:
             continue
         end = node
         while len(end.users) == 1 and (user := next(iter(end.users))).op == "call_function" \
@@ -904,7 +910,6 @@ def _transposed_products(gm: GraphModule) -> None:
         if seen is None or seen.is_contiguous():
             continue
         a, b = src.args
-        swap = [*range(d - 2), d - 1, d - 2]
         with graph.inserting_before(node):
             bt = graph.call_function(aten.permute.default, (b, swap))
             at = graph.call_function(aten.permute.default, (a, swap))
@@ -1147,10 +1152,8 @@ def _expanded_constants(gm: GraphModule) -> None:
         if (not isinstance(value, torch.Tensor) or value.dim() != 3 or value.stride(0) != 0
                 or value.shape[0] < 2 or not _plain(value)):
             continue
-        name = f"{_FOLDED}{sum(k.startswith(_FOLDED) for k in dir(gm))}"
-        gm.register_buffer(name, value[:1].clone(), persistent=False)
         with graph.inserting_before(node):
-            one = graph.get_attr(name)
+            one = graph.get_attr(_new_constant(gm, value[:1].clone()))
             new = graph.call_function(aten.expand.default, (one, list(value.shape)))
         one.meta["val"] = value[:1].clone()
         new.meta.update(node.meta)
