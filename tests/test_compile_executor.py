@@ -667,3 +667,36 @@ def test_small_batched_products_become_reductions_for_inductor(monkeypatch) -> N
         assert original(gm.graph) == expected
         gm.recompile()
         assert_tree_close(gm(a, b), torch.bmm(a, b), rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_keeps_the_coefficients_of_sums() -> None:
+    """Inductor (torch 2.13) compiles ``add(mm(a, b), x, alpha=16)`` as ``mm(a, b) + x``
+    (pytorch/pytorch#167313: its ``add``/``addmm`` patterns drop the coefficients). The graphs
+    xafunc hands it have them as products (``coefficients_for_inductor``), which it compiles
+    right; ``beta=0`` still ignores a NaN input."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from xafunc._execute.executable import coefficients_for_inductor
+
+    aten = torch.ops.aten
+
+    def f(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, v: torch.Tensor
+          ) -> tuple[torch.Tensor, ...]:
+        def mm() -> torch.Tensor:  # one for each sum: the pattern matches a single reader
+            return aten.mm.default(a.t(), b)
+
+        nan = c * float("nan")
+        return (aten.add.Tensor(mm(), c, alpha=16.0), aten.add.Tensor(c, mm(), alpha=-3.0),
+                aten.sub.Tensor(c, mm(), alpha=0.5), aten.addmm.default(c, a.t(), b, alpha=2.0),
+                aten.addmm.default(c, a.t(), b, beta=0.5, alpha=2.0).relu(),
+                aten.addmm.default(nan, a.t(), b, beta=0, alpha=2.0),
+                aten.addmv.default(v, c, v, beta=3.0))
+
+    args = (torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64),
+            torch.randn(8, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+    gm = make_fx(f)(*args)
+    assert coefficients_for_inductor(gm.graph) == 7
+    gm.recompile()
+    assert_tree_close(gm(*args), f(*args))
+    assert_tree_close(tuple(compile_fx(gm, list(args))(*args)), f(*args))

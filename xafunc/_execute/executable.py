@@ -1062,6 +1062,7 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
             return _FAILED
         out_node.args = (tuple(flat),)
         tanh_for_inductor(graph, training=True)
+        coefficients_for_inductor(graph)
         start = time.perf_counter()
         # no donated buffers: a backward with retain_graph=True may run twice (the backward
         # code is compiled at its first call, under the same settings: ``_Trained.backward``)
@@ -1306,6 +1307,7 @@ class _FastPath:
                 # (on a copy: inductor's passes may rewrite the graph they are given)
                 graph = _copy(self.functional.graph)
                 tanh_for_inductor(graph)
+                coefficients_for_inductor(graph)
                 small_products_for_inductor(graph)
                 gm = GraphModule(self.functional, graph)
                 transpose_thin_products(gm, tuple(inputs))
@@ -1765,6 +1767,51 @@ class _CephesTanh(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         (y,) = ctx.saved_tensors
         return torch.ops.aten.tanh_backward.default(grad, y)
+
+
+_SCALED_PRODUCTS = {torch.ops.aten.addmm.default: torch.ops.aten.mm.default,
+                    torch.ops.aten.addmv.default: torch.ops.aten.mv.default,
+                    torch.ops.aten.baddbmm.default: torch.ops.aten.bmm.default}
+
+
+def coefficients_for_inductor(graph: Graph) -> int:
+    """Rewrite the coefficients of ``graph``'s sums as products of their own: ``add(a, b,
+    alpha=c)`` (and ``sub``) as ``add(a, b * c)``, ``addmm(x, a, b, beta=s, alpha=c)`` (and
+    ``addmv``, ``baddbmm``) as ``x * s + mm(a, b) * c``. Inductor's pattern passes that turn
+    ``add`` of an ``mm`` into ``addmm`` and back drop them (torch 2.13: ``add(mm(a, b), x,
+    alpha=16)`` compiled to ``mm(a, b) + x``; pytorch/pytorch#167313), where the products fuse
+    into the same pointwise kernel. The number rewritten."""
+    aten = torch.ops.aten
+    done = 0
+    for node in list(graph.nodes):
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, Tensor):
+            continue
+        if node.target in (aten.add.Tensor, aten.sub.Tensor) and \
+                node.kwargs.get("alpha", 1) != 1 and len(node.args) == 2:
+            with graph.inserting_before(node):
+                b = graph.call_function(aten.mul.Tensor, (node.args[1], node.kwargs["alpha"]))
+            b.meta["val"] = getattr(node.args[1], "meta", {}).get("val")
+            node.args, node.kwargs = (node.args[0], b), {}
+        elif node.target in _SCALED_PRODUCTS and set(node.kwargs) <= {"beta", "alpha"} and \
+                len(node.args) == 3 and (node.kwargs.get("beta", 1) != 1
+                                         or node.kwargs.get("alpha", 1) != 1):
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            with graph.inserting_before(node):
+                out = prod = graph.call_function(_SCALED_PRODUCTS[node.target], node.args[1:])
+                if alpha != 1:
+                    out = graph.call_function(aten.mul.Tensor, (prod, alpha))
+                if beta != 0:  # (beta = 0 ignores the input, NaNs included)
+                    bias = graph.call_function(aten.mul.Tensor, (node.args[0], beta))
+                    out = graph.call_function(aten.add.Tensor, (bias, out))
+            for n in {prod, out}:
+                n.meta["val"] = val
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        else:
+            continue
+        done += 1
+    return done
 
 
 def small_products_for_inductor(graph: Graph) -> int:
