@@ -576,6 +576,49 @@ def test_activation_derivatives_are_one_kernel():
     assert aten.sigmoid_backward.default not in ops, gm.code
 
 
+def _scalings(gm: torch.fx.GraphModule, numel: int) -> list[object]:
+    """The scalar products and negations in ``gm`` of at least ``numel`` elements."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and (
+        n.target is aten.neg.default or n.target is aten.mul.Tensor and any(
+            isinstance(a, (int, float)) for a in n.args)) and n.meta["val"].numel() >= numel]
+
+
+def test_scalar_factors_move_to_where_they_cost_least():
+    """Pass 14: a scalar factor of a large value moves to a product's smaller operand, into
+    ``sub``'s ``alpha`` and ``addcmul``'s ``value`` (also through the operand they add to),
+    or past a sum to its smaller result; values and derivatives (``grad``, ``vmap``) agree,
+    and a factor that would cost more elsewhere stays."""
+    def fn(x, w, c, u):
+        h = torch.mm(x * 3.0, w)  # -> mm(x, w * 3)
+        g = c - (-h) * 0.5  # -> sub(c, h, alpha=-1.5), with the factor 3
+        a = torch.addcmul(u * 2.0, u, c)  # -> 2 * addcmul(u, u, c, value=0.5)
+        return torch.sin(g), (h * 2).sum(0), a.sum(1)
+
+    args = (torch.randn(64, 16, dtype=DT), torch.randn(16, 8, dtype=DT),
+            torch.randn(64, 8, dtype=DT), torch.randn(64, 8, dtype=DT))
+    gm = record(fn, list(args))
+    assert len(_scalings(gm, 512)) == 5, gm.code
+    expected = fn(*args)
+    simplify(gm, inexact=True)
+    assert _scalings(gm, 512) == [], gm.code
+    assert_tree_close(gm(*args), expected)
+    loss = lambda *xs: sum(o.sin().sum() for o in gm(*xs))  # noqa: E731
+    want = lambda *xs: sum(o.sin().sum() for o in fn(*xs))  # noqa: E731
+    assert_tree_close(grad(loss, argnums=(0, 1, 2, 3))(*args),
+                      grad(want, argnums=(0, 1, 2, 3))(*args))
+    assert_tree_close(vmap(gm)(*[a.unsqueeze(0) for a in args]),
+                      tuple(e.unsqueeze(0) for e in expected))
+
+    def stays(x, w):  # the product and its reader are as large as the scaled value
+        return torch.tanh(x * 3.0) * 2.0, torch.mm(x * 3.0, w * w)
+
+    args = (torch.randn(64, 16, dtype=DT), torch.randn(16, 64, dtype=DT))
+    gm = record(stays, list(args))
+    simplify(gm, inexact=True)
+    assert len(_scalings(gm, 1024)) == 2, gm.code
+    assert_tree_close(gm(*args), stays(*args))
+
+
 def test_mutating_graph_is_left_alone():
     def fn(x):
         y = x.view(x.shape)
