@@ -1788,10 +1788,11 @@ def coefficients_for_inductor(graph: Graph) -> int:
         if node.op != "call_function" or not isinstance(val, Tensor):
             continue
         if node.target in (aten.add.Tensor, aten.sub.Tensor) and \
-                node.kwargs.get("alpha", 1) != 1 and len(node.args) == 2:
+                node.kwargs.get("alpha", 1) != 1 and len(node.args) == 2 and \
+                isinstance(node.args[1], Node):
             with graph.inserting_before(node):
                 b = graph.call_function(aten.mul.Tensor, (node.args[1], node.kwargs["alpha"]))
-            b.meta["val"] = getattr(node.args[1], "meta", {}).get("val")
+            b.meta["val"] = node.args[1].meta.get("val")
             node.args, node.kwargs = (node.args[0], b), {}
         elif node.target in _SCALED_PRODUCTS and set(node.kwargs) <= {"beta", "alpha"} and \
                 len(node.args) == 3 and (node.kwargs.get("beta", 1) != 1
