@@ -8,6 +8,8 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import grad, jacrev, vmap
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -617,6 +619,56 @@ def test_scalar_factors_move_to_where_they_cost_least():
     simplify(gm, inexact=True)
     assert len(_scalings(gm, 1024)) == 2, gm.code
     assert_tree_close(gm(*args), stays(*args))
+
+
+_FACTORS = [2.0, -1.0, 0.5, 3, -2.0, 1e-3]
+#: what pass 14 rewrites and what stops it: ``(a, b, c, w, n)`` -> a new value
+_FACTOR_OPS = [
+    lambda a, b, c, w, n: a * c, lambda a, b, c, w, n: -a, lambda a, b, c, w, n: a / c,
+    lambda a, b, c, w, n: torch.mm(a, w), lambda a, b, c, w, n: torch.mm(w.t(), a),
+    lambda a, b, c, w, n: a.sum(0, keepdim=True).expand(n, n) * b,
+    lambda a, b, c, w, n: aten.add.Tensor(a, b, alpha=c),
+    lambda a, b, c, w, n: aten.sub.Tensor(a, b, alpha=c),
+    lambda a, b, c, w, n: torch.addcmul(a, b, a, value=c), lambda a, b, c, w, n: torch.tanh(a),
+    lambda a, b, c, w, n: a.t().reshape(n, n) * c, lambda a, b, c, w, n: a * b,
+    lambda a, b, c, w, n: torch.cat([a[: n // 2], b[n // 2:]], 0),
+    lambda a, b, c, w, n: aten.tanh_backward.default(a, torch.tanh(b)),
+    lambda a, b, c, w, n: a.sum(1)[:, None] + b,
+    lambda a, b, c, w, n: aten.add.Tensor(a * c, torch.mm(b, w)),
+    lambda a, b, c, w, n: torch.addcmul(a * c, b, w).sum(0, keepdim=True) - a,
+]
+
+
+def _factor_program(ops: list[tuple[int, int, int, int]], n: int):
+    """A random graph of :data:`_FACTOR_OPS` reading earlier values by index; some values are
+    outputs, some through a scaled sum."""
+    def f(x: torch.Tensor, w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vals, outs = [x, u], []
+        for k, i, j, ci in ops:
+            c = _FACTORS[ci]
+            v = _FACTOR_OPS[k](vals[i % len(vals)], vals[j % len(vals)], c, w, n)
+            vals.append(v)
+            if (i + j) % 4 == 0:
+                outs.append(v.sum(0) * c if k % 2 else v)
+        return (*outs, vals[-1])
+    return f
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=150)
+@given(st.lists(st.tuples(st.integers(0, len(_FACTOR_OPS) - 1), st.integers(0, 20),
+                          st.integers(0, 20), st.integers(0, len(_FACTORS) - 1)),
+                min_size=2, max_size=12),
+       st.sampled_from([4, 6]))
+def test_scalar_factors_on_random_graphs_keep_values_and_gradients(ops, n):
+    """Pass 14 on random graphs of factors, products, sums, sums with coefficients and their
+    readers (float64): the values and the gradient of the simplified graph are the graph's."""
+    g = torch.Generator().manual_seed(len(ops))
+    args = [torch.randn(n, n, generator=g, dtype=DT) for _ in range(3)]
+    f = _factor_program(ops, n)
+    gm = simplify(record(f, list(args)), inexact=True)
+    assert_tree_close(gm(*args), f(*args), rtol=1e-10, atol=1e-10)
+    loss = lambda x, fn: sum(o.sin().sum() for o in fn(x, *args[1:]))  # noqa: E731
+    assert_tree_close(grad(loss)(args[0], gm), grad(loss)(args[0], f), rtol=1e-9, atol=1e-9)
 
 
 def test_mutating_graph_is_left_alone():
