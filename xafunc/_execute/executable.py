@@ -1798,15 +1798,19 @@ def coefficients_for_inductor(graph: Graph) -> int:
                 len(node.args) == 3 and (node.kwargs.get("beta", 1) != 1
                                          or node.kwargs.get("alpha", 1) != 1):
             beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            bias = node.args[0]
             with graph.inserting_before(node):
-                out = prod = graph.call_function(_SCALED_PRODUCTS[node.target], node.args[1:])
+                out = graph.call_function(_SCALED_PRODUCTS[node.target], node.args[1:])
+                out.meta["val"] = val
                 if alpha != 1:
-                    out = graph.call_function(aten.mul.Tensor, (prod, alpha))
+                    out = graph.call_function(aten.mul.Tensor, (out, alpha))
+                    out.meta["val"] = val
+                if beta not in (0, 1):
+                    bias = graph.call_function(aten.mul.Tensor, (bias, beta))
+                    bias.meta["val"] = node.args[0].meta.get("val")
                 if beta != 0:  # (beta = 0 ignores the input, NaNs included)
-                    bias = graph.call_function(aten.mul.Tensor, (node.args[0], beta))
                     out = graph.call_function(aten.add.Tensor, (bias, out))
-            for n in {prod, out}:
-                n.meta["val"] = val
+                    out.meta["val"] = val
             node.replace_all_uses_with(out)
             graph.erase_node(node)
         else:
