@@ -1590,10 +1590,8 @@ def _restore(gm: GraphModule, action: tuple[Any, ...], c: float) -> None:
     def scaled(src: Node, factor: float) -> Node:
         val = _val(gm, src)
         assert val is not None
-        new = graph.call_function(aten.mul.Tensor, (src, factor))
-        new.meta["val"] = ShapeTensor(val.shape, compute_elementwise_output_strides(val),
-                                      val.dtype, val.device)
-        return new
+        return _call(user, aten.mul.Tensor, (src, factor), ShapeTensor(
+            val.shape, compute_elementwise_output_strides(val), val.dtype, val.device))
 
     if kind == "before":
         with graph.inserting_before(user):
