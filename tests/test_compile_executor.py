@@ -700,3 +700,120 @@ def test_inductor_keeps_the_coefficients_of_sums() -> None:
     gm.recompile()
     assert_tree_close(gm(*args), f(*args))
     assert_tree_close(tuple(compile_fx(gm, list(args))(*args)), f(*args))
+
+
+def _corrupting_inductor(monkeypatch: pytest.MonkeyPatch, training: bool) -> list[int]:
+    """From now on, inductor's code for graphs whose example inputs require grad
+    (``training``) or for the others is wrong: plain code's first output is off by 1 %,
+    training code's gradients twice what they should be (its forward right). Returns a list
+    that counts the corrupted compiles."""
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+    made: list[int] = []
+
+    class Doubled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            return 2 * g
+
+    def corrupt(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        code = real(gm, inputs)
+        if any(t.requires_grad for t in inputs) != training:
+            return code
+        made.append(1)
+
+        def wrong(*args: torch.Tensor) -> list[torch.Tensor]:
+            outs = list(code(*args))
+            if training:
+                return [Doubled.apply(o) if o.requires_grad else o for o in outs]
+            return [outs[0] * 1.01, *outs[1:]]
+
+        return wrong
+
+    monkeypatch.setattr(cfx, "compile_fx", corrupt)
+    return made
+
+
+def test_compiled_code_that_disagrees_with_the_eager_graph_is_not_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [Checked compiles]: code whose outputs differ from the graph run eagerly (here 1 %
+    off: an inductor bug) is dropped on its first run, before any result reaches the caller;
+    the call runs TorchScript and the plan says why."""
+    made = _corrupting_inductor(monkeypatch, training=False)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x.sin() * x.sum()).exp().sum()
+
+    x = torch.randn(3, dtype=torch.float64)
+    compiles, calls = _counts()
+    for _ in range(2):
+        assert_tree_close(xafunc.xderiv(f, 3, compile=True)(x), reference_deriv(f, 3)(x))
+    assert made and _counts() == (compiles, calls)
+    execution = xafunc.plan(f, 3, compile=True)(x).execution or ""
+    assert execution.startswith("torchscript (compile=True, but inductor failed: "
+                                "CompiledCodeDisagrees: output 0 is off by "), execution
+
+
+def test_compiled_training_code_whose_gradients_disagree_is_not_used(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NOTE [Checked compiles], training: forward and backward code are both checked, the
+    backward on fixed cotangents; code whose gradients are wrong (its forward right) is
+    dropped, the steps run the split graphs, and their gradients are torch.func's."""
+    made = _corrupting_inductor(monkeypatch, training=True)
+    net = _mlp(requires_grad=True)
+    xs = torch.randn(4, 3, dtype=torch.float64)
+    weights = [p for k, p in net.named_parameters() if k != "2.bias"]
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        return net(x).squeeze(-1)
+
+    def lap(x: torch.Tensor) -> torch.Tensor:
+        return reference_deriv(u, 2)(x).diagonal().sum()
+
+    expected = torch.autograd.grad(torch.func.vmap(lap)(xs).pow(2).mean(), weights)
+    trained = InductorStats.autograd_calls
+    for step in range(3):
+        hess = torch.func.vmap(xafunc.xhessian(u, compile=True))(xs)
+        loss = hess.diagonal(dim1=-2, dim2=-1).sum(-1).pow(2).mean()
+        got = torch.autograd.grad(loss, weights)
+        assert_tree_close(list(got), list(expected), msg=f"step {step}")
+    assert made and InductorStats.autograd_calls == trained
+    from xafunc._capture.cache import CACHE
+
+    executors = [fn.executor for e in CACHE.entries(u) for p in e.plans.values()
+                 if p.program is not None for fn in p.program.compiler.fns.values()
+                 if hasattr(fn, "executor")]
+    assert any("; inductor failed for calls recorded by autograd: CompiledCodeDisagrees: the "
+               "gradient of input " in text for text in executors), executors
+
+
+def test_the_check_of_compiled_code_tells_rounding_from_wrong_values() -> None:
+    """``disagreement`` (NOTE [Checked compiles]): differences within the dtype's tolerance
+    of the largest output pass; larger ones, other non-finite entries, shapes, dtypes or
+    integers do not."""
+    from xafunc._execute.verify import disagreement
+
+    e = torch.tensor([1000.0, 1.0, float("nan"), float("inf"), 0.0])
+    assert disagreement([e.clone()], [e]) is None
+    assert disagreement([e + 0.5], [e]) is None  # 5e-4 of the largest: float32 rounding
+    assert disagreement([e + 2.0], [e]) is not None
+    for bad in (float("nan"), 1.0):
+        f = e.clone()
+        f[3] = bad
+        assert disagreement([f], [e]) is not None
+    f = e.clone()
+    f[4] = float("-inf")
+    assert disagreement([f], [e]) is not None
+    assert disagreement([e.double()], [e]) is not None
+    assert disagreement([e[:4]], [e]) is not None
+    assert disagreement([torch.tensor([1, 2])], [torch.tensor([1, 3])]) is not None
+    # the scale is per dtype over all outputs: a zero output may differ by rounding of the
+    # others
+    assert disagreement([torch.full((2,), 1e-5), e], [torch.zeros(2), e]) is None
+    assert disagreement([torch.full((2,), 1e-5, dtype=torch.float64), e],
+                        [torch.zeros(2, dtype=torch.float64), e]) is not None

@@ -52,16 +52,17 @@ kernels that the interpreter would run one by one; inductor plans its own buffer
 buffer reuse pass is not applied. It compiles once per ``Executable`` (a captured signature
 and plan: shapes, dtypes and devices are fixed); the code assumes the examples' strides, so a
 later call whose inputs are laid out differently runs the functional FX graph instead of
-recompiling. A failure to compile or to run the compiled code once falls back to TorchScript,
-and the reason is kept in ``executor``. The other executors are unchanged. Inductor compiles
-with ``emulate_precision_casts``: by default it keeps the wider value of a cast to a lower
-precision and back (``x.bfloat16().float()``), so the derivatives of a function that rounds
-through bfloat16 came out 5e-2 off; with it, every cast rounds as the eager kernels do. And
-its C++ kernels are generated for one thread (``cpp.threads``): for more, torch 2.13 writes
-the accumulations of a scatter (the backward of an indexing) with vectorised atomic adds
-whose index is wrong on tiled loops (``120*x0_inner`` for ``60*x0_inner``), out of bounds: a
-PINN training step's gradients 20-50 % off on two threads, or a corrupted heap. The
-extern matrix products still use torch's threads.
+recompiling. A failure to compile or to run the compiled code once, or code whose values
+disagree with the eager graph's (NOTE [Checked compiles] in ``verify.py``), falls back to
+TorchScript, and the reason is kept in ``executor``. The other executors are unchanged.
+Inductor compiles with ``emulate_precision_casts``: by default it keeps the wider value of a
+cast to a lower precision and back (``x.bfloat16().float()``), so the derivatives of a
+function that rounds through bfloat16 came out 5e-2 off; with it, every cast rounds as the
+eager kernels do. And its C++ kernels are generated for one thread (``cpp.threads``): for
+more, torch 2.13 writes the accumulations of a scatter (the backward of an indexing) with
+vectorised atomic adds whose index is wrong on tiled loops (``120*x0_inner`` for
+``60*x0_inner``), out of bounds: a PINN training step's gradients 20-50 % off on two threads,
+or a corrupted heap. The extern matrix products still use torch's threads.
 
 NOTE [Inductor's small products]
 A per-sample Hessian of a network of few inputs ends in a ``bmm`` of many tiny products,
@@ -134,6 +135,7 @@ from . import cuda_graph
 from .backward import differentiable, split_graphs, vjp_graph
 from .kernels import numpy_kernels
 from .optimize import for_autograd, power_of_two_scaling, pure_op
+from .verify import CompiledCodeDisagrees, disagreement, random_ops, trained_disagreement
 
 _FAILED: Any = object()
 # hoisted values are kept alive between calls; beyond this many bytes the node is recomputed
@@ -211,6 +213,7 @@ class Executable:
         # compile=True, calls recorded by autograd: inductor's forward and backward code per
         # layout and requires_grad pattern, or _FAILED (see ``_inductor_autograd``)
         self._trained: dict[Any, Any] = {}
+        self.trained_failure: str | None = None  # why inductor could not, for such calls
         self.recording = False  # a backward pass asked for history: record it (NOTE [Recompute])
         # backward graphs by the inputs they differentiate (NOTE [Backward graphs])
         self._backward: dict[Any, tuple[Executable, list[int], list[bool]]] = {}
@@ -241,6 +244,8 @@ class Executable:
         elif any(c is not _FAILED for c in self._split.values()):
             text += ("; calls recorded by autograd: a forward graph that keeps its activations "
                      "and a backward graph")
+        if self.trained_failure is not None:
+            text += f"; inductor failed for calls recorded by autograd: {self.trained_failure}"
         return text
 
     @property
@@ -333,7 +338,8 @@ class Executable:
             if any(c.requires_grad for c in self.consts) or len(self._trained) >= 4:
                 compiled = _FAILED
             else:
-                compiled = _compile_autograd(self.recorded_graph, args)
+                compiled, why = _compile_autograd(self.recorded_graph, args)
+                self.trained_failure = why or self.trained_failure
             self._trained[key] = compiled
         return None if compiled is _FAILED else compiled
 
@@ -1048,10 +1054,17 @@ def _inductor_settings(**more: Any) -> Any:
     return config.patch({"emulate_precision_casts": True, "cpp.threads": 1, **more})
 
 
-def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
+def _reason(e: Exception) -> str:
+    """Why inductor could not be used, in one line of at most 160 characters."""
+    reason = " ".join(f"{type(e).__name__}: {e}".split())
+    return reason if len(reason) <= 160 else reason[:157] + "..."
+
+
+def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> tuple[Any, str | None]:
     """``gm`` (a graph as autograd records it, ``Executable.recorded_graph``) compiled by
     inductor for calls whose history autograd records (flat outputs; see
-    ``Executable._inductor_autograd``), or ``_FAILED``."""
+    ``Executable._inductor_autograd``), checked against the graph run eagerly (NOTE [Checked
+    compiles]), and None; or ``_FAILED`` and why."""
     try:
         from torch._inductor.compile_fx import compile_fx
 
@@ -1059,8 +1072,9 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
         out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
         flat = _template(out_node.args[0])[0]
         if not all(isinstance(n, Node) for n in flat):
-            return _FAILED
+            return _FAILED, "an output of the graph is not a tensor"
         out_node.args = (tuple(flat),)
+        eager = GraphModule(gm, _copy(graph))  # what the check runs (NOTE [Checked compiles])
         tanh_for_inductor(graph, training=True)
         coefficients_for_inductor(graph)
         start = time.perf_counter()
@@ -1075,12 +1089,16 @@ def _compile_autograd(gm: GraphModule, args: tuple[Any, ...]) -> Any:
             compiled = compile_fx(GraphModule(gm, graph), [
                 a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
                 for a in args])
-    except Exception:  # noqa: BLE001 - inductor is an accelerator, not a requirement
+            if not random_ops(gm.graph):  # NOTE [Checked compiles]
+                why = trained_disagreement(cast(Callable[..., Any], compiled), eager, args)
+                if why is not None:
+                    raise CompiledCodeDisagrees(why)
+    except Exception as e:  # noqa: BLE001 - inductor is an accelerator, not a requirement
         InductorStats.failures += 1
-        return _FAILED
+        return _FAILED, _reason(e)
     InductorStats.compiles += 1
     InductorStats.seconds += time.perf_counter() - start
-    return compiled
+    return compiled, None
 
 
 def outside_transforms(make: Callable[[], Any]) -> Any:
@@ -1312,13 +1330,16 @@ class _FastPath:
                 gm = GraphModule(self.functional, graph)
                 transpose_thin_products(gm, tuple(inputs))
                 compiled = cast(Callable[..., Any], compile_fx(gm, list(inputs)))
-                compiled(*inputs)  # C++ or Triton builds may be deferred to the first run
+                got = compiled(*inputs)  # C++ or Triton builds may be deferred to this run
+                if not random_ops(self.functional.graph):  # NOTE [Checked compiles]
+                    why = disagreement(list(got), list(self.functional(*inputs)))
+                    if why is not None:
+                        raise CompiledCodeDisagrees(why)
             seconds = time.perf_counter() - start
             self.compile_seconds = seconds
         except Exception as e:  # noqa: BLE001 - inductor is an accelerator, not a requirement
             InductorStats.failures += 1
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            self.failure = reason if len(reason) <= 160 else reason[:157] + "..."
+            self.failure = _reason(e)
             return False
         InductorStats.compiles += 1
         InductorStats.seconds += seconds
