@@ -521,6 +521,31 @@ def test_shared_column_or_row_on_the_left_of_a_batch_is_no_bmm():
     assert_tree_close(gm(rows, batch), fn(rows, batch))
 
 
+def test_constants_made_while_a_transform_is_active_are_plain_tensors():
+    """A graph may be simplified while the call that builds it runs under a torch.func
+    transform (a biharmonic's batched graph, built inside ``torch.func.grad`` of a training
+    loss): the constants passes 6 and 11 make (folded, or the one matrix of an expanded 3-D
+    constant) must be plain tensors, not wrapped at that level: they outlive it, and
+    AOTAutograd (``compile=True`` training) refused them."""
+    const = torch.randn(1, 4, dtype=DT).expand(64, 1, 4)
+    batch = torch.randn(64, 4, 8, dtype=DT)
+
+    def fn(batch):
+        return torch.bmm(const, batch) * torch.ones(3, 1, 1, dtype=DT).sum()
+
+    gm = record(fn, [batch])
+
+    def build(w: torch.Tensor) -> torch.Tensor:
+        simplify(gm, inexact=True)
+        return w.sum()
+
+    grad(build)(torch.ones(2, dtype=DT))
+    consts = [getattr(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(consts) >= 2 and aten.bmm.default not in _ops(gm), gm.code
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(c) for c in consts)
+    assert_tree_close(gm(batch), fn(batch))
+
+
 def test_unread_rows_of_a_product_are_not_computed():
     """Pass 12: only the rows of ``mm(cat(pieces), w)`` that are read are computed, by a
     product of their piece alone; what only the unread rows needed is dead code."""

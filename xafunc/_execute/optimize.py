@@ -161,7 +161,17 @@ _LAYOUT_COPY = "xafunc_layout_copy"
 def simplify(gm: GraphModule, inexact: bool = False) -> GraphModule:
     """Simplify ``gm`` in place (see NOTE [Graph simplification]) and return it; with
     ``inexact``, also passes 9 to 14 (for derivative graphs: their rounding may differ in the
-    last place, as any two ways of computing a derivative do)."""
+    last place, as any two ways of computing a derivative do). Runs with no torch.func
+    transform active: the constants it makes (folded, or sliced from others) must be plain
+    tensors, not wrapped at a level of the call that happens to build the graph (AOTAutograd
+    then refuses them, and they outlive the level)."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    with temporarily_clear_interpreter_stack():
+        return _simplify(gm, inexact)
+
+
+def _simplify(gm: GraphModule, inexact: bool) -> GraphModule:
     graph = gm.graph
     for node in graph.nodes:
         if node.op == "call_function" and _mutates(node.target):
