@@ -110,10 +110,19 @@ def _elu(x: Any, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.
     """elu_backward (``is_result=False``) takes the negative branch at ``x = 0``, slope
     ``alpha * scale * input_scale``; its derivative (elu_double_backward) masks with
     ``x < 0``, so every higher derivative is 0 there. At ``x = 0`` the value 0 is therefore
-    continued by that line (zero curvature)."""
+    continued by that line (zero curvature). The negative branch sees ``x`` only where it is
+    taken (0 elsewhere): ``expm1`` of a large positive ``x`` is ``inf``, and a derivative of
+    the ``where`` would multiply that by the zero it routes to the branch not taken (NaN,
+    where ``elu_backward`` gives the positive branch's 0)."""
     negcoef = alpha * scale
     zero = x == 0
-    neg = torch.where(zero, x * (negcoef * input_scale), torch.expm1(x * input_scale) * negcoef)
+    xn = torch.where(x > 0, 0.0, x) * input_scale
+    # expm1's value, exp's derivatives: torch differentiates expm1 as ``result + 1``, which
+    # cancels for negative x (every derivative 0 from x = -40 in float64), where its elu
+    # kernels use exp; ``e - e.detach()`` is 0 in value and exp(x) in every derivative
+    e = torch.exp(xn)
+    smooth = torch.expm1(xn.detach()) + (e - e.detach())
+    neg = torch.where(zero, xn * negcoef, smooth * negcoef)
     return torch.where(x > 0, x * scale, neg)
 
 
