@@ -260,9 +260,8 @@ def _log_sigmoid(x: Series) -> tuple[Series, Tensor]:
 
 register(aten.exp)(unary(aten.exp, lambda x, y, K: [y] * K))
 # every derivative of expm1 is exp(x), computed as such: torch's formula ``result + 1`` cancels
-# for negative x (all of exp(x) lost at x = -40 in float64, at -17 in float32), which elu's,
-# celu's and selu's negative branches (NOTE [Decompositions]) then carried into every
-# derivative, where torch's own elu kernels use exp
+# for negative x (all of exp(x) lost at x = -40 in float64, at -17 in float32); the elu family's
+# decomposition (``_elu`` in ``_capture/decompositions.py``) is differentiated as exp too
 register(aten.expm1)(unary(aten.expm1, lambda x, y, K: [torch.exp(x)] * K))
 
 
