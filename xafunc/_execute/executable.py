@@ -1700,9 +1700,7 @@ def transpose_thin_products(gm: GraphModule, inputs: tuple[Any, ...]) -> None:
                 and val.dtype in (torch.float32, torch.float64)
                 and _THIN_COLUMNS[0] <= val.shape[1] <= _THIN_COLUMNS[1] < val.shape[0]):
             wanted.add(node)
-    if not wanted or any(isinstance(n.target, torch._ops.OpOverload)
-                         and torch.Tag.nondeterministic_seeded in n.target.tags
-                         for n in gm.graph.nodes):
+    if not wanted or random_ops(gm.graph):
         return  # (the probe run would draw from the caller's generator)
     probe = _Layouts(gm, wanted)
     before = probe.run(*inputs)

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.fx import Graph
 
+from .backward import differentiable
+
 #: the largest difference allowed between compiled and eager outputs, relative to the largest
 #: finite magnitude among all outputs of the dtype
 RTOL: dict[torch.dtype, float] = {
@@ -52,10 +54,6 @@ def random_ops(graph: Graph) -> bool:
                and torch.Tag.nondeterministic_seeded in n.target.tags for n in graph.nodes)
 
 
-def _inexact(t: Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
-
-
 def _largest(t: Tensor) -> float:
     finite = t[torch.isfinite(t)] if t.numel() else t
     return float(finite.abs().max()) if finite.numel() else 0.0
@@ -70,7 +68,7 @@ def disagreement(got: Sequence[Any], want: Sequence[Any],
         return f"{len(got)} outputs where the eager graph gives {len(want)}"
     scale: dict[torch.dtype, float] = {}
     for e in want:
-        if isinstance(e, Tensor) and _inexact(e):
+        if differentiable(e):
             scale[e.dtype] = max(scale.get(e.dtype, 0.0), _largest(e))
     for i, (a, e) in enumerate(zip(got, want)):
         name = names[i] if names is not None else f"output {i}"
@@ -83,7 +81,7 @@ def disagreement(got: Sequence[Any], want: Sequence[Any],
                     else type(a).__name__)
             return f"{name} is {what}, not {tuple(e.shape)} {e.dtype}"
         a = a.to(e.device)
-        if not _inexact(e):
+        if not differentiable(e):
             if not torch.equal(a, e):
                 return f"{name} ({e.dtype}) differs"
             continue
@@ -119,7 +117,7 @@ def trained_disagreement(compiled: Callable[..., Any], eager: Callable[..., Any]
         if not cotangents:
             cotangents.extend(
                 torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device)
-                if isinstance(o, Tensor) and _inexact(o) else None for o in outs)
+                if differentiable(o) else None for o in outs)
         pairs = [(o, c) for o, c in zip(outs, cotangents)
                  if c is not None and isinstance(o, Tensor) and o.requires_grad]
         grads: Sequence[Tensor | None] = [None] * len(wrt)
